@@ -1,0 +1,211 @@
+"""A single-node KRaft Kafka broker on 127.0.0.1, run from the Maven-fetched jars, data under ``.run/kafka``.
+
+    python -m deploy.kafka start [--port 9092]
+    python -m deploy.kafka create-topics [--partitions 2]
+    python -m deploy.kafka status | stop
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploy.jars import kafka_classpath
+
+log = logging.getLogger(__name__)
+PROJECT = Path(__file__).resolve().parent.parent
+RUN_DIR = PROJECT / ".run" / "kafka"
+
+LOG4J = """status = warn
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = {log_file}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = %d %p %c{{1}}: %m%n
+rootLogger.level = info
+rootLogger.appenderRef.file.ref = file
+logger.kafka.name = kafka
+logger.kafka.level = warn
+logger.apache.name = org.apache.kafka
+logger.apache.level = warn
+"""
+
+
+@dataclass(frozen=True)
+class Broker:
+    port: int = 9092
+    controller_port: int = 9093
+    run_dir: Path = RUN_DIR
+    heap: str = "768m"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "broker.pid"
+
+    def properties(self) -> str:
+        return "\n".join(
+            [
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.bootstrap.servers=127.0.0.1:{self.controller_port}",
+                f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                "controller.listener.names=CONTROLLER",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                "inter.broker.listener.name=PLAINTEXT",
+                f"log.dirs={self.run_dir / 'data'}",
+                "num.partitions=1",
+                "auto.create.topics.enable=false",
+                "offsets.topic.replication.factor=1",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "group.initial.rebalance.delay.ms=0",
+                # Flink's exactly-once sink asks for 1 h transactions by default; allow it (broker default: 15 min).
+                "transaction.max.timeout.ms=3600000",
+                "log.cleaner.min.compaction.lag.ms=0",
+            ]
+        ) + "\n"
+
+    def running_pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text())
+            os.kill(pid, 0)
+            return pid
+        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+            return None
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Formats storage on first use, starts the broker in the background and waits until it answers."""
+        if self.running_pid():
+            log.info("kafka: already running on %s", self.bootstrap)
+            return
+        if _port_open(self.port):
+            raise RuntimeError(f"kafka: port {self.port} is taken by another process; pick another with --port")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        props = self.run_dir / "server.properties"
+        props.write_text(self.properties())
+        (self.run_dir / "log4j2.properties").write_text(LOG4J.format(log_file=self.run_dir / "broker.log"))
+        cp = kafka_classpath()
+        java = shutil.which("java") or "java"
+        if not (self.run_dir / "data" / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+            subprocess.run(
+                [java, "-cp", cp, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props),
+                 "--standalone"],
+                check=True, stdout=subprocess.DEVNULL,
+            )
+        out = open(self.run_dir / "broker.out", "ab")
+        proc = subprocess.Popen(
+            [java, f"-Xmx{self.heap}", f"-Dlog4j2.configurationFile={self.run_dir / 'log4j2.properties'}",
+             "-cp", cp, "kafka.Kafka", str(props)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.pid_file.write_text(str(proc.pid))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"kafka: broker exited with {proc.returncode}; see {self.run_dir / 'broker.out'}")
+            if _port_open(self.port) and self._answers():
+                log.info("kafka: broker up on %s (pid %d)", self.bootstrap, proc.pid)
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"kafka: broker did not answer on {self.bootstrap} within {timeout_s}s")
+
+    def _answers(self) -> bool:
+        from confluent_kafka.admin import AdminClient
+
+        try:
+            AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=2)
+            return True
+        except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+            return False
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        pid = self.running_pid()
+        if pid is None:
+            return
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.running_pid():
+            time.sleep(0.2)
+        if self.running_pid():
+            os.killpg(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        log.info("kafka: broker stopped")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def create_topics(bootstrap: str, topics: dict[str, dict[str, str]], partitions: int = 1) -> None:
+    """Creates the topics that do not exist yet; ``topics`` maps a name to its topic configs."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=10).topics)
+    new = [NewTopic(name, partitions, 1, config=conf) for name, conf in topics.items() if name not in existing]
+    if not new:
+        return
+    for name, fut in admin.create_topics(new, operation_timeout=30).items():
+        fut.result()
+        log.info("kafka: created topic %s", name)
+
+
+def job_topics(cfg: object) -> dict[str, dict[str, str]]:
+    """The job's topics and their configs: the embeddings topic is compacted (a changelog of the latest vectors)."""
+    k = cfg.kafka  # type: ignore[attr-defined]
+    return {
+        k.input_topic: {},
+        k.embeddings_topic: {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1", "segment.ms": "600000"},
+        k.dead_letter_topic: {},
+        k.stats_topic: {},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from flink_job.config import JobConfig
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["start", "stop", "status", "create-topics"])
+    p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--controller-port", type=int, default=9093)
+    p.add_argument("--partitions", type=int, default=2, help="partitions of the input topic")
+    p.add_argument("--config", type=Path, default=None, help="job config naming the topics")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    broker = Broker(args.port, args.controller_port)
+    if args.command == "start":
+        broker.start()
+    elif args.command == "stop":
+        broker.stop()
+    elif args.command == "status":
+        pid = broker.running_pid()
+        print(f"running on {broker.bootstrap} (pid {pid})" if pid else "not running")
+        sys.exit(0 if pid else 1)
+    else:
+        cfg = JobConfig.load(args.config, [f"kafka.bootstrap={broker.bootstrap}"])
+        topics = job_topics(cfg)
+        create_topics(broker.bootstrap, {cfg.kafka.input_topic: topics.pop(cfg.kafka.input_topic)}, args.partitions)
+        create_topics(broker.bootstrap, topics, 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""PyFlink pipeline: Kafka events -> cleaning and de-duplication -> micro-batches -> online trainer -> embeddings."""

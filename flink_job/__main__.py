@@ -1,0 +1,3 @@
+from flink_job.job import main
+
+main()

@@ -1,0 +1,138 @@
+"""Job configuration: frozen dataclasses per concern, loaded once from defaults, YAML and ``--set`` overrides.
+
+>>> cfg = JobConfig.load(overrides=["batch.size=512", "kafka.bootstrap=127.0.0.1:9999"])
+>>> cfg.batch.size, cfg.kafka.bootstrap
+(512, '127.0.0.1:9999')
+>>> JobConfig.load(overrides=["batch.nope=1"])
+Traceback (most recent call last):
+...
+ValueError: config: unknown key 'batch.nope' (batch has: size, max_wait_ms, chunk_ms, shards)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from model.config import ModelConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap: str = "127.0.0.1:9092"
+    input_topic: str = "streamrec.events"
+    embeddings_topic: str = "streamrec.embeddings"
+    dead_letter_topic: str = "streamrec.dead-letters"
+    stats_topic: str = "streamrec.job-stats"
+    group_id: str = "streamrec-job"
+    start_from: str = "earliest"  # earliest | latest | committed
+    # Extra Kafka client settings for every source and sink (security.protocol, sasl.*, ssl.*): give secrets
+    # through STREAMREC__KAFKA__CLIENT_PROPERTIES or a config file kept out of the repository, never on a command line.
+    client_properties: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    size: int = 4096  # events per training batch
+    max_wait_ms: int = 200  # flush a partial batch after this long
+    chunk_ms: int = 100  # the JVM gathers events into chunks over this processing-time window
+    shards: int = 8  # chunks are formed per hash(user) shard, so per-user order is kept inside a shard
+
+    def __post_init__(self) -> None:
+        if self.size <= 0 or self.max_wait_ms <= 0 or self.chunk_ms <= 0 or self.shards <= 0:
+            raise ValueError(f"config: batch settings must be positive, got {self}")
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    interval_ms: int = 250  # touched ids are coalesced and published at most this often (0: after every batch)
+
+    def __post_init__(self) -> None:
+        if self.interval_ms < 0:
+            raise ValueError(f"config: publish.interval_ms must be >= 0, got {self.interval_ms}")
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    max_id_length: int = 128
+    dedup_ttl_s: int = 24 * 3600  # how long an event id is remembered for de-duplication
+
+
+@dataclass(frozen=True)
+class FlinkConfig:
+    parallelism: int = 1
+    checkpoint_interval_ms: int = 10_000
+    checkpoint_dir: str = ""  # empty: <project>/.run/checkpoints; use a shared file system on a cluster
+    # "process": torch cannot be imported inside PyFlink's thread mode (pemja) - the import hangs; measured in
+    # BENCHMARKS.md. The job hands Python whole chunks, so the per-call cost of process mode is paid per chunk.
+    python_execution_mode: str = "process"
+    connector_jar: str = ""  # empty: the jar fetched by deploy/jars.py
+    job_name: str = "streamrec"
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    flink: FlinkConfig = field(default_factory=FlinkConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+        """Defaults, then the YAML file, then ``STREAMREC__SECTION__KEY`` environment variables, then overrides."""
+        tree: dict[str, dict[str, Any]] = {}
+        if path:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"config: {path} must hold a mapping of sections, got {type(loaded).__name__}")
+            tree = {k: dict(v or {}) for k, v in loaded.items()}
+        env = [f"{k[11:].lower().replace('__', '.')}={v}" for k, v in os.environ.items() if k.startswith("STREAMREC__")]
+        for item in env + list(overrides or []):
+            key, sep, raw = item.partition("=")
+            section, dot, name = key.strip().partition(".")
+            if not sep or not dot:
+                raise ValueError(f"config: override must look like section.key=value, got {item!r}")
+            tree.setdefault(section, {})[name] = yaml.safe_load(raw)
+        return cls._build(tree)
+
+    @classmethod
+    def _build(cls, tree: dict[str, dict[str, Any]]) -> JobConfig:
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        built = {}
+        for section, values in tree.items():
+            if section not in sections:
+                raise ValueError(f"config: unknown section {section!r} (known: {', '.join(sections)})")
+            section_type = get_type_hints(cls)[section]
+            known = {f.name: f for f in dataclasses.fields(section_type)}
+            hints = get_type_hints(section_type)
+            kwargs = {}
+            for name, value in values.items():
+                if name not in known:
+                    raise ValueError(f"config: unknown key '{section}.{name}' ({section} has: {', '.join(known)})")
+                kwargs[name] = _coerce(f"{section}.{name}", value, hints[name])
+            built[section] = section_type(**kwargs)
+        return cls(**built)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                return value.lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if hint in (int, float, str):
+            return hint(value)
+    except (TypeError, ValueError) as ex:
+        raise ValueError(f"config: {key} expects {hint.__name__}, got {value!r}") from ex
+    return value

@@ -1,0 +1,120 @@
+"""The run command: local Kafka, a synthetic stream, the job on a mini-cluster, then a summary.
+
+    python -m flink_job.demo [--events 200000] [--duplicates 0.02] [--malformed 0.01] [--port 9092]
+
+Starts a broker if none is running on the port (and stops it afterwards), recreates the job's topics, produces a
+seeded synthetic stream, runs the job until it has consumed the stream, and prints what happened.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from deploy.kafka import Broker, create_topics, job_topics
+from flink_job.config import JobConfig
+from flink_job.generate import SyntheticConfig
+from flink_job.produce import send, synthetic_timed
+from flink_job.runner import LocalJob
+from flink_job.topics import end_offsets, json_values, read_all
+
+log = logging.getLogger("streamrec")
+
+
+def latest_embeddings(records: list[tuple[bytes | None, bytes, int, int]]) -> dict[str, dict[str, Any]]:
+    """The changelog read as a table: the highest version of every key."""
+    latest: dict[str, dict[str, Any]] = {}
+    for rec in json_values(records):
+        key = f"{rec['kind']}:{rec['id']}"
+        if key not in latest or rec["version"] > latest[key]["version"]:
+            latest[key] = rec
+    return latest
+
+
+def top_items(latest: dict[str, dict[str, Any]], user: str, n: int = 10) -> list[tuple[str, float]]:
+    """Top-``n`` items for ``user`` by ``b_i + p_u . q_i`` over the published vectors."""
+    u = latest[f"user:{user}"]
+    items = [r for r in latest.values() if r["kind"] == "item"]
+    q = np.array([r["vector"] for r in items], np.float32)  # (I, D)
+    b = np.array([r["bias"] for r in items], np.float32)  # (I,)
+    scores = b + q @ np.array(u["vector"], np.float32)  # (I,)
+    best = np.argsort(-scores)[:n]
+    return [(items[i]["id"], float(scores[i])) for i in best]
+
+
+def reset_topics(bootstrap: str, cfg: JobConfig, partitions: int) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    topics = job_topics(cfg)
+    existing = [t for t in topics if t in admin.list_topics(timeout=10).topics]
+    if existing:
+        for fut in admin.delete_topics(existing, operation_timeout=30).values():
+            fut.result()
+        time.sleep(2)  # deletion completes asynchronously on the broker
+    create_topics(bootstrap, {cfg.kafka.input_topic: topics.pop(cfg.kafka.input_topic)}, partitions)
+    create_topics(bootstrap, topics, 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=int, default=200_000)
+    p.add_argument("--duplicates", type=float, default=0.02)
+    p.add_argument("--malformed", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--partitions", type=int, default=2)
+    p.add_argument("--config", default=None, help="job YAML config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    broker = Broker(args.port, args.port + 1)
+    started_broker = broker.running_pid() is None
+    broker.start()
+    try:
+        cfg = JobConfig.load(args.config, [f"kafka.bootstrap={broker.bootstrap}", *args.overrides])
+        reset_topics(broker.bootstrap, cfg, args.partitions)
+        syn = SyntheticConfig(n_events=args.events, seed=args.seed, duplicate_rate=args.duplicates,
+                              malformed_rate=args.malformed)
+        log.info("producing %d synthetic events (seed %d)", syn.n_events, syn.seed)
+        send(synthetic_timed(syn), broker.bootstrap, cfg.kafka.input_topic, total=syn.n_events)
+        read = sum(end_offsets(broker.bootstrap, cfg.kafka.input_topic).values())
+
+        log.info("running the job on a local mini-cluster")
+        with tqdm(total=read, unit="ev", desc="trained+dead-lettered") as bar, LocalJob(cfg) as job:
+            def progress(s: dict[str, Any]) -> None:
+                bar.n = s["received"]
+                bar.refresh()
+
+            result = job.wait_idle(idle_s=5.0, progress=progress)
+        last = result.last
+        dead = list(json_values(read_all(broker.bootstrap, cfg.kafka.dead_letter_topic)))
+        embeddings = read_all(broker.bootstrap, cfg.kafka.embeddings_topic)
+        latest = latest_embeddings(embeddings)
+        user = max((r for r in latest.values() if r["kind"] == "user"), key=lambda r: r["version"])["id"]
+        secs = result.last_batch_s - result.first_chunk_s
+        print("\n=== streamrec summary ===")
+        print(f"events read:          {read}")
+        print(f"dead-lettered:        {len(dead)}  {dict(Counter(d['reason'] for d in dead))}")
+        print(f"de-duplicated:        {read - last['received']}")
+        print(f"trained:              {last['trained']}")
+        print(f"batches:              {last['batch']} (size {cfg.batch.size})")
+        print(f"embeddings published: {len(embeddings)} records, {len(latest)} ids")
+        print(f"known users / items:  {last['known_users']} / {last['known_items']}")
+        print(f"processing time:      {secs:.1f} s ({last['received'] / max(secs, 1e-9):,.0f} events/s after start-up)")
+        print(f"top 10 items for {user}:")
+        for item, score in top_items(latest, user):
+            print(f"  {item:>8}  {score:+.3f}")
+    finally:
+        if started_broker:
+            broker.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Synthetic user-behaviour streams with a planted structure, drift, duplicates and malformed records.
+
+Users and items get latent vectors; each event picks a user, then an item by sampling from the softmax of the
+user's affinities (Gumbel-max, vectorised per block). Preference drift moves every user's vector from its first
+planted vector toward a second one as the stream advances. A seeded ``numpy`` generator makes every stream
+reproducible: the same config yields the same bytes.
+
+>>> cfg = SyntheticConfig(n_users=20, n_items=30, n_events=100, seed=7)
+>>> a = [r.payload for r in generate(cfg)]
+>>> b = [r.payload for r in generate(cfg)]
+>>> a == b and len(a) == 100
+True
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from flink_job.events import ACTIONS
+
+# How likely each action is, and the training weight an implicit action carries when produced.
+ACTION_PROBS = np.array([0.45, 0.25, 0.10, 0.05, 0.15])
+MALFORMED_KINDS: tuple[str, ...] = (
+    "truncated_json", "missing_user_id", "unknown_action", "ts_not_a_number", "not_an_object", "empty_item_id",
+)
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    n_users: int = 5_000
+    n_items: int = 2_000
+    n_events: int = 100_000
+    dim: int = 16
+    seed: int = 42
+    temperature: float = 0.25  # lower: users are more predictable
+    drift: float = 0.0  # share of the way from the first to the second planted user vectors at stream end
+    duplicate_rate: float = 0.0
+    malformed_rate: float = 0.0
+    start_ts_ms: int = 1_700_000_000_000
+    events_per_second: float = 1_000.0  # event-time spacing, not the producing rate
+    id_prefix: str = "s"
+    block: int = 8_192
+
+    def __post_init__(self) -> None:
+        for name in ("n_users", "n_items", "n_events", "dim", "block"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"synthetic config: {name} must be positive, got {getattr(self, name)}")
+        for name in ("duplicate_rate", "malformed_rate", "drift"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"synthetic config: {name} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One Kafka record of the stream: the key (user id), the payload and what it is."""
+
+    key: bytes
+    payload: bytes
+    kind: str  # "event", "duplicate" or one of MALFORMED_KINDS
+    event_id: str
+
+
+class PlantedWorld:
+    """The hidden truth: user and item vectors (two sets of user vectors for drift) and item popularity."""
+
+    def __init__(self, cfg: SyntheticConfig) -> None:
+        rng = np.random.default_rng(cfg.seed)
+        scale = 1.0 / np.sqrt(cfg.dim)
+        self.users_before = rng.normal(0.0, 1.0, (cfg.n_users, cfg.dim)) * np.sqrt(scale)  # (U, D)
+        self.users_after = rng.normal(0.0, 1.0, (cfg.n_users, cfg.dim)) * np.sqrt(scale)  # (U, D)
+        self.items = rng.normal(0.0, 1.0, (cfg.n_items, cfg.dim)) * np.sqrt(scale)  # (I, D)
+        self.item_bias = rng.normal(0.0, 0.5, cfg.n_items)  # (I,)
+        # Zipf-like activity: a few users produce many events.
+        activity = 1.0 / np.arange(1, cfg.n_users + 1) ** 0.8
+        self.user_p = activity / activity.sum()
+        self.cfg = cfg
+
+    def user_vectors(self, users: np.ndarray, progress: float) -> np.ndarray:
+        a = self.cfg.drift * progress
+        return (1.0 - a) * self.users_before[users] + a * self.users_after[users]  # (B, D)
+
+    def affinity(self, users: np.ndarray, progress: float) -> np.ndarray:
+        return self.user_vectors(users, progress) @ self.items.T + self.item_bias  # (B, I)
+
+
+def generate(cfg: SyntheticConfig) -> Iterator[Record]:
+    """Yields ``cfg.n_events`` records (events, duplicates and malformed ones together), in event-time order."""
+    world = PlantedWorld(cfg)
+    rng = np.random.default_rng(cfg.seed + 1)
+    step_ms = 1000.0 / cfg.events_per_second
+    recent: list[Record] = []
+    emitted = 0
+    while emitted < cfg.n_events:
+        n = min(cfg.block, cfg.n_events - emitted)
+        progress = emitted / cfg.n_events
+        users = rng.choice(cfg.n_users, size=n, p=world.user_p)  # (B,)
+        scores = world.affinity(users, progress) / cfg.temperature  # (B, I)
+        items = np.argmax(scores + rng.gumbel(size=scores.shape), axis=1)  # (B,)
+        chosen = scores[np.arange(n), items] * cfg.temperature  # (B,)
+        actions = rng.choice(len(ACTIONS), size=n, p=ACTION_PROBS)
+        ratings = np.clip(np.rint(3.0 + 1.5 * chosen + rng.normal(0.0, 0.5, n)), 1, 5)
+        dwell = rng.lognormal(8.5, 1.0, n).astype(np.int64)
+        price = np.round(rng.lognormal(3.0, 0.8, n), 2)
+        kind_draw = rng.random(n)
+        for j in range(n):
+            idx = emitted + j
+            ts = cfg.start_ts_ms + int(idx * step_ms)
+            eid = f"{cfg.id_prefix}{cfg.seed}-{idx}"
+            if kind_draw[j] < cfg.duplicate_rate and recent:
+                twin = recent[int(rng.integers(len(recent)))]
+                yield Record(twin.key, twin.payload, "duplicate", twin.event_id)
+                continue
+            user = f"u{users[j]}"
+            if kind_draw[j] > 1.0 - cfg.malformed_rate:
+                kind = MALFORMED_KINDS[int(rng.integers(len(MALFORMED_KINDS)))]
+                yield Record(user.encode(), _malformed(kind, eid, user, f"i{items[j]}", ts), kind, eid)
+                continue
+            action = ACTIONS[actions[j]]
+            value = float(ratings[j]) if action == "rating" else 1.0
+            payload = (
+                f'{{"event_id":"{eid}","user_id":"{user}","item_id":"i{items[j]}","action":"{action}",'
+                f'"value":{value},"ts":{ts},"dwell_ms":{dwell[j]},"price":{price[j]},'
+                f'"category":"c{items[j] % 20}"}}'
+            ).encode()
+            rec = Record(user.encode(), payload, "event", eid)
+            if len(recent) < 256:
+                recent.append(rec)
+            else:
+                recent[int(rng.integers(256))] = rec
+            yield rec
+        emitted += n
+
+
+def _malformed(kind: str, eid: str, user: str, item: str, ts: int) -> bytes:
+    good = {"event_id": eid, "user_id": user, "item_id": item, "action": "click", "value": 1.0, "ts": ts}
+    if kind == "truncated_json":
+        return json.dumps(good).encode()[:-7]
+    if kind == "missing_user_id":
+        del good["user_id"]
+    elif kind == "unknown_action":
+        good["action"] = "teleport"
+    elif kind == "ts_not_a_number":
+        good["ts"] = "yesterday"
+    elif kind == "not_an_object":
+        return json.dumps([eid, user, item]).encode()
+    elif kind == "empty_item_id":
+        good["item_id"] = ""
+    return json.dumps(good).encode()

@@ -1,0 +1,114 @@
+"""The JVM half of the pipeline, as Flink SQL: Kafka source, de-duplication and chunking.
+
+Per-record work stays in Flink's own operators, which run in the JVM at several times the speed of a Python
+call per record (see PROTOCOL.md): the Kafka source reads raw payloads, ``JSON_VALUE`` extracts the two ids that
+de-duplication keys on, a ``ROW_NUMBER`` de-duplication keeps the first record of each ``(user_id, event_id)``,
+and a processing-time tumbling window gathers the survivors into chunks (``ARRAY_AGG``) per user shard. Python
+sees one row per chunk, not one call per record.
+
+Each chunk line is ``"<partition>,<offset>,<payload>"``, so the Python side keeps the original bytes
+(for dead letters) and the input position (for freshness).
+
+Records without an ``event_id`` or ``user_id`` cannot be de-duplicated; they bypass the de-duplication (so that
+they are not collapsed into one) and reach Python, which dead-letters them with a reason.
+"""
+from __future__ import annotations
+
+from flink_job.config import JobConfig
+
+SOURCE_TABLE = "raw_events"
+CHUNK_VIEW = "event_chunks"
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def kafka_options(cfg: JobConfig, topic: str) -> dict[str, str]:
+    """Connector options shared by every Kafka table, including client security settings passed through."""
+    opts = {
+        "connector": "kafka",
+        "topic": topic,
+        "properties.bootstrap.servers": cfg.kafka.bootstrap,
+    }
+    for key, value in cfg.kafka.client_properties.items():
+        opts[f"properties.{key}"] = str(value)
+    return opts
+
+
+def _with(opts: dict[str, str]) -> str:
+    return ",\n  ".join(f"{_quote(k)} = {_quote(v)}" for k, v in opts.items())
+
+
+def source_ddl(cfg: JobConfig) -> str:
+    start = {"earliest": "earliest-offset", "latest": "latest-offset", "committed": "group-offsets"}
+    if cfg.kafka.start_from not in start:
+        raise ValueError(f"source: kafka.start_from must be one of {sorted(start)}, got {cfg.kafka.start_from!r}")
+    opts = kafka_options(cfg, cfg.kafka.input_topic)
+    opts.update(
+        {
+            "properties.group.id": cfg.kafka.group_id,
+            "properties.auto.offset.reset": "earliest",
+            "scan.startup.mode": start[cfg.kafka.start_from],
+            "format": "raw",
+            "raw.charset": "UTF-8",
+        }
+    )
+    return f"""CREATE TEMPORARY TABLE {SOURCE_TABLE} (
+  payload STRING,
+  `partition` INT METADATA VIRTUAL,
+  `offset` BIGINT METADATA VIRTUAL,
+  proc AS PROCTIME()
+) WITH (
+  {_with(opts)}
+)"""
+
+
+def chunk_views(cfg: JobConfig) -> list[str]:
+    """Views: ids extracted -> de-duplicated by (user, event id) -> chunked per processing-time window and shard."""
+    line = "CONCAT_WS(',', CAST(`partition` AS STRING), CAST(`offset` AS STRING), payload)"
+    keyed = f"""CREATE TEMPORARY VIEW keyed_events AS
+SELECT JSON_VALUE(payload, '$.user_id') AS user_id,
+       JSON_VALUE(payload, '$.event_id') AS event_id,
+       {line} AS line,
+       proc
+FROM {SOURCE_TABLE}"""
+    # ROW_NUMBER ... ORDER BY proc ASC with rn = 1 is planned as Flink's keep-first de-duplication operator,
+    # whose keyed state expires after table.exec.state.ttl (the de-duplication memory).
+    deduped = """CREATE TEMPORARY VIEW deduped_events AS
+SELECT user_id, line, proc FROM (
+  SELECT user_id, line, proc,
+         ROW_NUMBER() OVER (PARTITION BY user_id, event_id ORDER BY proc ASC) AS rn
+  FROM keyed_events WHERE user_id IS NOT NULL AND event_id IS NOT NULL
+) WHERE rn = 1
+UNION ALL
+SELECT user_id, line, proc FROM keyed_events WHERE user_id IS NULL OR event_id IS NULL"""
+    seconds = cfg.batch.chunk_ms / 1000.0
+    chunks = f"""CREATE TEMPORARY VIEW {CHUNK_VIEW} AS
+SELECT MOD(ABS(HASH_CODE(COALESCE(user_id, ''))), {cfg.batch.shards}) AS shard,
+       ARRAY_AGG(line) AS lines
+FROM TABLE(TUMBLE(TABLE deduped_events, DESCRIPTOR(proc), INTERVAL '{seconds:.3f}' SECOND))
+GROUP BY window_start, window_end, MOD(ABS(HASH_CODE(COALESCE(user_id, ''))), {cfg.batch.shards})"""
+    return [keyed, deduped, chunks]
+
+
+def sink_ddl(cfg: JobConfig, table: str, topic: str, exactly_once: bool = False) -> str:
+    """A Kafka table taking ``(k, v)`` strings as the record key and value, as they are."""
+    opts = kafka_options(cfg, topic)
+    opts.update(
+        {
+            "key.format": "raw",
+            "key.fields": "k",
+            "value.format": "raw",
+            "value.fields-include": "EXCEPT_KEY",
+            "sink.delivery-guarantee": "exactly-once" if exactly_once else "at-least-once",
+        }
+    )
+    if exactly_once:
+        opts["sink.transactional-id-prefix"] = f"{cfg.flink.job_name}-{table}"
+    return f"""CREATE TEMPORARY TABLE {table} (
+  k STRING,
+  v STRING
+) WITH (
+  {_with(opts)}
+)"""

@@ -1,0 +1,81 @@
+"""Reading the job's output topics with confluent-kafka: for the run command, tests and benchmarks."""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+
+def consumer(bootstrap: str, read_committed: bool = False, **extra: Any) -> Consumer:
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"streamrec-reader-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed" if read_committed else "read_uncommitted",
+            **extra,
+        }
+    )
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    c = consumer(bootstrap)
+    try:
+        meta = c.list_topics(topic, timeout=10).topics[topic]
+        if meta.error is not None:
+            raise RuntimeError(f"topics: {topic}: {meta.error}")
+        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
+    finally:
+        c.close()
+
+
+class Follower:
+    """Follows a topic from the beginning; ``poll()`` returns the records that arrived since the last call."""
+
+    def __init__(self, bootstrap: str, topic: str, read_committed: bool = False) -> None:
+        self.topic = topic
+        self.consumer = consumer(bootstrap, read_committed)
+        meta = self.consumer.list_topics(topic, timeout=10).topics[topic]
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+
+    def poll(self, max_wait_s: float = 0.5) -> list[tuple[bytes | None, bytes, int, int]]:
+        """``(key, value, partition, offset)`` of the records available now."""
+        out = []
+        deadline = time.monotonic() + max_wait_s
+        while True:
+            msgs = self.consumer.consume(10_000, timeout=max(0.0, min(0.2, deadline - time.monotonic())))
+            for m in msgs:
+                if m.error():
+                    if m.error().code() == KafkaError._PARTITION_EOF:
+                        continue
+                    raise RuntimeError(f"topics: reading {self.topic}: {m.error()}")
+                out.append((m.key(), m.value(), m.partition(), m.offset()))
+            if not msgs and time.monotonic() >= deadline:
+                return out
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def read_all(bootstrap: str, topic: str, read_committed: bool = False, settle_s: float = 1.0) -> list[tuple[bytes | None, bytes, int, int]]:
+    """Every record currently in ``topic`` (reads until nothing new arrives for ``settle_s``)."""
+    f = Follower(bootstrap, topic, read_committed)
+    try:
+        out = []
+        while True:
+            got = f.poll(settle_s)
+            if not got:
+                return out
+            out.extend(got)
+    finally:
+        f.close()
+
+
+def json_values(records: list[tuple[bytes | None, bytes, int, int]]) -> Iterator[dict[str, Any]]:
+    for _k, v, _p, _o in records:
+        yield orjson.loads(v)

@@ -1,0 +1,104 @@
+"""Wires the job: SQL source and de-duplication -> Python training -> Kafka sinks. Does nothing else.
+
+    raw_events (Kafka, raw)          # (payload, partition, offset, proc)
+    -> keyed_events                  # (user_id, event_id, line)         JSON_VALUE in the JVM
+    -> deduped_events                # first (user_id, event_id) only    Flink's de-duplication operator
+    -> event_chunks                  # (shard, [line])                   processing-time window, ARRAY_AGG
+    -> key_by(constant) -> train     # Python, one call per chunk: parse, validate, batch, learn
+       -> main output                # (records: map key -> embedding)   -> UNNEST -> embeddings topic
+       -> side output dead-letters   # (k, v)                            -> dead-letter topic
+       -> side output stats          # (k, v)                            -> job-stats topic
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pyflink.common import Configuration, Row, Types
+from pyflink.datastream import StreamExecutionEnvironment
+from pyflink.table import StreamTableEnvironment
+
+from flink_job import sql
+from flink_job.config import PROJECT_ROOT, JobConfig
+from flink_job.outputs import CHUNK, DEAD_LETTER_TAG, EMBEDDING_BATCH, STATS_TAG
+from flink_job.train import make_train_function
+
+log = logging.getLogger(__name__)
+TRAIN = "train"
+
+
+def flink_configuration(cfg: JobConfig, connector_jar: Path) -> Configuration:
+    conf = Configuration()
+    settings = {
+        "pipeline.name": cfg.flink.job_name,
+        "pipeline.jars": connector_jar.resolve().as_uri(),
+        "pipeline.object-reuse": "true",
+        "table.exec.uid.generation": "ALWAYS",  # SQL operators get stable uids from the plan
+        "parallelism.default": str(cfg.flink.parallelism),
+        "python.execution-mode": cfg.flink.python_execution_mode,
+        "execution.checkpointing.interval": f"{cfg.flink.checkpoint_interval_ms} ms",
+        "execution.checkpointing.storage": "filesystem",
+        "execution.checkpointing.dir": checkpoint_uri(cfg),
+        "table.exec.state.ttl": f"{cfg.clean.dedup_ttl_s} s",
+        # Many small Python results should not wait for a full bundle before they move on.
+        "python.fn-execution.bundle.time": "100",
+    }
+    for key, value in settings.items():
+        conf.set_string(key, value)
+    return conf
+
+
+def checkpoint_uri(cfg: JobConfig) -> str:
+    if cfg.flink.checkpoint_dir:
+        return cfg.flink.checkpoint_dir
+    return (PROJECT_ROOT / ".run" / "checkpoints").as_uri()
+
+
+def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnvironment:
+    """Adds the whole pipeline to ``env``; the caller executes it."""
+    t_env = StreamTableEnvironment.create(env)
+    t_env.execute_sql(sql.source_ddl(cfg))
+    for view in sql.chunk_views(cfg):
+        t_env.execute_sql(view)
+
+    chunks = (
+        t_env.to_data_stream(t_env.from_path(sql.CHUNK_VIEW))
+        .map(_as_chunk, output_type=CHUNK)  # the SQL row type carries no Python type info for key_by
+        .name("chunks")
+        .uid("chunks")
+    )  # (shard, [line])
+    trained = (
+        chunks.key_by(_single_model_key, key_type=Types.INT())
+        .process(make_train_function(cfg), output_type=EMBEDDING_BATCH)
+        .name(TRAIN)
+        .uid(TRAIN)
+        .set_parallelism(1)  # one model; the JVM stages before it scale out
+    )  # (records: {key: json})
+
+    t_env.create_temporary_view("embedding_batches", t_env.from_data_stream(trained))
+    t_env.create_temporary_view("dead_letters", t_env.from_data_stream(trained.get_side_output(DEAD_LETTER_TAG)))
+    t_env.create_temporary_view("batch_stats", t_env.from_data_stream(trained.get_side_output(STATS_TAG)))
+    sinks = {
+        "embeddings_sink": cfg.kafka.embeddings_topic,
+        "dead_letter_sink": cfg.kafka.dead_letter_topic,
+        "stats_sink": cfg.kafka.stats_topic,
+    }
+    for table, topic in sinks.items():
+        t_env.execute_sql(sql.sink_ddl(cfg, table, topic))
+
+    statements = t_env.create_statement_set()
+    statements.add_insert_sql(
+        "INSERT INTO embeddings_sink SELECT r.k, r.v FROM embedding_batches CROSS JOIN UNNEST(records) AS r(k, v)"
+    )
+    statements.add_insert_sql("INSERT INTO dead_letter_sink SELECT k, v FROM dead_letters")
+    statements.add_insert_sql("INSERT INTO stats_sink SELECT k, v FROM batch_stats")
+    statements.attach_as_datastream()
+    return t_env
+
+
+def _as_chunk(row: Row) -> Row:
+    return Row(row[0], row[1])
+
+
+def _single_model_key(_row: Row) -> int:
+    return 0

@@ -1,0 +1,188 @@
+"""The training stage: chunks of lines in, embedding records, dead letters and batch statistics out.
+
+``TrainStage`` is plain Python (tested without a JVM); ``TrainFunction`` is the thin Flink shell that owns it,
+registers the flush timer and hands its outputs to the main stream and the side outputs.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+from flink_job.batch import MicroBatcher
+from flink_job.config import JobConfig
+from flink_job.parse import DeadLetter, EventBatch, ParseRules, parse_lines
+from flink_job.publish import DirtyRows, encode_records
+from model.mf import OnlineBiasedMF
+
+log = logging.getLogger(__name__)
+STAGE = "train"
+
+
+@dataclass
+class Counters:
+    received: int = 0  # lines that reached Python (after de-duplication)
+    dead_lettered: int = 0
+    trained: int = 0
+    batches: int = 0
+    published: int = 0
+
+
+@dataclass
+class Output:
+    """What one call produced: embedding records, dead letters and one stats record per batch trained."""
+
+    embeddings: list[tuple[str, str]] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    stats: list[str] = field(default_factory=list)
+    trained: int = 0
+
+
+class TrainStage:
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+        self.rules = ParseRules(cfg.clean.max_id_length, cfg.model.rating_min, cfg.model.rating_max)
+        self.model = OnlineBiasedMF(cfg.model)
+        self.batcher = MicroBatcher(cfg.batch.size)
+        self.counters = Counters()
+        self.dirty_users = DirtyRows()
+        self.dirty_items = DirtyRows()
+        self.last_publish = 0.0
+        self.first_chunk_ms = 0
+
+    def on_chunk(self, lines: list[str]) -> Output:
+        """Parse a chunk, then train on every full batch it completes."""
+        out = Output()
+        if not self.first_chunk_ms:
+            self.first_chunk_ms = int(time.time() * 1000)
+        batch, dead = parse_lines(lines, self.rules)
+        self.counters.received += len(lines)
+        self.counters.dead_lettered += len(dead)
+        out.dead_letters.extend(dead)
+        self.batcher.add(batch)
+        for full in self.batcher.take_full():
+            self._train(full, out)
+        return out
+
+    def flush(self) -> Output:
+        """Train on whatever is pending and publish whatever is unpublished (the time bound passed)."""
+        out = Output()
+        for rest in self.batcher.take_rest():
+            self._train(rest, out)
+        published = self._publish(out)
+        self.counters.published += published
+        self.last_publish = time.monotonic()
+        return out
+
+    @property
+    def unpublished(self) -> bool:
+        return len(self.dirty_users) > 0 or len(self.dirty_items) > 0
+
+    def _train(self, batch: EventBatch, out: Output) -> None:
+        start = time.perf_counter()
+        model = self.model
+        stats = model.learn_many(batch.users, batch.items, batch.actions, batch.values)
+        train_ms = (time.perf_counter() - start) * 1000
+        self.dirty_users.touch(model.users.rows(batch.users), batch.ts, batch.partitions, batch.offsets)
+        self.dirty_items.touch(model.items.rows(batch.items), batch.ts)
+        self.dirty_items.touch(stats.item_rows)  # sampled negatives moved too
+        published = 0
+        now = time.monotonic()
+        if (now - self.last_publish) * 1000 >= self.cfg.publish.interval_ms:
+            published = self._publish(out)
+            self.last_publish = now
+        out.trained += len(batch)
+        c = self.counters
+        c.trained += len(batch)
+        c.batches += 1
+        c.published += published
+        out.stats.append(
+            orjson.dumps(
+                {
+                    "batch": c.batches,
+                    "step": model.step,
+                    "events": len(batch),
+                    "ratings": stats.ratings,
+                    "rating_mse": stats.rating_loss,
+                    "bpr_loss": stats.bpr_loss,
+                    "embeddings_published": published,
+                    "known_users": len(model.users),
+                    "known_items": len(model.items),
+                    "train_ms": round(train_ms, 3),
+                    "publish_ms": round((time.perf_counter() - start) * 1000 - train_ms, 3),
+                    "max_event_ts": int(batch.ts.max()),
+                    "received": c.received,
+                    "dead_lettered": c.dead_lettered,
+                    "trained": c.trained,
+                    "published": c.published,
+                    "first_chunk_ms": self.first_chunk_ms,
+                    "at_ms": int(time.time() * 1000),
+                }
+            ).decode()
+        )
+
+    def _publish(self, out: Output) -> int:
+        """Encodes every row touched since the last publish, once each."""
+        model = self.model
+        rows, ts, parts, offs = self.dirty_users.drain()
+        vectors, biases, versions = model.vectors("user", rows)
+        out.embeddings.extend(
+            encode_records("user", model.users.ids(rows), vectors, biases, versions, model.step, ts, parts, offs)
+        )
+        irows, its, _, _ = self.dirty_items.drain()
+        vectors, biases, versions = model.vectors("item", irows)
+        out.embeddings.extend(encode_records("item", model.items.ids(irows), vectors, biases, versions, model.step, its))
+        return len(rows) + len(irows)
+
+
+def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
+    """The Flink ``KeyedProcessFunction`` around ``TrainStage``; built here so importing this module needs no JVM."""
+    from pyflink.common import Row
+    from pyflink.datastream import KeyedProcessFunction, RuntimeContext
+
+    from flink_job.outputs import DEAD_LETTER_TAG, STATS_TAG
+
+    class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.stage: TrainStage | None = None
+            self.timer_at: int | None = None
+
+        def open(self, runtime_context: RuntimeContext) -> None:
+            self.stage = TrainStage(cfg)
+            group = runtime_context.get_metrics_group().add_group(STAGE)
+            self.m_batches = group.counter("batches")
+            self.m_trained = group.counter("eventsTrained")
+            self.m_received = group.counter("eventsReceived")
+            self.m_dead = group.counter("deadLettered")
+            log.info("train: model on %s, batch size %d", self.stage.model.device, cfg.batch.size)
+
+        def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterator[object]:
+            assert self.stage is not None
+            lines = list(value[1])
+            self.m_received.inc(len(lines))
+            yield from self._emit(self.stage.on_chunk(lines))
+            if (self.stage.batcher.pending or self.stage.unpublished) and self.timer_at is None:
+                self.timer_at = ctx.timer_service().current_processing_time() + cfg.batch.max_wait_ms
+                ctx.timer_service().register_processing_time_timer(self.timer_at)
+
+        def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterator[object]:
+            assert self.stage is not None
+            self.timer_at = None
+            yield from self._emit(self.stage.flush())
+
+        def _emit(self, out: Output) -> Iterator[object]:
+            self.m_trained.inc(out.trained)
+            if out.embeddings:
+                yield Row(dict(out.embeddings))
+            for d in out.dead_letters:
+                yield DEAD_LETTER_TAG, Row(d.key(), d.to_json())
+            for s in out.stats:
+                yield STATS_TAG, Row("stats", s)
+            self.m_dead.inc(len(out.dead_letters))
+            self.m_batches.inc(len(out.stats))
+
+    return TrainFunction()
