@@ -144,7 +144,8 @@ def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
     from pyflink.common import Row
     from pyflink.datastream import KeyedProcessFunction, RuntimeContext
 
-    from flink_job.outputs import DEAD_LETTER_TAG, STATS_TAG
+    # The module, not its tags: tags cache JVM handles once used, and the function is pickled for each job.
+    from flink_job import outputs
 
     class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -179,9 +180,9 @@ def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
             if out.embeddings:
                 yield Row(dict(out.embeddings))
             for d in out.dead_letters:
-                yield DEAD_LETTER_TAG, Row(d.key(), d.to_json())
+                yield outputs.DEAD_LETTER_TAG, Row(d.key(), d.to_json())
             for s in out.stats:
-                yield STATS_TAG, Row("stats", s)
+                yield outputs.STATS_TAG, Row("stats", s)
             self.m_dead.inc(len(out.dead_letters))
             self.m_batches.inc(len(out.stats))
 

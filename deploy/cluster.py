@@ -1,0 +1,448 @@
+"""A standalone Flink session cluster made from the pip-installed PyFlink, configured and logging under ``.run``.
+
+    python -m deploy.cluster start [--port 8081]
+    python -m deploy.cluster submit [--savepoint PATH] -- --config job.yaml --set batch.size=1024
+    python -m deploy.cluster status | cancel JOBID | stop-savepoint JOBID [--dir DIR] | stop
+
+PyFlink's ``conf/`` is copied to ``<run dir>/conf`` and edited there (``FLINK_CONF_DIR``), and ``<run dir>/lib``
+links PyFlink's ``lib/`` jars plus ``opt/flink-python`` (``FLINK_LIB_DIR``), so the installed package is never
+changed; logs, pid files, temporary files, checkpoints and savepoints stay in the run dir too. Each cluster has its
+own run dir and ports, so a development cluster and a test cluster can run side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+PROJECT = Path(__file__).resolve().parent.parent
+RUN_DIR = PROJECT / ".run" / "flink-cluster"
+# The Python packages the job needs on the TaskManagers; shipped with --pyFiles as one zip.
+SOURCES = ("flink_job", "model", "deploy")
+IDENT = "streamrec"  # FLINK_IDENT_STRING: names the pid and log files of the daemons
+ENDED = ("FINISHED", "CANCELED", "FAILED")
+
+
+def flink_home() -> Path:
+    """The Flink distribution inside the pyflink package (bin/, conf/, lib/, opt/), found without importing it."""
+    spec = importlib.util.find_spec("pyflink")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("cluster: pyflink is not installed in this Python environment")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flink's nested YAML as ``dotted.key: value`` pairs, which Flink 2.x reads just the same.
+
+    >>> flatten({"rest": {"address": "localhost", "port": 8081}, "parallelism.default": 1})
+    {'rest.address': 'localhost', 'rest.port': 8081, 'parallelism.default': 1}
+    """
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def parse_job_id(output: str) -> str:
+    """The job id that ``flink run`` prints.
+
+    >>> parse_job_id("Job has been submitted with JobID 0123456789abcdef0123456789abcdef")
+    '0123456789abcdef0123456789abcdef'
+    """
+    m = re.search(r"JobID ([0-9a-f]{32})", output)
+    if not m:
+        raise RuntimeError(f"cluster: no job id in the output of flink run:\n{output[-4000:]}")
+    return m.group(1)
+
+
+@dataclass(frozen=True)
+class SessionCluster:
+    rest_port: int = 8081
+    rpc_port: int = 6123  # the JobManager's RPC port; the TaskManager's ports are chosen by the OS
+    run_dir: Path = RUN_DIR
+    slots: int = 4
+    jobmanager_memory: str = "1g"
+    # Managed memory (40 % of Flink memory) is where the Python workers' memory is budgeted in process mode.
+    taskmanager_memory: str = "3g"
+    python: str = field(default=sys.executable)  # the venv's python, not resolved: it must keep the venv
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "run_dir", Path(self.run_dir).absolute())  # it ends up in URIs and env vars
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.run_dir / "conf"
+
+    @property
+    def lib_dir(self) -> Path:
+        return self.run_dir / "lib"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "log"
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self.rest_port}"
+
+    def settings(self) -> dict[str, Any]:
+        """What differs from PyFlink's shipped config: loopback only, our ports, small memory, the venv's python."""
+        return {
+            "jobmanager.rpc.address": "127.0.0.1",
+            "jobmanager.rpc.port": self.rpc_port,
+            "jobmanager.bind-host": "127.0.0.1",
+            "taskmanager.bind-host": "127.0.0.1",
+            "taskmanager.host": "127.0.0.1",
+            "rest.address": "127.0.0.1",
+            "rest.bind-address": "127.0.0.1",
+            "rest.port": self.rest_port,
+            "jobmanager.memory.process.size": self.jobmanager_memory,
+            "taskmanager.memory.process.size": self.taskmanager_memory,
+            "taskmanager.memory.managed.fraction": 0.4,
+            "taskmanager.numberOfTaskSlots": self.slots,
+            "parallelism.default": 1,
+            "python.executable": self.python,
+            "python.client.executable": self.python,
+            "env.log.dir": str(self.log_dir),
+            "env.pid.dir": str(self.run_dir),
+            "io.tmp.dirs": str(self.run_dir / "tmp"),
+            "execution.checkpointing.dir": (self.run_dir / "checkpoints").as_uri(),
+            "execution.checkpointing.savepoint-dir": (self.run_dir / "savepoints").as_uri(),
+        }
+
+    def write_conf(self) -> None:
+        """A fresh copy of PyFlink's conf/ with ``settings()`` applied; the installed conf/ stays as it is."""
+        shutil.rmtree(self.conf_dir, ignore_errors=True)
+        shutil.copytree(flink_home() / "conf", self.conf_dir)
+        conf_file = self.conf_dir / "config.yaml"
+        conf = flatten(yaml.safe_load(conf_file.read_text()) or {})
+        conf.update(self.settings())
+        conf_file.write_text(yaml.safe_dump(conf, sort_keys=True, width=10_000))
+        # lib/ as shipped plus opt/flink-python: the JobManager and TaskManagers need the Python operators on
+        # their own class path (Flink's advice for clusters running Python jobs); symlinks, not copies.
+        shutil.rmtree(self.lib_dir, ignore_errors=True)
+        self.lib_dir.mkdir(parents=True)
+        for jar in [*(flink_home() / "lib").glob("*.jar"), *(flink_home() / "opt").glob("flink-python-*.jar")]:
+            (self.lib_dir / jar.name).symlink_to(jar)
+        (self.conf_dir / "masters").write_text(f"127.0.0.1:{self.rest_port}\n")
+        (self.conf_dir / "workers").write_text("127.0.0.1\n")
+        for sub in (self.log_dir, self.run_dir / "tmp"):
+            sub.mkdir(parents=True, exist_ok=True)
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("FLINK_LOG_DIR", "FLINK_PID_DIR", "FLINK_HOME")}
+        env.update(FLINK_CONF_DIR=str(self.conf_dir), FLINK_LIB_DIR=str(self.lib_dir), FLINK_IDENT_STRING=IDENT)
+        return env
+
+    def _script(self, name: str, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """Runs ``bin/<name>`` against our conf dir; raises with its output if it fails."""
+        cmd = [str(flink_home() / "bin" / name), *args]
+        # A new session: the daemons it starts (and their Python workers) form a group of their own.
+        res = subprocess.run(cmd, env=self._env(), cwd=PROJECT, capture_output=True, text=True,
+                             timeout=timeout_s, start_new_session=True)
+        if res.returncode != 0:
+            raise RuntimeError(
+                f"cluster: {name} {' '.join(args)} exited with {res.returncode}; logs in {self.log_dir}\n"
+                f"{res.stdout[-4000:]}{res.stderr[-4000:]}"
+            )
+        return res
+
+    def daemon_pids(self) -> list[int]:
+        """The live JobManager and TaskManager JVMs of this cluster, from the pid files in the run dir."""
+        pids = []
+        for pid_file in self.run_dir.glob(f"flink-{IDENT}-*.pid"):
+            for line in pid_file.read_text().split():
+                if line.isdigit() and _alive(int(line)):
+                    pids.append(int(line))
+        return pids
+
+    def processes(self) -> list[int]:
+        """Every process started for this cluster (JVMs, Python workers, clients): they carry our FLINK_CONF_DIR."""
+        marker = f"FLINK_CONF_DIR={self.conf_dir}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:  # gone, or not ours to read
+                continue
+        return found
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        """Starts one JobManager and one TaskManager and waits until the TaskManager has registered."""
+        if self.daemon_pids():
+            log.info("cluster: already running (%s)", self.rest_url)
+            self.wait_ready(timeout_s)
+            return
+        for port in (self.rest_port, self.rpc_port):
+            if _port_open(port):
+                raise RuntimeError(f"cluster: port {port} is taken by another process; pick other ports")
+        self.write_conf()
+        self._script("start-cluster.sh")
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("cluster: up on %s, logs in %s", self.rest_url, self.log_dir)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        overview: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            if not self.daemon_pids():
+                raise RuntimeError(f"cluster: the Flink daemons exited; see the logs in {self.log_dir}")
+            try:
+                overview = self.rest("GET", "/overview")
+                if overview.get("taskmanagers", 0) >= 1:
+                    return overview
+            except OSError:  # not listening yet
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(
+            f"cluster: no TaskManager registered at {self.rest_url} within {timeout_s}s "
+            f"(last overview: {overview or 'none'}); see the logs in {self.log_dir}"
+        )
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stops the daemons with bin/stop-cluster.sh, then ends whatever of ours is still running."""
+        if self.conf_dir.exists() and self.daemon_pids():
+            try:
+                self._script("stop-cluster.sh", timeout_s=timeout_s + 30)
+            except (RuntimeError, subprocess.TimeoutExpired) as ex:
+                log.warning("cluster: stop-cluster.sh: %s", ex)
+        deadline = time.monotonic() + timeout_s
+        left = self.processes()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in left:
+                _signal(pid, sig)
+            while left and time.monotonic() < deadline:
+                time.sleep(0.2)
+                left = [p for p in left if _alive(p)]
+            if not left:
+                break
+            log.warning("cluster: processes %s outlived %s", left, sig.name)
+            deadline = time.monotonic() + 5.0
+        for pid_file in self.run_dir.glob(f"flink-{IDENT}-*.pid"):
+            pid_file.unlink(missing_ok=True)
+        log.info("cluster: stopped (%s)", self.rest_url)
+
+    # --- jobs ---
+
+    def package_sources(self) -> Path:
+        """The project's Python packages as one zip: Flink unpacks it on each TaskManager and puts it on PYTHONPATH.
+
+        Shipping the project directory itself would ship .venv and .run as well.
+        """
+        target = self.run_dir / "streamrec-src.zip"
+        with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
+            for package in SOURCES:
+                for path in sorted((PROJECT / package).rglob("*.py")):
+                    zf.write(path, path.relative_to(PROJECT).as_posix())
+        return target
+
+    def submit(self, job_args: list[str], detached: bool = True, savepoint: str | None = None,
+               allow_non_restored: bool = False, timeout_s: float = 300.0) -> str:
+        """Submits ``python -m flink_job <job_args>`` with ``flink run``; returns the job id.
+
+        The client runs from the project directory, so it resolves the connector jar and default paths there;
+        the job's own config puts that jar into ``pipeline.jars``, which ``flink run`` ships with the job.
+        """
+        cmd = ["run"]
+        if detached:
+            cmd.append("-d")
+        cmd += ["-m", f"127.0.0.1:{self.rest_port}", "-pym", "flink_job", "-pyfs", str(self.package_sources()),
+                "-pyexec", self.python, "-pyclientexec", self.python]
+        if savepoint:
+            cmd += ["-s", savepoint]
+            if allow_non_restored:
+                cmd.append("-n")
+        res = self._script("flink", *cmd, "--", *job_args, timeout_s=timeout_s)
+        job_id = parse_job_id(res.stdout + res.stderr)
+        log.info("cluster: submitted job %s%s", job_id, f" from {savepoint}" if savepoint else "")
+        return job_id
+
+    def rest(self, method: str, path: str, body: dict[str, Any] | None = None, timeout_s: float = 10.0) -> Any:
+        """One call of Flink's REST API; JSON in and out."""
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self.rest_url}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as ex:
+            detail = ex.read().decode(errors="replace")[:2000]
+            raise RuntimeError(f"cluster: {method} {path} answered {ex.code}: {detail}") from ex
+        return json.loads(raw) if raw else {}
+
+    def jobs(self) -> list[dict[str, Any]]:
+        jobs: list[dict[str, Any]] = self.rest("GET", "/jobs/overview")["jobs"]
+        return jobs
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        info: dict[str, Any] = self.rest("GET", f"/jobs/{job_id}")
+        return info
+
+    def job_status(self, job_id: str) -> str:
+        """``CREATED``, ``RUNNING``, ``FAILED``, ``CANCELED``, ``FINISHED`` ..."""
+        return str(self.job(job_id)["state"])
+
+    def wait_running(self, job_id: str, timeout_s: float = 120.0) -> None:
+        """Waits until the job and all of its tasks run (the Python workers have started)."""
+        deadline = time.monotonic() + timeout_s
+        info: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            if info["state"] in ENDED:
+                raise RuntimeError(
+                    f"cluster: job {job_id} ended as {info['state']}: {self.exception(job_id)}; "
+                    f"logs in {self.log_dir}"
+                )
+            if info["state"] == "RUNNING" and all(v["status"] == "RUNNING" for v in info["vertices"]):
+                return
+            time.sleep(1.0)
+        states = {v["name"][:40]: v["status"] for v in info.get("vertices", [])}
+        raise TimeoutError(f"cluster: job {job_id} not running after {timeout_s}s: {info.get('state')} {states}")
+
+    def wait_ended(self, job_id: str, timeout_s: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            state = self.job_status(job_id)
+            if state in ENDED:
+                return state
+            time.sleep(0.5)
+        raise TimeoutError(f"cluster: job {job_id} still {self.job_status(job_id)} after {timeout_s}s")
+
+    def exception(self, job_id: str) -> str:
+        """The root cause of the job's latest failure, if any."""
+        try:
+            info = self.rest("GET", f"/jobs/{job_id}/exceptions")
+        except RuntimeError as ex:
+            return str(ex)
+        root = (info.get("exceptionHistory") or {}).get("entries") or []
+        return str(root[0].get("stacktrace", ""))[:4000] if root else "none recorded"
+
+    def cancel(self, job_id: str, wait_s: float = 60.0) -> str:
+        """Cancels without a savepoint; returns the final state."""
+        self.rest("PATCH", f"/jobs/{job_id}?mode=cancel")
+        state = self.wait_ended(job_id, wait_s)
+        log.info("cluster: job %s %s", job_id, state)
+        return state
+
+    def stop_with_savepoint(self, job_id: str, directory: str | Path | None = None, timeout_s: float = 120.0) -> str:
+        """Takes a savepoint and stops the job (no drain, as for an upgrade); returns the savepoint's path.
+
+        The REST form of ``flink stop --savepointPath DIR JOBID``; resume with ``submit(..., savepoint=path)``.
+        """
+        body: dict[str, Any] = {"drain": False}
+        if directory is not None:
+            body["targetDirectory"] = Path(directory).resolve().as_uri() if "://" not in str(directory) else directory
+        trigger = self.rest("POST", f"/jobs/{job_id}/stop", body)["request-id"]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            info = self.rest("GET", f"/jobs/{job_id}/savepoints/{trigger}")
+            if info["status"]["id"] == "COMPLETED":
+                op = info.get("operation") or {}
+                if "failure-cause" in op:
+                    cause = op["failure-cause"].get("stack-trace", op["failure-cause"])
+                    raise RuntimeError(f"cluster: savepoint of job {job_id} failed: {str(cause)[:4000]}")
+                path = str(op["location"])
+                log.info("cluster: job %s stopped with savepoint %s", job_id, path)
+                return path
+            time.sleep(0.5)
+        raise TimeoutError(f"cluster: savepoint of job {job_id} not done after {timeout_s}s")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:  # a zombie still answers kill(0) but is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--port", type=int, default=8081, help="REST port")
+    p.add_argument("--rpc-port", type=int, default=6123, help="JobManager RPC port")
+    p.add_argument("--run-dir", type=Path, default=RUN_DIR)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("start")
+    sub.add_parser("stop")
+    sub.add_parser("status")
+    s = sub.add_parser("submit", help="submit the job; arguments after -- go to python -m flink_job")
+    s.add_argument("--savepoint", default=None, help="resume from this savepoint")
+    s.add_argument("--allow-non-restored", action="store_true")
+    s.add_argument("job_args", nargs=argparse.REMAINDER)
+    c = sub.add_parser("cancel")
+    c.add_argument("job_id")
+    sp = sub.add_parser("stop-savepoint")
+    sp.add_argument("job_id")
+    sp.add_argument("--dir", default=None, help="savepoint directory (default: <run dir>/savepoints)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cluster = SessionCluster(args.port, args.rpc_port, args.run_dir)
+    if args.command == "start":
+        cluster.start()
+    elif args.command == "stop":
+        cluster.stop()
+    elif args.command == "status":
+        if not cluster.daemon_pids():
+            print("not running")
+            sys.exit(1)
+        overview = cluster.rest("GET", "/overview")
+        print(f"running on {cluster.rest_url}: {overview['taskmanagers']} TaskManager(s), "
+              f"{overview['slots-available']}/{overview['slots-total']} slots free, Flink {overview['flink-version']}")
+        for job in cluster.jobs():
+            print(f"  {job['jid']}  {job['state']:<10} {job['name']}")
+    elif args.command == "submit":
+        job_args = args.job_args[1:] if args.job_args[:1] == ["--"] else args.job_args
+        print(cluster.submit(job_args, savepoint=args.savepoint, allow_non_restored=args.allow_non_restored))
+    elif args.command == "cancel":
+        print(cluster.cancel(args.job_id))
+    else:
+        print(cluster.stop_with_savepoint(args.job_id, args.dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Shared fixtures: one real Kafka broker for the session, fresh topics per test."""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.kafka import Broker, create_topics, job_topics
+from flink_job.config import JobConfig
+
+PROJECT = Path(__file__).resolve().parent.parent
+TEST_PORT = 19292
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[Broker]:
+    """A KRaft broker on 127.0.0.1:19292 with its data in .run/test-kafka, removed before it starts."""
+    import shutil
+
+    run_dir = PROJECT / ".run" / "test-kafka"
+    broker = Broker(TEST_PORT, TEST_PORT + 1, run_dir)
+    broker.stop()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def topics(kafka: Broker, tmp_path: Path) -> Callable[..., JobConfig]:
+    """``topics(prefix, input_partitions=2, overrides=[...])``: fresh topics and a JobConfig pointing at them."""
+
+    def make(prefix: str, input_partitions: int = 2, overrides: list[str] | None = None) -> JobConfig:
+        run = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        cfg = JobConfig.load(
+            overrides=[
+                f"kafka.bootstrap={kafka.bootstrap}",
+                f"kafka.input_topic={run}.events",
+                f"kafka.embeddings_topic={run}.embeddings",
+                f"kafka.dead_letter_topic={run}.dead-letters",
+                f"kafka.stats_topic={run}.stats",
+                f"kafka.group_id={run}",
+                f"flink.checkpoint_dir={(tmp_path / 'checkpoints').as_uri()}",
+                *(overrides or []),
+            ]
+        )
+        all_topics = job_topics(cfg)
+        create_topics(kafka.bootstrap, {cfg.kafka.input_topic: all_topics.pop(cfg.kafka.input_topic)}, input_partitions)
+        create_topics(kafka.bootstrap, all_topics, 1)
+        return cfg
+
+    return make
