@@ -1,0 +1,101 @@
+"""End-to-end throughput, as PROTOCOL.md defines it: a pre-filled input topic, the job on the local mini-cluster,
+the clock from the first chunk the trainer receives to the last batch reflected in the output.
+
+    python -m benchmarks.throughput --events 1000000 [--set batch.size=8192] [--reuse]
+
+Start-up (submission to first chunk) is reported apart. ``--reuse`` keeps the broker's data between runs so the
+1M-event input is produced once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from deploy.kafka import Broker, create_topics, job_topics
+from flink_job.config import PROJECT_ROOT, JobConfig
+from flink_job.generate import SyntheticConfig
+from flink_job.produce import send, synthetic_timed
+from flink_job.runner import LocalJob
+from flink_job.topics import end_offsets
+
+log = logging.getLogger("benchmarks.throughput")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=int, default=1_000_000)
+    p.add_argument("--partitions", type=int, default=2)
+    p.add_argument("--duplicates", type=float, default=0.02)
+    p.add_argument("--malformed", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--port", type=int, default=19492)
+    p.add_argument("--reuse", action="store_true", help="keep the broker and its pre-filled topic between runs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--out", type=Path, default=None, help="append the result as a JSON line to this file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    broker = Broker(args.port, args.port + 1, PROJECT_ROOT / ".run" / "bench-kafka")
+    broker.start()
+    run = time.strftime("%H%M%S")
+    syn = SyntheticConfig(n_events=args.events, seed=args.seed, duplicate_rate=args.duplicates,
+                          malformed_rate=args.malformed)
+    input_topic = f"bench.input.{syn.n_events}.{syn.seed}.{args.partitions}"
+    cfg = JobConfig.load(overrides=[
+        f"kafka.bootstrap={broker.bootstrap}", f"kafka.input_topic={input_topic}",
+        f"kafka.embeddings_topic=bench.{run}.embeddings", f"kafka.dead_letter_topic=bench.{run}.dead-letters",
+        f"kafka.stats_topic=bench.{run}.stats", f"kafka.group_id=bench-{run}", *args.overrides,
+    ])
+    try:
+        topics = job_topics(cfg)
+        create_topics(broker.bootstrap, {input_topic: topics.pop(input_topic)}, args.partitions)
+        create_topics(broker.bootstrap, topics)
+        if sum(end_offsets(broker.bootstrap, input_topic).values()) < syn.n_events:
+            log.info("pre-filling %s with %d events (seed %d)", input_topic, syn.n_events, syn.seed)
+            send(synthetic_timed(syn), broker.bootstrap, input_topic, total=syn.n_events)
+        n_input = sum(end_offsets(broker.bootstrap, input_topic).values())
+
+        with LocalJob(cfg) as job:
+            result = job.wait_idle(idle_s=5.0, timeout_s=1800, min_received=int(n_input * (1 - 2 * args.duplicates)))
+        last = result.last
+        processing_s = result.last_batch_s - result.first_chunk_s
+        row = {
+            "date": time.strftime("%Y-%m-%d"),
+            "events": n_input,
+            "events_per_s": round(n_input / processing_s),
+            "processing_s": round(processing_s, 2),
+            "startup_s": round(result.first_chunk_s - result.submitted_at, 2),
+            "trained": last["trained"],
+            "dead_lettered": last["dead_lettered"],
+            "deduplicated": n_input - last["received"],
+            "batches": last["batch"],
+            "embeddings_published": last["published"],
+            "batch_size": cfg.batch.size,
+            "parallelism": cfg.flink.parallelism,
+            "python_mode": cfg.flink.python_execution_mode,
+            "partitions": args.partitions,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "overrides": args.overrides,
+            "train_ms_total": round(sum(s["train_ms"] for s in result.stats)),
+            "publish_ms_total": round(sum(s["publish_ms"] for s in result.stats)),
+        }
+        print(json.dumps(row, indent=2))
+        if args.out:
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    finally:
+        if not args.reuse:
+            broker.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""The job on a standalone Flink session cluster, submitted with ``flink run`` as in production, on the real broker.
+
+What the mini-cluster tests cannot show: the code shipped with --pyFiles imports on the TaskManager, the connector
+jar in ``pipeline.jars`` reaches the cluster, the venv's python runs the workers, and a savepoint taken on the
+cluster restores the source offsets and the de-duplication state after a resubmission.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from deploy.cluster import SessionCluster
+from flink_job.config import JobConfig
+from flink_job.generate import Record, SyntheticConfig, generate
+from flink_job.produce import send, synthetic_timed
+from flink_job.topics import Follower, json_values, read_all
+from tests._cluster_local_fixtures import kafka  # noqa: F401 - TEMPORARY, see that file
+
+pytestmark = pytest.mark.integration
+PROJECT = Path(__file__).resolve().parent.parent
+REST_PORT = 18081  # not 8081: a development cluster may be running
+RPC_PORT = 16123
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[SessionCluster]:
+    """A session cluster of its own (ports, run dir), stopped even when the module's tests fail."""
+    c = SessionCluster(REST_PORT, RPC_PORT, PROJECT / ".run" / "test-flink-cluster")
+    c.stop()  # left over from an aborted run
+    shutil.rmtree(c.run_dir, ignore_errors=True)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@dataclass(frozen=True)
+class Truth:
+    """What the job must make of a generated stream."""
+
+    valid: int  # unique well-formed events: trained
+    duplicates: int  # dropped by the de-duplication
+    malformed: int  # dead-lettered
+    users: frozenset[str]
+    items: frozenset[str]
+
+    @classmethod
+    def of(cls, records: list[Record]) -> Truth:
+        events = [orjson.loads(r.payload) for r in records if r.kind == "event"]
+        duplicates = sum(r.kind == "duplicate" for r in records)
+        return cls(len(events), duplicates, len(records) - len(events) - duplicates,
+                   frozenset(e["user_id"] for e in events), frozenset(e["item_id"] for e in events))
+
+
+def job_args(cfg: JobConfig, tmp_path: Path) -> list[str]:
+    """The job's arguments: a YAML file naming this test's topics, as one would deploy it."""
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({
+        "kafka": dataclasses.asdict(cfg.kafka),
+        "flink": {"checkpoint_dir": cfg.flink.checkpoint_dir, "job_name": f"streamrec-{cfg.kafka.group_id}"},
+    }))
+    return ["--config", str(path)]
+
+
+def follow_stats(cluster: SessionCluster, job_id: str, stats: Follower, done: Callable[[list[dict[str, Any]]], bool],
+                 idle_s: float = 3.0, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+    """The stats records that arrive until ``done(records)`` holds and nothing new came for ``idle_s``."""
+    seen: list[dict[str, Any]] = []
+    changed = time.monotonic()
+    deadline = changed + timeout_s
+    while time.monotonic() < deadline:
+        new = [orjson.loads(v) for _k, v, _p, _o in stats.poll(0.5)]
+        if new:
+            seen.extend(new)
+            changed = time.monotonic()
+        if seen and done(seen) and time.monotonic() - changed >= idle_s:
+            return seen
+        state = cluster.job_status(job_id)
+        if state != "RUNNING":
+            pytest.fail(f"job {job_id} is {state}: {cluster.exception(job_id)}\nlogs: {cluster.log_dir}")
+    pytest.fail(f"job {job_id}: not done within {timeout_s}s; last stats {seen[-1] if seen else 'none'}; "
+                f"logs: {cluster.log_dir}")
+
+
+def trained(stats: list[dict[str, Any]]) -> int:
+    """Events trained in these batches: independent of whether the trainer's counters survive a restore."""
+    return sum(s["events"] for s in stats)
+
+
+def submitted(cluster: SessionCluster, args: list[str], savepoint: str | None = None) -> str:
+    job_id = cluster.submit(args, savepoint=savepoint)
+    cluster.wait_running(job_id)
+    return job_id
+
+
+def cancel_if_running(cluster: SessionCluster, job_id: str) -> None:
+    if cluster.job_status(job_id) not in ("CANCELED", "FAILED", "FINISHED"):
+        cluster.cancel(job_id)
+
+
+def test_job_on_session_cluster(
+    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path
+) -> None:
+    cfg = topics("cluster")
+    syn = SyntheticConfig(n_users=200, n_items=100, n_events=3000, duplicate_rate=0.05, malformed_rate=0.02,
+                          seed=23)
+    truth = Truth.of(list(generate(syn)))
+    assert truth.duplicates and truth.malformed  # the stream exercises both paths
+    send(synthetic_timed(syn), cfg.kafka.bootstrap, cfg.kafka.input_topic, total=syn.n_events)
+    stats = Follower(cfg.kafka.bootstrap, cfg.kafka.stats_topic)
+    job_id = submitted(cluster, job_args(cfg, tmp_path))
+    try:
+        received = truth.valid + truth.malformed  # the duplicates are dropped on the cluster
+        last = follow_stats(cluster, job_id, stats, lambda seen: seen[-1]["received"] >= received)[-1]
+
+        assert cluster.job_status(job_id) == "RUNNING"
+        assert any(j["jid"] == job_id for j in cluster.jobs())
+        assert last["received"] == received
+        assert last["trained"] == truth.valid
+        assert last["dead_lettered"] == truth.malformed
+        assert len(read_all(cfg.kafka.bootstrap, cfg.kafka.dead_letter_topic)) == truth.malformed
+
+        versions: dict[str, list[int]] = defaultdict(list)
+        records = sorted(read_all(cfg.kafka.bootstrap, cfg.kafka.embeddings_topic), key=lambda r: (r[2], r[3]))
+        for (key, _v, _p, _o), rec in zip(records, json_values(records)):
+            assert key == f"{rec['kind']}:{rec['id']}".encode()
+            versions[f"{rec['kind']}:{rec['id']}"].append(rec["version"])
+        expected = {f"user:{u}" for u in truth.users} | {f"item:{i}" for i in truth.items}
+        assert not expected - versions.keys(), f"ids never published: {sorted(expected - versions.keys())[:10]}"
+        not_increasing = {k: v for k, v in versions.items() if any(b <= a for a, b in zip(v, v[1:]))}
+        assert not not_increasing, f"versions not increasing in topic order: {dict(list(not_increasing.items())[:5])}"
+
+        assert cluster.cancel(job_id) == "CANCELED"
+    finally:
+        stats.close()
+        cancel_if_running(cluster, job_id)
+
+
+def test_stop_with_savepoint_and_resume(
+    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path
+) -> None:
+    """An upgrade: stop with a savepoint, resubmit from it; nothing is read twice and old duplicates stay dropped."""
+    cfg = topics("cluster-savepoint")
+    before = SyntheticConfig(n_users=50, n_items=40, n_events=400, seed=31, id_prefix="a")
+    after = SyntheticConfig(n_users=50, n_items=40, n_events=300, seed=32, id_prefix="b")
+    old = list(synthetic_timed(before))
+    send(old, cfg.kafka.bootstrap, cfg.kafka.input_topic, total=len(old))
+    stats = Follower(cfg.kafka.bootstrap, cfg.kafka.stats_topic)
+    args = job_args(cfg, tmp_path)
+    job_id = submitted(cluster, args)
+    resumed = None
+    try:
+        assert trained(follow_stats(cluster, job_id, stats, lambda seen: trained(seen) >= before.n_events,
+                                    idle_s=2.0)) == before.n_events
+        savepoint = cluster.stop_with_savepoint(job_id, tmp_path / "savepoints")
+        assert cluster.job_status(job_id) == "FINISHED"
+        assert Path(savepoint.removeprefix("file:")).is_dir()
+
+        # While the job is down: new events, and a re-delivery of old ones that only the restored state can drop.
+        send([*synthetic_timed(after), *old[:100]], cfg.kafka.bootstrap, cfg.kafka.input_topic)
+        resumed = submitted(cluster, args, savepoint=savepoint)
+        # Offsets restored: the old events are not read again; de-duplication state restored: the re-delivered
+        # ones are dropped. Either failure shows up as more events trained.
+        new = follow_stats(cluster, resumed, stats, lambda seen: trained(seen) >= after.n_events)
+        assert trained(new) == after.n_events
+        assert cluster.cancel(resumed) == "CANCELED"
+    finally:
+        stats.close()
+        for jid in (job_id, resumed):
+            if jid:
+                cancel_if_running(cluster, jid)

@@ -1,0 +1,101 @@
+"""The online biased MF: learns a planted structure, touches only the rows it trains, round-trips its state."""
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from flink_job.generate import SyntheticConfig, generate
+from flink_job.parse import parse_lines
+from model.config import ModelConfig
+from model.mf import OnlineBiasedMF, pick_device
+
+
+def _stream(n: int, seed: int = 5):
+    syn = SyntheticConfig(n_users=200, n_items=100, n_events=n, seed=seed)
+    batch, _ = parse_lines(f"0,{k},{r.payload.decode()}" for k, r in enumerate(generate(syn)))
+    return batch
+
+
+def test_rating_error_falls_while_learning_a_planted_structure() -> None:
+    batch = _stream(40_000)
+    m = OnlineBiasedMF(ModelConfig(dim=16, seed=1))
+    losses = []
+    for start in range(0, len(batch), 1024):
+        b = batch.slice(start, start + 1024)
+        losses.append(m.learn_many(b.users, b.items, b.actions, b.values).rating_loss)
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3])
+
+
+def test_implicit_ranking_beats_popularity_on_planted_preferences() -> None:
+    batch = _stream(60_000)
+    train, test = batch.slice(0, 50_000), batch.slice(50_000, len(batch))
+    m = OnlineBiasedMF(ModelConfig(dim=16, seed=2))
+    for start in range(0, len(train), 1024):
+        b = train.slice(start, start + 1024)
+        m.learn_many(b.users, b.items, b.actions, b.values)
+    popularity: dict[str, int] = {}
+    for i in train.items:
+        popularity[i] = popularity.get(i, 0) + 1
+    items = sorted(popularity)
+    pop_top = set(sorted(items, key=lambda i: -popularity[i])[:10])
+    rows = m.items.rows(items)
+    q, b_i, _ = m.vectors("item", rows)
+    hits_model = hits_pop = 0
+    for u, i in zip(test.users, test.items):
+        p, _, _ = m.vectors("user", m.users.rows([u]))
+        top = {items[k] for k in np.argsort(-(b_i + q @ p[0]))[:10]}
+        hits_model += i in top
+        hits_pop += i in pop_top
+    assert hits_model > 1.5 * hits_pop
+
+
+def test_only_touched_rows_change() -> None:
+    m = OnlineBiasedMF(ModelConfig(dim=4, seed=3, implicit_negatives=0))
+    m.learn_many(["a", "b", "c"], ["x", "y", "z"], np.array([4, 4, 4]), np.array([3.0, 4.0, 5.0]))
+    before_u, before_i = m.user_table.weight[:3].clone(), m.item_table.weight[:3].clone()
+    stats = m.learn_many(["b"], ["z"], np.array([4]), np.array([1.0]))
+    assert m.users.ids(stats.user_rows) == ["b"] and m.items.ids(stats.item_rows) == ["z"]
+    changed_u = (m.user_table.weight[:3] != before_u).any(dim=1).tolist()
+    changed_i = (m.item_table.weight[:3] != before_i).any(dim=1).tolist()
+    assert changed_u == [False, True, False] and changed_i == [False, False, True]
+    assert m.user_table.updates[:3].tolist() == [1, 2, 1]
+
+
+def test_state_round_trip_is_exact_and_training_continues_identically() -> None:
+    batch = _stream(6_000)
+    a = OnlineBiasedMF(ModelConfig(dim=8, seed=4))
+    first, second = batch.slice(0, 3_000), batch.slice(3_000, len(batch))
+    a.learn_many(first.users, first.items, first.actions, first.values)
+    b = OnlineBiasedMF.from_bytes(a.state_bytes())
+    for m in (a, b):
+        m.learn_many(second.users, second.items, second.actions, second.values)
+    assert a.users.state() == b.users.state() and a.items.state() == b.items.state()
+    for name in ("weight", "bias", "acc", "updates"):
+        assert torch.equal(getattr(a.user_table, name)[: a.user_table.rows], getattr(b.user_table, name)[: b.user_table.rows])
+        assert torch.equal(getattr(a.item_table, name)[: a.item_table.rows], getattr(b.item_table, name)[: b.item_table.rows])
+
+
+def test_cpu_fallback_and_clear_error_for_missing_gpu() -> None:
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            pick_device("cuda")
+
+
+def test_predictions_are_clipped_to_the_rating_range_and_unknown_ids_get_the_mean() -> None:
+    m = OnlineBiasedMF(ModelConfig(dim=4, seed=5))
+    m.learn_many(["a"], ["x"], np.array([4]), np.array([5.0]))
+    pred = m.predict_ratings(["a", "nobody"], ["x", "nothing"])
+    assert 1.0 <= pred[0] <= 5.0
+    assert pred[1] == pytest.approx(m.global_mean)
+
+
+def test_state_bytes_are_plain_bytes() -> None:
+    m = OnlineBiasedMF(ModelConfig(dim=4))
+    data = m.state_bytes()
+    assert isinstance(data, bytes) and len(data) > 0
+    with pytest.raises(Exception):
+        orjson.loads(data)

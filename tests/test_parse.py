@@ -1,0 +1,95 @@
+"""Parsing and validation: each kind of bad record gets its reason; good records come through unchanged."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flink_job.events import ACTIONS
+from flink_job.parse import ParseRules, parse_lines
+
+GOOD = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "action": "rating", "value": 4.0, "ts": 1_700_000_000_000}
+
+
+def with_(**changes: object) -> str:
+    d = dict(GOOD)
+    for k, v in changes.items():
+        if v is ...:
+            del d[k]
+        else:
+            d[k] = v
+    return json.dumps(d)
+
+
+BAD = [
+    ("invalid_json", "{not json"),
+    ("invalid_json", with_()[:-5]),
+    ("invalid_json", ""),
+    ("invalid_json", '{"event_id": NaN}'),
+    ("not_an_object", "[1, 2, 3]"),
+    ("not_an_object", '"a string"'),
+    ("not_an_object", "42"),
+    ("missing_event_id", with_(event_id=...)),
+    ("missing_user_id", with_(user_id=...)),
+    ("missing_item_id", with_(item_id=...)),
+    ("missing_action", with_(action=...)),
+    ("missing_ts", with_(ts=...)),
+    ("missing_event_id", with_(event_id=None)),
+    ("empty_user_id", with_(user_id="")),
+    ("empty_item_id", with_(item_id="   ")),
+    ("user_id_too_long", with_(user_id="u" * 129)),
+    ("bad_type_user_id", with_(user_id=["u1"])),
+    ("bad_type_item_id", with_(item_id={"id": 1})),
+    ("bad_type_event_id", with_(event_id=True)),
+    ("unknown_action", with_(action="teleport")),
+    ("unknown_action", with_(action=3)),
+    ("bad_ts", with_(ts="yesterday")),
+    ("bad_ts", with_(ts=1.5)),
+    ("bad_ts", with_(ts=True)),
+    ("ts_out_of_range", with_(ts=-1)),
+    ("ts_out_of_range", with_(ts=10**20)),
+    ("bad_value", with_(value="five")),
+    ("bad_value", with_(value=[4])),
+    ("missing_value", with_(value=...)),
+    ("rating_out_of_range", with_(value=9.0)),
+    ("rating_out_of_range", with_(value=0)),
+]
+
+
+@pytest.mark.parametrize(("reason", "payload"), BAD)
+def test_bad_record_is_dead_lettered_with_its_reason(reason: str, payload: str) -> None:
+    batch, dead = parse_lines([f"1,42,{payload}"])
+    assert len(batch) == 0
+    assert [(d.reason, d.partition, d.offset, d.payload, d.stage) for d in dead] == [(reason, 1, 42, payload, "parse")]
+
+
+def test_good_record_with_ints_and_context_is_kept() -> None:
+    batch, dead = parse_lines([f"0,1,{with_(value=5, dwell_ms=300, price=9.5)}", "0,2," + with_(action="view", value=...)])
+    assert dead == []
+    assert batch.users == ["u1", "u1"] and batch.values.tolist() == [5.0, 1.0]
+    assert batch.actions.tolist() == [ACTIONS.index("rating"), ACTIONS.index("view")]
+
+
+def test_id_length_limit_is_configurable() -> None:
+    _, dead = parse_lines([f"0,1,{with_(user_id='u' * 10)}"], ParseRules(max_id_length=5))
+    assert [d.reason for d in dead] == ["user_id_too_long"]
+
+
+ids = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20).filter(lambda s: s.strip())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(ids, ids, ids, st.sampled_from(ACTIONS), st.integers(0, 10**13),
+                          st.floats(1, 5, allow_nan=False)), max_size=30))
+def test_valid_events_are_never_dropped(events: list) -> None:
+    lines = [
+        f"0,{n}," + json.dumps({"event_id": e, "user_id": u, "item_id": i, "action": a, "ts": t, "value": v})
+        for n, (e, u, i, a, t, v) in enumerate(events)
+    ]
+    batch, dead = parse_lines(lines)
+    assert dead == []
+    assert batch.event_ids == [e[0] for e in events]
+    assert batch.users == [e[1] for e in events]
+    assert batch.offsets.tolist() == list(range(len(events)))

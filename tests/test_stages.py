@@ -1,0 +1,77 @@
+"""Pure-Python stages: config loading, generator, micro-batching, coalesced publishing, the training stage."""
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from flink_job.config import JobConfig
+from flink_job.generate import MALFORMED_KINDS, SyntheticConfig, generate
+from flink_job.train import TrainStage
+
+
+def test_config_layers_yaml_env_and_overrides(tmp_path, monkeypatch) -> None:
+    f = tmp_path / "job.yaml"
+    f.write_text("batch:\n  size: 100\nkafka:\n  input_topic: from-yaml\n")
+    monkeypatch.setenv("STREAMREC__BATCH__SIZE", "200")
+    cfg = JobConfig.load(f, ["kafka.input_topic=from-cli"])
+    assert cfg.batch.size == 200 and cfg.kafka.input_topic == "from-cli"
+    with pytest.raises(ValueError, match="unknown section"):
+        JobConfig.load(overrides=["nope.size=1"])
+    with pytest.raises(ValueError, match="expects int"):
+        JobConfig.load(overrides=["batch.size=big"])
+    with pytest.raises(ValueError, match="must be positive"):
+        JobConfig.load(overrides=["batch.size=0"])
+
+
+def test_generator_is_seeded_and_plants_duplicates_and_malformed_records() -> None:
+    cfg = SyntheticConfig(n_users=30, n_items=20, n_events=3_000, duplicate_rate=0.1, malformed_rate=0.05, seed=9)
+    recs = list(generate(cfg))
+    assert [r.payload for r in recs] == [r.payload for r in generate(cfg)]
+    assert [r.payload for r in recs] != [r.payload for r in generate(SyntheticConfig(**{**cfg.__dict__, "seed": 10}))]
+    kinds = [r.kind for r in recs]
+    assert 0.07 < kinds.count("duplicate") / len(kinds) < 0.13
+    assert 0.03 < sum(k in MALFORMED_KINDS for k in kinds) / len(kinds) < 0.07
+    firsts = {r.event_id: r.payload for r in recs if r.kind == "event"}
+    assert all(firsts[r.event_id] == r.payload for r in recs if r.kind == "duplicate")
+
+
+def test_generator_drift_moves_user_preferences() -> None:
+    from flink_job.generate import PlantedWorld
+    import numpy as np
+
+    world = PlantedWorld(SyntheticConfig(n_users=50, n_items=40, drift=1.0, seed=1))
+    users = np.arange(50)
+    before, after = world.affinity(users, 0.0), world.affinity(users, 1.0)
+    assert np.mean(np.argmax(before, 1) != np.argmax(after, 1)) > 0.5
+
+
+def _lines(n: int, prefix: str = "e") -> list[str]:
+    return [
+        f'0,{k},{{"event_id":"{prefix}{k}","user_id":"u{k % 5}","item_id":"i{k % 7}","action":"view","ts":{k}}}'
+        for k in range(n)
+    ]
+
+
+def test_train_stage_batches_by_size_and_flushes_the_rest_with_coalesced_publishes() -> None:
+    cfg = JobConfig.load(overrides=["batch.size=10", "publish.interval_ms=3600000"])
+    stage = TrainStage(cfg)
+    out = stage.on_chunk(_lines(25) + ["0,99,{broken"])
+    assert out.trained == 20 and len(out.stats) == 2 and [d.reason for d in out.dead_letters] == ["invalid_json"]
+    # The first batch publishes (nothing was published before); the second waits for the interval.
+    assert len(out.embeddings) == 5 + 7
+    assert stage.unpublished
+    rest = stage.flush()
+    assert rest.trained == 5 and not stage.unpublished
+    keys = [k for k, _ in rest.embeddings]
+    assert len(keys) == len(set(keys)) == 5 + 7  # every id touched since the last publish, once
+    stats = [orjson.loads(s) for s in out.stats + rest.stats]
+    assert [s["trained"] for s in stats] == [10, 20, 25]
+    assert stats[-1]["received"] == 26 and stats[-1]["dead_lettered"] == 1
+
+
+def test_published_user_records_carry_the_newest_input_position() -> None:
+    stage = TrainStage(JobConfig.load(overrides=["batch.size=25", "publish.interval_ms=0"]))
+    out = stage.on_chunk(_lines(25))
+    users = {orjson.loads(v)["id"]: orjson.loads(v) for k, v in out.embeddings if k.startswith("user:")}
+    assert users["u0"]["offset"] == 20 and users["u4"]["offset"] == 24
+    assert users["u0"]["event_ts"] == 20 and users["u0"]["version"] > 0
