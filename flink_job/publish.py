@@ -32,7 +32,7 @@ def encode_records(
     """``(key, json value)`` pairs for the embeddings topic."""
     now = int(time.time() * 1000)
     out = []
-    vecs = vectors.astype(np.float32).tolist()
+    vecs = np.ascontiguousarray(vectors, np.float32)  # float32 serialises in its shortest form: half the bytes
     for n, key in enumerate(ids):
         rec: dict[str, Any] = {
             "kind": kind,
@@ -47,7 +47,7 @@ def encode_records(
         if partitions is not None and offsets is not None:
             rec["partition"] = int(partitions[n])
             rec["offset"] = int(offsets[n])
-        out.append((f"{kind}:{key}", orjson.dumps(rec).decode()))
+        out.append((f"{kind}:{key}", orjson.dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY).decode()))
     return out
 
 

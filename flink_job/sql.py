@@ -84,9 +84,11 @@ SELECT user_id, line, proc FROM (
 UNION ALL
 SELECT user_id, line, proc FROM keyed_events WHERE user_id IS NULL OR event_id IS NULL"""
     seconds = cfg.batch.chunk_ms / 1000.0
+    # k: the trainer's key. One model, so one key; the row is shaped (key, value) so that the JVM can key the
+    # stream itself (see topology.key_by_first_field) instead of a Python key selector copying every chunk.
     chunks = f"""CREATE TEMPORARY VIEW {CHUNK_VIEW} AS
-SELECT MOD(ABS(HASH_CODE(COALESCE(user_id, ''))), {cfg.batch.shards}) AS shard,
-       ARRAY_AGG(line) AS lines
+SELECT 0 AS k,
+       ROW(MOD(ABS(HASH_CODE(COALESCE(user_id, ''))), {cfg.batch.shards}), ARRAY_AGG(line)) AS chunk
 FROM TABLE(TUMBLE(TABLE deduped_events, DESCRIPTOR(proc), INTERVAL '{seconds:.3f}' SECOND))
 GROUP BY window_start, window_end, MOD(ABS(HASH_CODE(COALESCE(user_id, ''))), {cfg.batch.shards})"""
     return [keyed, deduped, chunks]

@@ -3,8 +3,8 @@
     raw_events (Kafka, raw)          # (payload, partition, offset, proc)
     -> keyed_events                  # (user_id, event_id, line)         JSON_VALUE in the JVM
     -> deduped_events                # first (user_id, event_id) only    Flink's de-duplication operator
-    -> event_chunks                  # (shard, [line])                   processing-time window, ARRAY_AGG
-    -> key_by(constant) -> train     # Python, one call per chunk: parse, validate, batch, learn
+    -> event_chunks                  # (0, (shard, [line]))              processing-time window, ARRAY_AGG
+    -> keyed in the JVM -> train      # Python, one call per chunk: parse, validate, batch, learn
        -> main output                # (records: map key -> embedding)   -> UNNEST -> embeddings topic
        -> side output dead-letters   # (k, v)                            -> dead-letter topic
        -> side output stats          # (k, v)                            -> job-stats topic
@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pyflink.common import Configuration, Row, Types
-from pyflink.datastream import StreamExecutionEnvironment
+from pyflink.common import Configuration, Types
+from pyflink.datastream import DataStream, KeyedStream, StreamExecutionEnvironment
 from pyflink.table import StreamTableEnvironment
 
 from flink_job import sql
@@ -61,15 +61,9 @@ def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnviron
     for view in sql.chunk_views(cfg):
         t_env.execute_sql(view)
 
-    chunks = (
-        t_env.to_data_stream(t_env.from_path(sql.CHUNK_VIEW))
-        .map(_as_chunk, output_type=CHUNK)  # the SQL row type carries no Python type info for key_by
-        .name("chunks")
-        .uid("chunks")
-    )  # (shard, [line])
+    chunks = key_by_first_field(t_env.to_data_stream(t_env.from_path(sql.CHUNK_VIEW)))  # (shard, [line])
     trained = (
-        chunks.key_by(_single_model_key, key_type=Types.INT())
-        .process(make_train_function(cfg), output_type=EMBEDDING_BATCH)
+        chunks.process(make_train_function(cfg), output_type=EMBEDDING_BATCH)
         .name(TRAIN)
         .uid(TRAIN)
         .set_parallelism(1)  # one model; the JVM stages before it scale out
@@ -96,9 +90,16 @@ def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnviron
     return t_env
 
 
-def _as_chunk(row: Row) -> Row:
-    return Row(row[0], row[1])
+def key_by_first_field(stream: DataStream) -> KeyedStream:
+    """Keys a ``(k INT, chunk ROW)`` stream from SQL by ``k`` inside the JVM.
 
+    ``DataStream.key_by`` would run a Python key selector that receives and returns every chunk, a second trip
+    of all the data through a Python worker. Instead the stream gets the row type PyFlink's keyed operators
+    expect and Flink's own ``KeyByKeySelector`` (the one ``key_by`` uses after its Python step) keys it.
+    """
+    from pyflink.java_gateway import get_gateway
 
-def _single_model_key(_row: Row) -> int:
-    return 0
+    gateway = get_gateway()
+    stream._j_data_stream.getTransformation().setOutputType(Types.ROW([Types.INT(), CHUNK]).get_java_type_info())
+    j_keyed = stream._j_data_stream.keyBy(gateway.jvm.KeyByKeySelector(), Types.ROW([Types.INT()]).get_java_type_info())
+    return KeyedStream(j_keyed, CHUNK, stream)
