@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
             "cpus": os.cpu_count(),
             "machine": platform.machine(),
             "overrides": args.overrides,
-            "train_ms_total": round(sum(s["train_ms"] for s in result.stats)),
-            "publish_ms_total": round(sum(s["publish_ms"] for s in result.stats)),
+            "train_ms_total": round(sum(s.get("train_ms", 0) for s in result.stats)),
+            "publish_ms_total": round(sum(s.get("publish_ms", 0) for s in result.stats)),
         }
         print(json.dumps(row, indent=2))
         if args.out:

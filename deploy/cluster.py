@@ -139,6 +139,9 @@ class SessionCluster:
         conf_file = self.conf_dir / "config.yaml"
         conf = flatten(yaml.safe_load(conf_file.read_text()) or {})
         conf.update(self.settings())
+        # Clients, JobManager and TaskManager leave their scratch files in the run dir rather than in /tmp.
+        tmpdir = f"-Djava.io.tmpdir={self.run_dir / 'tmp'}"
+        conf["env.java.opts.all"] = f"{conf.get('env.java.opts.all', '')} {tmpdir}".strip()
         conf_file.write_text(yaml.safe_dump(conf, sort_keys=True, width=10_000))
         # lib/ as shipped plus opt/flink-python: the JobManager and TaskManagers need the Python operators on
         # their own class path (Flink's advice for clusters running Python jobs); symlinks, not copies.
@@ -152,15 +155,16 @@ class SessionCluster:
             sub.mkdir(parents=True, exist_ok=True)
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("FLINK_LOG_DIR", "FLINK_PID_DIR", "FLINK_HOME")}
+        inherited = ("FLINK_HOME", "FLINK_LOG_DIR", "FLINK_PID_DIR", "FLINK_OPT_DIR", "FLINK_PLUGINS_DIR")
+        env = {k: v for k, v in os.environ.items() if k not in inherited}  # ours, not another install's
         env.update(FLINK_CONF_DIR=str(self.conf_dir), FLINK_LIB_DIR=str(self.lib_dir), FLINK_IDENT_STRING=IDENT)
         return env
 
     def _script(self, name: str, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Runs ``bin/<name>`` against our conf dir; raises with its output if it fails."""
         cmd = [str(flink_home() / "bin" / name), *args]
-        # A new session: the daemons it starts (and their Python workers) form a group of their own.
-        res = subprocess.run(cmd, env=self._env(), cwd=PROJECT, capture_output=True, text=True,
+        # A session of its own: the daemons outlive this process and a Ctrl-C meant for it does not reach them.
+        res = subprocess.run(cmd, check=False, env=self._env(), cwd=PROJECT, capture_output=True, text=True,
                              timeout=timeout_s, start_new_session=True)
         if res.returncode != 0:
             raise RuntimeError(
@@ -259,15 +263,19 @@ class SessionCluster:
         Shipping the project directory itself would ship .venv and .run as well.
         """
         target = self.run_dir / "streamrec-src.zip"
-        with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
+        partial = target.with_suffix(f".{os.getpid()}.partial")  # two submissions at once must not mix files
+        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
             for package in SOURCES:
                 for path in sorted((PROJECT / package).rglob("*.py")):
                     zf.write(path, path.relative_to(PROJECT).as_posix())
+        partial.replace(target)
         return target
 
     def submit(self, job_args: list[str], detached: bool = True, savepoint: str | None = None,
                allow_non_restored: bool = False, timeout_s: float = 300.0) -> str:
         """Submits ``python -m flink_job <job_args>`` with ``flink run``; returns the job id.
+
+        ``detached=False`` waits (up to ``timeout_s``) for the job to end, which a streaming job does not do.
 
         The client runs from the project directory, so it resolves the connector jar and default paths there;
         the job's own config puts that jar into ``pipeline.jars``, which ``flink run`` ships with the job.
@@ -360,7 +368,8 @@ class SessionCluster:
         """
         body: dict[str, Any] = {"drain": False}
         if directory is not None:
-            body["targetDirectory"] = Path(directory).resolve().as_uri() if "://" not in str(directory) else directory
+            has_scheme = re.match(r"[a-z][a-z0-9+.-]*:", str(directory)) is not None
+            body["targetDirectory"] = str(directory) if has_scheme else Path(directory).resolve().as_uri()
         trigger = self.rest("POST", f"/jobs/{job_id}/stop", body)["request-id"]
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

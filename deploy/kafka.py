@@ -142,11 +142,19 @@ class Broker:
         os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.running_pid():
+            _reap(pid)  # a broker started by this process stays a zombie (still "alive" to kill 0) until reaped
             time.sleep(0.2)
         if self.running_pid():
             os.killpg(pid, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
         log.info("kafka: broker stopped")
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # not our child: its own parent reaps it
 
 
 def _port_open(port: int) -> bool:

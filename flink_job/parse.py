@@ -114,6 +114,9 @@ def _id(d: dict, name: str, rules: ParseRules) -> str:
         raise _Bad(f"empty_{name}")
     if len(s) > rules.max_id_length:
         raise _Bad(f"{name}_too_long", str(len(s)))
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in s):
+        # Control characters never belong in an id, and the de-duplication key joins ids with one (flink_job.sql).
+        raise _Bad(f"control_chars_in_{name}")
     return s
 
 
@@ -187,6 +190,7 @@ def parse_lines(lines: Iterable[str], rules: ParseRules = ParseRules()) -> tuple
                 and code is not None and 0 <= ts <= MAX_TS_MS
                 and 0 < len(eid) <= max_len and 0 < len(user) <= max_len and 0 < len(item) <= max_len
                 and not (eid.isspace() or user.isspace() or item.isspace())
+                and eid.isprintable() and user.isprintable() and item.isprintable()
                 and (type(value) is float or type(value) is int) and math.isfinite(value)
                 and (code != RATING or (lo <= value <= hi and "value" in d))
             ):

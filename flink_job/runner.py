@@ -35,6 +35,7 @@ class RunResult:
 
     @property
     def last_batch_s(self) -> float:
+        """When the output last changed: the last batch or publish (wall clock, seconds)."""
         return max(s["at_ms"] for s in self.stats) / 1000 if self.stats else float("nan")
 
 

@@ -51,36 +51,60 @@ class TrainStage:
         self.counters = Counters()
         self.dirty_users = DirtyRows()
         self.dirty_items = DirtyRows()
-        self.last_publish = 0.0
+        self.last_publish_ms = 0
+        self.pending_since_ms = 0
         self.first_chunk_ms = 0
 
-    def on_chunk(self, lines: list[str]) -> Output:
-        """Parse a chunk, then train on every full batch it completes."""
+    def on_chunk(self, lines: list[str], now_ms: int | None = None) -> Output:
+        """Parse a chunk, train on every full batch it completes, publish if the publish interval has passed."""
+        now_ms = _now_ms() if now_ms is None else now_ms
         out = Output()
         if not self.first_chunk_ms:
-            self.first_chunk_ms = int(time.time() * 1000)
+            self.first_chunk_ms = now_ms
         batch, dead = parse_lines(lines, self.rules)
         self.counters.received += len(lines)
         self.counters.dead_lettered += len(dead)
         out.dead_letters.extend(dead)
+        if len(batch) and not self.batcher.pending:
+            self.pending_since_ms = now_ms
         self.batcher.add(batch)
         for full in self.batcher.take_full():
             self._train(full, out)
+            self.pending_since_ms = now_ms
+        self._maybe_publish(out, now_ms)
         return out
 
-    def flush(self) -> Output:
-        """Train on whatever is pending and publish whatever is unpublished (the time bound passed)."""
+    def on_time(self, now_ms: int | None = None) -> Output:
+        """Time bounds: train a partial batch that waited ``max_wait_ms``; publish when the interval has passed."""
+        now_ms = _now_ms() if now_ms is None else now_ms
         out = Output()
-        for rest in self.batcher.take_rest():
-            self._train(rest, out)
-        published = self._publish(out)
-        self.counters.published += published
-        self.last_publish = time.monotonic()
+        if self.batcher.pending and now_ms - self.pending_since_ms >= self.cfg.batch.max_wait_ms:
+            for rest in self.batcher.take_rest():
+                self._train(rest, out)
+        self._maybe_publish(out, now_ms)
         return out
+
+    def next_deadline_ms(self) -> int | None:
+        """When ``on_time`` next has work to do, or None while nothing is pending or unpublished."""
+        deadlines = []
+        if self.batcher.pending:
+            deadlines.append(self.pending_since_ms + self.cfg.batch.max_wait_ms)
+        if self.unpublished:
+            deadlines.append(self.last_publish_ms + self.cfg.publish.interval_ms)
+        return min(deadlines) if deadlines else None
 
     @property
     def unpublished(self) -> bool:
         return len(self.dirty_users) > 0 or len(self.dirty_items) > 0
+
+    def _maybe_publish(self, out: Output, now_ms: int) -> None:
+        if not (self.unpublished and now_ms - self.last_publish_ms >= self.cfg.publish.interval_ms):
+            return
+        start = time.perf_counter()
+        published = self._publish(out)
+        self.counters.published += published
+        self.last_publish_ms = now_ms
+        out.stats.append(self._stats("publish", embeddings=published, publish_ms=(time.perf_counter() - start) * 1000))
 
     def _train(self, batch: EventBatch, out: Output) -> None:
         start = time.perf_counter()
@@ -90,40 +114,35 @@ class TrainStage:
         self.dirty_users.touch(model.users.rows(batch.users), batch.ts, batch.partitions, batch.offsets)
         self.dirty_items.touch(model.items.rows(batch.items), batch.ts)
         self.dirty_items.touch(stats.item_rows)  # sampled negatives moved too
-        published = 0
-        now = time.monotonic()
-        if (now - self.last_publish) * 1000 >= self.cfg.publish.interval_ms:
-            published = self._publish(out)
-            self.last_publish = now
         out.trained += len(batch)
-        c = self.counters
-        c.trained += len(batch)
-        c.batches += 1
-        c.published += published
+        self.counters.trained += len(batch)
+        self.counters.batches += 1
         out.stats.append(
-            orjson.dumps(
-                {
-                    "batch": c.batches,
-                    "step": model.step,
-                    "events": len(batch),
-                    "ratings": stats.ratings,
-                    "rating_mse": stats.rating_loss,
-                    "bpr_loss": stats.bpr_loss,
-                    "embeddings_published": published,
-                    "known_users": len(model.users),
-                    "known_items": len(model.items),
-                    "train_ms": round(train_ms, 3),
-                    "publish_ms": round((time.perf_counter() - start) * 1000 - train_ms, 3),
-                    "max_event_ts": int(batch.ts.max()),
-                    "received": c.received,
-                    "dead_lettered": c.dead_lettered,
-                    "trained": c.trained,
-                    "published": c.published,
-                    "first_chunk_ms": self.first_chunk_ms,
-                    "at_ms": int(time.time() * 1000),
-                }
-            ).decode()
+            self._stats(
+                "batch", events=len(batch), ratings=stats.ratings, rating_mse=stats.rating_loss,
+                bpr_loss=stats.bpr_loss, train_ms=train_ms, max_event_ts=int(batch.ts.max()),
+            )
         )
+
+    def _stats(self, kind: str, **fields: float) -> str:
+        """One job-stats record: what happened (a batch or a publish) and the cumulative counters."""
+        c = self.counters
+        return orjson.dumps(
+            {
+                "kind": kind,
+                **{k: round(v, 3) if isinstance(v, float) else v for k, v in fields.items()},
+                "batch": c.batches,
+                "step": self.model.step,
+                "received": c.received,
+                "dead_lettered": c.dead_lettered,
+                "trained": c.trained,
+                "published": c.published,
+                "known_users": len(self.model.users),
+                "known_items": len(self.model.items),
+                "first_chunk_ms": self.first_chunk_ms,
+                "at_ms": _now_ms(),
+            }
+        ).decode()
 
     def _publish(self, out: Output) -> int:
         """Encodes every row touched since the last publish, once each."""
@@ -137,6 +156,10 @@ class TrainStage:
         vectors, biases, versions = model.vectors("item", irows)
         out.embeddings.extend(encode_records("item", model.items.ids(irows), vectors, biases, versions, model.step, its))
         return len(rows) + len(irows)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
@@ -165,15 +188,22 @@ def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
             assert self.stage is not None
             lines = list(value[1])
             self.m_received.inc(len(lines))
-            yield from self._emit(self.stage.on_chunk(lines))
-            if (self.stage.batcher.pending or self.stage.unpublished) and self.timer_at is None:
-                self.timer_at = ctx.timer_service().current_processing_time() + cfg.batch.max_wait_ms
-                ctx.timer_service().register_processing_time_timer(self.timer_at)
+            yield from self._emit(self.stage.on_chunk(lines, ctx.timer_service().current_processing_time()))
+            self._schedule(ctx)
 
         def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterator[object]:
             assert self.stage is not None
             self.timer_at = None
-            yield from self._emit(self.stage.flush())
+            yield from self._emit(self.stage.on_time(ctx.timer_service().current_processing_time()))
+            self._schedule(ctx)
+
+        def _schedule(self, ctx: KeyedProcessFunction.Context) -> None:
+            """One timer at a time, at the stage's next deadline (an earlier one is kept, it re-schedules)."""
+            assert self.stage is not None
+            due = self.stage.next_deadline_ms()
+            if due is not None and self.timer_at is None:
+                self.timer_at = due
+                ctx.timer_service().register_processing_time_timer(due)
 
         def _emit(self, out: Output) -> Iterator[object]:
             self.m_trained.inc(out.trained)

@@ -7,6 +7,7 @@ cluster restores the source offsets and the de-duplication state after a resubmi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shutil
 import time
 from collections import defaultdict
@@ -24,7 +25,6 @@ from flink_job.config import JobConfig
 from flink_job.generate import Record, SyntheticConfig, generate
 from flink_job.produce import send, synthetic_timed
 from flink_job.topics import Follower, json_values, read_all
-from tests._cluster_local_fixtures import kafka  # noqa: F401 - TEMPORARY, see that file
 
 pytestmark = pytest.mark.integration
 PROJECT = Path(__file__).resolve().parent.parent
@@ -133,12 +133,12 @@ def test_job_on_session_cluster(
 
         versions: dict[str, list[int]] = defaultdict(list)
         records = sorted(read_all(cfg.kafka.bootstrap, cfg.kafka.embeddings_topic), key=lambda r: (r[2], r[3]))
-        for (key, _v, _p, _o), rec in zip(records, json_values(records)):
+        for (key, _v, _p, _o), rec in zip(records, json_values(records), strict=True):
             assert key == f"{rec['kind']}:{rec['id']}".encode()
             versions[f"{rec['kind']}:{rec['id']}"].append(rec["version"])
         expected = {f"user:{u}" for u in truth.users} | {f"item:{i}" for i in truth.items}
         assert not expected - versions.keys(), f"ids never published: {sorted(expected - versions.keys())[:10]}"
-        not_increasing = {k: v for k, v in versions.items() if any(b <= a for a, b in zip(v, v[1:]))}
+        not_increasing = {k: v for k, v in versions.items() if any(b <= a for a, b in itertools.pairwise(v))}
         assert not not_increasing, f"versions not increasing in topic order: {dict(list(not_increasing.items())[:5])}"
 
         assert cluster.cancel(job_id) == "CANCELED"

@@ -43,6 +43,8 @@ BAD = [
     ("bad_type_user_id", with_(user_id=["u1"])),
     ("bad_type_item_id", with_(item_id={"id": 1})),
     ("bad_type_event_id", with_(event_id=True)),
+    ("control_chars_in_user_id", with_(user_id="u\u001f1")),
+    ("control_chars_in_event_id", with_(event_id="e\n1")),
     ("unknown_action", with_(action="teleport")),
     ("unknown_action", with_(action=3)),
     ("bad_ts", with_(ts="yesterday")),
@@ -77,7 +79,7 @@ def test_id_length_limit_is_configurable() -> None:
     assert [d.reason for d in dead] == ["user_id_too_long"]
 
 
-ids = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20).filter(lambda s: s.strip())
+ids = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=20).filter(lambda s: s.strip())
 
 
 @settings(max_examples=200, deadline=None)

@@ -52,26 +52,32 @@ def _lines(n: int, prefix: str = "e") -> list[str]:
     ]
 
 
-def test_train_stage_batches_by_size_and_flushes_the_rest_with_coalesced_publishes() -> None:
-    cfg = JobConfig.load(overrides=["batch.size=10", "publish.interval_ms=3600000"])
+def test_train_stage_batches_by_size_flushes_by_time_and_coalesces_publishes() -> None:
+    cfg = JobConfig.load(overrides=["batch.size=10", "batch.max_wait_ms=200", "publish.interval_ms=1000"])
     stage = TrainStage(cfg)
-    out = stage.on_chunk(_lines(25) + ["0,99,{broken"])
-    assert out.trained == 20 and len(out.stats) == 2 and [d.reason for d in out.dead_letters] == ["invalid_json"]
-    # The first batch publishes (nothing was published before); the second waits for the interval.
-    assert len(out.embeddings) == 5 + 7
-    assert stage.unpublished
-    rest = stage.flush()
-    assert rest.trained == 5 and not stage.unpublished
-    keys = [k for k, _ in rest.embeddings]
+    out = stage.on_chunk(_lines(25) + ["0,99,{broken"], now_ms=10_000)
+    assert out.trained == 20 and [d.reason for d in out.dead_letters] == ["invalid_json"]
+    assert len(out.embeddings) == 5 + 7  # the first publish is due at once
+    assert stage.next_deadline_ms() == 10_200  # the 5 pending events wait at most max_wait_ms
+    assert stage.on_time(now_ms=10_100).trained == 0
+    late = stage.on_time(now_ms=10_200)
+    assert late.trained == 5 and late.embeddings == [] and stage.unpublished
+    assert stage.next_deadline_ms() == 11_000  # the next publish, one interval after the last
+    more = stage.on_chunk(_lines(10, prefix="f"), now_ms=10_500)
+    assert more.trained == 10 and more.embeddings == []  # trained, not yet published
+    due = stage.on_time(now_ms=11_000)
+    keys = [k for k, _ in due.embeddings]
     assert len(keys) == len(set(keys)) == 5 + 7  # every id touched since the last publish, once
-    stats = [orjson.loads(s) for s in out.stats + rest.stats]
-    assert [s["trained"] for s in stats] == [10, 20, 25]
-    assert stats[-1]["received"] == 26 and stats[-1]["dead_lettered"] == 1
+    assert stage.next_deadline_ms() is None
+    stats = [orjson.loads(s) for s in out.stats + late.stats + more.stats + due.stats]
+    assert [s["kind"] for s in stats] == ["batch", "batch", "publish", "batch", "batch", "publish"]
+    assert [s["trained"] for s in stats] == [10, 20, 20, 25, 35, 35]
+    assert stats[-1]["received"] == 36 and stats[-1]["dead_lettered"] == 1 and stats[-1]["published"] == 24
 
 
 def test_published_user_records_carry_the_newest_input_position() -> None:
     stage = TrainStage(JobConfig.load(overrides=["batch.size=25", "publish.interval_ms=0"]))
-    out = stage.on_chunk(_lines(25))
+    out = stage.on_chunk(_lines(25), now_ms=1)
     users = {orjson.loads(v)["id"]: orjson.loads(v) for k, v in out.embeddings if k.startswith("user:")}
     assert users["u0"]["offset"] == 20 and users["u4"]["offset"] == 24
     assert users["u0"]["event_ts"] == 20 and users["u0"]["version"] > 0
