@@ -1,7 +1,7 @@
 """Entry point of the streaming job, for a local mini-cluster and for ``flink run``.
 
     python -m flink_job --set kafka.bootstrap=127.0.0.1:9092 --set batch.size=4096
-    flink run -pym flink_job -pyfs <project dir> -- --config job.yaml
+    python -m deploy.cluster submit -- --config job.yaml    # flink run -pym flink_job -pyfs <code zip> ...
 """
 from __future__ import annotations
 

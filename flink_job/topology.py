@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from pyflink.common import Configuration, Types
@@ -38,19 +39,26 @@ def flink_configuration(cfg: JobConfig, connector_jar: Path) -> Configuration:
         "python.execution-mode": cfg.flink.python_execution_mode,
         "execution.checkpointing.interval": f"{cfg.flink.checkpoint_interval_ms} ms",
         "execution.checkpointing.storage": "filesystem",
-        "execution.checkpointing.dir": checkpoint_uri(cfg),
         "table.exec.state.ttl": f"{cfg.clean.dedup_ttl_s} s",
         # Many small Python results should not wait for a full bundle before they move on.
         "python.fn-execution.bundle.time": "100",
     }
+    checkpoints = checkpoint_uri(cfg)
+    if checkpoints:
+        settings["execution.checkpointing.dir"] = checkpoints
     for key, value in settings.items():
         conf.set_string(key, value)
     return conf
 
 
-def checkpoint_uri(cfg: JobConfig) -> str:
+def checkpoint_uri(cfg: JobConfig) -> str | None:
+    """The configured checkpoint directory; unset, a local run uses ``.run/checkpoints`` and a job submitted to a
+    cluster (whose client runs with ``FLINK_CONF_DIR`` set) keeps the cluster's own ``execution.checkpointing.dir``.
+    """
     if cfg.flink.checkpoint_dir:
         return cfg.flink.checkpoint_dir
+    if os.environ.get("FLINK_CONF_DIR"):
+        return None
     return (PROJECT_ROOT / ".run" / "checkpoints").as_uri()
 
 
