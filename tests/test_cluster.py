@@ -95,7 +95,7 @@ def follow_stats(cluster: SessionCluster, job_id: str, stats: Follower, done: Ca
 
 def trained(stats: list[dict[str, Any]]) -> int:
     """Events trained in these batches: independent of whether the trainer's counters survive a restore."""
-    return sum(s["events"] for s in stats)
+    return sum(s["events"] for s in stats if s["kind"] == "batch")
 
 
 def submitted(cluster: SessionCluster, args: list[str], savepoint: str | None = None) -> str:

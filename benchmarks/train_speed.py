@@ -1,0 +1,56 @@
+"""Offline speed of the Python half on one core: the model's ``learn_many`` and the whole training stage.
+
+    python -m benchmarks.train_speed [--events 200000] [--batch 4096] [--dim 32]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from flink_job.config import JobConfig
+from flink_job.generate import SyntheticConfig, generate
+from flink_job.parse import parse_lines
+from flink_job.train import TrainStage
+from model.config import ModelConfig
+from model.mf import OnlineBiasedMF
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=int, default=200_000)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--dim", type=int, default=32)
+    args = p.parse_args()
+    lines = [f"0,{n},{r.payload.decode()}" for n, r in enumerate(generate(SyntheticConfig(n_events=args.events)))]
+
+    start = time.perf_counter()
+    batch, _ = parse_lines(lines)
+    parse_s = time.perf_counter() - start
+
+    model = OnlineBiasedMF(ModelConfig(dim=args.dim))
+    parts = [batch.slice(i, i + args.batch) for i in range(0, len(batch) - args.batch + 1, args.batch)]
+    model.learn_many(parts[0].users, parts[0].items, parts[0].actions, parts[0].values)  # warm-up
+    start = time.perf_counter()
+    for b in parts[1:]:
+        model.learn_many(b.users, b.items, b.actions, b.values)
+    train_s = time.perf_counter() - start
+
+    stage = TrainStage(JobConfig.load(overrides=[f"batch.size={args.batch}", f"model.dim={args.dim}"]))
+    start = time.perf_counter()
+    for i in range(0, len(lines), 2000):
+        stage.on_chunk(lines[i:i + 2000])
+    stage.on_time(now_ms=2**62)
+    stage_s = time.perf_counter() - start
+
+    print(json.dumps({
+        "events": len(lines), "batch": args.batch, "dim": args.dim, "device": str(model.device),
+        "parse_lines_per_s": round(len(lines) / parse_s),
+        "learn_many_ms_per_batch": round(train_s / (len(parts) - 1) * 1000, 2),
+        "learn_many_events_per_s": round((len(parts) - 1) * args.batch / train_s),
+        "train_stage_events_per_s": round(len(lines) / stage_s),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
