@@ -179,8 +179,9 @@ def parse_lines(lines: Iterable[str], rules: ParseRules = ParseRules()) -> tuple
         except orjson.JSONDecodeError as ex:
             dead.append(DeadLetter("invalid_json", STAGE, payload, int(p), int(o), str(ex)[:80]))
             continue
-        # Fast path: the common well-formed event, checked inline; anything unusual takes the slow path below,
+        # Fast path: the common well-formed event, checked inline; anything unusual takes the slow path (_event),
         # which names the reason.
+        fields = None
         if type(d) is dict:
             eid, user, item, ts = d.get("event_id"), d.get("user_id"), d.get("item_id"), d.get("ts")
             code = codes_of.get(d.get("action"))  # type: ignore[arg-type]
@@ -194,26 +195,19 @@ def parse_lines(lines: Iterable[str], rules: ParseRules = ParseRules()) -> tuple
                 and (type(value) is float or type(value) is int) and math.isfinite(value)
                 and (code != RATING or (lo <= value <= hi and "value" in d))
             ):
-                eids.append(eid)
-                users.append(user)
-                items.append(item)
-                codes.append(code)
-                values.append(value)
-                tss.append(ts)
-                parts.append(int(p))
-                offs.append(int(o))
+                fields = eid, user, item, code, value, ts
+        if fields is None:
+            try:
+                fields = _event(d, rules)
+            except _Bad as bad:
+                dead.append(DeadLetter(bad.reason, STAGE, payload, int(p), int(o), bad.detail))
                 continue
-        try:
-            eid, user, item, code, value, ts = _event(d, rules)
-        except _Bad as bad:
-            dead.append(DeadLetter(bad.reason, STAGE, payload, int(p), int(o), bad.detail))
-            continue
-        eids.append(eid)
-        users.append(user)
-        items.append(item)
-        codes.append(code)
-        values.append(value)
-        tss.append(ts)
+        eids.append(fields[0])
+        users.append(fields[1])
+        items.append(fields[2])
+        codes.append(fields[3])
+        values.append(fields[4])
+        tss.append(fields[5])
         parts.append(int(p))
         offs.append(int(o))
     batch = EventBatch(
