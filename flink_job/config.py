@@ -68,6 +68,7 @@ class CleanConfig:
 class FlinkConfig:
     parallelism: int = 1
     checkpoint_interval_ms: int = 10_000
+    state_backend: str = "hashmap"  # hashmap (heap) or rocksdb
     checkpoint_dir: str = ""  # empty: <project>/.run/checkpoints; use a shared file system on a cluster
     # "process": torch cannot be imported inside PyFlink's thread mode (pemja) - the import hangs; measured in
     # BENCHMARKS.md. The job hands Python whole chunks, so the per-call cost of process mode is paid per chunk.

@@ -39,6 +39,7 @@ def flink_configuration(cfg: JobConfig, connector_jar: Path) -> Configuration:
         "python.execution-mode": cfg.flink.python_execution_mode,
         "execution.checkpointing.interval": f"{cfg.flink.checkpoint_interval_ms} ms",
         "execution.checkpointing.storage": "filesystem",
+        "state.backend.type": cfg.flink.state_backend,
         "table.exec.state.ttl": f"{cfg.clean.dedup_ttl_s} s",
         # Many small Python results should not wait for a full bundle before they move on.
         "python.fn-execution.bundle.time": "100",
