@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test unit integration bench clean
+.PHONY: setup run test unit lint bench clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: setup
 
 unit: setup
 	$(PY) -m pytest -m "not integration"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy --strict --ignore-missing-imports model
 
 bench: setup
 	$(PY) -m benchmarks.throughput --events 1000000

@@ -27,6 +27,8 @@ setup(
             "pytest==9.2.0",
             "hypothesis==6.170.17",
             "pytest-timeout==2.4.0",
+            "ruff==0.14.0",
+            "mypy==1.18.2",
         ],
     },
 )

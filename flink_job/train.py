@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 import orjson
 
 from flink_job.batch import MicroBatcher

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from model.arrays import Rows
+
 
 class IdMap:
     def __init__(self) -> None:
@@ -24,7 +26,7 @@ class IdMap:
     def __contains__(self, key: str) -> bool:
         return key in self._row
 
-    def rows(self, ids: Sequence[str]) -> np.ndarray:
+    def rows(self, ids: Sequence[str]) -> Rows:
         """Rows of ``ids``, assigning the next free row to each id not seen before."""
         row = self._row
         out = np.empty(len(ids), np.int64)
@@ -39,7 +41,7 @@ class IdMap:
     def get(self, key: str) -> int | None:
         return self._row.get(key)
 
-    def ids(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+    def ids(self, rows: Sequence[int] | Rows) -> list[str]:
         ids = self._ids
         return [ids[r] for r in rows]
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model.arrays import Array, Rows
 from model.config import ModelConfig
 from model.idmap import IdMap
 from model.tables import EmbeddingTable
@@ -43,8 +44,8 @@ class BatchStats:
     implicit: int
     rating_loss: float  # mean squared error on the batch's ratings, before the update
     bpr_loss: float  # mean BPR loss on the batch's implicit events, before the update
-    user_rows: np.ndarray  # (U,) rows touched
-    item_rows: np.ndarray  # (I,) rows touched, negatives included
+    user_rows: Rows  # (U,) rows touched
+    item_rows: Rows  # (I,) rows touched, negatives included
 
 
 class OnlineBiasedMF:
@@ -76,8 +77,8 @@ class OnlineBiasedMF:
         return torch.from_numpy(u).to(self.device), torch.from_numpy(i).to(self.device)
 
     def learn_many(
-        self, users: Sequence[str], items: Sequence[str], actions: np.ndarray, values: np.ndarray,
-        weights: np.ndarray | None = None,
+        self, users: Sequence[str], items: Sequence[str], actions: Array, values: Array,
+        weights: Array | None = None,
     ) -> BatchStats:
         """One update on a micro-batch. ``actions`` are codes (4 = rating); ``weights`` scale implicit events."""
         cfg = self.config
@@ -123,7 +124,7 @@ class OnlineBiasedMF:
         self.step += 1
         return BatchStats(len(users), len(r_idx), len(b_idx), rating_loss, bpr_loss, user_rows, item_rows)
 
-    def predict_ratings(self, users: Sequence[str], items: Sequence[str]) -> np.ndarray:
+    def predict_ratings(self, users: Sequence[str], items: Sequence[str]) -> Array:
         """Rating predictions clipped to the rating range; unknown ids contribute zero vectors and biases."""
         u = self._known_rows(self.users, users)
         i = self._known_rows(self.items, items)
@@ -139,7 +140,7 @@ class OnlineBiasedMF:
         rows = [idmap.get(k) for k in ids]
         return torch.tensor([-1 if r is None else r for r in rows], dtype=torch.int64, device=self.device)
 
-    def vectors(self, kind: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def vectors(self, kind: str, rows: Rows) -> tuple[Array, Array, Array]:
         """``(vectors (N, D), biases (N,), update counts (N,))`` of table ``kind`` ("user" or "item")."""
         table = self.user_table if kind == "user" else self.item_table
         idx = torch.from_numpy(np.asarray(rows, np.int64)).to(self.device)
@@ -182,7 +183,7 @@ class OnlineBiasedMF:
         return m
 
 
-def _apply(table: EmbeddingTable, grads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], lr: float) -> np.ndarray:
+def _apply(table: EmbeddingTable, grads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], lr: float) -> Rows:
     if not grads:
         return np.zeros(0, np.int64)
     idx = torch.cat([g[0] for g in grads])

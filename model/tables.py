@@ -49,6 +49,8 @@ class EmbeddingTable:
 
         Returns the distinct rows updated.
         """
+        rows: torch.Tensor
+        inv: torch.Tensor
         rows, inv = torch.unique(idx, return_inverse=True)  # (U,), (B,)
         g = torch.zeros(len(rows), self.dim, device=self.device).index_add_(0, inv, grad)  # (U, D)
         gb = torch.zeros(len(rows), device=self.device).index_add_(0, inv, grad_bias)  # (U,)

@@ -1,0 +1,50 @@
+"""Producers: MovieLens replay order and ids, pacing by rate and by event-time speed."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from flink_job.produce import Pacing, _pace, movielens_records
+
+SHARED_ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k" / "u.data"
+
+
+def test_movielens_replay_is_in_stable_event_time_order(tmp_path: Path) -> None:
+    f = tmp_path / "u.data"
+    f.write_text("1\t10\t5\t300\n2\t20\t3\t100\n3\t30\t4\t300\n4\t40\t1\t200\n")
+    out = list(movielens_records(f, repeat=2))
+    events = [orjson.loads(r.payload) for r, _ts in out]
+    assert [e["user_id"] for e in events[:4]] == ["u2", "u4", "u1", "u3"]  # ties (300) keep the file's order
+    assert [ts for _r, ts in out[:4]] == [100_000, 200_000, 300_000, 300_000]
+    assert all(e["action"] == "rating" and 1 <= e["value"] <= 5 for e in events)
+    assert len({e["event_id"] for e in events}) == 8  # the repeat gets fresh event ids ...
+    assert out[4][1] > out[3][1]  # ... and later times
+    assert out[0][0].key == b"u2"
+
+
+def test_movielens_replay_rejects_a_malformed_line(tmp_path: Path) -> None:
+    f = tmp_path / "u.data"
+    f.write_text("1\t10\t5\n")
+    with pytest.raises(ValueError, match="line 1"):
+        list(movielens_records(f))
+
+
+def test_pacing_by_rate_and_by_speed() -> None:
+    start = time.monotonic()
+    for n in range(21):
+        _pace(Pacing(rate=100.0), n, 0, start)
+    assert 0.18 < time.monotonic() - start < 0.5  # 20 intervals of 10 ms
+    start = time.monotonic()
+    _pace(Pacing(speed=1000.0), 0, 150_000, start)  # 150 s of event time at 1000x
+    assert 0.13 < time.monotonic() - start < 0.4
+
+
+@pytest.mark.skipif(not SHARED_ML100K.exists(), reason=f"MovieLens 100K not found at {SHARED_ML100K}")
+def test_ml100k_replays_all_ratings_in_time_order() -> None:
+    out = list(movielens_records(SHARED_ML100K))
+    assert len(out) == 100_000
+    times = [ts for _r, ts in out]
+    assert times == sorted(times)
