@@ -61,6 +61,8 @@ class PublishConfig:
 @dataclass(frozen=True)
 class CleanConfig:
     max_id_length: int = 128
+    max_record_chars: int = 65_536
+    max_future_ms: int = 24 * 3600 * 1000  # event time may be ahead of processing time by at most this
     dedup_ttl_s: int = 24 * 3600  # how long an event id is remembered for de-duplication
 
 

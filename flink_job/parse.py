@@ -13,6 +13,7 @@ chunk at once, so it is tested without a JVM and costs about a microsecond per r
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -101,6 +102,12 @@ class ParseRules:
     max_id_length: int = 128
     rating_min: float = 1.0
     rating_max: float = 5.0
+    max_record_chars: int = 65_536  # a record larger than this is not an event
+    max_future_ms: int = 24 * 3600 * 1000  # event time may run ahead of processing time by at most this
+
+
+# A field named twice is ambiguous: the JVM's JSON_VALUE and the parser could each read a different one.
+_KEYS = re.compile(r'"(event_id|user_id|item_id|action|ts|value)"\s*:')
 
 
 def _id(d: dict, name: str, rules: ParseRules) -> str:
@@ -117,6 +124,8 @@ def _id(d: dict, name: str, rules: ParseRules) -> str:
     if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in s):
         # Control characters never belong in an id, and the de-duplication key joins ids with one (flink_job.sql).
         raise _Bad(f"control_chars_in_{name}")
+    if "\ufffd" in s:
+        raise _Bad(f"invalid_utf8_in_{name}")  # the bytes were not UTF-8; the source decoded them to U+FFFD
     return s
 
 
@@ -127,7 +136,7 @@ class _Bad(Exception):
         self.detail = detail
 
 
-def _event(d: object, rules: ParseRules) -> tuple[str, str, str, int, float, int]:
+def _event(d: object, rules: ParseRules, now_ms: int) -> tuple[str, str, str, int, float, int]:
     if not isinstance(d, dict):
         raise _Bad("not_an_object", type(d).__name__)
     eid = _id(d, "event_id", rules)
@@ -146,6 +155,8 @@ def _event(d: object, rules: ParseRules) -> tuple[str, str, str, int, float, int
         raise _Bad("bad_ts", str(ts)[:40])
     if not 0 <= ts <= MAX_TS_MS:
         raise _Bad("ts_out_of_range", str(ts)[:40])
+    if ts > now_ms + rules.max_future_ms:
+        raise _Bad("ts_in_future", f"{(ts - now_ms) / 3600_000:.1f} h ahead")
     value = d.get("value")
     if value is None:
         if code == RATING:
@@ -158,8 +169,12 @@ def _event(d: object, rules: ParseRules) -> tuple[str, str, str, int, float, int
     return eid, user, item, code, float(value), int(ts)
 
 
-def parse_lines(lines: Iterable[str], rules: ParseRules = ParseRules()) -> tuple[EventBatch, list[DeadLetter]]:
-    """Lines -> (valid events in input order, dead letters)."""
+def parse_lines(
+    lines: Iterable[str], rules: ParseRules = ParseRules(), now_ms: int | None = None
+) -> tuple[EventBatch, list[DeadLetter]]:
+    """Lines -> (valid events in input order, dead letters). ``now_ms`` is the processing time."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    latest_ts = min(MAX_TS_MS, now_ms + rules.max_future_ms)
     eids: list[str] = []
     users: list[str] = []
     items: list[str] = []
@@ -174,6 +189,13 @@ def parse_lines(lines: Iterable[str], rules: ParseRules = ParseRules()) -> tuple
     codes_of = ACTION_CODES
     for line in lines:
         p, o, payload = line.split(",", 2)
+        if len(payload) > rules.max_record_chars:
+            dead.append(DeadLetter("record_too_large", STAGE, payload, int(p), int(o), str(len(payload))))
+            continue
+        keys = _KEYS.findall(payload)
+        if len(keys) != len(set(keys)):
+            dead.append(DeadLetter("duplicate_keys", STAGE, payload, int(p), int(o), ",".join(sorted(keys))))
+            continue
         try:
             d = orjson.loads(payload)
         except orjson.JSONDecodeError as ex:
@@ -188,17 +210,18 @@ def parse_lines(lines: Iterable[str], rules: ParseRules = ParseRules()) -> tuple
             value = d.get("value", 1.0)
             if (
                 type(eid) is str and type(user) is str and type(item) is str and type(ts) is int
-                and code is not None and 0 <= ts <= MAX_TS_MS
+                and code is not None and 0 <= ts <= latest_ts
                 and 0 < len(eid) <= max_len and 0 < len(user) <= max_len and 0 < len(item) <= max_len
                 and not (eid.isspace() or user.isspace() or item.isspace())
                 and eid.isprintable() and user.isprintable() and item.isprintable()
+                and "\ufffd" not in eid and "\ufffd" not in user and "\ufffd" not in item
                 and (type(value) is float or type(value) is int) and math.isfinite(value)
                 and (code != RATING or (lo <= value <= hi and "value" in d))
             ):
                 fields = eid, user, item, code, value, ts
         if fields is None:
             try:
-                fields = _event(d, rules)
+                fields = _event(d, rules, now_ms)
             except _Bad as bad:
                 dead.append(DeadLetter(bad.reason, STAGE, payload, int(p), int(o), bad.detail))
                 continue

@@ -44,7 +44,10 @@ class Output:
 class TrainStage:
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
-        self.rules = ParseRules(cfg.clean.max_id_length, cfg.model.rating_min, cfg.model.rating_max)
+        self.rules = ParseRules(
+            cfg.clean.max_id_length, cfg.model.rating_min, cfg.model.rating_max, cfg.clean.max_record_chars,
+            cfg.clean.max_future_ms,
+        )
         self.model = OnlineBiasedMF(cfg.model)
         self.batcher = MicroBatcher(cfg.batch.size)
         self.counters = Counters()
@@ -60,7 +63,7 @@ class TrainStage:
         out = Output()
         if not self.first_chunk_ms:
             self.first_chunk_ms = now_ms
-        batch, dead = parse_lines(lines, self.rules)
+        batch, dead = parse_lines(lines, self.rules, now_ms)
         self.counters.received += len(lines)
         self.counters.dead_lettered += len(dead)
         out.dead_letters.extend(dead)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from flink_job.events import ACTIONS
 from flink_job.parse import ParseRules, parse_lines
 
+NOW = 1_800_000_000_000
 GOOD = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "action": "rating", "value": 4.0, "ts": 1_700_000_000_000}
 
 
@@ -57,12 +58,24 @@ BAD = [
     ("missing_value", with_(value=...)),
     ("rating_out_of_range", with_(value=9.0)),
     ("rating_out_of_range", with_(value=0)),
+    ("invalid_json", '{"event_id": "e1", "value": Infinity}'),
+    ("invalid_json", with_().replace("4.0", "1e400")),
+    ("invalid_json", with_()[:1] + "\x00" + with_()[1:]),
+    ("invalid_json", "\ufeff" + with_()),
+    ("record_too_large", with_(category="x" * 70_000)),
+    ("duplicate_keys", '{"event_id":"e1","event_id":"e2","user_id":"u1","item_id":"i1","action":"view","ts":5}'),
+    ("duplicate_keys", with_(context={"user_id": "someone-else"})),
+    ("ts_in_future", with_(ts=NOW + 2 * 24 * 3600 * 1000)),
+    ("invalid_utf8_in_user_id", with_(user_id="u\ufffd")),
+    ("bad_type_user_id", with_(user_id=[{"nested": ["junk", {"deeper": None}]}])),
+    ("not_an_object", "null"),
+    ("bad_value", with_(value={"rating": 4})),
 ]
 
 
 @pytest.mark.parametrize(("reason", "payload"), BAD)
 def test_bad_record_is_dead_lettered_with_its_reason(reason: str, payload: str) -> None:
-    batch, dead = parse_lines([f"1,42,{payload}"])
+    batch, dead = parse_lines([f"1,42,{payload}"], now_ms=NOW)
     assert len(batch) == 0
     assert [(d.reason, d.partition, d.offset, d.payload, d.stage) for d in dead] == [(reason, 1, 42, payload, "parse")]
 
@@ -74,12 +87,23 @@ def test_good_record_with_ints_and_context_is_kept() -> None:
     assert batch.actions.tolist() == [ACTIONS.index("rating"), ACTIONS.index("view")]
 
 
+def test_unicode_ids_and_context_that_mentions_field_names_are_valid() -> None:
+    payload = with_(user_id="用户-ü-🎧", item_id="i\u00e9", category="event_id")
+    batch, dead = parse_lines([f"0,1,{payload}"], now_ms=NOW)
+    assert dead == [] and batch.users == ["用户-ü-🎧"] and batch.items == ["i\u00e9"]
+
+
+def test_there_are_at_least_forty_kinds_of_bad_records() -> None:
+    assert len(BAD) >= 40 and len({reason for reason, _ in BAD}) >= 25
+
+
 def test_id_length_limit_is_configurable() -> None:
     _, dead = parse_lines([f"0,1,{with_(user_id='u' * 10)}"], ParseRules(max_id_length=5))
     assert [d.reason for d in dead] == ["user_id_too_long"]
 
 
-ids = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=20).filter(lambda s: s.strip())
+ids = st.text(st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="\ufffd"), min_size=1,
+              max_size=20).filter(lambda s: s.strip())
 
 
 @settings(max_examples=200, deadline=None)
@@ -90,7 +114,7 @@ def test_valid_events_are_never_dropped(events: list) -> None:
         f"0,{n}," + json.dumps({"event_id": e, "user_id": u, "item_id": i, "action": a, "ts": t, "value": v})
         for n, (e, u, i, a, t, v) in enumerate(events)
     ]
-    batch, dead = parse_lines(lines)
+    batch, dead = parse_lines(lines, now_ms=10**13)
     assert dead == []
     assert batch.event_ids == [e[0] for e in events]
     assert batch.users == [e[1] for e in events]
