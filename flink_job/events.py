@@ -11,16 +11,19 @@ rating for ``action == "rating"`` and an optional weight otherwise; the context 
 >>> e = Event("e-1", "u1", "i2", "click", 1.0, 1700000000000)
 >>> Event.from_json(e.to_json()) == e
 True
+>>> Event.from_json('{"event_id": "e-2"}')
+Traceback (most recent call last):
+...
+ValueError: event: missing_user_id : '{"event_id": "e-2"}'
+
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 ACTIONS: tuple[str, ...] = ("view", "click", "cart", "purchase", "rating")
-REQUIRED_FIELDS: tuple[str, ...] = ("event_id", "user_id", "item_id", "action", "ts")
 CONTEXT_FIELDS: tuple[str, ...] = ("dwell_ms", "price", "category")
 
 
@@ -51,20 +54,13 @@ class Event:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Event:
-        """Parses a well-formed event; raises ``ValueError`` naming the field that is wrong."""
-        try:
-            d = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as ex:
-            raise ValueError(f"event: not JSON: {raw[:80]!r}") from ex
-        if not isinstance(d, dict):
-            raise ValueError(f"event: not a JSON object: {raw[:80]!r}")
-        for name in REQUIRED_FIELDS:
-            if name not in d:
-                raise ValueError(f"event: missing field {name!r} in {raw[:80]!r}")
-        if d["action"] not in ACTIONS:
-            raise ValueError(f"event: unknown action {d['action']!r}")
-        value = float(d.get("value", 1.0))
-        if not math.isfinite(value):
-            raise ValueError(f"event: value is not finite: {value}")
-        context = {k: d[k] for k in CONTEXT_FIELDS if k in d}
-        return cls(str(d["event_id"]), str(d["user_id"]), str(d["item_id"]), d["action"], value, int(d["ts"]), context)
+        """Parses one record with the job's own rules (``flink_job.parse``); raises ``ValueError`` with the reason."""
+        from flink_job.parse import parse_lines
+
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        batch, dead = parse_lines([f"0,0,{text}"])
+        if dead:
+            raise ValueError(f"event: {dead[0].reason} {dead[0].detail}: {text[:80]!r}")
+        context = {k: v for k, v in json.loads(text).items() if k in CONTEXT_FIELDS}
+        return cls(batch.event_ids[0], batch.users[0], batch.items[0], ACTIONS[int(batch.actions[0])],
+                   float(batch.values[0]), int(batch.ts[0]), context)
