@@ -64,6 +64,19 @@ class CleanConfig:
     max_record_chars: int = 65_536
     max_future_ms: int = 24 * 3600 * 1000  # event time may be ahead of processing time by at most this
     dedup_ttl_s: int = 24 * 3600  # how long an event id is remembered for de-duplication
+    # Training weight of each implicit action (times the event's own value); ratings train on their value.
+    action_weights: dict[str, float] = field(
+        default_factory=lambda: {"view": 0.25, "click": 0.5, "cart": 0.75, "purchase": 1.0}
+    )
+
+    def __post_init__(self) -> None:
+        from flink_job.events import ACTIONS
+
+        unknown = set(self.action_weights) - set(ACTIONS[:-1])
+        if unknown or any(not 0 <= float(w) for w in self.action_weights.values()):
+            raise ValueError(
+                f"config: clean.action_weights takes non-negative weights for {ACTIONS[:-1]}, got {self.action_weights}"
+            )
 
 
 @dataclass(frozen=True)

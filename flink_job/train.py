@@ -10,10 +10,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import orjson
 
 from flink_job.batch import MicroBatcher
 from flink_job.config import JobConfig
+from flink_job.events import ACTIONS
 from flink_job.parse import DeadLetter, EventBatch, ParseRules, parse_lines
 from flink_job.publish import DirtyRows, encode_records
 from model.mf import OnlineBiasedMF
@@ -49,6 +51,10 @@ class TrainStage:
             cfg.clean.max_future_ms,
         )
         self.model = OnlineBiasedMF(cfg.model)
+        # (A,) weight per action code; an implicit action missing from the mapping weighs 1.
+        self.action_weight = np.array(
+            [float(cfg.clean.action_weights.get(a, 1.0)) for a in ACTIONS], np.float32
+        )
         self.batcher = MicroBatcher(cfg.batch.size)
         self.counters = Counters()
         self.dirty_users = DirtyRows()
@@ -111,7 +117,8 @@ class TrainStage:
     def _train(self, batch: EventBatch, out: Output) -> None:
         start = time.perf_counter()
         model = self.model
-        stats = model.learn_many(batch.users, batch.items, batch.actions, batch.values)
+        weights = self.action_weight[batch.actions] * batch.values  # (B,) used by implicit events only
+        stats = model.learn_many(batch.users, batch.items, batch.actions, batch.values, weights)
         train_ms = (time.perf_counter() - start) * 1000
         self.dirty_users.touch(model.users.rows(batch.users), batch.ts, batch.partitions, batch.offsets)
         self.dirty_items.touch(model.items.rows(batch.items), batch.ts)

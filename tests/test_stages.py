@@ -81,3 +81,21 @@ def test_published_user_records_carry_the_newest_input_position() -> None:
     users = {orjson.loads(v)["id"]: orjson.loads(v) for k, v in out.embeddings if k.startswith("user:")}
     assert users["u0"]["offset"] == 20 and users["u4"]["offset"] == 24
     assert users["u0"]["event_ts"] == 20 and users["u0"]["version"] > 0
+
+
+def test_implicit_actions_train_with_their_configured_weights() -> None:
+    """A purchase moves the item's score further than a view; a zero weight does not move it at all."""
+    def score_gain(action: str, weights: str) -> float:
+        cfg = JobConfig.load(overrides=["batch.size=1", f"clean.action_weights={weights}", "model.seed=3"])
+        stage = TrainStage(cfg)
+        stage.on_chunk(['0,0,{"event_id":"w0","user_id":"u","item_id":"other","action":"view","ts":1}'], now_ms=2)
+        m = stage.model
+        before = float(m.item_table.bias[m.items.rows(["i"])[0]]) if "i" in m.items else 0.0
+        stage.on_chunk([f'0,1,{{"event_id":"w1","user_id":"u","item_id":"i","action":"{action}","ts":1}}'], now_ms=3)
+        return float(m.item_table.bias[m.items.rows(["i"])[0]]) - before
+
+    weights = "{view: 0.1, click: 0.5, cart: 0.75, purchase: 1.0}"
+    assert score_gain("purchase", weights) > score_gain("view", weights) > 0
+    assert score_gain("view", "{view: 0.0}") == 0
+    with pytest.raises(ValueError, match="action_weights"):
+        JobConfig.load(overrides=["clean.action_weights={teleport: 1.0}"])
