@@ -70,6 +70,7 @@ class EventBatch:
     ts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (N,)
     partitions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # (N,)
     offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (N,)
+    payloads: list[str] = field(default_factory=list)  # the original records, for dead letters further on
 
     def __len__(self) -> int:
         return len(self.users)
@@ -87,13 +88,22 @@ class EventBatch:
             np.concatenate([p.ts for p in parts]),
             np.concatenate([p.partitions for p in parts]),
             np.concatenate([p.offsets for p in parts]),
+            [x for p in parts for x in p.payloads],
         )
 
     def slice(self, start: int, stop: int) -> EventBatch:
         return EventBatch(
             self.event_ids[start:stop], self.users[start:stop], self.items[start:stop],
             self.actions[start:stop], self.values[start:stop], self.ts[start:stop],
-            self.partitions[start:stop], self.offsets[start:stop],
+            self.partitions[start:stop], self.offsets[start:stop], self.payloads[start:stop],
+        )
+
+    def select(self, idx: np.ndarray) -> EventBatch:
+        """The events at positions ``idx`` (N,), in that order."""
+        return EventBatch(
+            [self.event_ids[i] for i in idx], [self.users[i] for i in idx], [self.items[i] for i in idx],
+            self.actions[idx], self.values[idx], self.ts[idx], self.partitions[idx], self.offsets[idx],
+            [self.payloads[i] for i in idx],
         )
 
 
@@ -183,6 +193,7 @@ def parse_lines(
     tss: list[int] = []
     parts: list[int] = []
     offs: list[int] = []
+    payloads: list[str] = []
     dead: list[DeadLetter] = []
     max_len = rules.max_id_length
     lo, hi = rules.rating_min, rules.rating_max
@@ -233,9 +244,10 @@ def parse_lines(
         tss.append(fields[5])
         parts.append(int(p))
         offs.append(int(o))
+        payloads.append(payload)
     batch = EventBatch(
         eids, users, items,
         np.array(codes, np.int8), np.array(values, np.float32), np.array(tss, np.int64),
-        np.array(parts, np.int32), np.array(offs, np.int64),
+        np.array(parts, np.int32), np.array(offs, np.int64), payloads,
     )
     return batch, dead

@@ -16,6 +16,7 @@ import orjson
 from flink_job.batch import MicroBatcher
 from flink_job.config import JobConfig
 from flink_job.events import ACTIONS
+from flink_job.lateness import Watermarks
 from flink_job.parse import DeadLetter, EventBatch, ParseRules, parse_lines
 from flink_job.publish import DirtyRows, encode_records
 from model.mf import OnlineBiasedMF
@@ -56,6 +57,7 @@ class TrainStage:
             [float(cfg.clean.action_weights.get(a, 1.0)) for a in ACTIONS], np.float32
         )
         self.batcher = MicroBatcher(cfg.batch.size)
+        self.watermarks = Watermarks(cfg.clean.out_of_orderness_ms, cfg.clean.allowed_lateness_ms)
         self.counters = Counters()
         self.dirty_users = DirtyRows()
         self.dirty_items = DirtyRows()
@@ -70,6 +72,8 @@ class TrainStage:
         if not self.first_chunk_ms:
             self.first_chunk_ms = now_ms
         batch, dead = parse_lines(lines, self.rules, now_ms)
+        batch, late = self.watermarks.split(batch)
+        dead.extend(late)
         self.counters.received += len(lines)
         self.counters.dead_lettered += len(dead)
         out.dead_letters.extend(dead)

@@ -99,3 +99,22 @@ def test_implicit_actions_train_with_their_configured_weights() -> None:
     assert score_gain("view", "{view: 0.0}") == 0
     with pytest.raises(ValueError, match="action_weights"):
         JobConfig.load(overrides=["clean.action_weights={teleport: 1.0}"])
+
+
+def test_late_events_are_dead_lettered_and_not_trained() -> None:
+    cfg = JobConfig.load(overrides=["batch.size=100", "clean.out_of_orderness_ms=1000",
+                                    "clean.allowed_lateness_ms=500"])
+    stage = TrainStage(cfg)
+
+    def line(offset: int, ts: int, partition: int = 0) -> str:
+        return (f'{partition},{offset},{{"event_id":"e{partition}-{offset}","user_id":"u","item_id":"i",'
+                f'"action":"view","ts":{ts}}}')
+
+    stage.on_chunk([line(0, 10_000), line(0, 10_000, partition=1)], now_ms=20_000)
+    # Watermark 9,000: 8,600 is within the allowed lateness, 8,400 is late; partition 1 is judged alike.
+    out = stage.on_chunk([line(1, 8_600), line(2, 8_400), line(1, 7_000, partition=1)], now_ms=20_001)
+    assert [(d.reason, d.stage, d.partition, d.offset) for d in out.dead_letters] == [
+        ("late", "lateness", 0, 2), ("late", "lateness", 1, 1)]
+    assert '"ts":8400' in out.dead_letters[0].payload
+    flushed = stage.on_time(now_ms=30_000)
+    assert flushed.trained == 3 and stage.counters.dead_lettered == 2 and stage.counters.received == 5
