@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             "startup_s": round(result.first_chunk_s - result.submitted_at, 2),
             "trained": last["trained"],
             "dead_lettered": last["dead_lettered"],
-            "deduplicated": n_input - last["received"],
+            "deduplicated": n_input - last["received"] + last["near_duplicates"],
             "batches": last["batch"],
             "embeddings_published": last["published"],
             "batch_size": cfg.batch.size,

@@ -64,6 +64,7 @@ class CleanConfig:
     max_record_chars: int = 65_536
     max_future_ms: int = 24 * 3600 * 1000  # event time may be ahead of processing time by at most this
     dedup_ttl_s: int = 24 * 3600  # how long an event id is remembered for de-duplication
+    near_duplicate_window_ms: int = 0  # same user, item and action again within this counts once; 0: off
     out_of_orderness_ms: int = 5 * 60 * 1000  # the watermark trails the newest event time by this much
     allowed_lateness_ms: int = 60 * 60 * 1000  # events further behind the watermark are dead-lettered as late; <0: off
     # Training weight of each implicit action (times the event's own value); ratings train on their value.

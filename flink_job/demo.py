@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         print("\n=== streamrec summary ===")
         print(f"events read:          {read}")
         print(f"dead-lettered:        {len(dead)}  {dict(Counter(d['reason'] for d in dead))}")
-        print(f"de-duplicated:        {read - last['received']}")
+        print(f"de-duplicated:        {read - last['received']} exact (same event id, in the JVM), "
+              f"{last['near_duplicates']} near (same user, item and action within the window)")
         print(f"trained:              {last['trained']}")
         print(f"batches:              {last['batch']} (size {cfg.batch.size})")
         print(f"embeddings published: {len(embeddings)} records, {len(latest)} ids")

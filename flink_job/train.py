@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import orjson
@@ -17,6 +18,7 @@ from flink_job.batch import MicroBatcher
 from flink_job.config import JobConfig
 from flink_job.events import ACTIONS
 from flink_job.lateness import Watermarks
+from flink_job.near_dups import NearDuplicates
 from flink_job.parse import DeadLetter, EventBatch, ParseRules, parse_lines
 from flink_job.publish import DirtyRows, encode_records
 from model.mf import OnlineBiasedMF
@@ -29,6 +31,7 @@ STAGE = "train"
 class Counters:
     received: int = 0  # lines that reached Python (after de-duplication)
     dead_lettered: int = 0
+    near_duplicates: int = 0  # distinct events that repeat a user, item and action within the window
     trained: int = 0
     batches: int = 0
     published: int = 0
@@ -58,6 +61,7 @@ class TrainStage:
         )
         self.batcher = MicroBatcher(cfg.batch.size)
         self.watermarks = Watermarks(cfg.clean.out_of_orderness_ms, cfg.clean.allowed_lateness_ms)
+        self.near_duplicates = NearDuplicates(cfg.clean.near_duplicate_window_ms)
         self.counters = Counters()
         self.dirty_users = DirtyRows()
         self.dirty_items = DirtyRows()
@@ -74,6 +78,8 @@ class TrainStage:
         batch, dead = parse_lines(lines, self.rules, now_ms)
         batch, late = self.watermarks.split(batch)
         dead.extend(late)
+        batch, near = self.near_duplicates.filter(batch)
+        self.counters.near_duplicates += near
         self.counters.received += len(lines)
         self.counters.dead_lettered += len(dead)
         out.dead_letters.extend(dead)
@@ -148,6 +154,7 @@ class TrainStage:
                 "step": self.model.step,
                 "received": c.received,
                 "dead_lettered": c.dead_lettered,
+                "near_duplicates": c.near_duplicates,
                 "trained": c.trained,
                 "published": c.published,
                 "known_users": len(self.model.users),
@@ -195,13 +202,18 @@ def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
             self.m_trained = group.counter("eventsTrained")
             self.m_received = group.counter("eventsReceived")
             self.m_dead = group.counter("deadLettered")
+            self.m_near = group.counter("nearDuplicates")
+            self.m_reasons = group.add_group("deadLetterReason")
+            self.reason_counters: dict[str, Any] = {}  # one counter per reason, made when first seen
             log.info("train: model on %s, batch size %d", self.stage.model.device, cfg.batch.size)
 
         def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterator[object]:
             assert self.stage is not None
             lines = list(value[1])
             self.m_received.inc(len(lines))
+            near_before = self.stage.counters.near_duplicates
             yield from self._emit(self.stage.on_chunk(lines, ctx.timer_service().current_processing_time()))
+            self.m_near.inc(self.stage.counters.near_duplicates - near_before)
             self._schedule(ctx)
 
         def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterator[object]:
@@ -224,6 +236,10 @@ def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
                 yield Row(dict(out.embeddings))
             for d in out.dead_letters:
                 yield outputs.DEAD_LETTER_TAG, Row(d.key(), d.to_json())
+                counter = self.reason_counters.get(d.reason)
+                if counter is None:
+                    counter = self.reason_counters[d.reason] = self.m_reasons.counter(d.reason)
+                counter.inc()
             for s in out.stats:
                 yield outputs.STATS_TAG, Row("stats", s)
             self.m_dead.inc(len(out.dead_letters))

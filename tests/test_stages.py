@@ -118,3 +118,19 @@ def test_late_events_are_dead_lettered_and_not_trained() -> None:
     assert '"ts":8400' in out.dead_letters[0].payload
     flushed = stage.on_time(now_ms=30_000)
     assert flushed.trained == 3 and stage.counters.dead_lettered == 2 and stage.counters.received == 5
+
+
+def test_near_duplicates_count_once_and_every_event_is_accounted_for() -> None:
+    cfg = JobConfig.load(overrides=["batch.size=100", "clean.near_duplicate_window_ms=1000"])
+    stage = TrainStage(cfg)
+    lines = [
+        f'0,{n},{{"event_id":"e{n}","user_id":"u","item_id":"{item}","action":"{action}","ts":{ts}}}'
+        for n, (item, action, ts) in enumerate(
+            [("i", "click", 0), ("i", "click", 400), ("i", "view", 500), ("j", "click", 600), ("i", "click", 1200)]
+        )
+    ]
+    stage.on_chunk(lines + ["0,99,[]"], now_ms=10**6)
+    stage.on_time(now_ms=10**7)
+    c = stage.counters
+    assert (c.trained, c.near_duplicates, c.dead_lettered) == (4, 1, 1)
+    assert c.trained + c.near_duplicates + c.dead_lettered == c.received == 6
