@@ -1,8 +1,8 @@
 """Wires the job: SQL source and de-duplication -> Python training -> Kafka sinks. Does nothing else.
 
     raw_events (Kafka, raw)          # (payload, partition, offset, proc)
-    -> keyed_events                  # (user_id, event_id, line)         JSON_VALUE in the JVM
-    -> deduped_events                # first (user_id, event_id) only    Flink's de-duplication operator
+    -> keyed_events                  # (user_id, dedup_key, line)        JSON_VALUE in the JVM
+    -> deduped_events                # first of each dedup_key only      Flink's de-duplication operator
     -> event_chunks                  # (0, (shard, [line]))              processing-time window, ARRAY_AGG
     -> keyed in the JVM -> train      # Python, one call per chunk: parse, validate, batch, learn
        -> main output                # (records: map key -> embedding)   -> UNNEST -> embeddings topic

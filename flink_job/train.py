@@ -45,6 +45,7 @@ class Output:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     stats: list[str] = field(default_factory=list)
     trained: int = 0
+    near_duplicates: int = 0
 
 
 class TrainStage:
@@ -78,8 +79,8 @@ class TrainStage:
         batch, dead = parse_lines(lines, self.rules, now_ms)
         batch, late = self.watermarks.split(batch)
         dead.extend(late)
-        batch, near = self.near_duplicates.filter(batch)
-        self.counters.near_duplicates += near
+        batch, out.near_duplicates = self.near_duplicates.filter(batch)
+        self.counters.near_duplicates += out.near_duplicates
         self.counters.received += len(lines)
         self.counters.dead_lettered += len(dead)
         out.dead_letters.extend(dead)
@@ -130,8 +131,8 @@ class TrainStage:
         weights = self.action_weight[batch.actions] * batch.values  # (B,) used by implicit events only
         stats = model.learn_many(batch.users, batch.items, batch.actions, batch.values, weights)
         train_ms = (time.perf_counter() - start) * 1000
-        self.dirty_users.touch(model.users.rows(batch.users), batch.ts, batch.partitions, batch.offsets)
-        self.dirty_items.touch(model.items.rows(batch.items), batch.ts)
+        self.dirty_users.touch(stats.event_user_rows, batch.ts, batch.partitions, batch.offsets)
+        self.dirty_items.touch(stats.event_item_rows, batch.ts)
         self.dirty_items.touch(stats.item_rows)  # sampled negatives moved too
         out.trained += len(batch)
         self.counters.trained += len(batch)
@@ -211,9 +212,7 @@ def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
             assert self.stage is not None
             lines = list(value[1])
             self.m_received.inc(len(lines))
-            near_before = self.stage.counters.near_duplicates
             yield from self._emit(self.stage.on_chunk(lines, ctx.timer_service().current_processing_time()))
-            self.m_near.inc(self.stage.counters.near_duplicates - near_before)
             self._schedule(ctx)
 
         def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterator[object]:
@@ -232,6 +231,7 @@ def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
 
         def _emit(self, out: Output) -> Iterator[object]:
             self.m_trained.inc(out.trained)
+            self.m_near.inc(out.near_duplicates)
             if out.embeddings:
                 yield Row(dict(out.embeddings))
             for d in out.dead_letters:

@@ -46,6 +46,8 @@ class BatchStats:
     bpr_loss: float  # mean BPR loss on the batch's implicit events, before the update
     user_rows: Rows  # (U,) rows touched
     item_rows: Rows  # (I,) rows touched, negatives included
+    event_user_rows: Rows  # (B,) the row of each event's user
+    event_item_rows: Rows  # (B,) the row of each event's item
 
 
 class OnlineBiasedMF:
@@ -69,12 +71,12 @@ class OnlineBiasedMF:
             return (self.config.rating_min + self.config.rating_max) / 2
         return self.rating_sum / self.rating_count
 
-    def _rows(self, users: Sequence[str], items: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows(self, users: Sequence[str], items: Sequence[str]) -> tuple[Rows, Rows]:
         u = self.users.rows(users)
         i = self.items.rows(items)
         self.user_table.ensure(len(self.users))
         self.item_table.ensure(len(self.items))
-        return torch.from_numpy(u).to(self.device), torch.from_numpy(i).to(self.device)
+        return u, i
 
     def learn_many(
         self, users: Sequence[str], items: Sequence[str], actions: Array, values: Array,
@@ -82,7 +84,8 @@ class OnlineBiasedMF:
     ) -> BatchStats:
         """One update on a micro-batch. ``actions`` are codes (4 = rating); ``weights`` scale implicit events."""
         cfg = self.config
-        u, i = self._rows(users, items)  # (B,), (B,)
+        event_u, event_i = self._rows(users, items)  # (B,), (B,)
+        u, i = torch.from_numpy(event_u).to(self.device), torch.from_numpy(event_i).to(self.device)
         act = torch.from_numpy(np.asarray(actions, np.int64)).to(self.device)
         val = torch.from_numpy(np.asarray(values, np.float32)).to(self.device)
         w = torch.ones(len(users), device=self.device) if weights is None else torch.from_numpy(
@@ -122,7 +125,9 @@ class OnlineBiasedMF:
         user_rows = _apply(ut, grads_u, cfg.lr)
         item_rows = _apply(it, grads_i, cfg.lr)
         self.step += 1
-        return BatchStats(len(users), len(r_idx), len(b_idx), rating_loss, bpr_loss, user_rows, item_rows)
+        return BatchStats(
+            len(users), len(r_idx), len(b_idx), rating_loss, bpr_loss, user_rows, item_rows, event_u, event_i
+        )
 
     def predict_ratings(self, users: Sequence[str], items: Sequence[str]) -> Array:
         """Rating predictions clipped to the rating range; unknown ids contribute zero vectors and biases."""
