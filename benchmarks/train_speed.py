@@ -1,4 +1,4 @@
-"""Offline speed of the Python half on one core: the model's ``learn_many`` and the whole training stage.
+"""Offline speed of the Python half on one core: parsing, cleaning, the model's ``learn_many`` and the training stage.
 
     python -m benchmarks.train_speed [--events 200000] [--batch 4096] [--dim 32]
 """
@@ -8,7 +8,8 @@ import argparse
 import json
 import time
 
-from flink_job.config import JobConfig
+from flink_job.clean import Cleaner
+from flink_job.config import CleanConfig, JobConfig
 from flink_job.generate import SyntheticConfig, generate
 from flink_job.parse import parse_lines
 from flink_job.train import TrainStage
@@ -28,8 +29,15 @@ def main() -> None:
     batch, _ = parse_lines(lines)
     parse_s = time.perf_counter() - start
 
-    model = OnlineBiasedMF(ModelConfig(dim=args.dim))
     parts = [batch.slice(i, i + args.batch) for i in range(0, len(batch) - args.batch + 1, args.batch)]
+    cleaner = Cleaner(CleanConfig())
+    cleaner.apply(parts[0])  # warm-up
+    start = time.perf_counter()
+    for b in parts[1:]:
+        cleaner.apply(b)
+    clean_s = time.perf_counter() - start
+
+    model = OnlineBiasedMF(ModelConfig(dim=args.dim))
     model.learn_many(parts[0].users, parts[0].items, parts[0].actions, parts[0].values)  # warm-up
     start = time.perf_counter()
     for b in parts[1:]:
@@ -46,6 +54,8 @@ def main() -> None:
     print(json.dumps({
         "events": len(lines), "batch": args.batch, "dim": args.dim, "device": str(model.device),
         "parse_lines_per_s": round(len(lines) / parse_s),
+        "clean_events_per_s": round((len(parts) - 1) * args.batch / clean_s),
+        "clean_us_per_event": round(clean_s / ((len(parts) - 1) * args.batch) * 1e6, 3),
         "learn_many_ms_per_batch": round(train_s / (len(parts) - 1) * 1000, 2),
         "learn_many_events_per_s": round((len(parts) - 1) * args.batch / train_s),
         "train_stage_events_per_s": round(len(lines) / stage_s),

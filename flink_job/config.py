@@ -71,14 +71,68 @@ class CleanConfig:
     action_weights: dict[str, float] = field(
         default_factory=lambda: {"view": 0.25, "click": 0.5, "cart": 0.75, "purchase": 1.0}
     )
+    # Context fields (flink_job.clean). A mapping names only the fields it changes; the others keep their default.
+    # Missing value policy per field: default | global_mean | user_mean | drop (category: default | drop).
+    missing: dict[str, str] = field(
+        default_factory=lambda: {"dwell_ms": "user_mean", "price": "global_mean", "category": "default"}
+    )
+    defaults: dict[str, float | str] = field(
+        default_factory=lambda: {"dwell_ms": 0.0, "price": 0.0, "category": "unknown"}
+    )
+    outliers: dict[str, str] = field(default_factory=lambda: {"dwell_ms": "clip", "price": "clip"})  # clip|drop|off
+    outlier_window: int = 4096  # recent accepted values per field the median and MAD are taken over
+    outlier_warmup: int = 256  # outlier rule off until this many values were accepted
+    outlier_k: float = 6.0  # outlier beyond k robust standard deviations (1.4826 MAD) of log1p(value)
+    recent_items: int = 20  # items remembered per user, most recent last
+    user_ttl_ms: int = 7 * 24 * 3600 * 1000  # per-user state is forgotten after this long without events (event time)
 
     def __post_init__(self) -> None:
+        from flink_job.clean import MISSING_POLICIES, NUMERIC_FIELDS, OUTLIER_POLICIES
         from flink_job.events import ACTIONS
 
         unknown = set(self.action_weights) - set(ACTIONS[:-1])
         if unknown or any(not 0 <= float(w) for w in self.action_weights.values()):
             raise ValueError(
                 f"config: clean.action_weights takes non-negative weights for {ACTIONS[:-1]}, got {self.action_weights}"
+            )
+        for spec in dataclasses.fields(self):
+            if spec.name in ("missing", "defaults", "outliers"):
+                given = getattr(self, spec.name)
+                if not isinstance(given, dict):
+                    raise ValueError(f"config: clean.{spec.name} must be a mapping by field name, got {given!r}")
+                if spec.name == "outliers":  # YAML reads a bare `off` as false
+                    given = {k: "off" if v is False else v for k, v in given.items()}
+                # Complete the mapping, so that the policy in force shows in the logged config.
+                object.__setattr__(self, spec.name, {**spec.default_factory(), **given})  # type: ignore[misc]
+        for key, given, choices in (
+            ("missing", self.missing, MISSING_POLICIES),
+            ("outliers", self.outliers, {f: OUTLIER_POLICIES for f in NUMERIC_FIELDS}),
+        ):
+            for name, policy in given.items():
+                if name not in choices or policy not in choices[name]:
+                    allowed = "; ".join(f"{f}: {' | '.join(c)}" for f, c in choices.items())
+                    raise ValueError(f"config: clean.{key}.{name} = {policy!r} is not allowed ({allowed})")
+        if set(self.defaults) - set(MISSING_POLICIES):
+            raise ValueError(f"config: clean.defaults takes {', '.join(MISSING_POLICIES)}, got {self.defaults!r}")
+        for name, value in self.defaults.items():
+            ok = (
+                isinstance(value, str) if name == "category"
+                else isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")
+            )
+            if not ok:
+                wanted = "a string" if name == "category" else "a finite number >= 0"
+                raise ValueError(f"config: clean.defaults.{name} must be {wanted}, got {value!r}")
+        if not (self.outlier_window > 0 and 0 <= self.outlier_warmup <= self.outlier_window):
+            raise ValueError(
+                f"config: clean.outlier_window must be > 0 and 0 <= clean.outlier_warmup <= it, "
+                f"got {self.outlier_window} and {self.outlier_warmup}"
+            )
+        if not self.outlier_k > 0:
+            raise ValueError(f"config: clean.outlier_k must be > 0, got {self.outlier_k}")
+        if self.recent_items < 0 or self.user_ttl_ms <= 0:
+            raise ValueError(
+                f"config: clean.recent_items must be >= 0 and clean.user_ttl_ms > 0, "
+                f"got {self.recent_items} and {self.user_ttl_ms}"
             )
 
 
@@ -88,6 +142,7 @@ class FlinkConfig:
     checkpoint_interval_ms: int = 10_000
     state_backend: str = "hashmap"  # hashmap (heap) or rocksdb
     checkpoint_dir: str = ""  # empty: <project>/.run/checkpoints; use a shared file system on a cluster
+    restore_from: str = ""  # a checkpoint (chk-N directory) or savepoint to start from; empty: start fresh
     # "process": torch cannot be imported inside PyFlink's thread mode (pemja) - the import hangs; measured in
     # BENCHMARKS.md. The job hands Python whole chunks, so the per-call cost of process mode is paid per chunk.
     python_execution_mode: str = "process"

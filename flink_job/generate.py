@@ -23,6 +23,7 @@ from flink_job.events import ACTIONS
 
 # How likely each action is, and the training weight an implicit action carries when produced.
 ACTION_PROBS = np.array([0.45, 0.25, 0.10, 0.05, 0.15])
+LATE_AFTER = 1_000  # no late events among the first ones: before a watermark exists nothing is late
 MALFORMED_KINDS: tuple[str, ...] = (
     "truncated_json", "missing_user_id", "unknown_action", "ts_not_a_number", "not_an_object", "empty_item_id",
 )
@@ -39,6 +40,8 @@ class SyntheticConfig:
     drift: float = 0.0  # share of the way from the first to the second planted user vectors at stream end
     duplicate_rate: float = 0.0
     malformed_rate: float = 0.0
+    late_rate: float = 0.0  # valid events whose event time is late_by_ms behind the stream's
+    late_by_ms: int = 3 * 3600 * 1000  # beyond the job's default out-of-orderness plus allowed lateness (1 h 5 min)
     start_ts_ms: int = 1_700_000_000_000
     events_per_second: float = 1_000.0  # event-time spacing, not the producing rate
     id_prefix: str = "s"
@@ -48,7 +51,7 @@ class SyntheticConfig:
         for name in ("n_users", "n_items", "n_events", "dim", "block"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"synthetic config: {name} must be positive, got {getattr(self, name)}")
-        for name in ("duplicate_rate", "malformed_rate", "drift"):
+        for name in ("duplicate_rate", "malformed_rate", "late_rate", "drift"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"synthetic config: {name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -59,7 +62,7 @@ class Record:
 
     key: bytes
     payload: bytes
-    kind: str  # "event", "duplicate" or one of MALFORMED_KINDS
+    kind: str  # "event", "duplicate", "late" or one of MALFORMED_KINDS
     event_id: str
 
 
@@ -120,12 +123,19 @@ def generate(cfg: SyntheticConfig) -> Iterator[Record]:
                 continue
             action = ACTIONS[actions[j]]
             value = float(ratings[j]) if action == "rating" else 1.0
+            # Late events come after the first ones, so that a watermark exists to be late against.
+            late = cfg.late_rate > 0 and idx >= LATE_AFTER and kind_draw[j] > 1.0 - cfg.malformed_rate - cfg.late_rate
+            if late:
+                ts -= cfg.late_by_ms
             payload = (
                 f'{{"event_id":"{eid}","user_id":"{user}","item_id":"i{items[j]}","action":"{action}",'
                 f'"value":{value},"ts":{ts},"dwell_ms":{dwell[j]},"price":{price[j]},'
                 f'"category":"c{items[j] % 20}"}}'
             ).encode()
-            rec = Record(user.encode(), payload, "event", eid)
+            rec = Record(user.encode(), payload, "late" if late else "event", eid)
+            if late:
+                yield rec
+                continue
             if len(recent) < 256:
                 recent.append(rec)
             else:

@@ -3,7 +3,8 @@
 The watermark is the smallest, over the partitions seen, of the newest event time minus the allowed
 out-of-orderness (a partition that has not been seen holds nothing back). An event older than the watermark minus
 the allowed lateness goes to the dead-letter topic as ``late`` rather than being silently dropped or trained out of
-order. The watermark moves at chunk boundaries, so a chunk is judged against what came before it.
+order. Each event is judged against the watermark of the events before it, in input order within a chunk too, so
+the outcome does not depend on how the input was cut into chunks (a replay after a restore cuts it differently).
 
 >>> from flink_job.parse import parse_lines
 >>> line = '0,{o},{{"event_id":"e{o}","user_id":"u","item_id":"i","action":"view","ts":{ts}}}'
@@ -35,19 +36,32 @@ class Watermarks:
         return min(self.max_ts.values()) - self.out_of_orderness_ms
 
     def split(self, batch: EventBatch) -> tuple[EventBatch, list[DeadLetter]]:
-        """``(events on time, dead letters for the late ones)``; then advances the watermark with this chunk."""
-        wm = self.watermark()
-        late_letters: list[DeadLetter] = []
-        if wm is not None and self.allowed_lateness_ms >= 0 and len(batch):
-            late = batch.ts < wm - self.allowed_lateness_ms  # (N,)
-            if late.any():
-                for i in np.flatnonzero(late):
-                    late_letters.append(
-                        DeadLetter("late", STAGE, batch.payloads[i], int(batch.partitions[i]), int(batch.offsets[i]),
-                                   f"{wm - int(batch.ts[i])} ms behind the watermark")
-                    )
-                batch = batch.select(np.flatnonzero(~late))
-        for p in np.unique(batch.partitions):
-            newest = int(batch.ts[batch.partitions == p].max())
-            self.max_ts[int(p)] = max(self.max_ts.get(int(p), newest), newest)
-        return batch, late_letters
+        """``(events on time, dead letters for the late ones)``; the watermark advances with every event."""
+        if not len(batch):
+            return batch, []
+        parts, ts = batch.partitions, batch.ts  # (N,), (N,)
+        names = sorted(set(self.max_ts) | set(np.unique(parts).tolist()))
+        unseen = np.iinfo(np.int64).min
+        # (P, N+1): per partition, the newest event time before each event (column 0: before the chunk) and after it.
+        newest = np.empty((len(names), len(batch) + 1), np.int64)
+        for r, p in enumerate(names):
+            newest[r, 0] = self.max_ts.get(p, unseen)
+            newest[r, 1:] = np.where(parts == p, ts, unseen)
+        np.maximum.accumulate(newest, axis=1, out=newest)
+        for r, p in enumerate(names):
+            if newest[r, -1] != unseen:
+                self.max_ts[p] = int(newest[r, -1])
+        if self.allowed_lateness_ms < 0:
+            return batch, []
+        before = np.where(newest[:, :-1] == unseen, np.iinfo(np.int64).max, newest[:, :-1]).min(axis=0)  # (N,)
+        seen = before != np.iinfo(np.int64).max
+        limit = before - self.out_of_orderness_ms - self.allowed_lateness_ms
+        late = seen & (ts < limit)  # (N,)
+        if not late.any():
+            return batch, []
+        letters = [
+            DeadLetter("late", STAGE, batch.payloads[i], int(parts[i]), int(batch.offsets[i]),
+                       f"{int(before[i]) - self.out_of_orderness_ms - int(ts[i])} ms behind the watermark")
+            for i in np.flatnonzero(late)
+        ]
+        return batch.select(np.flatnonzero(~late)), letters

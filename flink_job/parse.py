@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import orjson
@@ -27,6 +28,7 @@ ACTION_CODES = {a: n for n, a in enumerate(ACTIONS)}
 RATING = ACTION_CODES["rating"]
 STAGE = "parse"
 MAX_TS_MS = 10**14  # year 5138: anything above is not a millisecond timestamp
+N_FEATURES = 7  # len(flink_job.clean.FEATURE_NAMES); clean imports this module, so the number is repeated here
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,11 @@ class DeadLetter:
 
 @dataclass
 class EventBatch:
-    """Events in columns. Ids stay strings; the model maps them to rows."""
+    """Events in columns. Ids stay strings; the model maps them to rows.
+
+    The optional context fields are NaN (numbers) or None (category) where the event did not carry them;
+    ``flink_job.clean`` fills them and adds ``features``, which stays empty, (0, F), until then.
+    """
 
     event_ids: list[str] = field(default_factory=list)
     users: list[str] = field(default_factory=list)
@@ -71,14 +77,26 @@ class EventBatch:
     partitions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # (N,)
     offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (N,)
     payloads: list[str] = field(default_factory=list)  # the original records, for dead letters further on
+    # Context, after payloads so that positional callers keep working.
+    dwell_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))  # (N,) NaN: absent
+    price: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))  # (N,) NaN: absent
+    categories: list[str | None] = field(default_factory=list)  # None: absent
+    features: np.ndarray = field(default_factory=lambda: np.zeros((0, N_FEATURES), np.float32))  # (N, F) or (0, F)
 
     def __len__(self) -> int:
         return len(self.users)
+
+    @property
+    def has_features(self) -> bool:
+        return len(self.features) == len(self.users) and len(self.users) > 0
 
     @staticmethod
     def concat(parts: list[EventBatch]) -> EventBatch:
         if len(parts) == 1:
             return parts[0]
+        with_features = [p.has_features for p in parts if len(p)]
+        if any(with_features) and not all(with_features):
+            raise ValueError("EventBatch.concat: some parts have features (cleaned) and some do not")
         return EventBatch(
             [e for p in parts for e in p.event_ids],
             [u for p in parts for u in p.users],
@@ -89,6 +107,10 @@ class EventBatch:
             np.concatenate([p.partitions for p in parts]),
             np.concatenate([p.offsets for p in parts]),
             [x for p in parts for x in p.payloads],
+            dwell_ms=np.concatenate([p.dwell_ms for p in parts]),
+            price=np.concatenate([p.price for p in parts]),
+            categories=[c for p in parts for c in p.categories],
+            features=np.concatenate([p.features for p in parts]),
         )
 
     def slice(self, start: int, stop: int) -> EventBatch:
@@ -96,14 +118,19 @@ class EventBatch:
             self.event_ids[start:stop], self.users[start:stop], self.items[start:stop],
             self.actions[start:stop], self.values[start:stop], self.ts[start:stop],
             self.partitions[start:stop], self.offsets[start:stop], self.payloads[start:stop],
+            dwell_ms=self.dwell_ms[start:stop], price=self.price[start:stop], categories=self.categories[start:stop],
+            features=self.features[start:stop],
         )
 
     def select(self, idx: np.ndarray) -> EventBatch:
         """The events at positions ``idx`` (N,), in that order."""
+        ix = idx.tolist()  # Python ints index lists faster than numpy scalars
         return EventBatch(
-            [self.event_ids[i] for i in idx], [self.users[i] for i in idx], [self.items[i] for i in idx],
+            [self.event_ids[i] for i in ix], [self.users[i] for i in ix], [self.items[i] for i in ix],
             self.actions[idx], self.values[idx], self.ts[idx], self.partitions[idx], self.offsets[idx],
-            [self.payloads[i] for i in idx],
+            [self.payloads[i] for i in ix],
+            dwell_ms=self.dwell_ms[idx], price=self.price[idx], categories=[self.categories[i] for i in ix],
+            features=self.features[idx] if self.has_features else self.features,
         )
 
 
@@ -147,7 +174,34 @@ class _Bad(Exception):
         self.detail = detail
 
 
-def _event(d: object, rules: ParseRules, now_ms: int) -> tuple[str, str, str, int, float, int]:
+def _context_number(d: dict, name: str) -> float | None:
+    v = d.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _Bad(f"bad_{name}", str(v)[:40])
+    if v < 0:
+        raise _Bad(f"negative_{name}", str(v)[:40])
+    return v
+
+
+def _category(d: dict, rules: ParseRules) -> str | None:
+    v = d.get("category")
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise _Bad("bad_category", type(v).__name__)
+    if len(v) > rules.max_id_length:
+        raise _Bad("bad_category", f"{len(v)} chars")
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in v):
+        raise _Bad("bad_category", "control characters")
+    return v if v.strip() else None  # a blank category says nothing: treated as absent
+
+
+def _event(
+    d: object, rules: ParseRules, now_ms: int
+) -> tuple[str, str, str, int, float, int, float | None, float | None, str | None]:
+    """The slow path: every check, naming the first one that fails. Returns the fields of one row."""
     if not isinstance(d, dict):
         raise _Bad("not_an_object", type(d).__name__)
     eid = _id(d, "event_id", rules)
@@ -177,7 +231,10 @@ def _event(d: object, rules: ParseRules, now_ms: int) -> tuple[str, str, str, in
         raise _Bad("bad_value", str(value)[:40])
     if code == RATING and not rules.rating_min <= value <= rules.rating_max:
         raise _Bad("rating_out_of_range", str(value))
-    return eid, user, item, code, float(value), int(ts)
+    dwell = _context_number(d, "dwell_ms")
+    price = _context_number(d, "price")
+    category = _category(d, rules)
+    return eid, user, item, code, float(value), int(ts), dwell, price, category
 
 
 def parse_lines(
@@ -192,6 +249,9 @@ def parse_lines(
     codes: list[int] = []
     values: list[float] = []
     tss: list[int] = []
+    dwells: list[float | None] = []
+    prices: list[float | None] = []
+    cats: list[str | None] = []
     parts: list[int] = []
     offs: list[int] = []
     payloads: list[str] = []
@@ -199,6 +259,17 @@ def parse_lines(
     max_len = rules.max_id_length
     lo, hi = rules.rating_min, rules.rating_max
     codes_of = ACTION_CODES
+    numbers = (int, float)  # bool is neither: type(True) is bool
+    # One event's fields: read from the decoded record, their types checked at run time below.
+    eid: Any
+    user: Any
+    item: Any
+    code: Any
+    value: Any
+    ts: Any
+    dwell: Any
+    price: Any
+    cat: Any
     for line in lines:
         p, o, payload = line.split(",", 2)
         if len(payload) > rules.max_record_chars:
@@ -215,35 +286,42 @@ def parse_lines(
             dead.append(DeadLetter("invalid_json", STAGE, payload, int(p), int(o), str(ex)[:80]))
             continue
         # Fast path: the common well-formed event, checked inline; anything unusual takes the slow path (_event),
-        # which names the reason.
-        fields = None
+        # which names the reason. orjson rejects NaN and Infinity, so numbers here are finite.
+        ok = False
         if type(d) is dict:
             eid, user, item, ts = d.get("event_id"), d.get("user_id"), d.get("item_id"), d.get("ts")
             code = codes_of.get(d.get("action"))  # type: ignore[arg-type]
             value = d.get("value", 1.0)
-            if (
+            dwell, price, cat = d.get("dwell_ms"), d.get("price"), d.get("category")
+            ok = (
                 type(eid) is str and type(user) is str and type(item) is str and type(ts) is int
                 and code is not None and 0 <= ts <= latest_ts
                 and 0 < len(eid) <= max_len and 0 < len(user) <= max_len and 0 < len(item) <= max_len
                 and not (eid.isspace() or user.isspace() or item.isspace())
                 and eid.isprintable() and user.isprintable() and item.isprintable()
                 and "\ufffd" not in eid and "\ufffd" not in user and "\ufffd" not in item
-                and (type(value) is float or type(value) is int) and math.isfinite(value)
+                and type(value) in numbers
                 and (code != RATING or (lo <= value <= hi and "value" in d))
-            ):
-                fields = eid, user, item, code, value, ts
-        if fields is None:
+                and (dwell is None or (type(dwell) in numbers and dwell >= 0))
+                and (price is None or (type(price) in numbers and price >= 0))
+                and (cat is None or (type(cat) is str and 0 < len(cat) <= max_len and cat.isprintable()
+                                     and not cat.isspace()))
+            )
+        if not ok:
             try:
-                fields = _event(d, rules, now_ms)
+                eid, user, item, code, value, ts, dwell, price, cat = _event(d, rules, now_ms)
             except _Bad as bad:
                 dead.append(DeadLetter(bad.reason, STAGE, payload, int(p), int(o), bad.detail))
                 continue
-        eids.append(fields[0])
-        users.append(fields[1])
-        items.append(fields[2])
-        codes.append(fields[3])
-        values.append(fields[4])
-        tss.append(fields[5])
+        eids.append(eid)
+        users.append(user)
+        items.append(item)
+        codes.append(code)
+        values.append(value)
+        tss.append(ts)
+        dwells.append(dwell)
+        prices.append(price)
+        cats.append(cat)
         parts.append(int(p))
         offs.append(int(o))
         payloads.append(payload)
@@ -251,5 +329,6 @@ def parse_lines(
         eids, users, items,
         np.array(codes, np.int8), np.array(values, np.float32), np.array(tss, np.int64),
         np.array(parts, np.int32), np.array(offs, np.int64), payloads,
+        dwell_ms=np.array(dwells, np.float64), price=np.array(prices, np.float64), categories=cats,
     )
     return batch, dead

@@ -1,6 +1,6 @@
 """Producers: write a synthetic stream or a MovieLens file into the input topic, with a progress bar.
 
-    python -m flink_job.produce synthetic --events 100000 --duplicates 0.05 --malformed 0.01
+    python -m flink_job.produce synthetic --events 100000 --duplicates 0.05 --malformed 0.01 --late 0.01
     python -m flink_job.produce movielens ../shared/datasets/ml-100k/u.data --speed 3600 --rate 5000
 
 ``--rate`` caps the events per second sent; ``--speed`` replays in event time scaled by that factor
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--drift", type=float, default=0.0)
     s.add_argument("--duplicates", type=float, default=0.0, help="share of records that repeat an earlier event")
     s.add_argument("--malformed", type=float, default=0.0, help="share of records that are malformed")
+    s.add_argument("--late", type=float, default=0.0, help="share of events hours behind the stream's event time")
     s.add_argument("--id-prefix", default="s")
     m = sub.add_parser("movielens", help="replay a MovieLens u.data file in event-time order")
     m.add_argument("path", type=Path)
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.source == "synthetic":
         cfg = SyntheticConfig(
             n_users=args.users, n_items=args.items, n_events=args.events, dim=args.dim, seed=args.seed,
-            drift=args.drift, duplicate_rate=args.duplicates, malformed_rate=args.malformed, id_prefix=args.id_prefix,
+            drift=args.drift, duplicate_rate=args.duplicates, malformed_rate=args.malformed, late_rate=args.late, id_prefix=args.id_prefix,
         )
         log.info("synthetic stream: seed %d, %d events", cfg.seed, cfg.n_events)
         n = send(synthetic_timed(cfg), args.bootstrap, args.topic, pacing, total=cfg.n_events)

@@ -28,6 +28,7 @@ def encode_records(
     event_ts: np.ndarray,  # (N,) newest event time reflected, -1 if none
     partitions: np.ndarray | None = None,  # (N,) users only
     offsets: np.ndarray | None = None,  # (N,) users only
+    events: np.ndarray | None = None,  # (N,) events each id was trained on
 ) -> list[tuple[str, str]]:
     """``(key, json value)`` pairs for the embeddings topic."""
     now = int(time.time() * 1000)
@@ -44,6 +45,8 @@ def encode_records(
             "event_ts": int(event_ts[n]),
             "produced_ms": now,
         }
+        if events is not None:
+            rec["events"] = int(events[n])
         if partitions is not None and offsets is not None:
             rec["partition"] = int(partitions[n])
             rec["offset"] = int(offsets[n])

@@ -7,11 +7,18 @@ that it has gone idle after consuming its input, and cancel it.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Self
+from urllib.parse import urlparse
 
 import orjson
+import yaml
 
 from flink_job.config import JobConfig
 from flink_job.topics import Follower
@@ -48,20 +55,22 @@ class LocalJob:
         self.result = RunResult(time.time())
         self.follower: Follower | None = None
 
-    def __enter__(self) -> LocalJob:
-        from flink_job.job import create_env
-
+    def __enter__(self) -> Self:
         self.follower = Follower(self.cfg.kafka.bootstrap, self.cfg.kafka.stats_topic)
-        env = create_env(self.cfg)
         self.result.submitted_at = time.time()
-        self.client = env.execute_async(self.cfg.flink.job_name)
-        log.info("runner: job %s submitted to the local mini-cluster", self.client.get_job_id())
+        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.cancel()
         if self.follower:
             self.follower.close()
+
+    def start(self) -> None:
+        from flink_job.job import create_env
+
+        self.client = create_env(self.cfg).execute_async(self.cfg.flink.job_name)
+        log.info("runner: job %s submitted to the local mini-cluster", self.job_id)
 
     def cancel(self) -> None:
         if self.client is not None:
@@ -70,6 +79,10 @@ class LocalJob:
             except Exception as ex:  # noqa: BLE001 - the job may have failed already; that is reported elsewhere
                 log.info("runner: cancel: %s", ex)
             self.client = None
+
+    @property
+    def job_id(self) -> str:
+        return str(self.client.get_job_id()) if self.client else ""
 
     def status(self) -> str:
         return str(self.client.get_job_status().result()) if self.client else "CANCELED"
@@ -101,3 +114,64 @@ class LocalJob:
         raise TimeoutError(
             f"runner: job not idle after {timeout_s}s; last stats: {self.result.last or 'none yet'}"
         )
+
+
+class JobProcess(LocalJob):
+    """The job in its own process (``python -m flink_job``) and mini-cluster; leaving the block kills the process
+    group, JVM included, the way a crash would: nothing is cancelled or cleaned up, checkpoints stay.
+
+    A process of its own also gives the SQL operators the same uids as the run before: the planner numbers its
+    nodes from a counter that lives as long as the JVM, so a second job built in one process could not be matched
+    to the first one's checkpoint.
+    """
+
+    def __init__(self, cfg: JobConfig, log_path: Path) -> None:
+        super().__init__(cfg)
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        config = self.log_path.with_suffix(".yaml")
+        config.write_text(yaml.safe_dump(self.cfg.to_dict()))
+        with self.log_path.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "flink_job", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, env=_client_environment(),
+            )
+        log.info("runner: job process %d started, log in %s", self.process.pid, self.log_path)
+
+    def cancel(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+    @property
+    def job_id(self) -> str:
+        return "*"
+
+    def status(self) -> str:
+        if self.process is None:
+            return "CANCELED"
+        return "RUNNING" if self.process.poll() is None else "FAILED"
+
+
+# Set in this process once a job here has run Python functions in it (PyFlink's loopback worker); a job process
+# inheriting them would take itself for a Python worker and refuse to start its own JVM.
+_WORKER_VARIABLES = (
+    "PYFLINK_GATEWAY_DISABLED", "PYTHON_LOOPBACK_SERVER_ADDRESS", "WORKER_ID", "PIPELINE_OPTIONS",
+    "SEMI_PERSISTENT_DIRECTORY", "LOGGING_API_SERVICE_DESCRIPTOR", "CONTROL_API_SERVICE_DESCRIPTOR",
+)
+
+
+def _client_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _WORKER_VARIABLES}
+
+
+def latest_checkpoint(checkpoint_dir: str, job_id: str = "*") -> str | None:
+    """The newest completed checkpoint (``chk-N`` with its ``_metadata``) of a job under a local checkpoint directory,
+    as a URI to restart from (``flink.restore_from``); None if there is none yet."""
+    root = Path(urlparse(checkpoint_dir).path) if "://" in checkpoint_dir or checkpoint_dir.startswith("file:") \
+        else Path(checkpoint_dir)
+    done = [(m.stat().st_mtime, m.parent) for m in root.glob(f"{job_id}/chk-*/_metadata")]
+    return max(done)[1].as_uri() if done else None

@@ -39,11 +39,15 @@ def flink_configuration(cfg: JobConfig, connector_jar: Path) -> Configuration:
         "python.execution-mode": cfg.flink.python_execution_mode,
         "execution.checkpointing.interval": f"{cfg.flink.checkpoint_interval_ms} ms",
         "execution.checkpointing.storage": "filesystem",
+        # Kept when the job is cancelled or fails for good, so it can be restarted from its last checkpoint.
+        "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
         "state.backend.type": cfg.flink.state_backend,
         "table.exec.state.ttl": f"{cfg.clean.dedup_ttl_s} s",
         # Many small Python results should not wait for a full bundle before they move on.
         "python.fn-execution.bundle.time": "100",
     }
+    if cfg.flink.restore_from:
+        settings["execution.state-recovery.path"] = cfg.flink.restore_from
     checkpoints = checkpoint_uri(cfg)
     if checkpoints:
         settings["execution.checkpointing.dir"] = checkpoints

@@ -25,7 +25,7 @@ from model.idmap import IdMap
 from model.tables import EmbeddingTable
 
 RATING_CODE = 4  # index of "rating" in flink_job.events.ACTIONS; the model takes action codes, not names
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def pick_device(setting: str) -> torch.device:
@@ -124,6 +124,8 @@ class OnlineBiasedMF:
 
         user_rows = _apply(ut, grads_u, cfg.lr)
         item_rows = _apply(it, grads_i, cfg.lr)
+        ut.count_events(u)
+        it.count_events(i)
         self.step += 1
         return BatchStats(
             len(users), len(r_idx), len(b_idx), rating_loss, bpr_loss, user_rows, item_rows, event_u, event_i
@@ -144,6 +146,11 @@ class OnlineBiasedMF:
     def _known_rows(self, idmap: IdMap, ids: Sequence[str]) -> torch.Tensor:
         rows = [idmap.get(k) for k in ids]
         return torch.tensor([-1 if r is None else r for r in rows], dtype=torch.int64, device=self.device)
+
+    def event_counts(self, kind: str, rows: Rows) -> Array:
+        """(N,) how many events each row of table ``kind`` was trained on."""
+        table = self.user_table if kind == "user" else self.item_table
+        return table.events[torch.from_numpy(np.asarray(rows, np.int64)).to(self.device)].cpu().numpy()
 
     def vectors(self, kind: str, rows: Rows) -> tuple[Array, Array, Array]:
         """``(vectors (N, D), biases (N,), update counts (N,))`` of table ``kind`` ("user" or "item")."""

@@ -27,7 +27,9 @@ class EmbeddingTable:
         self.bias = torch.zeros(0, device=device)  # (R,)
         self.acc = torch.zeros(0, device=device)  # (R,) Adagrad sum of mean squared row gradients
         self.acc_bias = torch.zeros(0, device=device)  # (R,)
-        self.updates = torch.zeros(0, dtype=torch.int64, device=device)  # (R,) how often each row was trained
+        self.updates = torch.zeros(0, dtype=torch.int64, device=device)  # (R,) how often each row was moved
+        # (R,) events trained with this id: what exactly-once training is reconciled against (negatives excluded)
+        self.events = torch.zeros(0, dtype=torch.int64, device=device)
 
     def ensure(self, rows: int) -> None:
         """Make rows ``[0, rows)`` exist; new rows get small random vectors."""
@@ -40,6 +42,7 @@ class EmbeddingTable:
             self.acc = _grow(self.acc, cap)
             self.acc_bias = _grow(self.acc_bias, cap)
             self.updates = _grow(self.updates, cap)
+            self.events = _grow(self.events, cap)
         fresh = torch.randn(rows - self.rows, self.dim, generator=self.generator) * self.init_std
         self.weight[self.rows:rows] = fresh.to(self.device)
         self.rows = rows
@@ -61,17 +64,24 @@ class EmbeddingTable:
         self.updates[rows] += torch.bincount(inv, minlength=len(rows))
         return rows
 
+    def count_events(self, rows: torch.Tensor) -> None:
+        """One more trained event for each entry of ``rows`` (B,), which may repeat."""
+        self.events.index_add_(0, rows, torch.ones_like(rows))
+
     def state(self) -> dict[str, torch.Tensor]:
         n = self.rows
-        return {k: getattr(self, k)[:n].cpu().clone() for k in ("weight", "bias", "acc", "acc_bias", "updates")}
+        return {k: getattr(self, k)[:n].cpu().clone() for k in _STATE}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         n = state["weight"].shape[0]
         if state["weight"].shape[1] != self.dim:
             raise ValueError(f"embedding table: state has dim {state['weight'].shape[1]}, model has {self.dim}")
-        for k in ("weight", "bias", "acc", "acc_bias", "updates"):
+        for k in _STATE:
             setattr(self, k, state[k].to(self.device).clone())
         self.rows = n
+
+
+_STATE = ("weight", "bias", "acc", "acc_bias", "updates", "events")
 
 
 def _grow(t: torch.Tensor, cap: int) -> torch.Tensor:

@@ -99,3 +99,20 @@ def test_state_bytes_are_plain_bytes() -> None:
     assert isinstance(data, bytes) and len(data) > 0
     with pytest.raises(Exception):
         orjson.loads(data)
+
+
+def test_event_counters_count_each_trained_event_once_and_not_negatives() -> None:
+    batch = _stream(3_000)
+    m = OnlineBiasedMF(ModelConfig(dim=8, implicit_negatives=4, seed=3))
+    for start in range(0, len(batch), 500):
+        b = batch.slice(start, start + 500)
+        m.learn_many(b.users, b.items, b.actions, b.values)
+    users, counts = np.unique(np.array(batch.users), return_counts=True)
+    assert m.event_counts("user", m.users.rows(list(users))).tolist() == counts.tolist()
+    items, item_counts = np.unique(np.array(batch.items), return_counts=True)
+    assert m.event_counts("item", m.items.rows(list(items))).tolist() == item_counts.tolist()
+    # Versions count row moves: implicit events move a user's row once per sampled negative, so they run ahead.
+    _, _, versions = m.vectors("user", m.users.rows(list(users)))
+    assert (versions >= counts).all() and (versions > counts).any()
+    restored = OnlineBiasedMF.from_bytes(m.state_bytes())
+    assert restored.event_counts("user", m.users.rows(list(users))).tolist() == counts.tolist()

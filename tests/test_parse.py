@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flink_job.events import ACTIONS
-from flink_job.parse import ParseRules, parse_lines
+from flink_job.parse import EventBatch, ParseRules, _Bad, _event, parse_lines
 
 NOW = 1_800_000_000_000
 GOOD = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "action": "rating", "value": 4.0, "ts": 1_700_000_000_000}
@@ -70,6 +72,24 @@ BAD = [
     ("bad_type_user_id", with_(user_id=[{"nested": ["junk", {"deeper": None}]}])),
     ("not_an_object", "null"),
     ("bad_value", with_(value={"rating": 4})),
+    ("bad_dwell_ms", with_(dwell_ms="300")),
+    ("bad_dwell_ms", with_(dwell_ms=True)),
+    ("bad_dwell_ms", with_(dwell_ms=[300])),
+    ("bad_dwell_ms", with_(dwell_ms={"ms": 300})),
+    ("negative_dwell_ms", with_(dwell_ms=-1)),
+    ("negative_dwell_ms", with_(dwell_ms=-0.5)),
+    ("bad_price", with_(price="9.99")),
+    ("bad_price", with_(price=False)),
+    ("bad_price", with_(price={"amount": 9.99})),
+    ("negative_price", with_(price=-0.01)),
+    ("bad_category", with_(category=3)),
+    ("bad_category", with_(category=True)),
+    ("bad_category", with_(category=["books"])),
+    ("bad_category", with_(category="c" * 129)),
+    ("bad_category", with_(category="books\n")),
+    ("bad_category", with_(category="c\u0085")),
+    ("invalid_json", with_().replace('"ts"', '"dwell_ms": NaN, "ts"')),
+    ("invalid_json", with_().replace('"ts"', '"price": Infinity, "ts"')),
 ]
 
 
@@ -85,6 +105,44 @@ def test_good_record_with_ints_and_context_is_kept() -> None:
     assert dead == []
     assert batch.users == ["u1", "u1"] and batch.values.tolist() == [5.0, 1.0]
     assert batch.actions.tolist() == [ACTIONS.index("rating"), ACTIONS.index("view")]
+
+
+def test_context_fields_are_carried_nan_or_none_when_absent_or_null() -> None:
+    lines = [
+        with_(dwell_ms=1500, price=9.99, category="books"),
+        with_(dwell_ms=None, price=None, category=None),
+        with_(),
+        with_(dwell_ms=0, price=0, category="   "),  # a blank category says nothing: absent
+        with_(dwell_ms=2.5, price=10**6, category="c\u2028"),  # unusual but valid: takes the slow path
+    ]
+    batch, dead = parse_lines([f"0,{n},{x}" for n, x in enumerate(lines)], now_ms=NOW)
+    assert dead == []
+    assert np.array_equal(batch.dwell_ms, [1500.0, np.nan, np.nan, 0.0, 2.5], equal_nan=True)
+    assert np.array_equal(batch.price, [9.99, np.nan, np.nan, 0.0, 1e6], equal_nan=True)
+    assert batch.categories == ["books", None, None, None, "c\u2028"]
+    assert batch.dwell_ms.dtype == batch.price.dtype == np.float64 and batch.features.shape == (0, 7)
+
+
+@pytest.mark.parametrize(("name", "value", "reason"), [("dwell_ms", math.nan, "bad_dwell_ms"),
+                                                       ("price", math.inf, "bad_price"),
+                                                       ("price", -math.inf, "bad_price")])
+def test_non_finite_context_numbers_are_bad(name: str, value: float, reason: str) -> None:
+    # orjson never produces these; the slow path checks anyway, for records decoded some other way.
+    with pytest.raises(_Bad) as bad:
+        _event({**GOOD, name: value}, ParseRules(), NOW)
+    assert bad.value.reason == reason
+
+
+def test_concat_slice_and_select_carry_the_context_columns() -> None:
+    a, _ = parse_lines([f"0,0,{with_(dwell_ms=1, category='x')}", f"0,1,{with_(price=2.0)}"], now_ms=NOW)
+    b, _ = parse_lines([f"0,2,{with_(dwell_ms=3, price=4.0, category='y')}"], now_ms=NOW)
+    both = EventBatch.concat([a, b])
+    assert np.array_equal(both.dwell_ms, [1.0, np.nan, 3.0], equal_nan=True)
+    assert both.categories == ["x", None, "y"]
+    picked = both.select(np.array([2, 0]))
+    assert picked.price.tolist()[0] == 4.0 and picked.categories == ["y", "x"] and picked.offsets.tolist() == [2, 0]
+    part = both.slice(1, 3)
+    assert part.categories == [None, "y"] and part.price.tolist()[1] == 4.0 and len(part.features) == 0
 
 
 def test_unicode_ids_and_context_that_mentions_field_names_are_valid() -> None:
@@ -106,16 +164,29 @@ ids = st.text(st.characters(blacklist_categories=("Cs", "Cc"), blacklist_charact
               max_size=20).filter(lambda s: s.strip())
 
 
+ABSENT = object()
+numbers = st.one_of(st.just(ABSENT), st.none(), st.integers(0, 10**12), st.floats(0, 1e12))
+categories = st.one_of(st.just(ABSENT), st.none(), ids.filter(lambda s: len(s) <= 128))
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(ids, ids, ids, st.sampled_from(ACTIONS), st.integers(0, 10**13),
-                          st.floats(1, 5, allow_nan=False)), max_size=30))
+                          st.floats(1, 5, allow_nan=False), numbers, numbers, categories), max_size=30))
 def test_valid_events_are_never_dropped(events: list) -> None:
-    lines = [
-        f"0,{n}," + json.dumps({"event_id": e, "user_id": u, "item_id": i, "action": a, "ts": t, "value": v})
-        for n, (e, u, i, a, t, v) in enumerate(events)
-    ]
+    lines = []
+    for n, (e, u, i, a, t, v, dwell, price, category) in enumerate(events):
+        d = {"event_id": e, "user_id": u, "item_id": i, "action": a, "ts": t, "value": v}
+        d.update({k: x for k, x in (("dwell_ms", dwell), ("price", price), ("category", category)) if x is not ABSENT})
+        lines.append(f"0,{n}," + json.dumps(d))
     batch, dead = parse_lines(lines, now_ms=10**13)
     assert dead == []
     assert batch.event_ids == [e[0] for e in events]
     assert batch.users == [e[1] for e in events]
     assert batch.offsets.tolist() == list(range(len(events)))
+
+    def number(x: object) -> float:
+        return math.nan if x is ABSENT or x is None else float(x)  # type: ignore[arg-type]
+
+    assert np.array_equal(batch.dwell_ms, np.array([number(e[6]) for e in events], np.float64), equal_nan=True)
+    assert np.array_equal(batch.price, np.array([number(e[7]) for e in events], np.float64), equal_nan=True)
+    assert batch.categories == [None if c is ABSENT else c for c in (e[8] for e in events)]
