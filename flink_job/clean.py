@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,20 +67,21 @@ EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday; Monday is day 0
 SWEEP_MIN_EVENTS = 1024
 
 
-@dataclass(slots=True)
-class UserState:
-    """What the cleaner remembers about one user."""
+# What the cleaner remembers about one user: a plain list, indexed by the constants below. The job pickles every
+# user's state at each bundle; a list pickles about ten times faster than a slotted object (measured: 28 ms against
+# 3 ms for 5,000 users) and reads and writes as fast in the per-event loop.
+UserState = list
+LAST_TS = 0  # newest event time of the user's events
+EVENTS = 1
+ACTION_COUNTS = 2  # (A,) events per action code
+# The last ``recent_items`` items, most recent last. Not de-duplicated: coming back to an item is a signal, and
+# appending stays O(1).
+RECENT = 3
+DWELL_SUM, DWELL_N, PRICE_SUM, PRICE_N = 4, 5, 6, 7  # over observed (not filled) kept values, for user_mean
 
-    last_ts: int  # newest event time of the user's events
-    events: int
-    actions: list[int]  # (A,) events per action code
-    # The last ``recent_items`` items, most recent last. Not de-duplicated: coming back to an item is a signal, and
-    # appending stays O(1). A list, not a deque(maxlen): under a third of the memory, and there may be millions.
-    recent: list[str]
-    dwell_sum: float = 0.0  # over observed (not filled) kept values, for the user_mean policy
-    dwell_n: int = 0
-    price_sum: float = 0.0
-    price_n: int = 0
+
+def new_user(ts: int) -> UserState:
+    return [ts, 0, [0] * len(ACTIONS), [], 0.0, 0, 0.0, 0]
 
 
 @dataclass
@@ -163,7 +165,8 @@ class Cleaner:
     def state_dict(self) -> dict[str, Any]:
         """The state to pickle; it shares the per-user states with the cleaner, so pickle it before the next apply."""
         return {
-            "users": self.users, "newest_ts": self.newest_ts, "since_sweep": self.since_sweep,
+            "users": self.users,
+            "newest_ts": self.newest_ts, "since_sweep": self.since_sweep,
             "rings": {f: r.ordered() for f, r in self.rings.items()},
             "raw": {f: dataclasses.astuple(m) for f, m in self.raw.items()},
             "logs": {f: dataclasses.astuple(m) for f, m in self.logs.items()},
@@ -174,7 +177,7 @@ class Cleaner:
         self.users = state["users"]
         cap = self.cfg.recent_items
         for s in self.users.values():
-            del s.recent[:max(0, len(s.recent) - cap)]
+            del s[RECENT][:max(0, len(s[RECENT]) - cap)]
         self.newest_ts, self.since_sweep = state["newest_ts"], state["since_sweep"]
         for f in NUMERIC_FIELDS:
             self.rings[f] = Ring(self.cfg.outlier_window)
@@ -186,9 +189,9 @@ class Cleaner:
     def recent_items(self, user: str) -> list[str]:
         """The user's last items, most recent last; empty for an unknown or expired user."""
         s = self.users.get(user)
-        if s is None or s.last_ts < self.newest_ts - self.cfg.user_ttl_ms:
+        if s is None or s[LAST_TS] < self.newest_ts - self.cfg.user_ttl_ms:
             return []
-        return list(s.recent)
+        return list(s[RECENT])
 
     def apply(self, batch: EventBatch) -> tuple[EventBatch, list[DeadLetter]]:
         """``(events kept, in input order, with context filled and features, dead letters)``."""
@@ -291,6 +294,7 @@ class Cleaner:
         newest = max(self.newest_ts, int(batch.ts.max()))
         horizon = newest - cfg.user_ttl_ms  # a user last seen before this has expired
         cap, n_actions = cfg.recent_items, len(ACTIONS)
+        intern = sys.intern
         # Only the fields with a user_mean policy pay for it: their values go through the loop as lists.
         dwell = cols["dwell_ms"].tolist() if self.missing["dwell_ms"] == "user_mean" else None
         price = cols["price"].tolist() if self.missing["price"] == "user_mean" else None
@@ -299,34 +303,34 @@ class Cleaner:
         for j, (user, item, code, t) in enumerate(zip(batch.users, batch.items, batch.actions.tolist(),
                                                       batch.ts.tolist())):
             s = state.get(user)
-            if s is None or s.last_ts < horizon:
+            if s is None or s[0] < horizon:  # literal indices in this loop: LAST_TS, EVENTS, ... (no global lookups)
                 if s is not None:
                     expired += 1  # found before a sweep: starts afresh, as if it had been swept
-                s = state[user] = UserState(t, 0, [0] * n_actions, [])
-            elif t > s.last_ts:
-                gaps[j] = t - s.last_ts  # an event older than the user's newest has gap 0
-                s.last_ts = t
-            s.events += 1
-            s.actions[code] += 1
-            recent = s.recent
-            recent.append(item)
+                s = state[user] = [t, 0, [0] * n_actions, [], 0.0, 0, 0.0, 0]
+            elif t > s[0]:
+                gaps[j] = t - s[0]  # an event older than the user's newest has gap 0
+                s[0] = t
+            s[1] += 1
+            s[2][code] += 1
+            recent = s[3]
+            recent.append(intern(item))  # one object per item id: pickled once per snapshot, then by reference
             if len(recent) > cap:
                 del recent[0]
             if dwell is not None:
                 v = dwell[j]
                 if v == v:  # not NaN: observed
-                    s.dwell_sum += v
-                    s.dwell_n += 1
-                elif s.dwell_n:
-                    dwell[j] = s.dwell_sum / s.dwell_n
+                    s[4] += v
+                    s[5] += 1
+                elif s[5]:
+                    dwell[j] = s[4] / s[5]
                     dwell_filled += 1
             if price is not None:
                 v = price[j]
                 if v == v:
-                    s.price_sum += v
-                    s.price_n += 1
-                elif s.price_n:
-                    price[j] = s.price_sum / s.price_n
+                    s[6] += v
+                    s[7] += 1
+                elif s[7]:
+                    price[j] = s[6] / s[7]
                     price_filled += 1
         if dwell_filled:
             cols["dwell_ms"][:] = dwell
@@ -341,7 +345,7 @@ class Cleaner:
         self.since_sweep += m
         if self.since_sweep >= max(SWEEP_MIN_EVENTS, len(state)):
             self.since_sweep = 0
-            stale = [u for u, s in state.items() if s.last_ts < horizon]
+            stale = [u for u, s in state.items() if s[LAST_TS] < horizon]
             for u in stale:
                 del state[u]
             expired += len(stale)

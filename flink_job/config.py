@@ -146,6 +146,9 @@ class FlinkConfig:
     # "process": torch cannot be imported inside PyFlink's thread mode (pemja) - the import hangs; measured in
     # BENCHMARKS.md. The job hands Python whole chunks, so the per-call cost of process mode is paid per chunk.
     python_execution_mode: str = "process"
+    # Python results reach the JVM, and the stage's state is serialised into Flink state, at the end of each bundle:
+    # shorter bundles mean fresher output and more state writes (measured in BENCHMARKS.md).
+    bundle_time_ms: int = 100
     connector_jar: str = ""  # empty: the jar fetched by deploy/jars.py
     job_name: str = "streamrec"
 

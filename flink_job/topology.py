@@ -43,8 +43,7 @@ def flink_configuration(cfg: JobConfig, connector_jar: Path) -> Configuration:
         "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
         "state.backend.type": cfg.flink.state_backend,
         "table.exec.state.ttl": f"{cfg.clean.dedup_ttl_s} s",
-        # Many small Python results should not wait for a full bundle before they move on.
-        "python.fn-execution.bundle.time": "100",
+        "python.fn-execution.bundle.time": str(cfg.flink.bundle_time_ms),
     }
     if cfg.flink.restore_from:
         settings["execution.state-recovery.path"] = cfg.flink.restore_from

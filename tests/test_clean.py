@@ -12,6 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flink_job import clean
+
 from flink_job.clean import COUNTERS, FEATURE_NAMES, Cleaner, Moments
 from flink_job.config import CleanConfig, JobConfig
 from flink_job.parse import EventBatch, parse_lines
@@ -218,7 +220,7 @@ def test_recent_items_are_capped_most_recent_last_and_repeats_kept() -> None:
     assert c.recent_items("u") == ["i4", "i2", "i2"]
     assert c.recent_items("nobody") == []
     s = c.users["u"]
-    assert (s.events, s.actions[0]) == (7, 7)
+    assert (s[clean.EVENTS], s[clean.ACTION_COUNTS][0]) == (7, 7)
 
 
 def test_idle_users_expire_by_event_time_and_are_counted_once() -> None:
