@@ -104,7 +104,9 @@ class Broker:
         if not (self.run_dir / "data" / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
             subprocess.run(
-                [java, "-cp", cp, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props),
+                # "--cluster-id=<id>" in one argument: a random id may start with "-", which the tool's argument
+                # parser would take for an option (it did, once in 64 runs).
+                [java, "-cp", cp, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props),
                  "--standalone"],
                 check=True, stdout=subprocess.DEVNULL,
             )

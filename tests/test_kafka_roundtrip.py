@@ -27,3 +27,18 @@ def test_synthetic_events_round_trip_through_the_broker(topics) -> None:
     assert {p for _k, _v, p, _o in got} == {0, 1}
     first = Event.from_json(got[0][1])
     assert first.user_id.encode() == got[0][0]
+
+
+def test_a_broker_formats_its_storage_when_the_random_cluster_id_starts_with_a_dash(tmp_path, monkeypatch) -> None:
+    """Once in 64 starts the base64 cluster id begins with "-", which Kafka's storage tool took for an option."""
+    import uuid
+
+    from deploy import kafka
+
+    monkeypatch.setattr(kafka.uuid, "uuid4", lambda: uuid.UUID(bytes=b"\xf8" + bytes(15)))
+    broker = kafka.Broker(19792, 19793, tmp_path / "broker")
+    try:
+        broker.start()
+        assert "cluster.id=-" in (tmp_path / "broker" / "data" / "meta.properties").read_text()
+    finally:
+        broker.stop()
