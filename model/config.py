@@ -1,26 +1,88 @@
-"""Model settings, kept apart from the modules that use them."""
+"""Model settings, kept apart from the modules that use them.
+
+Every field is also a job configuration key ``model.<field>``; each is checked here, so a bad value fails when the
+configuration is loaded, with the key and the value received.
+
+>>> ModelConfig(optimizer="rmsprop")
+Traceback (most recent call last):
+...
+ValueError: model config: optimizer must be one of adagrad, adam, sgd, got 'rmsprop'
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+IMPLICIT_LOSSES = ("bpr", "sampled_softmax")
+NEGATIVES = ("uniform", "popularity", "in_batch")
+OPTIMIZERS = ("adagrad", "adam", "sgd")
+LR_SCHEDULES = ("constant", "warmup_constant", "warmup_rsqrt")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     dim: int = 32
-    lr: float = 0.05  # row-wise Adagrad step size
-    l2: float = 1e-4
+    lr: float = 0.05  # step size of the row-wise optimiser
+    l2: float = 1e-4  # L2 on the vectors of the rows a batch touches (once per row and step)
     init_std: float = 0.05
-    implicit_negatives: int = 4  # uniformly sampled negatives per implicit event (BPR)
     rating_min: float = 1.0
     rating_max: float = 5.0
+    # Implicit objective. bpr: pairwise, ``implicit_negatives`` negatives per event. sampled_softmax: each event
+    # against ``shared_negatives`` negatives shared by the batch, logits corrected by log Q (sampling bias).
+    implicit_loss: str = "bpr"
+    negatives: str = "uniform"  # uniform | popularity (count^popularity_power) | in_batch (the batch's own items)
+    implicit_negatives: int = 4
+    shared_negatives: int = 256
+    popularity_power: float = 0.75
+    # Ratings also train the ranking side as implicit positives of this weight (0: off) when >= rating_implicit_min.
+    rating_implicit_weight: float = 1.0
+    rating_implicit_min: float = 0.0
+    optimizer: str = "adagrad"  # adagrad | adam, both row-wise and applied to the rows a batch touched only
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    clip_norm: float = 0.0  # per-row gradient norm bound; 0: off
+    lr_schedule: str = "constant"  # constant | warmup_constant | warmup_rsqrt (by trained batches)
+    warmup_steps: int = 100
+    inner_steps: int = 1  # optimisation passes over each micro-batch
+    # Id admission: an id gets its own row from its admit_after-th sighting; before that it shares the table's
+    # fallback row. Sightings of ids not yet admitted are counted for at most admit_capacity ids (oldest forgotten).
+    admit_after: int = 1
+    admit_capacity: int = 100_000
+    # Expiry: ids without an event for ttl_ms of event time (``learn_many(..., ts=...)``) give their row back; 0: off.
+    ttl_ms: int = 0
+    sweep_rows: int = 1024  # rows checked for expiry per table and batch (amortised sweep)
+    # Stability: replay of past events (reservoir sample) and a proximal pull toward the last published rows.
+    replay_size: int = 0
+    replay_ratio: float = 0.0  # replayed events per real event of a batch
+    proximal: float = 0.0
+    inject_nan_every: int = 0  # test hook: every n-th batch gets a NaN loss (and is skipped); 0: off
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     threads: int = 1  # torch intra-op threads; the JVM and Kafka need the other core
 
     def __post_init__(self) -> None:
-        if self.dim <= 0:
-            raise ValueError(f"model config: dim must be positive, got {self.dim}")
-        if self.lr <= 0:
-            raise ValueError(f"model config: lr must be positive, got {self.lr}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"model config: device must be auto, cpu or cuda, got {self.device!r}")
+        for name, choices in (
+            ("implicit_loss", IMPLICIT_LOSSES), ("negatives", NEGATIVES), ("optimizer", OPTIMIZERS),
+            ("lr_schedule", LR_SCHEDULES), ("device", DEVICES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"model config: {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
+                )
+        positive = ("dim", "lr", "inner_steps", "admit_after", "admit_capacity", "sweep_rows", "warmup_steps",
+                    "threads", "init_std")
+        non_negative = ("l2", "implicit_negatives", "shared_negatives", "popularity_power", "rating_implicit_weight",
+                        "clip_norm", "ttl_ms", "replay_size", "replay_ratio", "proximal", "inject_nan_every")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        for name in non_negative:
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"model config: {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"model config: {name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.rating_min < self.rating_max:
+            raise ValueError(
+                f"model config: rating_min must be below rating_max, got {self.rating_min} and {self.rating_max}"
+            )

@@ -1,42 +1,105 @@
-"""A collisionless map from external ids (strings) to dense table rows, growing as new ids arrive.
+"""A collisionless map from external ids (strings) to table rows, with a shared fallback row and recycled rows.
+
+Row 0 is the fallback row of the table: ids not (yet) admitted use it. Every admitted id owns one row; a released
+row goes on a free list and is handed to the next new id, so a row never holds two ids at once.
 
 >>> m = IdMap()
 >>> m.rows(["a", "b", "a"]).tolist(), len(m)
-([0, 1, 0], 2)
->>> m.ids([1, 0])
-['b', 'a']
+([1, 2, 1], 2)
+>>> m.release([1]), m.rows(["c"]).tolist(), m.ids([1, 2])
+(['a'], [1], ['c', 'b'])
+>>> s = Sightings(capacity=2)
+>>> m.rows(["x", "x", "y"], s, admit_after=2).tolist(), "x" in m
+([0, 3, 0], True)
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from model.arrays import Rows
 
+FALLBACK_ROW = 0
+NO_ID = ""  # the id of the fallback row and of free rows; the job rejects empty ids, so it names no real id
+
+
+class Sightings:
+    """How often each not-yet-admitted id was seen, for at most ``capacity`` ids (the least recently seen go)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.counts: dict[str, int] = {}
+
+    def see(self, key: str) -> int:
+        """One more sighting of ``key``; returns its count."""
+        counts = self.counts
+        n = counts.pop(key, 0) + 1
+        counts[key] = n  # re-inserted: dict order is least recently seen first
+        if len(counts) > self.capacity:
+            del counts[next(iter(counts))]
+        return n
+
+    def forget(self, key: str) -> None:
+        self.counts.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
 
 class IdMap:
     def __init__(self) -> None:
         self._row: dict[str, int] = {}
-        self._ids: list[str] = []
+        self._ids: list[str] = [NO_ID]  # row -> id; NO_ID for the fallback row and free rows
+        self._free: list[int] = []
+        self.version = 0  # changes whenever an id gains or loses a row
 
     def __len__(self) -> int:
+        """Admitted ids (the fallback row is not one)."""
+        return len(self._row)
+
+    @property
+    def size(self) -> int:
+        """Rows in use or free, fallback included: the table must hold this many rows."""
         return len(self._ids)
 
     def __contains__(self, key: str) -> bool:
         return key in self._row
 
-    def rows(self, ids: Sequence[str]) -> Rows:
-        """Rows of ``ids``, assigning the next free row to each id not seen before."""
+    def rows(self, ids: Sequence[str], sightings: Sightings | None = None, admit_after: int = 1) -> Rows:
+        """Rows of ``ids``; an id not yet known is admitted at its ``admit_after``-th sighting, before that it gets
+        the fallback row (sightings counted in ``sightings``, which is needed when ``admit_after > 1``)."""
         row = self._row
         out = np.empty(len(ids), np.int64)
         for n, key in enumerate(ids):
             r = row.get(key)
             if r is None:
-                r = row[key] = len(self._ids)
-                self._ids.append(key)
+                if sightings is not None and admit_after > 1:
+                    if sightings.see(key) < admit_after:
+                        out[n] = FALLBACK_ROW
+                        continue
+                    sightings.forget(key)
+                r = self._admit(key)
             out[n] = r
         return out
+
+    def _admit(self, key: str) -> int:
+        if self._free:
+            r = self._free.pop()
+            self._ids[r] = key
+        else:
+            r = len(self._ids)
+            self._ids.append(key)
+        self._row[key] = r
+        self.version += 1
+        return r
+
+    def lookup(self, ids: Iterable[str]) -> Rows:
+        """Rows of ``ids`` without admitting anyone: unknown ids get the fallback row."""
+        get = self._row.get
+        return np.fromiter((get(k, FALLBACK_ROW) for k in ids), np.int64)
 
     def get(self, key: str) -> int | None:
         return self._row.get(key)
@@ -45,14 +108,42 @@ class IdMap:
         ids = self._ids
         return [ids[r] for r in rows]
 
-    def state(self) -> list[str]:
-        return list(self._ids)
+    def release(self, rows: Sequence[int] | Rows) -> list[str]:
+        """Frees ``rows`` (admitted ones); returns their ids."""
+        out = []
+        for r in rows:
+            key = self._ids[r]
+            if r == FALLBACK_ROW or key == NO_ID:
+                raise ValueError(f"id map: row {r} holds no id and cannot be released")
+            del self._row[key]
+            self._ids[r] = NO_ID
+            self._free.append(int(r))
+            out.append(key)
+        if out:
+            self.version += 1
+        return out
+
+    def live_mask(self) -> np.ndarray[Any, Any]:
+        """(size,) True for rows that hold an id."""
+        mask = np.zeros(self.size, bool)
+        mask[np.fromiter(self._row.values(), np.int64, len(self._row))] = True
+        return mask
+
+    def nbytes(self) -> int:
+        """Approximate memory of the map: the dict, the row list, the free list and the id strings."""
+        return (sys.getsizeof(self._row) + sys.getsizeof(self._ids) + sys.getsizeof(self._free)
+                + sum(sys.getsizeof(k) for k in self._row))
+
+    def state(self) -> dict[str, Any]:
+        return {"ids": list(self._ids), "free": list(self._free), "version": self.version}
 
     @classmethod
-    def from_state(cls, ids: list[str]) -> IdMap:
+    def from_state(cls, state: dict[str, Any]) -> IdMap:
         m = cls()
-        m._ids = list(ids)
-        m._row = {k: n for n, k in enumerate(m._ids)}
-        if len(m._row) != len(m._ids):
-            raise ValueError("id map: state holds duplicate ids")
+        m._ids = list(state["ids"])
+        m._free = list(state["free"])
+        m.version = state["version"]
+        m._row = {k: n for n, k in enumerate(m._ids) if k != NO_ID}
+        if len(m._row) + len(m._free) + 1 != len(m._ids):
+            raise ValueError("id map: state holds duplicate ids or inconsistent free rows")
         return m

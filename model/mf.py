@@ -1,31 +1,41 @@
-"""Online biased matrix factorisation: ratings by squared error, implicit actions by BPR, in micro-batches.
+"""Online biased matrix factorisation in micro-batches: ratings by squared error, implicit feedback by a ranking loss.
 
-The score of item ``i`` for user ``u`` is ``b_i + p_u . q_i``; a predicted rating adds the global mean and the
-user bias. Gradients are written out by hand (the model is small) and applied with row-wise Adagrad to the rows
-a batch touched, on CUDA when present and on the CPU otherwise.
+The ranking score of item ``i`` for user ``u`` is ``c_i + p_u . q_i`` (``c`` the ranking bias); a predicted rating
+is ``mean + b_u + b_i + p_u . q_i``. Implicit events (and, weighted, ratings) train the ranking side with BPR or a
+sampled softmax with log Q correction, against uniform, popularity (``count ** 0.75``) or in-batch negatives.
+Gradients are written out by hand (``model.objectives``) and applied with row-wise Adagrad or Adam to the rows a
+batch touched. Around that: id admission with a shared fallback row, expiry of idle ids with recycled rows, a
+replay reservoir, a proximal pull toward published rows, and a guard that skips a batch with non-finite numbers.
 
 >>> m = OnlineBiasedMF(ModelConfig(dim=8, seed=1))
 >>> import numpy as np
 >>> stats = m.learn_many(["u1", "u2"], ["i1", "i2"], np.array([4, 0]), np.array([5.0, 1.0]))
 >>> stats.events, sorted(m.users.ids(stats.user_rows))
 (2, ['u1', 'u2'])
+>>> m.score_items(["u1", "nobody"], ["i1", "i2", "new"]).shape
+(2, 3)
 """
 from __future__ import annotations
 
+import math
 import pickle
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
 
 from model.arrays import Array, Rows
 from model.config import ModelConfig
-from model.idmap import IdMap
-from model.tables import EmbeddingTable
+from model.idmap import FALLBACK_ROW, IdMap, Sightings
+from model.objectives import bpr_grads, rating_grads, sampled_softmax_grads
+from model.replay import Reservoir
+from model.sampler import WeightedSampler
+from model.tables import EmbeddingTable, Saved, Step
 
 RATING_CODE = 4  # index of "rating" in flink_job.events.ACTIONS; the model takes action codes, not names
-STATE_VERSION = 3
+STATE_VERSION = 4
 
 
 def pick_device(setting: str) -> torch.device:
@@ -43,27 +53,59 @@ class BatchStats:
     ratings: int
     implicit: int
     rating_loss: float  # mean squared error on the batch's ratings, before the update
-    bpr_loss: float  # mean BPR loss on the batch's implicit events, before the update
-    user_rows: Rows  # (U,) rows touched
-    item_rows: Rows  # (I,) rows touched, negatives included
-    event_user_rows: Rows  # (B,) the row of each event's user
+    bpr_loss: float  # mean implicit loss (BPR or sampled softmax) of the batch, before the update
+    user_rows: Rows  # (U,) rows moved (replayed events included)
+    item_rows: Rows  # (I,) rows moved, negatives and replayed events included
+    event_user_rows: Rows  # (B,) the row of each event's user (0: the fallback row of ids not admitted yet)
     event_item_rows: Rows  # (B,) the row of each event's item
+    skipped: bool = False  # non-finite loss or gradient: nothing was trained, the touched rows were rolled back
+    replayed: int = 0  # past events replayed into this batch
+
+
+@dataclass
+class _Batch:
+    """One training batch on the device: real events first, then replayed ones."""
+
+    u: torch.Tensor  # (E,) user rows
+    i: torch.Tensor  # (E,) item rows
+    rating_idx: torch.Tensor  # (R,) entries that are ratings
+    ratings: torch.Tensor  # (R,)
+    implicit_idx: torch.Tensor  # (M,) entries that train the ranking side
+    implicit_w: torch.Tensor  # (M,) their weights
 
 
 class OnlineBiasedMF:
     def __init__(self, config: ModelConfig = ModelConfig()) -> None:
         self.config = config
-        self.device = pick_device(config.device)
-        torch.set_num_threads(config.threads)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.rng = np.random.default_rng(config.seed)
+        cfg = config
+        self.device = pick_device(cfg.device)
+        torch.set_num_threads(cfg.threads)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
         self.users = IdMap()
         self.items = IdMap()
-        self.user_table = EmbeddingTable(config.dim, config.init_std, self.device, self.generator)
-        self.item_table = EmbeddingTable(config.dim, config.init_std, self.device, self.generator)
+        self.user_sightings = Sightings(cfg.admit_capacity)
+        self.item_sightings = Sightings(cfg.admit_capacity)
+        anchored = cfg.proximal > 0
+        self.user_table = EmbeddingTable(cfg.dim, cfg.init_std, self.device, self.generator, cfg.optimizer, anchored)
+        self.item_table = EmbeddingTable(cfg.dim, cfg.init_std, self.device, self.generator, cfg.optimizer, anchored)
+        self._grow()
+        for t in (self.user_table, self.item_table):
+            t.params[FALLBACK_ROW] = 0.0  # an untrained fallback predicts the mean and scores 0
+        self.sampler = WeightedSampler()
+        self.reservoir = Reservoir(cfg.replay_size)
         self.rating_sum = 0.0
         self.rating_count = 0
-        self.step = 0
+        self.step = 0  # batches trained
+        self.batches_seen = 0  # batches offered, skipped ones included
+        self.skipped_batches = 0
+        self.clock_ms = 0  # newest event time seen
+        self.sweep_cursor = [1, 1]  # next row to check for expiry, users and items
+        self.expired: tuple[list[str], list[str]] = ([], [])  # ids expired since the last drain_expired
+        self._poison_next = False
+        self._candidates: tuple[int, list[str], Rows] = (-1, [], np.zeros(0, np.int64))
+
+    # ----------------------------------------------------------------------------------------------- training
 
     @property
     def global_mean(self) -> float:
@@ -71,92 +113,388 @@ class OnlineBiasedMF:
             return (self.config.rating_min + self.config.rating_max) / 2
         return self.rating_sum / self.rating_count
 
-    def _rows(self, users: Sequence[str], items: Sequence[str]) -> tuple[Rows, Rows]:
-        u = self.users.rows(users)
-        i = self.items.rows(items)
-        self.user_table.ensure(len(self.users))
-        self.item_table.ensure(len(self.items))
-        return u, i
+    def _grow(self) -> None:
+        self.user_table.ensure(self.users.size)
+        self.item_table.ensure(self.items.size)
 
     def learn_many(
         self, users: Sequence[str], items: Sequence[str], actions: Array, values: Array,
-        weights: Array | None = None,
+        weights: Array | None = None, ts: Array | None = None,
     ) -> BatchStats:
-        """One update on a micro-batch. ``actions`` are codes (4 = rating); ``weights`` scale implicit events."""
+        """One update on a micro-batch. ``actions`` are codes (4 = rating); ``weights`` scale implicit events;
+        ``ts`` (B,) event times in ms drive expiry (without them nothing ages)."""
+        return self._learn(users, items, actions, values, weights, ts, count=True)
+
+    def _learn(
+        self, users: Sequence[str], items: Sequence[str], actions: Array, values: Array,
+        weights: Array | None, ts: Array | None, count: bool,
+    ) -> BatchStats:
         cfg = self.config
-        event_u, event_i = self._rows(users, items)  # (B,), (B,)
-        u, i = torch.from_numpy(event_u).to(self.device), torch.from_numpy(event_i).to(self.device)
-        act = torch.from_numpy(np.asarray(actions, np.int64)).to(self.device)
-        val = torch.from_numpy(np.asarray(values, np.float32)).to(self.device)
-        w = torch.ones(len(users), device=self.device) if weights is None else torch.from_numpy(
-            np.asarray(weights, np.float32)).to(self.device)
+        n = len(users)
+        times = None if ts is None or not n else np.asarray(ts, np.int64)  # (B,)
+        if times is not None:
+            self.clock_ms = max(self.clock_ms, int(times.max()))
+        event_u = self.users.rows(users, self.user_sightings, cfg.admit_after)  # (B,)
+        event_i = self.items.rows(items, self.item_sightings, cfg.admit_after)  # (B,)
+        self._grow()
+        self.sampler.resize(self.items.size)
+        self._admit_to_sampler(event_i)
+        self._mark_seen(self.user_table, event_u, times)
+        self._mark_seen(self.item_table, event_i, times)
+        act = np.asarray(actions, np.int64)
+        val = np.asarray(values, np.float32)
+        w = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)
+        real: dict[str, np.ndarray[Any, Any]] = {"user": event_u, "item": event_i, "action": act, "value": val, "weight": w}
+        train, replayed = self._with_replay(real)
+        batch = self._to_device(train)
+        self.batches_seen += 1
+        poison = self._poison_next or (cfg.inject_nan_every > 0 and self.batches_seen % cfg.inject_nan_every == 0)
+        self._poison_next = False
+
+        how = Step(self._lr(), cfg.optimizer, cfg.l2, cfg.clip_norm, cfg.proximal, cfg.adam_beta1, cfg.adam_beta2)
+        saved_u: list[Saved] = []
+        saved_i: list[Saved] = []
+        user_rows: list[torch.Tensor] = []
+        item_rows: list[torch.Tensor] = []
+        losses = (0.0, 0.0)
+        for k in range(cfg.inner_steps):
+            done = self._pass(batch, how, poison, saved_u, saved_i)
+            if done is None:
+                self.user_table.restore(saved_u)
+                self.item_table.restore(saved_i)
+                self.skipped_batches += 1
+                empty = np.zeros(0, np.int64)
+                return BatchStats(n, int((act == RATING_CODE).sum()), int((act != RATING_CODE).sum()),
+                                  float("nan"), float("nan"), empty, empty, event_u, event_i, True, replayed)
+            if k == 0:
+                losses = done[0], done[1]
+            user_rows.append(done[2])
+            item_rows.append(done[3])
+
         is_rating = act == RATING_CODE
-        r_idx = torch.nonzero(is_rating).squeeze(1)
-        b_idx = torch.nonzero(~is_rating).squeeze(1)
-        ut, it = self.user_table, self.item_table
-        grads_u: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        grads_i: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        rating_loss = bpr_loss = 0.0
-
-        if len(r_idx):
-            ru, ri, r = u[r_idx], i[r_idx], val[r_idx]
-            p, q = ut.weight[ru], it.weight[ri]  # (R, D)
-            pred = self.global_mean + ut.bias[ru] + it.bias[ri] + (p * q).sum(1)  # (R,)
-            err = pred - r  # (R,)
-            rating_loss = float(err.pow(2).mean())
-            grads_u.append((ru, err.unsqueeze(1) * q + cfg.l2 * p, err))
-            grads_i.append((ri, err.unsqueeze(1) * p + cfg.l2 * q, err))
-            self.rating_sum += float(r.sum())
-            self.rating_count += len(r_idx)
-
-        if len(b_idx) and len(self.items) > 1:
-            k = cfg.implicit_negatives
-            bu, bi, bw = u[b_idx].repeat(k), i[b_idx].repeat(k), w[b_idx].repeat(k)  # (N*k,)
-            bj = torch.from_numpy(self.rng.integers(0, len(self.items), len(bu))).to(self.device)  # (N*k,)
-            p, qi, qj = ut.weight[bu], it.weight[bi], it.weight[bj]  # (N*k, D)
-            x = it.bias[bi] - it.bias[bj] + (p * (qi - qj)).sum(1)  # (N*k,)
-            bpr_loss = float(torch.nn.functional.softplus(-x).mean())
-            g = -torch.sigmoid(-x) * bw / k  # (N*k,) d loss / d x
-            zero = torch.zeros_like(g)
-            grads_u.append((bu, g.unsqueeze(1) * (qi - qj) + cfg.l2 * p, zero))
-            grads_i.append((bi, g.unsqueeze(1) * p + cfg.l2 * qi, g))
-            grads_i.append((bj, -g.unsqueeze(1) * p + cfg.l2 * qj, -g))
-
-        user_rows = _apply(ut, grads_u, cfg.lr)
-        item_rows = _apply(it, grads_i, cfg.lr)
-        ut.count_events(u)
-        it.count_events(i)
+        if count:
+            self.rating_sum += float(val[is_rating].sum())
+            self.rating_count += int(is_rating.sum())
+            self.user_table.count_events(torch.from_numpy(event_u).to(self.device))
+            self.item_table.count_events(torch.from_numpy(event_i).to(self.device))
+            self._offer_to_reservoir(real)
+        self._update_sampler(event_i)
         self.step += 1
+        self._expire()
         return BatchStats(
-            len(users), len(r_idx), len(b_idx), rating_loss, bpr_loss, user_rows, item_rows, event_u, event_i
+            n, int(is_rating.sum()), int((~is_rating).sum()), losses[0], losses[1],
+            _distinct(user_rows), _distinct(item_rows), event_u, event_i, False, replayed,
         )
 
-    def predict_ratings(self, users: Sequence[str], items: Sequence[str]) -> Array:
-        """Rating predictions clipped to the rating range; unknown ids contribute zero vectors and biases."""
-        u = self._known_rows(self.users, users)
-        i = self._known_rows(self.items, items)
+    def _lr(self) -> float:
+        cfg = self.config
+        s, warm = self.step + 1, cfg.warmup_steps
+        if cfg.lr_schedule == "warmup_constant":
+            return cfg.lr * min(1.0, s / warm)
+        if cfg.lr_schedule == "warmup_rsqrt":
+            return cfg.lr * min(s / warm, math.sqrt(warm / s))
+        return cfg.lr
+
+    def _pass(
+        self, b: _Batch, how: Step, poison: bool, saved_u: list[Saved], saved_i: list[Saved],
+    ) -> tuple[float, float, torch.Tensor, torch.Tensor] | None:
+        """One optimisation pass over the batch; None (and nothing changed) if a number was not finite."""
+        cfg = self.config
         ut, it = self.user_table, self.item_table
-        pu = torch.where((u >= 0).unsqueeze(1), ut.weight[u.clamp(min=0)], 0.0)
-        qi = torch.where((i >= 0).unsqueeze(1), it.weight[i.clamp(min=0)], 0.0)
-        bu = torch.where(u >= 0, ut.bias[u.clamp(min=0)], 0.0)
-        bi = torch.where(i >= 0, it.bias[i.clamp(min=0)], 0.0)
-        pred = self.global_mean + bu + bi + (pu * qi).sum(1)
+        gu: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows (E,), gradients (E, D + 2))
+        gi: list[tuple[torch.Tensor, torch.Tensor]] = []
+        rating_loss = implicit_loss = 0.0
+
+        if len(b.rating_idx):
+            ru, ri = b.u[b.rating_idx], b.i[b.rating_idx]  # (R,)
+            rating_loss, g_u, g_i = rating_grads(
+                self.global_mean, ut.rating_bias[ru], it.rating_bias[ri], ut.weight[ru], it.weight[ri], b.ratings
+            )
+            gu.append((ru, g_u))
+            gi.append((ri, g_i))
+
+        if len(b.implicit_idx):
+            if cfg.implicit_loss == "bpr":
+                implicit_loss = self._bpr(b, gu, gi)
+            else:
+                implicit_loss = self._softmax(b, gu, gi)
+
+        if poison:
+            rating_loss = implicit_loss = float("nan")
+        grads = [g for _, g in gu + gi]
+        if not (math.isfinite(rating_loss) and math.isfinite(implicit_loss)
+                and all(bool(torch.isfinite(g).all()) for g in grads)):
+            return None
+        rows_u = rows_i = torch.zeros(0, dtype=torch.int64, device=self.device)
+        if gu:
+            rows_u = ut.step(torch.cat([r for r, _ in gu]), torch.cat([g for _, g in gu]), how, saved_u)
+        if gi:
+            rows_i = it.step(torch.cat([r for r, _ in gi]), torch.cat([g for _, g in gi]), how, saved_i)
+        if not (ut.finite(rows_u) and it.finite(rows_i)):
+            return None
+        return rating_loss, implicit_loss, rows_u, rows_i
+
+    def _bpr(self, b: _Batch, gu: list[tuple[torch.Tensor, torch.Tensor]],
+             gi: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        k = self.config.implicit_negatives
+        ut, it = self.user_table, self.item_table
+        m = len(b.implicit_idx)
+        bu, bi = b.u[b.implicit_idx].repeat(k), b.i[b.implicit_idx].repeat(k)  # (M * k,)
+        bj = self._negatives(b.i[b.implicit_idx], m * k)
+        if len(bj) != m * k:
+            return 0.0
+        w = b.implicit_w.repeat(k) / k * (bj != bi)  # (M * k,) a negative that is the positive drops out
+        loss, g_u, g_i, g_j = bpr_grads(ut.weight[bu], it.weight[bi], it.bias[bi], it.weight[bj],
+                                        it.bias[bj], w)
+        gu.append((bu, g_u))
+        gi.extend([(bi, g_i), (bj, g_j)])
+        return loss
+
+    def _softmax(self, b: _Batch, gu: list[tuple[torch.Tensor, torch.Tensor]],
+                 gi: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        cfg = self.config
+        ut, it = self.user_table, self.item_table
+        bu, bi = b.u[b.implicit_idx], b.i[b.implicit_idx]  # (M,)
+        m = len(bi)
+        if cfg.negatives == "in_batch":
+            neg = bi if m <= cfg.shared_negatives else self._negatives(bi, cfg.shared_negatives)  # (K,)
+            # The negatives are the batch's own items, so an item is drawn in proportion to its count in the batch.
+            uniq, inv, counts = torch.unique(bi, return_inverse=True, return_counts=True)  # sorted (Q,)
+            logq = torch.log(counts.to(torch.float32) / m)  # (Q,)
+            logq_pos, logq_neg = logq[inv], logq[torch.searchsorted(uniq, neg)]  # (M,), (K,)
+        else:
+            neg = self._negatives(bi, cfg.shared_negatives)
+            if not len(neg):
+                return 0.0
+            if cfg.negatives == "popularity":
+                floor = 1.0 / max(self.sampler.total, 1e-12)  # an item not counted yet weighs as one event
+                logq_pos = torch.from_numpy(np.log(np.maximum(
+                    self.sampler.probability(bi.cpu().numpy()), floor))).to(self.device, torch.float32)
+                logq_neg = torch.from_numpy(np.log(self.sampler.probability(neg.cpu().numpy()))).to(
+                    self.device, torch.float32)
+            else:  # uniform: the same log Q for every item cancels out
+                logq_pos = torch.zeros(m, device=self.device)
+                logq_neg = torch.zeros(len(neg), device=self.device)
+        collide = bi.unsqueeze(1) == neg.unsqueeze(0)  # (M, K)
+        loss, g_u, g_pos, g_neg = sampled_softmax_grads(
+            ut.weight[bu], it.weight[bi], it.bias[bi], logq_pos, it.weight[neg], it.bias[neg], logq_neg,
+            collide, b.implicit_w,
+        )
+        gu.append((bu, g_u))
+        gi.extend([(bi, g_pos), (neg, g_neg)])
+        return loss
+
+    def _negatives(self, positives: torch.Tensor, size: int) -> torch.Tensor:
+        """``size`` negative item rows: from the batch's positives (in_batch) or the weighted sampler."""
+        if self.config.negatives == "in_batch":
+            pick = torch.from_numpy(self.rng.integers(0, len(positives), size)).to(self.device)
+            return positives[pick]
+        return torch.from_numpy(self.sampler.sample(self.rng, size)).to(self.device)
+
+    def _to_device(self, train: dict[str, np.ndarray[Any, Any]]) -> _Batch:
+        cfg = self.config
+        act, val, w = train["action"], train["value"], train["weight"]
+        is_rating = act == RATING_CODE
+        rating_idx = np.flatnonzero(is_rating)
+        implicit_w = np.where(is_rating, 0.0, w).astype(np.float32)
+        if cfg.rating_implicit_weight > 0:
+            implicit_w[is_rating & (val >= cfg.rating_implicit_min)] = cfg.rating_implicit_weight
+        implicit_idx = np.flatnonzero(implicit_w > 0)
+        dev = self.device
+        return _Batch(
+            torch.from_numpy(train["user"]).to(dev), torch.from_numpy(train["item"]).to(dev),
+            torch.from_numpy(rating_idx).to(dev), torch.from_numpy(val[rating_idx]).to(dev),
+            torch.from_numpy(implicit_idx).to(dev), torch.from_numpy(implicit_w[implicit_idx]).to(dev),
+        )
+
+    # ---------------------------------------------------------------------- replay, sampler, expiry bookkeeping
+
+    def _with_replay(self, real: dict[str, np.ndarray[Any, Any]]) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
+        cfg = self.config
+        k = int(round(cfg.replay_ratio * len(real["user"])))
+        if not k or not len(self.reservoir):
+            return real, 0
+        past = self.reservoir.sample(self.rng, k)
+        ok = ((self.user_table.generation[past["user"]] == past["user_gen"])
+              & (self.item_table.generation[past["item"]] == past["item_gen"]))  # rows not recycled since
+        return {name: np.concatenate([col, past[name][ok]]) for name, col in real.items()}, int(ok.sum())
+
+    def _offer_to_reservoir(self, real: dict[str, np.ndarray[Any, Any]]) -> None:
+        if not self.reservoir.size:
+            return
+        self.reservoir.add(self.rng, {
+            **real, "user_gen": self.user_table.generation[real["user"]],
+            "item_gen": self.item_table.generation[real["item"]],
+        })
+
+    def _sampler_weights(self, rows: Rows) -> np.ndarray[Any, Any]:
+        if self.config.negatives == "popularity":
+            counts = self.item_table.events[torch.from_numpy(rows).to(self.device)].cpu().numpy()
+            return np.power(counts.astype(np.float64), self.config.popularity_power)
+        return np.ones(len(rows))
+
+    def _admit_to_sampler(self, event_i: Rows) -> None:
+        """Items new to the sampler weigh as one event, so they can be negatives already in their first batch."""
+        if self.config.negatives == "in_batch":
+            return
+        rows = np.unique(event_i)
+        rows = rows[(rows != FALLBACK_ROW) & (self.sampler.weight[rows] == 0)]
+        self.sampler.set(rows, np.ones(len(rows)))
+
+    def _update_sampler(self, event_i: Rows) -> None:
+        if self.config.negatives == "in_batch":
+            return
+        rows = np.unique(event_i)
+        rows = rows[rows != FALLBACK_ROW]
+        self.sampler.set(rows, self._sampler_weights(rows))
+
+    def _rebuild_sampler(self) -> None:
+        self.sampler = WeightedSampler()
+        self.sampler.resize(self.items.size)
+        if self.config.negatives != "in_batch":
+            live = np.flatnonzero(self.items.live_mask())
+            self.sampler.set(live, self._sampler_weights(live))
+
+    @staticmethod
+    def _mark_seen(table: EmbeddingTable, rows: Rows, times: np.ndarray[Any, Any] | None) -> None:
+        own = rows != FALLBACK_ROW
+        r = rows[own]
+        if times is None:
+            table.last_seen[r] = np.minimum(table.last_seen[r], 0)  # seen, but without a clock nothing ages
+            return
+        table.last_seen[r] = np.iinfo(np.int64).min
+        np.maximum.at(table.last_seen, r, times[own])
+
+    def _expire(self) -> None:
+        """Checks the next ``sweep_rows`` rows of each table for ids idle longer than ``ttl_ms`` (event time)."""
+        cfg = self.config
+        if not cfg.ttl_ms:
+            return
+        cutoff = self.clock_ms - cfg.ttl_ms
+        for k, (idmap, table) in enumerate(((self.users, self.user_table), (self.items, self.item_table))):
+            span = idmap.size - 1
+            if span <= 0:
+                continue
+            n = min(cfg.sweep_rows, span)
+            rows = 1 + (self.sweep_cursor[k] - 1 + np.arange(n)) % span  # (n,) wraps past the last row
+            self.sweep_cursor[k] = int(1 + (self.sweep_cursor[k] - 1 + n) % span)
+            old = rows[table.last_seen[rows] < cutoff]
+            if not len(old):
+                continue
+            self.expired[k].extend(idmap.release(old))
+            table.reset(old)
+            if k == 1:
+                self.sampler.set(old, np.zeros(len(old)))
+
+    def drain_expired(self) -> tuple[list[str], list[str]]:
+        """``(user ids, item ids)`` expired since the last call (e.g. to publish tombstones)."""
+        out = self.expired
+        self.expired = ([], [])
+        return out
+
+    def poison_next_batch(self) -> None:
+        """Test hook: the next batch gets a NaN loss, so it is skipped and rolled back."""
+        self._poison_next = True
+
+    def mark_published(self, kind: str, rows: Rows) -> None:
+        """The job published ``rows``: their current parameters become the proximal anchor."""
+        self._table(kind).mark_published(torch.from_numpy(np.asarray(rows, np.int64)).to(self.device))
+
+    # ---------------------------------------------------------------------------------------------- warm start
+
+    def pretrain(
+        self, users: Sequence[str], items: Sequence[str], actions: Array, values: Array,
+        weights: Array | None = None, ts: Array | None = None, epochs: int = 1, batch_size: int = 1024,
+    ) -> int:
+        """Trains on a historical log in its order, ``epochs`` times, in batches; the stream then continues on the
+        same state. Each event counts once in the per-id event counters. Returns the batches trained."""
+        if epochs <= 0 or batch_size <= 0:
+            raise ValueError(f"model: pretrain needs epochs and batch_size > 0, got {epochs} and {batch_size}")
+        n = len(users)
+        act, val = np.asarray(actions, np.int64), np.asarray(values, np.float32)
+        w = None if weights is None else np.asarray(weights, np.float32)
+        t = None if ts is None else np.asarray(ts, np.int64)
+        trained = 0
+        for epoch in range(epochs):
+            for s in range(0, n, batch_size):
+                e = min(s + batch_size, n)
+                stats = self._learn(users[s:e], items[s:e], act[s:e], val[s:e], None if w is None else w[s:e],
+                                    None if t is None else t[s:e], count=epoch == 0)
+                trained += not stats.skipped
+        return trained
+
+    # --------------------------------------------------------------------------------------------- inference
+
+    def predict_ratings(self, users: Sequence[str], items: Sequence[str]) -> Array:
+        """(B,) rating predictions clipped to the rating range; ids not admitted use the fallback rows."""
+        u = torch.from_numpy(self.users.lookup(users)).to(self.device)
+        i = torch.from_numpy(self.items.lookup(items)).to(self.device)
+        ut, it = self.user_table, self.item_table
+        pred = self.global_mean + ut.rating_bias[u] + it.rating_bias[i] + (ut.weight[u] * it.weight[i]).sum(1)
         return pred.clamp(self.config.rating_min, self.config.rating_max).cpu().numpy()
 
-    def _known_rows(self, idmap: IdMap, ids: Sequence[str]) -> torch.Tensor:
-        rows = [idmap.get(k) for k in ids]
-        return torch.tensor([-1 if r is None else r for r in rows], dtype=torch.int64, device=self.device)
+    def score_items(self, users: Sequence[str], items: Sequence[str]) -> np.ndarray[Any, Any]:
+        """(U, I) ranking scores of each candidate item for each user; unknown ids use the fallback rows."""
+        u = torch.from_numpy(self.users.lookup(users)).to(self.device)
+        i = torch.from_numpy(self._candidate_rows(items)).to(self.device)
+        it = self.item_table
+        scores = self.user_table.weight[u] @ it.weight[i].T + it.bias[i]  # (U, I)
+        return np.asarray(scores.cpu().numpy())
+
+    def _candidate_rows(self, items: Sequence[str]) -> Rows:
+        """Rows of ``items``, cached: a candidate list that only grows is looked up only for its new ids."""
+        version, cached, rows = self._candidates
+        n = len(cached)
+        if version != self.items.version or len(items) < n or list(items[:n]) != cached:
+            cached, rows, n = [], np.zeros(0, np.int64), 0
+        if len(items) > n:
+            cached = cached + list(items[n:])
+            rows = np.concatenate([rows, self.items.lookup(items[n:])])
+        self._candidates = (self.items.version, cached, rows)
+        return rows
+
+    def _table(self, kind: str) -> EmbeddingTable:
+        if kind not in ("user", "item"):
+            raise ValueError(f"model: table kind must be 'user' or 'item', got {kind!r}")
+        return self.user_table if kind == "user" else self.item_table
 
     def event_counts(self, kind: str, rows: Rows) -> Array:
         """(N,) how many events each row of table ``kind`` was trained on."""
-        table = self.user_table if kind == "user" else self.item_table
-        return table.events[torch.from_numpy(np.asarray(rows, np.int64)).to(self.device)].cpu().numpy()
+        return self._table(kind).events[torch.from_numpy(np.asarray(rows, np.int64)).to(self.device)].cpu().numpy()
 
     def vectors(self, kind: str, rows: Rows) -> tuple[Array, Array, Array]:
-        """``(vectors (N, D), biases (N,), update counts (N,))`` of table ``kind`` ("user" or "item")."""
-        table = self.user_table if kind == "user" else self.item_table
+        """``(vectors (N, D), ranking biases (N,), update counts (N,))`` of table ``kind`` ("user" or "item"): what
+        a server ranks items by (``bias_i + p_u . q_i``)."""
+        table = self._table(kind)
         idx = torch.from_numpy(np.asarray(rows, np.int64)).to(self.device)
         return table.weight[idx].cpu().numpy(), table.bias[idx].cpu().numpy(), table.updates[idx].cpu().numpy()
+
+    def rating_biases(self, kind: str, rows: Rows) -> Array:
+        """(N,) biases of rating predictions (``mean + b_u + b_i + p_u . q_i``)."""
+        idx = torch.from_numpy(np.asarray(rows, np.int64)).to(self.device)
+        return self._table(kind).rating_bias[idx].cpu().numpy()
+
+    def memory_report(self) -> dict[str, dict[str, float]]:
+        """Bytes per admitted id of each table: rows (parameters, optimiser state, counters, anchor) at the table's
+        allocated capacity, plus the id map; and the shared structures (sampler, reservoir, sightings)."""
+        out: dict[str, dict[str, float]] = {}
+        for kind, idmap, table, seen in (("user", self.users, self.user_table, self.user_sightings),
+                                         ("item", self.items, self.item_table, self.item_sightings)):
+            table_bytes = table.bytes_per_row() * table.params.shape[0]
+            map_bytes = idmap.nbytes()
+            ids = max(len(idmap), 1)
+            out[kind] = {
+                "ids": len(idmap), "capacity": table.params.shape[0], "row_bytes": table.bytes_per_row(),
+                "table_bytes": table_bytes, "idmap_bytes": map_bytes, "bytes_per_id": (table_bytes + map_bytes) / ids,
+                "pending_ids": len(seen), "pending_bytes": len(pickle.dumps(seen.counts)),
+            }
+        out["shared"] = {
+            "sampler_bytes": self.sampler.weight.nbytes + self.sampler.tree.nbytes,
+            "reservoir_bytes": sum(c.nbytes for c in self.reservoir.columns.values()),
+        }
+        return out
+
+    # ------------------------------------------------------------------------------------------------- state
 
     def state_bytes(self) -> bytes:
         """The whole model and optimiser state; ``from_bytes`` restores it exactly."""
@@ -165,14 +503,16 @@ class OnlineBiasedMF:
         return pickle.dumps(
             {
                 "version": STATE_VERSION,
-                "config": self.config.__dict__,
+                "config": {f.name: getattr(self.config, f.name) for f in fields(self.config)},
                 "users": self.users.state(),
                 "items": self.items.state(),
-                "user_table": {k: v.numpy() for k, v in self.user_table.state().items()},
-                "item_table": {k: v.numpy() for k, v in self.item_table.state().items()},
-                "rating_sum": self.rating_sum,
-                "rating_count": self.rating_count,
-                "step": self.step,
+                "user_sightings": self.user_sightings.counts,
+                "item_sightings": self.item_sightings.counts,
+                "user_table": self.user_table.state(),
+                "item_table": self.item_table.state(),
+                "sampler": self.sampler.state(),
+                "reservoir": self.reservoir.state(),
+                "scalars": {k: getattr(self, k) for k in _SCALARS},
                 "torch_rng": self.generator.get_state().numpy(),
                 "np_rng": self.rng.bit_generator.state,
             },
@@ -181,22 +521,40 @@ class OnlineBiasedMF:
 
     @classmethod
     def from_bytes(cls, data: bytes, config: ModelConfig | None = None) -> OnlineBiasedMF:
-        state = pickle.loads(data)
+        """The model as ``state_bytes`` saw it, under ``config`` (default: the saved one), which may differ: what
+        was learned is kept and the new settings apply from then on."""
+        state: dict[str, Any] = pickle.loads(data)
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"model: state version {state.get('version')} is not {STATE_VERSION}")
-        m = cls(config or ModelConfig(**state["config"]))
+        old = ModelConfig(**state["config"])
+        m = cls(config or old)
         m.users = IdMap.from_state(state["users"])
         m.items = IdMap.from_state(state["items"])
-        m.user_table.load({k: torch.from_numpy(v) for k, v in state["user_table"].items()})
-        m.item_table.load({k: torch.from_numpy(v) for k, v in state["item_table"].items()})
-        m.rating_sum, m.rating_count, m.step = state["rating_sum"], state["rating_count"], state["step"]
+        m.user_sightings.counts = dict(state["user_sightings"])
+        m.item_sightings.counts = dict(state["item_sightings"])
+        m.user_table.load(state["user_table"])
+        m.item_table.load(state["item_table"])
+        if m.config.optimizer != old.optimizer:  # the other optimiser's state means nothing to this one
+            for t in (m.user_table, m.item_table):
+                t.acc.zero_()
+                t.steps.zero_()
+        for k, v in state["scalars"].items():  # freshly unpickled: shared with nobody
+            setattr(m, k, v)
+        m.reservoir = Reservoir.from_state(m.config.replay_size, state["reservoir"])
         m.generator.set_state(torch.from_numpy(state["torch_rng"]))
         m.rng.bit_generator.state = state["np_rng"]
+        if (m.config.negatives, m.config.popularity_power) == (old.negatives, old.popularity_power):
+            m.sampler = WeightedSampler.from_state(state["sampler"])
+        else:
+            m._rebuild_sampler()
         return m
 
 
-def _apply(table: EmbeddingTable, grads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], lr: float) -> Rows:
-    if not grads:
+_SCALARS = ("rating_sum", "rating_count", "step", "batches_seen", "skipped_batches", "clock_ms", "sweep_cursor",
+            "expired")
+
+
+def _distinct(rows: list[torch.Tensor]) -> Rows:
+    if not rows:
         return np.zeros(0, np.int64)
-    idx = torch.cat([g[0] for g in grads])
-    return table.step(idx, torch.cat([g[1] for g in grads]), torch.cat([g[2] for g in grads]), lr).cpu().numpy()
+    return np.asarray(torch.unique(torch.cat(rows)).cpu().numpy(), np.int64)

@@ -1,87 +1,206 @@
-"""An embedding table with a bias per row and row-wise Adagrad that touches only the rows a batch used.
+"""An embedding table with two biases per row and a row-wise optimiser that touches only the rows a batch used.
 
-Rows are allocated on demand (capacity doubles), so a stream of new ids never rehashes or collides.
+A row's parameters are ``[vector (D) | ranking bias | rating bias]``, one tensor ``params`` (R, D + 2). Row-wise
+Adagrad keeps one accumulator per parameter group (vector, each bias); row-wise Adam keeps a first moment per
+parameter, a second moment per group and a step count per row (lazy: rows a batch does not touch do not move and
+their moments do not decay). Rows are allocated on demand (capacity doubles) and can be reset for recycling.
 
 >>> import torch
 >>> t = EmbeddingTable(dim=4, init_std=0.1, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
 >>> t.ensure(3)
 >>> before = t.weight[:3].clone()
->>> t.step(torch.tensor([1]), torch.ones(1, 4), torch.ones(1), lr=0.1).tolist()
+>>> t.step(torch.tensor([1]), torch.ones(1, 6), Step(lr=0.1)).tolist()
 [1]
 >>> bool((t.weight[0] == before[0]).all()), bool((t.weight[1] != before[1]).all())
 (True, True)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from typing import Any
+
+import numpy as np
 import torch
+
+NEVER = np.iinfo(np.int64).max  # last_seen of the fallback row and free rows: they never expire
+
+
+@dataclass(frozen=True)
+class Step:
+    """How to move rows: one optimiser step's settings."""
+
+    lr: float
+    optimizer: str = "adagrad"
+    l2: float = 0.0
+    clip_norm: float = 0.0
+    proximal: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+# One saved copy of some rows, to undo a step: (rows, {attribute: saved rows}).
+Saved = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
 class EmbeddingTable:
-    def __init__(self, dim: int, init_std: float, device: torch.device, generator: torch.Generator) -> None:
+    def __init__(self, dim: int, init_std: float, device: torch.device, generator: torch.Generator,
+                 optimizer: str = "adagrad", anchored: bool = False) -> None:
         self.dim = dim
         self.init_std = init_std
         self.device = device
         self.generator = generator
+        self.optimizer = optimizer
         self.rows = 0
-        self.weight = torch.zeros(0, dim, device=device)  # (R, D)
-        self.bias = torch.zeros(0, device=device)  # (R,)
-        self.acc = torch.zeros(0, device=device)  # (R,) Adagrad sum of mean squared row gradients
-        self.acc_bias = torch.zeros(0, device=device)  # (R,)
+        d = dim + 2
+        self.params = torch.zeros(0, d, device=device)  # (R, D + 2)
+        self.acc = torch.zeros(0, 3, device=device)  # (R, 3) Adagrad sums / Adam second moments per group
+        self.moment = torch.zeros(0, d if optimizer == "adam" else 0, device=device)  # (R, D + 2) Adam only
+        self.steps = torch.zeros(0, dtype=torch.int64, device=device)  # (R,) optimiser steps taken by each row
         self.updates = torch.zeros(0, dtype=torch.int64, device=device)  # (R,) how often each row was moved
         # (R,) events trained with this id: what exactly-once training is reconciled against (negatives excluded)
         self.events = torch.zeros(0, dtype=torch.int64, device=device)
+        # Last published parameters (the proximal anchor), kept only when a proximal penalty is configured.
+        self.anchor = torch.zeros(0, d if anchored else 0, device=device)  # (R, D + 2)
+        self.anchored = torch.zeros(0, dtype=torch.bool, device=device)  # (R,) rows with an anchor
+        # Bookkeeping on the CPU: newest event time of each row (NEVER: no expiry) and a generation per row that
+        # changes when the row is recycled, so stored references to an old holder can be recognised.
+        self.last_seen = np.zeros(0, np.int64)  # (R,)
+        self.generation = np.zeros(0, np.int64)  # (R,)
+        # Parameter group of each column: 0 the vector, 1 the ranking bias, 2 the rating bias.
+        self._group = torch.tensor([0] * dim + [1, 2], device=device)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.params[:, : self.dim]  # (R, D) view
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """(R,) view: the ranking bias, the ``c_i`` of a score ``c_i + p_u . q_i`` (zero for users)."""
+        return self.params[:, self.dim]
+
+    @property
+    def rating_bias(self) -> torch.Tensor:
+        """(R,) view: the bias of rating predictions ``mean + b_u + b_i + p_u . q_i``."""
+        return self.params[:, self.dim + 1]
 
     def ensure(self, rows: int) -> None:
-        """Make rows ``[0, rows)`` exist; new rows get small random vectors."""
+        """Make rows ``[0, rows)`` exist; new rows get small random vectors and zero biases."""
         if rows <= self.rows:
             return
-        if rows > self.weight.shape[0]:
-            cap = max(rows, 2 * self.weight.shape[0], 1024)
-            self.weight = _grow(self.weight, cap)
-            self.bias = _grow(self.bias, cap)
-            self.acc = _grow(self.acc, cap)
-            self.acc_bias = _grow(self.acc_bias, cap)
-            self.updates = _grow(self.updates, cap)
-            self.events = _grow(self.events, cap)
+        if rows > self.params.shape[0]:
+            cap = max(rows, 2 * self.params.shape[0], 1024)
+            for name in _TENSORS:
+                setattr(self, name, _grow(getattr(self, name), cap))
+            self.last_seen = np.concatenate([self.last_seen, np.full(cap - len(self.last_seen), NEVER)])
+            self.generation = np.concatenate([self.generation, np.zeros(cap - len(self.generation), np.int64)])
         fresh = torch.randn(rows - self.rows, self.dim, generator=self.generator) * self.init_std
-        self.weight[self.rows:rows] = fresh.to(self.device)
+        self.params[self.rows:rows, : self.dim] = fresh.to(self.device)
         self.rows = rows
 
-    def step(self, idx: torch.Tensor, grad: torch.Tensor, grad_bias: torch.Tensor, lr: float) -> torch.Tensor:
-        """Row-wise Adagrad on the rows ``idx`` (may repeat); ``grad`` (B, D) and ``grad_bias`` (B,) per entry.
+    def reset(self, rows: np.ndarray[Any, Any]) -> None:
+        """Gives ``rows`` fresh random vectors and empty optimiser state and counters, for a new holder."""
+        if not len(rows):
+            return
+        idx = torch.from_numpy(rows).to(self.device)
+        fresh = torch.randn(len(rows), self.dim, generator=self.generator) * self.init_std
+        self.params[idx] = 0.0
+        self.params[idx, : self.dim] = fresh.to(self.device)
+        for name in _TENSORS[1:]:
+            getattr(self, name)[idx] = 0
+        self.last_seen[rows] = NEVER
+        self.generation[rows] += 1
 
-        Returns the distinct rows updated.
+    def step(self, idx: torch.Tensor, grad: torch.Tensor, how: Step, saved: list[Saved] | None = None) -> torch.Tensor:
+        """One optimiser step on the rows ``idx`` (B,) (may repeat), ``grad`` (B, D + 2) per entry.
+
+        The rows' state before the step is appended to ``saved`` (for ``restore``). Returns the distinct rows.
         """
         rows: torch.Tensor
         inv: torch.Tensor
         rows, inv = torch.unique(idx, return_inverse=True)  # (U,), (B,)
-        g = torch.zeros(len(rows), self.dim, device=self.device).index_add_(0, inv, grad)  # (U, D)
-        gb = torch.zeros(len(rows), device=self.device).index_add_(0, inv, grad_bias)  # (U,)
-        self.acc[rows] += g.pow(2).mean(dim=1)
-        self.acc_bias[rows] += gb.pow(2)
-        self.weight[rows] -= lr * g / (self.acc[rows].sqrt() + 1e-8).unsqueeze(1)
-        self.bias[rows] -= lr * gb / (self.acc_bias[rows].sqrt() + 1e-8)
+        if saved is not None:
+            saved.append(self.save(rows))
+        p = self.params[rows]  # (U, D + 2)
+        g = torch.zeros_like(p).index_add_(0, inv, grad)  # (U, D + 2)
+        if how.l2:
+            g[:, : self.dim] += how.l2 * p[:, : self.dim]
+        if how.proximal and self.anchor.shape[1]:
+            g += how.proximal * (p - self.anchor[rows]) * self.anchored[rows].unsqueeze(1)
+        if how.clip_norm:
+            g *= (how.clip_norm / (g.norm(dim=1, keepdim=True) + 1e-12)).clamp(max=1.0)
+        sq = torch.stack([g[:, : self.dim].pow(2).mean(1), g[:, self.dim].pow(2), g[:, self.dim + 1].pow(2)], 1)
+        self.steps[rows] += 1
+        if how.optimizer == "adam":
+            t = self.steps[rows].to(p.dtype).unsqueeze(1)  # (U, 1)
+            m = self.moment[rows].mul_(how.beta1).add_(g, alpha=1 - how.beta1)  # (U, D + 2)
+            v = self.acc[rows].mul_(how.beta2).add_(sq, alpha=1 - how.beta2)  # (U, 3)
+            self.moment[rows] = m
+            self.acc[rows] = v
+            m_hat = m / (1 - how.beta1 ** t)
+            v_hat = v / (1 - how.beta2 ** t)
+            self.params[rows] = p - how.lr * m_hat / (v_hat.sqrt() + how.eps)[:, self._group]
+        elif how.optimizer == "sgd":
+            self.params[rows] = p - how.lr * g
+        else:
+            acc = self.acc[rows] + sq  # (U, 3)
+            self.acc[rows] = acc
+            self.params[rows] = p - how.lr * g / (acc.sqrt() + how.eps)[:, self._group]
         self.updates[rows] += torch.bincount(inv, minlength=len(rows))
         return rows
+
+    def save(self, rows: torch.Tensor) -> Saved:
+        return rows, {name: getattr(self, name)[rows].clone() for name in _MOVED}
+
+    def restore(self, saved: list[Saved]) -> None:
+        """Undoes the steps that filled ``saved``, newest first."""
+        for rows, values in reversed(saved):
+            for name, value in values.items():
+                getattr(self, name)[rows] = value
+
+    def finite(self, rows: torch.Tensor) -> bool:
+        return bool(torch.isfinite(self.params[rows]).all())
+
+    def mark_published(self, rows: torch.Tensor) -> None:
+        """The rows' current parameters become their proximal anchor (no-op without a proximal penalty)."""
+        if self.anchor.shape[1]:
+            self.anchor[rows] = self.params[rows]
+            self.anchored[rows] = True
 
     def count_events(self, rows: torch.Tensor) -> None:
         """One more trained event for each entry of ``rows`` (B,), which may repeat."""
         self.events.index_add_(0, rows, torch.ones_like(rows))
 
-    def state(self) -> dict[str, torch.Tensor]:
-        n = self.rows
-        return {k: getattr(self, k)[:n].cpu().clone() for k in _STATE}
+    def bytes_per_row(self) -> int:
+        """Bytes one row costs in this table: parameters, optimiser state, counters, anchor and bookkeeping."""
+        n = sum(getattr(self, k).element_size() * int(np.prod(getattr(self, k).shape[1:])) for k in _TENSORS)
+        return int(n) + self.last_seen.itemsize + self.generation.itemsize
 
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        n = state["weight"].shape[0]
-        if state["weight"].shape[1] != self.dim:
-            raise ValueError(f"embedding table: state has dim {state['weight'].shape[1]}, model has {self.dim}")
-        for k in _STATE:
-            setattr(self, k, state[k].to(self.device).clone())
+    def state(self) -> dict[str, np.ndarray[Any, Any]]:
+        n = self.rows
+        out = {k: getattr(self, k)[:n].cpu().numpy().copy() for k in _TENSORS}
+        out["last_seen"] = self.last_seen[:n].copy()
+        out["generation"] = self.generation[:n].copy()
+        return out
+
+    def load(self, state: dict[str, np.ndarray[Any, Any]]) -> None:
+        n, d = state["params"].shape
+        if d != self.dim + 2:
+            raise ValueError(f"embedding table: state has dim {d - 2}, model has {self.dim}")
+        for k in _TENSORS:
+            value = torch.from_numpy(state[k]).to(self.device)
+            wanted = getattr(self, k).shape[1:]
+            if value.shape[1:] != wanted:  # optimiser or anchor changed by the configuration: start that state anew
+                value = torch.zeros((n, *wanted), dtype=value.dtype, device=self.device)
+            setattr(self, k, value.clone())
+        self.last_seen = state["last_seen"].copy()
+        self.generation = state["generation"].copy()
         self.rows = n
 
 
-_STATE = ("weight", "bias", "acc", "acc_bias", "updates", "events")
+_TENSORS = ("params", "acc", "moment", "steps", "updates", "events", "anchor", "anchored")
+_MOVED = ("params", "acc", "moment", "steps", "updates")
 
 
 def _grow(t: torch.Tensor, cap: int) -> torch.Tensor:

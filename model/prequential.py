@@ -1,0 +1,250 @@
+"""Prequential (test-then-train) quality of a recommender on a stream of micro-batches, as ../shared/PROTOCOL.md says.
+
+Each batch is tested against the model as it is, before the model trains on it: one ``predict_ratings`` call for the
+batch's rated events and one ``score_items`` call for the distinct (sampled) users with positives, over every item
+seen so far. The candidate set and each user's seen set still advance event by event in batch order, so an item that
+first appears later in the batch is no candidate for an earlier event, and an item the user met earlier in the same
+batch is excluded. The rank of ``i`` counts the candidates other than ``i`` scoring ``>=`` it (ties count against the
+model); HR@k is ``rank < k`` and NDCG@k is ``1 / log2(rank + 2)`` when ``rank < k``. Predicted ratings are clipped to
+``[rating_min, rating_max]`` before the rating error is taken.
+
+>>> import numpy as np
+>>> class Fixed:
+...     def predict_ratings(self, users, items):
+...         return np.full(len(users), 4.0)
+...     def score_items(self, users, items):
+...         return np.array([[float(len(i)) for i in items] for _ in users])  # longer id, higher score
+>>> ev = Prequential(k=1)
+>>> batch = ev.evaluate(Fixed(), ["u", "u"], ["aa", "b"], np.array([5.0, 3.0]), np.array([True, False]))
+>>> batch["positives"], batch["hits"], batch["rmse"]
+(1, 1, 1.0)
+>>> ev.summary()["hr"]
+1.0
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+STATE_VERSION = 1
+
+
+class Scorer(Protocol):
+    """What the evaluator needs from a model: rating predictions and scores of candidate items."""
+
+    def predict_ratings(self, users: Sequence[str], items: Sequence[str]) -> npt.NDArray[Any]:
+        """(B,) predicted rating of each ``(users[b], items[b])`` pair."""
+        ...
+
+    def score_items(self, users: Sequence[str], items: Sequence[str]) -> npt.NDArray[Any]:
+        """(U, I) score of every item for every user; higher is ranked first."""
+        ...
+
+
+def in_sample(user: str, user_sample: float) -> bool:
+    """Whether ``user`` is in the ranking sample: a stable hash (CRC-32 of its UTF-8 id), not Python's salted one.
+
+    >>> in_sample("u1", 1.0), in_sample("u1", 0.5) == in_sample("u1", 0.5)
+    (True, True)
+    """
+    return zlib.crc32(user.encode()) < user_sample * 2**32
+
+
+class Prequential:
+    """Running prequential RMSE, MAE, HR@k and NDCG@k; one ``evaluate`` call per micro-batch, before training on it.
+
+    ``user_sample`` in (0, 1] ranks only the users whose stable hash falls in that share (and keeps seen sets only
+    for them), so memory and time stay bounded on big streams; the rating error uses every rated event.
+    """
+
+    def __init__(self, k: int = 10, rating_min: float = 1.0, rating_max: float = 5.0, user_sample: float = 1.0) -> None:
+        if k <= 0:
+            raise ValueError(f"prequential: k must be positive, got {k}")
+        if not rating_min < rating_max:
+            raise ValueError(f"prequential: rating_min must be below rating_max, got {rating_min} and {rating_max}")
+        if not 0.0 < user_sample <= 1.0:
+            raise ValueError(f"prequential: user_sample must be in (0, 1], got {user_sample}")
+        self.k = k
+        self.rating_min = rating_min
+        self.rating_max = rating_max
+        self.user_sample = user_sample
+        self._items: list[str] = []  # candidates in order of first appearance
+        self._item_index: dict[str, int] = {}  # item id -> index in _items
+        self._seen: dict[str, set[int]] = {}  # sampled user -> indices of the items it interacted with
+        self._sampled: dict[str, bool] = {}  # memo of in_sample, rebuilt on demand (not part of the state)
+        self.events = 0
+        self.rated = 0
+        self.sq_err = 0.0
+        self.abs_err = 0.0
+        self.positives = 0  # positives of sampled users, all ranked
+        self.hits = 0
+        self.ndcg_sum = 0.0
+
+    @property
+    def candidates(self) -> Sequence[str]:
+        """Every item seen so far, in order of first appearance (do not mutate)."""
+        return self._items
+
+    def _is_sampled(self, user: str) -> bool:
+        if self.user_sample >= 1.0:
+            return True
+        hit = self._sampled.get(user)
+        if hit is None:
+            hit = self._sampled[user] = in_sample(user, self.user_sample)
+        return hit
+
+    def evaluate(
+        self, scorer: Scorer, users: Sequence[str], items: Sequence[str], ratings: npt.NDArray[Any],
+        positive: npt.NDArray[Any],
+    ) -> dict[str, float]:
+        """Test one batch against ``scorer`` as it is; returns the batch's figures and adds them to the totals.
+
+        ``ratings`` (B,) is NaN for events without a rating; ``positive`` (B,) marks the events to rank.
+        """
+        n = len(users)
+        if not len(items) == len(ratings) == len(positive) == n:
+            raise ValueError(
+                f"prequential: users, items, ratings and positive must have one length, got "
+                f"{n}, {len(items)}, {len(ratings)}, {len(positive)}"
+            )
+        ratings = np.asarray(ratings, np.float64)  # (B,)
+        positive = np.asarray(positive, bool)  # (B,)
+
+        # 1. Rating error, one call for the rated events.
+        rated = np.flatnonzero(np.isfinite(ratings))  # (R,)
+        sq_err = abs_err = 0.0
+        if len(rated):
+            pred = np.asarray(scorer.predict_ratings([users[j] for j in rated], [items[j] for j in rated]), np.float64)
+            if pred.shape != (len(rated),):
+                raise ValueError(f"prequential: predict_ratings returned shape {pred.shape}, expected ({len(rated)},)")
+            err: npt.NDArray[np.float64] = ratings[rated] - np.clip(pred, self.rating_min, self.rating_max)  # (R,)
+            sq_err, abs_err = float(np.dot(err, err)), float(np.abs(err).sum())
+
+        # 2. Candidate growth: the candidate count right after each event's item appeared.
+        index = self._item_index
+        item_idx = np.empty(n, np.int64)  # (B,)
+        avail = np.empty(n, np.int64)  # (B,)
+        for j, item in enumerate(items):
+            c = index.get(item)
+            if c is None:
+                c = index[item] = len(self._items)
+                self._items.append(item)
+            item_idx[j] = c
+            avail[j] = len(self._items)
+
+        # 3. One score_items call for the distinct sampled users with positives, over every candidate.
+        sampled = [self._is_sampled(u) for u in users]
+        ranked_users: dict[str, int] = {}
+        for j in np.flatnonzero(positive):
+            if sampled[j]:
+                ranked_users.setdefault(users[j], len(ranked_users))
+        scores = np.zeros((0, 0))
+        if ranked_users:
+            scores = np.asarray(scorer.score_items(list(ranked_users), self._items))  # (U, I)
+            if scores.shape != (len(ranked_users), len(self._items)):
+                raise ValueError(
+                    f"prequential: score_items returned shape {scores.shape}, "
+                    f"expected ({len(ranked_users)}, {len(self._items)})"
+                )
+
+        # 4. Rank event by event; seen sets advance in batch order.
+        hits = 0
+        ndcg = 0.0
+        n_pos = 0
+        for j in range(n):
+            if not sampled[j]:
+                continue
+            seen = self._seen.setdefault(users[j], set())
+            i = int(item_idx[j])
+            if positive[j]:
+                rank = _rank(scores[ranked_users[users[j]], : avail[j]], i, seen)
+                n_pos += 1
+                if rank < self.k:
+                    hits += 1
+                    ndcg += 1.0 / math.log2(rank + 2)
+            seen.add(i)
+
+        self.events += n
+        self.rated += len(rated)
+        self.sq_err += sq_err
+        self.abs_err += abs_err
+        self.positives += n_pos
+        self.hits += hits
+        self.ndcg_sum += ndcg
+        return {
+            "events": n,
+            "rated": len(rated),
+            "sq_err": sq_err,
+            "abs_err": abs_err,
+            "positives": n_pos,
+            "hits": hits,
+            "ndcg_sum": ndcg,
+            "rmse": math.sqrt(sq_err / len(rated)) if len(rated) else math.nan,
+            "mae": abs_err / len(rated) if len(rated) else math.nan,
+            "hr": hits / n_pos if n_pos else math.nan,
+            "ndcg": ndcg / n_pos if n_pos else math.nan,
+        }
+
+    def summary(self) -> dict[str, float]:
+        """Running figures over every batch so far; a mean over no events is NaN."""
+        return {
+            "rmse": math.sqrt(self.sq_err / self.rated) if self.rated else math.nan,
+            "mae": self.abs_err / self.rated if self.rated else math.nan,
+            "hr": self.hits / self.positives if self.positives else math.nan,
+            "ndcg": self.ndcg_sum / self.positives if self.positives else math.nan,
+            "rated": self.rated,
+            "positives": self.positives,
+            "events": self.events,
+            "candidates": len(self._items),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python and numpy, picklable; ``load_state_dict`` restores it exactly."""
+        return {
+            "version": STATE_VERSION,
+            "k": self.k,
+            "rating_min": self.rating_min,
+            "rating_max": self.rating_max,
+            "user_sample": self.user_sample,
+            "items": list(self._items),
+            "seen": {u: np.fromiter(sorted(s), np.int64, len(s)) for u, s in self._seen.items()},
+            "totals": {
+                "events": self.events, "rated": self.rated, "sq_err": self.sq_err, "abs_err": self.abs_err,
+                "positives": self.positives, "hits": self.hits, "ndcg_sum": self.ndcg_sum,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"prequential: state version {state.get('version')} is not {STATE_VERSION}")
+        settings = (state["k"], state["rating_min"], state["rating_max"], state["user_sample"])
+        if settings != (self.k, self.rating_min, self.rating_max, self.user_sample):
+            raise ValueError(
+                f"prequential: state has (k, rating_min, rating_max, user_sample) = {settings}, this evaluator "
+                f"{(self.k, self.rating_min, self.rating_max, self.user_sample)}"
+            )
+        self._items = list(state["items"])
+        self._item_index = {item: c for c, item in enumerate(self._items)}
+        self._seen = {u: {int(c) for c in s} for u, s in state["seen"].items()}
+        self._sampled = {}
+        t = state["totals"]
+        self.events, self.rated, self.positives, self.hits = t["events"], t["rated"], t["positives"], t["hits"]
+        self.sq_err, self.abs_err, self.ndcg_sum = t["sq_err"], t["abs_err"], t["ndcg_sum"]
+
+
+def _rank(row: npt.NDArray[Any], i: int, seen: set[int]) -> int:
+    """Candidates other than ``i`` in ``row`` (the scores of the items appeared so far) that are not in ``seen``
+    and score ``>=`` row[i]."""
+    s = row[i]
+    rank = int(np.count_nonzero(row >= s)) - 1  # i itself counts once (a NaN score ranks last: no candidate is >=)
+    if math.isnan(s):
+        return len(row) - 1 - len(seen - {i})
+    if seen:  # every seen item appeared before this event, so its index is inside row
+        idx = np.fromiter(seen, np.int64, len(seen))
+        rank -= int(np.count_nonzero(row[idx[idx != i]] >= s))
+    return rank

@@ -1,0 +1,299 @@
+"""Admission, expiry, objectives, optimisers, replay, proximal, NaN guard, warm start: small tensors, exact checks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flink_job.generate import SyntheticConfig, generate
+from flink_job.parse import parse_lines
+from model.config import ModelConfig
+from model.idmap import FALLBACK_ROW
+from model.mf import OnlineBiasedMF
+from model.objectives import bpr_grads, sampled_softmax_grads
+from model.warm_start import main as warm_start_main
+from model.warm_start import read_log
+
+R = 4  # rating action code
+V = 0  # view
+
+
+def _stream(n: int, seed: int = 5, users: int = 200, items: int = 100):
+    syn = SyntheticConfig(n_users=users, n_items=items, n_events=n, seed=seed)
+    batch, _ = parse_lines(f"0,{k},{r.payload.decode()}" for k, r in enumerate(generate(syn)))
+    return batch
+
+
+def _learn(m: OnlineBiasedMF, users: list[str], items: list[str], action: int = R, value: float = 4.0,
+           ts: list[int] | None = None):
+    n = len(users)
+    return m.learn_many(users, items, np.full(n, action), np.full(n, value), None,
+                        None if ts is None else np.array(ts))
+
+
+# ------------------------------------------------------------------------------------------------ 1. admission
+
+def test_ids_share_the_fallback_row_until_their_admit_after_th_sighting() -> None:
+    m = OnlineBiasedMF(ModelConfig(dim=4, admit_after=3, seed=1))
+    fallback_before = m.user_table.params[FALLBACK_ROW].clone()
+    s1 = _learn(m, ["a", "b"], ["x", "x"])
+    assert s1.event_user_rows.tolist() == [FALLBACK_ROW, FALLBACK_ROW] and "a" not in m.users
+    assert not torch.equal(m.user_table.params[FALLBACK_ROW], fallback_before)  # the unknown user is trained
+    s2 = _learn(m, ["a", "a"], ["y", "x"])  # second and third sighting of a: its own row from the third
+    assert s2.event_user_rows[0] == FALLBACK_ROW and s2.event_user_rows[1] != FALLBACK_ROW
+    assert "a" in m.users and "b" not in m.users and len(m.users) == 1
+    assert "x" in m.items and "y" not in m.items
+    # The fallback row counts the events of ids not admitted; an admitted id counts only its own.
+    assert m.event_counts("user", np.array([FALLBACK_ROW, m.users.get("a")])).tolist() == [3, 1]
+
+
+def test_sightings_are_bounded_and_forget_the_least_recently_seen() -> None:
+    m = OnlineBiasedMF(ModelConfig(dim=4, admit_after=2, admit_capacity=2))
+    _learn(m, ["a"], ["x"])
+    _learn(m, ["b"], ["x"])
+    _learn(m, ["c"], ["x"])  # a is forgotten: capacity 2
+    assert len(m.user_sightings) == 2
+    _learn(m, ["a", "c"], ["x", "x"])
+    assert "a" not in m.users and "c" in m.users
+
+
+def test_memory_report_counts_bytes_per_admitted_id() -> None:
+    m = OnlineBiasedMF(ModelConfig(dim=8, optimizer="adam"))
+    _learn(m, [f"u{k}" for k in range(100)], [f"i{k % 10}" for k in range(100)])
+    rep = m.memory_report()
+    assert rep["user"]["ids"] == 100 and rep["item"]["ids"] == 10
+    # Adam: params (D + 2) + first moment (D + 2) floats, 3 second moments, 3 int64 counters, bookkeeping.
+    assert rep["user"]["row_bytes"] == 4 * (10 + 10 + 3) + 8 * 3 + 1 + 16
+    assert rep["user"]["bytes_per_id"] > rep["user"]["row_bytes"]  # plus the id map and spare capacity
+
+
+# -------------------------------------------------------------------------------------------------- 2. expiry
+
+def test_idle_ids_expire_and_their_rows_are_recycled_without_collisions() -> None:
+    m = OnlineBiasedMF(ModelConfig(dim=4, ttl_ms=1000, sweep_rows=64))
+    _learn(m, ["a", "b", "c"], ["x", "y", "z"], ts=[0, 0, 0])
+    row_a = m.users.get("a")
+    _learn(m, ["b"], ["y"], ts=[1500])  # a and c idle for 1500 ms > ttl
+    assert "a" not in m.users and "c" not in m.users and "b" in m.users
+    users, items = m.drain_expired()
+    assert sorted(users) == ["a", "c"] and sorted(items) == ["x", "z"]
+    assert m.drain_expired() == ([], [])
+    size = m.users.size
+    _learn(m, ["d", "e"], ["y", "y"], ts=[1600, 1600])
+    assert m.users.size == size  # recycled rows, no growth
+    assert row_a in {m.users.get("d"), m.users.get("e")}
+    rows = [m.users.get(k) for k in ("b", "d", "e")]
+    assert len(set(rows)) == 3 and m.users.ids(rows) == ["b", "d", "e"]
+    r = m.users.get("d")
+    assert m.event_counts("user", np.array([r])).tolist() == [1]  # the new holder starts from zero
+
+
+def test_expiry_sweep_is_amortised() -> None:
+    m = OnlineBiasedMF(ModelConfig(dim=4, ttl_ms=10, sweep_rows=2))
+    _learn(m, [f"u{k}" for k in range(6)], ["x"] * 6, ts=[0] * 6)
+    _learn(m, ["u0"], ["x"], ts=[100])  # everyone but u0 is idle, but only 2 rows are checked per batch
+    assert len(m.users) >= 6 - 2
+    for _ in range(4):
+        _learn(m, ["u0"], ["x"], ts=[100])
+    assert list(m.users.ids([m.users.get("u0")])) == ["u0"] and len(m.users) == 1
+
+
+def test_memory_stays_bounded_on_an_endless_stream_of_new_ids() -> None:
+    m = OnlineBiasedMF(ModelConfig(dim=4, ttl_ms=50, sweep_rows=256))
+    for t in range(200):
+        _learn(m, [f"u{t}-{k}" for k in range(10)], [f"i{t}-{k}" for k in range(10)], ts=[t * 10] * 10)
+    assert m.users.size < 200 and m.items.size < 200  # 2,000 ids went through each table
+
+
+# ---------------------------------------------------------------------------------------------- 3. objectives
+
+def test_sampled_softmax_gradients_match_autograd() -> None:
+    g = torch.Generator().manual_seed(0)
+    n, k, d = 5, 7, 3
+    p, qp, qn = (torch.randn(s, d, generator=g, requires_grad=True) for s in (n, n, k))
+    cp, cn = torch.randn(n, generator=g, requires_grad=True), torch.randn(k, generator=g, requires_grad=True)
+    lp, ln = torch.rand(n, generator=g).log(), torch.rand(k, generator=g).log()
+    collide = torch.rand(n, k, generator=g) < 0.2
+    w = torch.rand(n, generator=g)
+    s_pos = (p * qp).sum(1) + cp - lp
+    s_neg = (p @ qn.T + cn - ln).masked_fill(collide, float("-inf"))
+    loss = ((torch.logsumexp(torch.cat([s_pos[:, None], s_neg], 1), 1) - s_pos) * w).sum()
+    loss.backward()
+    _, gu, gpos, gneg = sampled_softmax_grads(p.detach(), qp.detach(), cp.detach(), lp, qn.detach(), cn.detach(),
+                                              ln, collide, w)
+    assert p.grad is not None and qp.grad is not None and qn.grad is not None
+    assert torch.allclose(gu[:, :d], p.grad, atol=1e-5) and torch.allclose(gpos[:, :d], qp.grad, atol=1e-5)
+    assert torch.allclose(gpos[:, d], cp.grad, atol=1e-5)  # type: ignore[arg-type]
+    assert torch.allclose(gneg[:, :d], qn.grad, atol=1e-5) and torch.allclose(gneg[:, d], cn.grad, atol=1e-5)  # type: ignore[arg-type]
+
+
+def test_bpr_gradients_match_autograd() -> None:
+    g = torch.Generator().manual_seed(1)
+    p, qi, qj = (torch.randn(4, 3, generator=g, requires_grad=True) for _ in range(3))
+    ci, cj = (torch.randn(4, generator=g, requires_grad=True) for _ in range(2))
+    w = torch.rand(4, generator=g)
+    (torch.nn.functional.softplus(-(ci - cj + (p * (qi - qj)).sum(1))) * w).sum().backward()
+    _, gu, gi, gj = bpr_grads(p.detach(), qi.detach(), ci.detach(), qj.detach(), cj.detach(), w)
+    assert torch.allclose(gu[:, :3], p.grad) and torch.allclose(gi[:, :3], qi.grad)  # type: ignore[arg-type]
+    assert torch.allclose(gj[:, 3], cj.grad)  # type: ignore[arg-type]
+
+
+def test_popularity_negatives_follow_count_to_the_power() -> None:
+    m = OnlineBiasedMF(ModelConfig(dim=4, negatives="popularity", popularity_power=0.75))
+    _learn(m, ["u"] * 17, ["a"] * 16 + ["b"], action=V, value=1.0)  # a: 16 events, b: 1
+    draws = m.items.ids(m.sampler.sample(np.random.default_rng(0), 20_000))
+    share_a = draws.count("a") / len(draws)
+    assert share_a == pytest.approx(16**0.75 / (16**0.75 + 1), abs=0.01)  # 0.889, not 16/17 = 0.941
+
+
+@pytest.mark.parametrize("loss,negatives", [("bpr", "uniform"), ("bpr", "popularity"), ("bpr", "in_batch"),
+                                            ("sampled_softmax", "in_batch"), ("sampled_softmax", "popularity"),
+                                            ("sampled_softmax", "uniform")])
+def test_every_objective_learns_a_planted_structure(loss: str, negatives: str) -> None:
+    batch = _stream(30_000, seed=6)
+    train, test = batch.slice(0, 25_000), batch.slice(25_000, len(batch))
+    m = OnlineBiasedMF(ModelConfig(dim=16, seed=2, implicit_loss=loss, negatives=negatives))
+    for s in range(0, len(train), 512):
+        b = train.slice(s, s + 512)
+        m.learn_many(b.users, b.items, b.actions, b.values)
+    items = sorted(set(train.items))
+    pop = {i: 0 for i in items}
+    for i in train.items:
+        pop[i] += 1
+    top_pop = set(sorted(items, key=lambda i: -pop[i])[:10])
+    scores = m.score_items(list(test.users), items)  # (T, I)
+    top = np.argsort(-scores, 1)[:, :10]
+    hr_model = np.mean([test.items[t] in {items[j] for j in top[t]} for t in range(len(test))])
+    hr_pop = np.mean([i in top_pop for i in test.items])
+    assert hr_model > 1.5 * hr_pop
+
+
+# -------------------------------------------------------------------------------------------- 4. optimisers
+
+def test_clip_norm_bounds_each_row_step() -> None:
+    m = OnlineBiasedMF(ModelConfig(dim=4, optimizer="sgd", lr=1.0, clip_norm=0.1, l2=0.0, rating_implicit_weight=0))
+    _learn(m, ["a"], ["x"], value=5.0)
+    before = m.user_table.params[1].clone()
+    _learn(m, ["a"] * 50, ["x"] * 50, value=1.0)  # a large summed gradient
+    assert float((m.user_table.params[1] - before).norm()) == pytest.approx(0.1, rel=1e-4)
+
+
+def test_lr_schedules() -> None:
+    lrs = {}
+    for schedule in ("constant", "warmup_constant", "warmup_rsqrt"):
+        m = OnlineBiasedMF(ModelConfig(lr=1.0, lr_schedule=schedule, warmup_steps=4))
+        seq = []
+        for _ in range(16):
+            seq.append(m._lr())
+            m.step += 1
+        lrs[schedule] = seq
+    assert lrs["constant"] == [1.0] * 16
+    assert lrs["warmup_constant"][:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lrs["warmup_rsqrt"][3] == 1.0 and lrs["warmup_rsqrt"][15] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------- 5. stability
+
+def test_replayed_events_train_but_are_not_counted() -> None:
+    m = OnlineBiasedMF(ModelConfig(dim=4, replay_size=8, replay_ratio=2.0, seed=3))
+    _learn(m, ["a", "b"], ["x", "y"])
+    stats = _learn(m, ["c"], ["z"])
+    assert stats.replayed == 2 and m.reservoir.seen == 3
+    assert set(m.users.ids(stats.user_rows)) >= {"c"} and len(stats.user_rows) >= 2  # past users moved too
+    rows = np.array([m.users.get(k) for k in ("a", "b", "c")])
+    assert m.event_counts("user", rows).tolist() == [1, 1, 1]
+
+
+def test_reservoir_keeps_a_uniform_sample() -> None:
+    from model.replay import COLUMNS, Reservoir
+
+    rng = np.random.default_rng(0)
+    hist = np.zeros(100)
+    for _ in range(300):
+        r = Reservoir(10)
+        for s in range(0, 100, 7):
+            idx = np.arange(s, min(s + 7, 100))
+            r.add(rng, {name: idx for name in COLUMNS})
+        hist[r.columns["user"]] += 1
+    assert hist[:50].sum() == pytest.approx(hist[50:].sum(), rel=0.1)
+
+
+def test_proximal_penalty_pulls_toward_the_published_rows() -> None:
+    moved = {}
+    for strength in (0.0, 50.0):
+        m = OnlineBiasedMF(ModelConfig(dim=4, proximal=strength, rating_implicit_weight=0, optimizer="sgd", lr=0.01))
+        _learn(m, ["a"], ["x"], value=5.0)
+        m.mark_published("user", np.array([m.users.get("a")]))
+        anchor = m.user_table.params[1].clone()
+        for _ in range(50):
+            _learn(m, ["a"], ["x"], value=1.0)
+        moved[strength] = float((m.user_table.params[1] - anchor).norm())
+    assert moved[50.0] < 0.5 * moved[0.0]
+
+
+def test_a_nan_batch_is_skipped_and_rolled_back() -> None:
+    m = OnlineBiasedMF(ModelConfig(dim=4, inner_steps=2, seed=4))
+    _learn(m, ["a", "b"], ["x", "y"], action=V, value=1.0)
+    before = {t: (getattr(m, t).params.clone(), getattr(m, t).acc.clone(), getattr(m, t).updates.clone())
+              for t in ("user_table", "item_table")}
+    events = m.event_counts("user", np.array([1, 2])).tolist()
+    m.poison_next_batch()
+    stats = _learn(m, ["a", "b"], ["y", "x"])
+    assert stats.skipped and m.skipped_batches == 1 and m.step == 1
+    for t, (params, acc, updates) in before.items():
+        table = getattr(m, t)
+        assert torch.equal(table.params[: len(params)], params) and torch.equal(table.acc[: len(acc)], acc)
+        assert torch.equal(table.updates[: len(updates)], updates)
+    assert m.event_counts("user", np.array([1, 2])).tolist() == events
+    assert not _learn(m, ["a"], ["x"]).skipped
+
+
+def test_inject_nan_every_and_overflow_never_reach_the_tables() -> None:
+    m = OnlineBiasedMF(ModelConfig(dim=4, inject_nan_every=3, optimizer="sgd", lr=1e30, rating_implicit_weight=0))
+    for k in range(6):
+        _learn(m, ["a"], ["x"], value=5.0)
+    assert m.skipped_batches >= 2  # every third, plus any step that overflowed
+    assert bool(torch.isfinite(m.user_table.params).all()) and bool(torch.isfinite(m.item_table.params).all())
+
+
+# ---------------------------------------------------------------------------------------------- state, warm start
+
+def test_round_trip_with_every_feature_on_continues_bit_identically() -> None:
+    cfg = ModelConfig(dim=8, seed=4, admit_after=2, ttl_ms=20_000, sweep_rows=16, replay_size=500, replay_ratio=0.5,
+                      proximal=0.1, optimizer="adam", implicit_loss="sampled_softmax", negatives="popularity",
+                      inner_steps=2, clip_norm=1.0, lr_schedule="warmup_rsqrt", warmup_steps=3)
+    batch = _stream(6_000, users=300, items=150)
+    a = OnlineBiasedMF(cfg)
+    for s in range(0, 3_000, 500):
+        b = batch.slice(s, s + 500)
+        st = a.learn_many(b.users, b.items, b.actions, b.values, None, b.ts)
+        a.mark_published("user", st.event_user_rows)
+    restored = OnlineBiasedMF.from_bytes(a.state_bytes())
+    for m in (a, restored):
+        for s in range(3_000, 6_000, 500):
+            b = batch.slice(s, s + 500)
+            m.learn_many(b.users, b.items, b.actions, b.values, None, b.ts)
+    assert a.state_bytes() == restored.state_bytes()
+
+
+def test_pretrain_then_stream_and_the_cli_writes_a_loadable_state(tmp_path: Path) -> None:
+    log = tmp_path / "u.data"
+    rng = np.random.default_rng(0)
+    log.write_text("".join(f"{rng.integers(20)}\t{rng.integers(30)}\t{rng.integers(1, 6)}\t{1000 - k}\n"
+                           for k in range(500)))
+    data = read_log(log)
+    assert (np.diff(data.ts) >= 0).all() and data.ts[0] == 501_000
+    m = OnlineBiasedMF(ModelConfig(dim=4))
+    assert m.pretrain(data.users, data.items, data.actions, data.values, ts=data.ts, epochs=3, batch_size=100) == 15
+    assert int(m.event_counts("user", np.flatnonzero(m.users.live_mask())).sum()) == 500  # counted once
+    out = tmp_path / "state.bin"
+    warm_start_main(["--input", str(log), "--out", str(out), "--set", "dim=4", "--epochs", "2"])
+    loaded = OnlineBiasedMF.from_bytes(out.read_bytes())
+    assert len(loaded.users) == len(set(data.users)) and loaded.config.dim == 4
+    jl = tmp_path / "events.jsonl"
+    jl.write_text('{"user_id":"u1","item_id":"i1","action":"click","value":1.0,"ts":5}\n'
+                  '{"user_id":"u2","item_id":"i1","action":"rating","value":4.0,"ts":3}\n')
+    ev = read_log(jl)
+    assert ev.users == ["u2", "u1"] and ev.actions.tolist() == [4, 1]
