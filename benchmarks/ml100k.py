@@ -1,0 +1,340 @@
+"""Prequential quality on MovieLens 100K, side by side: River's BiasedMF, popularity and this project's model.
+
+All three read the same stream (``u.data`` stable-sorted by timestamp) and are scored by the same
+``model.prequential.Prequential``, as ../shared/PROTOCOL.md says: River and popularity event by event, the project's
+model in micro-batches (test the batch, then train on it). Predicted ratings are clipped to [1, 5]; River is also
+reported unclipped, the rule under which PROTOCOL.md's reference figures were taken (RMSE 0.9485, MAE 0.7497).
+
+    python -m benchmarks.ml100k --data ../shared/datasets/ml-100k [--batch-size 4096] [--seed 0]
+
+``events/s`` counts only the system's own work (rating predictions and training), not the ranking evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from model.config import ModelConfig
+from model.mf import RATING_CODE, OnlineBiasedMF, pick_device
+from model.prequential import Prequential, Scorer
+
+log = logging.getLogger(__name__)
+
+Array = np.ndarray[Any, Any]
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Rating events in stream order; ids as strings, as the job sees them."""
+
+    users: list[str]  # (N,)
+    items: list[str]  # (N,)
+    ratings: Array  # (N,) float64
+    times: Array  # (N,) int64 unix seconds
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    @property
+    def positive(self) -> Array:
+        """(N,) the events ranked by the protocol: ratings of 4 and above."""
+        return self.ratings >= 4.0
+
+    def head(self, n: int) -> Stream:
+        return Stream(self.users[:n], self.items[:n], self.ratings[:n], self.times[:n])
+
+
+@dataclass(frozen=True)
+class Result:
+    system: str
+    summary: dict[str, float]
+    model_seconds: float  # time in the system's own predict and learn calls
+    wall_seconds: float  # the whole test-then-train loop, evaluation included
+
+    @property
+    def events_per_s(self) -> float:
+        return self.summary["events"] / self.model_seconds if self.model_seconds > 0 else float("nan")
+
+
+def load_stream(path: str | Path) -> Stream:
+    """``u.data`` (user, item, rating, unix seconds; tab-separated) from the folder or file ``path``, stable-sorted by
+    time so ties keep the file's line order."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "u.data"
+    if not p.is_file():
+        raise FileNotFoundError(f"ml100k: no u.data at {p}")
+    raw = np.loadtxt(p, dtype=np.int64, delimiter="\t", ndmin=2)  # (N, 4)
+    if raw.shape[1] != 4:
+        raise ValueError(f"ml100k: {p} must have 4 tab-separated columns, got {raw.shape[1]}")
+    order = np.argsort(raw[:, 3], kind="stable")
+    raw = raw[order]
+    return Stream(
+        users=[str(u) for u in raw[:, 0]],
+        items=[str(i) for i in raw[:, 1]],
+        ratings=raw[:, 2].astype(np.float64),
+        times=raw[:, 3].copy(),
+    )
+
+
+class _CandidateRows:
+    """Rows of an append-only candidate list (``Prequential.candidates``), mapping only the ids added since the last
+    call when the same list comes back longer."""
+
+    def __init__(self, row_of: Callable[[str], int]) -> None:
+        self._row_of = row_of
+        self._seq: Sequence[str] | None = None
+        self._rows = np.zeros(0, np.int64)
+
+    def __call__(self, items: Sequence[str]) -> Array:
+        done = len(self._rows) if items is self._seq and len(items) >= len(self._rows) else 0
+        if done < len(items):
+            new = np.fromiter((self._row_of(i) for i in items[done:]), np.int64, len(items) - done)
+            self._rows = np.concatenate([self._rows[:done], new])
+        self._seq = items
+        return self._rows[: len(items)]
+
+
+class RiverScorer:
+    """River's ``reco.BiasedMF`` as a ``Scorer``: ratings through ``predict_one``, candidate scores vectorised over a
+    copy of its item weights that is refreshed for every item it predicts or learns.
+
+    Reads River's weights with ``.get`` so that scoring never creates an entry (and never draws from its random
+    initialiser); ``predict_one`` on the event itself creates the user's and the item's weights, as River's own
+    ``progressive_val_score`` does.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._row: dict[str, int] = {}
+        self._q = np.zeros((64, model.n_factors))  # (cap, F) item latents
+        self._b = np.zeros(64)  # (cap,) item biases
+        self._candidates = _CandidateRows(self._sync)
+        self.seconds = 0.0
+
+    def _sync(self, item: str) -> int:
+        r = self._row.get(item)
+        if r is None:
+            r = self._row[item] = len(self._row)
+            if r == len(self._b):
+                self._q = np.concatenate([self._q, np.zeros_like(self._q)])
+                self._b = np.concatenate([self._b, np.zeros_like(self._b)])
+        q = self.model.i_latents.get(item)
+        if q is not None:
+            self._q[r] = q
+        self._b[r] = self.model.i_biases.get(item, 0.0)
+        return r
+
+    def predict_ratings(self, users: Sequence[str], items: Sequence[str]) -> Array:
+        start = time.perf_counter()
+        out = np.array([self.model.predict_one(u, i) for u, i in zip(users, items, strict=True)], np.float64)
+        self.seconds += time.perf_counter() - start
+        for i in items:
+            self._sync(i)
+        return out
+
+    def score_items(self, users: Sequence[str], items: Sequence[str]) -> Array:
+        rows = self._candidates(items)  # (I,)
+        m = self.model
+        zeros = np.zeros(m.n_factors)
+        p = np.stack([m.u_latents.get(u, zeros) for u in users])  # (U, F)
+        bu = np.array([m.u_biases.get(u, 0.0) for u in users])  # (U,)
+        scores: Array = (m.global_mean.get() + bu)[:, None] + self._b[rows][None, :] + p @ self._q[rows].T  # (U, I)
+        return scores
+
+    def learn_one(self, user: str, item: str, rating: float) -> None:
+        start = time.perf_counter()
+        self.model.learn_one(user, item, rating)
+        self.seconds += time.perf_counter() - start
+        self._sync(item)
+
+
+class Popularity:
+    """Scores an item by its count of past interactions; no rating predictions."""
+
+    def __init__(self) -> None:
+        self._row: dict[str, int] = {}
+        self._counts = np.zeros(1024, np.int64)
+        self._candidates = _CandidateRows(self._row_of)
+        self.seconds = 0.0
+
+    def _row_of(self, item: str) -> int:
+        r = self._row.get(item)
+        if r is None:
+            r = self._row[item] = len(self._row)
+            if r == len(self._counts):
+                self._counts = np.concatenate([self._counts, np.zeros_like(self._counts)])
+        return r
+
+    def predict_ratings(self, users: Sequence[str], items: Sequence[str]) -> Array:
+        raise NotImplementedError("popularity predicts no ratings; evaluate it with NaN ratings")
+
+    def score_items(self, users: Sequence[str], items: Sequence[str]) -> Array:
+        rows = self._candidates(items)  # (I,) first: it may grow the counts
+        counts = self._counts[rows].astype(np.float64)  # (I,)
+        return np.broadcast_to(counts, (len(users), len(counts)))  # (U, I)
+
+    def learn_many(self, items: Sequence[str]) -> None:
+        start = time.perf_counter()
+        rows = np.fromiter((self._row_of(i) for i in items), np.int64, len(items))  # (B,) first: may grow the counts
+        np.add.at(self._counts, rows, 1)
+        self.seconds += time.perf_counter() - start
+
+
+class _Timed:
+    """A ``Scorer`` that counts the seconds spent in ``predict_ratings`` (the system's own work)."""
+
+    def __init__(self, inner: Scorer) -> None:
+        self.inner = inner
+        self.seconds = 0.0
+
+    def predict_ratings(self, users: Sequence[str], items: Sequence[str]) -> Array:
+        start = time.perf_counter()
+        out = np.asarray(self.inner.predict_ratings(users, items))
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def score_items(self, users: Sequence[str], items: Sequence[str]) -> Array:
+        return np.asarray(self.inner.score_items(users, items))
+
+
+def _batches(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def river_model(seed: int = 73) -> Any:
+    """River's BiasedMF with the settings of its MovieLens tutorial (10 factors, SGD 0.025 on biases and 0.05 on
+    latents, zero biases, latents from N(0, 0.1) with seed 73, no L2)."""
+    from river import optim, reco
+
+    return reco.BiasedMF(
+        n_factors=10,
+        bias_optimizer=optim.SGD(0.025),
+        latent_optimizer=optim.SGD(0.05),
+        weight_initializer=optim.initializers.Zeros(),
+        latent_initializer=optim.initializers.Normal(mu=0.0, sigma=0.1, seed=seed),
+        l2_bias=0.0,
+        l2_latent=0.0,
+    )
+
+
+def run_river(stream: Stream, k: int = 10, seed: int = 73, clip: bool = True) -> Result:
+    """River's BiasedMF, test-then-train one event at a time; ``clip=False`` takes the rating error of its raw
+    predictions, as PROTOCOL.md's reference figures do."""
+    scorer = RiverScorer(river_model(seed))
+    ev = Prequential(k=k) if clip else Prequential(k=k, rating_min=-math.inf, rating_max=math.inf)
+    positive = stream.positive
+    start = time.perf_counter()
+    for j in tqdm(range(len(stream)), desc="river", disable=None, mininterval=1.0):
+        u, i, r = stream.users[j], stream.items[j], float(stream.ratings[j])
+        ev.evaluate(scorer, [u], [i], stream.ratings[j : j + 1], positive[j : j + 1])
+        scorer.learn_one(u, i, r)
+    name = "River `reco.BiasedMF`" + ("" if clip else " (predictions not clipped)")
+    return Result(name, ev.summary(), scorer.seconds, time.perf_counter() - start)
+
+
+def run_popularity(stream: Stream, k: int = 10) -> Result:
+    """Popularity (count of past interactions), test-then-train one event at a time; no rating error."""
+    pop = Popularity()
+    ev = Prequential(k=k)
+    positive = stream.positive
+    no_rating = np.full(1, np.nan)
+    start = time.perf_counter()
+    for j in tqdm(range(len(stream)), desc="popularity", disable=None, mininterval=1.0):
+        ev.evaluate(pop, stream.users[j : j + 1], stream.items[j : j + 1], no_rating, positive[j : j + 1])
+        pop.learn_many(stream.items[j : j + 1])
+    return Result("popularity", ev.summary(), pop.seconds, time.perf_counter() - start)
+
+
+def run_model(stream: Stream, config: ModelConfig = ModelConfig(), batch_size: int = 4096, k: int = 10) -> Result:
+    """This project's ``OnlineBiasedMF`` in micro-batches: test the batch against the model as it is, then train."""
+    model = OnlineBiasedMF(config)
+    scorer = _Timed(model)
+    ev = Prequential(k=k, rating_min=config.rating_min, rating_max=config.rating_max)
+    positive = stream.positive
+    model_s = 0.0
+    start = time.perf_counter()
+    for s in tqdm(list(_batches(len(stream), batch_size)), desc="model", disable=None, mininterval=1.0):
+        users, items, ratings = stream.users[s], stream.items[s], stream.ratings[s]
+        ev.evaluate(scorer, users, items, ratings, positive[s])
+        t0 = time.perf_counter()
+        model.learn_many(users, items, actions=np.full(len(users), RATING_CODE), values=ratings)
+        model_s += time.perf_counter() - t0
+    return Result("streamrec `OnlineBiasedMF`", ev.summary(), model_s + scorer.seconds, time.perf_counter() - start)
+
+
+def table(results: Sequence[Result]) -> str:
+    """The Markdown table of PROTOCOL.md."""
+
+    def fmt(x: float) -> str:
+        return "–" if np.isnan(x) else f"{x:.4f}"
+
+    lines = [
+        "| system | RMSE | MAE | HR@10 | NDCG@10 | events/s | positives ranked | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        s = r.summary
+        rate = "–" if s["rated"] == 0 else f"{r.events_per_s:,.0f}"
+        lines.append(
+            f"| {r.system} | {fmt(s['rmse'])} | {fmt(s['mae'])} | {fmt(s['hr'])} | {fmt(s['ndcg'])} | {rate} "
+            f"| {s['positives']:,} | {r.wall_seconds:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="the ml-100k folder (or its u.data)")
+    p.add_argument("--batch-size", type=int, default=4096, help="micro-batch of the project's model (job default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the project's model (ModelConfig.seed)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N events of the stream (0: all)")
+    p.add_argument("--skip", default="", help="comma-separated systems to leave out: river, popularity, model")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.batch_size <= 0:
+        raise SystemExit(f"ml100k: --batch-size must be positive, got {args.batch_size}")
+
+    stream = load_stream(args.data)
+    if args.limit:
+        stream = stream.head(args.limit)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    log.info("ml100k: %d events, %d positives", len(stream), int(stream.positive.sum()))
+    config = replace(ModelConfig(), seed=args.seed)
+    results = []
+    if "river" not in skip:
+        results.append(run_river(stream))
+        results.append(run_river(stream, clip=False))  # the rule of PROTOCOL.md's reference figures
+    if "popularity" not in skip:
+        results.append(run_popularity(stream))
+    if "model" not in skip:
+        results.append(run_model(stream, config, args.batch_size))
+
+    river_version = "not run"
+    if "river" not in skip:
+        import river
+
+        river_version = getattr(river, "__version__", "?")
+    print(table(results))
+    print()
+    print(
+        f"stream: {len(stream):,} events of {args.data} (stable-sorted by time), ranking over every item seen so far "
+        f"minus the user's past items; predictions clipped to [1, 5] unless said otherwise. River {river_version} event by event "
+        f"(latent seed 73); popularity event by event; OnlineBiasedMF with ModelConfig defaults, seed {config.seed}, "
+        f"batch size {args.batch_size}, device {pick_device(config.device)}. events/s: the system's own predict "
+        f"and learn calls only."
+    )
+
+
+if __name__ == "__main__":
+    main()
