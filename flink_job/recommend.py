@@ -1,0 +1,198 @@
+"""Recommendations from the embeddings topic: one-off answers on the command line, or a small HTTP service.
+
+    python -m flink_job.recommend [--config job.yaml] [--set kafka.bootstrap=HOST:PORT] user <id> [--top 10]
+    python -m flink_job.recommend --bootstrap HOST:PORT --topic T item <id> [--top 10]
+    python -m flink_job.recommend serve [--host 127.0.0.1] [--port 8080]
+
+The bootstrap servers, topic and Kafka client properties default to the job's configuration (``--config`` YAML,
+``STREAMREC__*`` environment variables, ``--set`` overrides, as for ``python -m flink_job``). The service answers
+``GET /recommend?user=<id>&n=10``, ``GET /similar?item=<id>&n=10`` and ``GET /healthz`` with JSON; it answers 503
+until the index has caught up with the topic's end offsets at start.
+
+>>> parse_args(["--set", "kafka.embeddings_topic=t", "user", "u1", "--top", "3"]).top
+3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+
+from flink_job.config import JobConfig
+from flink_job.serving import ISOLATION_LEVELS, EmbeddingIndex
+
+log = logging.getLogger(__name__)
+MAX_N = 1_000
+
+
+class RecommendServer(ThreadingHTTPServer):
+    """``ThreadingHTTPServer`` answering from one :class:`EmbeddingIndex` (port 0: an ephemeral port)."""
+
+    daemon_threads = True
+
+    def __init__(self, index: EmbeddingIndex, host: str = "127.0.0.1", port: int = 8080) -> None:
+        self.index = index
+        super().__init__((host, port), _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: RecommendServer
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
+        url = urlsplit(self.path)
+        params = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        index = self.server.index
+        try:
+            if url.path == "/healthz":
+                stats = index.stats()
+                self._send(HTTPStatus.OK if stats["ready"] else HTTPStatus.SERVICE_UNAVAILABLE, stats)
+                return
+            if url.path not in ("/recommend", "/similar"):
+                self._send(HTTPStatus.NOT_FOUND, {"error": f"no such path {url.path!r}; "
+                                                  "try /recommend?user=, /similar?item= or /healthz"})
+                return
+            name = "user" if url.path == "/recommend" else "item"
+            ident, n = params.get(name, ""), _parse_n(params.get("n", "10"))
+            if not ident:
+                raise ValueError(f"missing parameter {name!r}")
+            if not index.ready:
+                self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "the index is still catching up with the topic"})
+                return
+            if name == "user":
+                self._send(HTTPStatus.OK, index.recommend(ident, n).to_dict())
+                return
+            try:
+                self._send(HTTPStatus.OK, index.similar(ident, n).to_dict())
+            except KeyError:
+                self._send(HTTPStatus.NOT_FOUND, {"error": f"unknown item {ident!r}"})
+        except ValueError as ex:
+            self._send(HTTPStatus.BAD_REQUEST, {"error": str(ex)})
+
+    def _send(self, status: HTTPStatus, body: dict[str, Any]) -> None:
+        data = orjson.dumps(body)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the signature of http.server
+        log.debug("recommend: %s %s", self.address_string(), format % args)
+
+
+def _parse_n(raw: str) -> int:
+    try:
+        n = int(raw)
+    except ValueError as ex:
+        raise ValueError(f"n must be an integer, got {raw!r}") from ex
+    if not 1 <= n <= MAX_N:
+        raise ValueError(f"n must be in 1..{MAX_N}, got {n}")
+    return n
+
+
+def _cli_n(raw: str) -> int:
+    try:
+        return _parse_n(raw)
+    except ValueError as ex:
+        raise argparse.ArgumentTypeError(str(ex)) from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="flink_job.recommend", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="job YAML config (kafka section: bootstrap, embeddings topic)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--bootstrap", default=None, help="default: kafka.bootstrap of the job config")
+    p.add_argument("--topic", default=None, help="default: kafka.embeddings_topic of the job config")
+    p.add_argument("--isolation-level", choices=ISOLATION_LEVELS, default="read_committed")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the index to catch up")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, what in (("user", "top-N items for a user"), ("item", "items similar to an item")):
+        s = sub.add_parser(name, help=what)
+        s.add_argument("id")
+        s.add_argument("--top", type=_cli_n, default=10, help=f"how many (1..{MAX_N})")
+        s.add_argument("--json", action="store_true", help="print the answer as JSON")
+    s = sub.add_parser("serve", help="HTTP service: /recommend, /similar, /healthz")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    return p.parse_args(argv)
+
+
+def index_from_args(args: argparse.Namespace) -> EmbeddingIndex:
+    cfg = JobConfig.load(args.config, args.overrides)
+    return EmbeddingIndex(
+        args.bootstrap or cfg.kafka.bootstrap,
+        args.topic or cfg.kafka.embeddings_topic,
+        isolation_level=args.isolation_level,
+        client_properties=cfg.kafka.librdkafka_properties(),
+    )
+
+
+def _print_answer(answer: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(answer, indent=2))
+        return
+    if "user" in answer:
+        how = "popularity fallback (unknown user)" if answer["fallback"] else (
+            f"user version {answer['user_version']} (step {answer['user_step']})")
+        print(f"top {len(answer['items'])} for user {answer['user']}: {how}; item watermark step {answer['item_step']}")
+    else:
+        print(f"similar to item {answer['item']} (version {answer['item_version']}); "
+              f"item watermark step {answer['item_step']}")
+    for s in answer["items"]:
+        print(f"  {s['id']:>12}  {s['score']:+.4f}  v{s['version']}")
+
+
+def _log_when_ready(index: EmbeddingIndex) -> None:
+    try:
+        index.wait_until(lambda ix: ix.ready, 365 * 86400.0)
+    except RuntimeError:
+        return  # the index logged why it stopped
+    log.info("recommend: caught up with %s: %s", index.topic, index.stats())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    index = index_from_args(args).start()
+    try:
+        if args.command == "serve":
+            server = RecommendServer(index, args.host, args.port)
+            log.info("recommend: serving %s on %s", index.topic, server.url)
+            threading.Thread(target=_log_when_ready, args=(index,), daemon=True).start()
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                server.server_close()
+            return 0
+        index.wait_until(lambda ix: ix.ready, args.timeout)
+        if args.command == "user":
+            _print_answer(index.recommend(args.id, args.top).to_dict(), args.json)
+            return 0
+        try:
+            _print_answer(index.similar(args.id, args.top).to_dict(), args.json)
+        except KeyError:
+            print(f"unknown item {args.id!r} in {index.topic}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        index.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
