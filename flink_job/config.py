@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from flink_job import secrets
 from model.config import ModelConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +26,22 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class KafkaConfig:
+    """Where the job reads and writes, and the client settings every Kafka client of the job gets.
+
+    ``client_properties`` are Java-style Kafka client settings (``security.protocol``, ``sasl.*``, ``ssl.*``) for
+    the Flink connector's source and sinks and, translated by ``flink_job.secrets``, for the confluent-kafka
+    clients. Secrets in them are references, ``${env:NAME}`` or ``${file:PATH}``, checked here and resolved only
+    when a client is built; a literal secret is refused, and ``repr`` shows where a secret comes from, never its
+    value.
+
+    >>> import os
+    >>> os.environ["DOCTEST_KAFKA_SECRET"] = "p4ss"
+    >>> k = KafkaConfig(client_properties={"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
+    ...                 "sasl.username": "app", "sasl.password": "${env:DOCTEST_KAFKA_SECRET}"})
+    >>> "p4ss" in repr(k), k.librdkafka_properties()["sasl.password"]
+    (False, 'p4ss')
+    """
+
     bootstrap: str = "127.0.0.1:9092"
     input_topic: str = "streamrec.events"
     embeddings_topic: str = "streamrec.embeddings"
@@ -32,9 +49,43 @@ class KafkaConfig:
     stats_topic: str = "streamrec.job-stats"
     group_id: str = "streamrec-job"
     start_from: str = "earliest"  # earliest | latest | committed
-    # Extra Kafka client settings for every source and sink (security.protocol, sasl.*, ssl.*): give secrets
-    # through STREAMREC__KAFKA__CLIENT_PROPERTIES or a config file kept out of the repository, never on a command line.
+    # Extra Kafka client settings for every source and sink (security.protocol, sasl.*, ssl.*); secrets only as
+    # ${env:NAME} or ${file:PATH} references (README, "Kafka security").
     client_properties: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        given = self.client_properties
+        if not isinstance(given, dict):
+            raise ValueError(f"config: kafka.client_properties must be a mapping of Kafka client settings, "
+                             f"got {type(given).__name__}")
+        props = {}
+        for key, value in given.items():
+            if not isinstance(key, str) or isinstance(value, (dict, list)) or value is None:
+                raise ValueError(f"config: kafka.client_properties.{key} must be a string, number or boolean")
+            # YAML reads true/123 as bool/int; Kafka clients take strings ("true", not "True").
+            props[key] = str(value).lower() if isinstance(value, bool) else str(value)
+        try:
+            secrets.check(props)
+        except ValueError as ex:
+            raise ValueError(f"config: {ex}") from None
+        object.__setattr__(self, "client_properties", props)
+
+    def __repr__(self) -> str:
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["client_properties"] = secrets.redacted(self.client_properties)
+        return f"KafkaConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    def java_properties(self) -> dict[str, str]:
+        """Resolved client settings for the Flink Kafka connector (``properties.<key>`` in the DDL)."""
+        return secrets.java_properties(self.client_properties)
+
+    def librdkafka_properties(self) -> dict[str, str]:
+        """Resolved client settings for confluent-kafka producers, consumers and admin clients."""
+        return secrets.librdkafka_properties(self.client_properties)
+
+    def client_config(self, **extra: Any) -> dict[str, Any]:
+        """A complete confluent-kafka config: bootstrap servers, the security settings, then ``extra``."""
+        return {"bootstrap.servers": self.bootstrap, **self.librdkafka_properties(), **extra}
 
 
 @dataclass(frozen=True)
@@ -49,13 +100,37 @@ class BatchConfig:
             raise ValueError(f"config: batch settings must be positive, got {self}")
 
 
+DELIVERY_MODES = ("at_least_once", "exactly_once")
+
+
 @dataclass(frozen=True)
 class PublishConfig:
     interval_ms: int = 250  # touched ids are coalesced and published at most this often (0: after every batch)
+    # A touched id whose vector moved by more than this (relative L2 change since its last publish) is published
+    # after the batch that moved it instead of waiting for the interval; 0: off (the interval alone decides).
+    tolerance: float = 0.0
+    max_records: int = 100_000  # cap per publish; ids beyond it stay pending for the next one (0: no cap)
+    # at_least_once: records are readable as soon as the sink flushes them; consumers keep the highest version.
+    # exactly_once: Kafka transactions committed with each checkpoint; consumers read committed.
+    delivery: str = "at_least_once"
+    # Kafka transaction timeout for exactly_once: must not exceed the broker's transaction.max.timeout.ms (15 min by
+    # default) and must outlast the longest outage to recover from (README, "Delivery guarantees").
+    transaction_timeout_ms: int = 15 * 60 * 1000
+    snapshot_dir: str = ""  # also write every table as NumPy files with an id index here (local runs); empty: off
+    snapshot_interval_ms: int = 60_000
 
     def __post_init__(self) -> None:
-        if self.interval_ms < 0:
-            raise ValueError(f"config: publish.interval_ms must be >= 0, got {self.interval_ms}")
+        if self.interval_ms < 0 or self.max_records < 0 or self.snapshot_interval_ms <= 0:
+            raise ValueError(
+                f"config: publish.interval_ms and publish.max_records must be >= 0 and publish.snapshot_interval_ms"
+                f" > 0, got {self.interval_ms}, {self.max_records} and {self.snapshot_interval_ms}"
+            )
+        if not 0 <= self.tolerance < float("inf"):
+            raise ValueError(f"config: publish.tolerance must be a finite number >= 0, got {self.tolerance}")
+        if self.delivery not in DELIVERY_MODES:
+            raise ValueError(f"config: publish.delivery must be one of {DELIVERY_MODES}, got {self.delivery!r}")
+        if self.transaction_timeout_ms <= 0:
+            raise ValueError(f"config: publish.transaction_timeout_ms must be > 0, got {self.transaction_timeout_ms}")
 
 
 @dataclass(frozen=True)
@@ -137,6 +212,37 @@ class CleanConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Prequential (test-then-train) quality measured inside the job: each batch is scored before it trains."""
+
+    enabled: bool = True
+    k: int = 10  # HR@k and NDCG@k
+    # Share of users whose positives are ranked against every item (a stable hash of the id picks them): full
+    # ranking costs a (users x items) product per batch, so a sample keeps it off the throughput path. RMSE and MAE
+    # use every rating. The ML-100K benchmark sets 1.0.
+    user_sample: float = 0.05
+    positive_rating: float = 4.0  # a rating at or above this is a positive for ranking
+    positive_actions: str = "click,cart,purchase"  # implicit actions that are positives (comma-separated)
+    log_every_batches: int = 100  # a running summary in the log every this many batches (0: never)
+
+    def __post_init__(self) -> None:
+        from flink_job.events import ACTIONS
+
+        if self.k <= 0 or not 0 < self.user_sample <= 1 or self.log_every_batches < 0:
+            raise ValueError(
+                f"config: eval.k must be > 0, eval.user_sample in (0, 1] and eval.log_every_batches >= 0, got "
+                f"{self.k}, {self.user_sample} and {self.log_every_batches}"
+            )
+        unknown = set(self.positive_action_list) - set(ACTIONS[:-1])
+        if unknown:
+            raise ValueError(f"config: eval.positive_actions takes actions of {ACTIONS[:-1]}, got {sorted(unknown)}")
+
+    @property
+    def positive_action_list(self) -> list[str]:
+        return [a.strip() for a in self.positive_actions.split(",") if a.strip()]
+
+
+@dataclass(frozen=True)
 class FlinkConfig:
     parallelism: int = 1
     checkpoint_interval_ms: int = 10_000
@@ -149,6 +255,11 @@ class FlinkConfig:
     # Python results reach the JVM, and the stage's state is serialised into Flink state, at the end of each bundle:
     # shorter bundles mean fresher output and more state writes (measured in BENCHMARKS.md).
     bundle_time_ms: int = 100
+    # After a failure the job restarts from its last checkpoint, waiting 1 s, then twice as long after each further
+    # failure up to the maximum; a job that ran an hour without failing starts again from the initial wait.
+    restart_initial_backoff_ms: int = 1_000
+    restart_max_backoff_ms: int = 60_000
+    restart_attempts: int = 0  # consecutive failed attempts before the job fails for good; 0: keep trying
     connector_jar: str = ""  # empty: the jar fetched by deploy/jars.py
     job_name: str = "streamrec"
 
@@ -161,6 +272,7 @@ class JobConfig:
     publish: PublishConfig = field(default_factory=PublishConfig)
     flink: FlinkConfig = field(default_factory=FlinkConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:

@@ -13,7 +13,6 @@ import time
 from collections import Counter
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from deploy.kafka import Broker, create_topics, job_topics
@@ -21,36 +20,16 @@ from flink_job.config import JobConfig
 from flink_job.generate import SyntheticConfig
 from flink_job.produce import send, synthetic_timed
 from flink_job.runner import LocalJob
+from flink_job.serving import EmbeddingIndex
 from flink_job.topics import end_offsets, json_values, read_all
 
 log = logging.getLogger("streamrec")
 
 
-def latest_embeddings(records: list[tuple[bytes | None, bytes, int, int]]) -> dict[str, dict[str, Any]]:
-    """The changelog read as a table: the highest version of every key."""
-    latest: dict[str, dict[str, Any]] = {}
-    for rec in json_values(records):
-        key = f"{rec['kind']}:{rec['id']}"
-        if key not in latest or rec["version"] > latest[key]["version"]:
-            latest[key] = rec
-    return latest
-
-
-def top_items(latest: dict[str, dict[str, Any]], user: str, n: int = 10) -> list[tuple[str, float]]:
-    """Top-``n`` items for ``user`` by ``b_i + p_u . q_i`` over the published vectors."""
-    u = latest[f"user:{user}"]
-    items = [r for r in latest.values() if r["kind"] == "item"]
-    q = np.array([r["vector"] for r in items], np.float32)  # (I, D)
-    b = np.array([r["bias"] for r in items], np.float32)  # (I,)
-    scores = b + q @ np.array(u["vector"], np.float32)  # (I,)
-    best = np.argsort(-scores)[:n]
-    return [(items[i]["id"], float(scores[i])) for i in best]
-
-
 def reset_topics(bootstrap: str, cfg: JobConfig, partitions: int) -> None:
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap, **cfg.kafka.librdkafka_properties()})
     topics = job_topics(cfg)
     existing = [t for t in topics if t in admin.list_topics(timeout=10).topics]
     if existing:
@@ -96,9 +75,14 @@ def main(argv: list[str] | None = None) -> None:
         last = result.last
         dead = list(json_values(read_all(broker.bootstrap, cfg.kafka.dead_letter_topic)))
         embeddings = read_all(broker.bootstrap, cfg.kafka.embeddings_topic)
-        latest = latest_embeddings(embeddings)
-        user = max((r for r in latest.values() if r["kind"] == "user"), key=lambda r: r["version"])["id"]
+        with EmbeddingIndex(broker.bootstrap, cfg.kafka.embeddings_topic,
+                            client_properties=cfg.kafka.librdkafka_properties()) as index:
+            index.wait_until(lambda ix: ix.ready, timeout=60)
+            user = max(index.user_ids(), key=lambda u: index.user_version(u) or 0)
+            rec = index.recommend(user, 10)
+            ids = index.stats()
         secs = result.last_batch_s - result.first_chunk_s
+        quality = last.get("prequential") or {}
         print("\n=== streamrec summary ===")
         print(f"events read:          {read}")
         print(f"dead-lettered:        {len(dead)}  {dict(Counter(d['reason'] for d in dead))}")
@@ -106,12 +90,15 @@ def main(argv: list[str] | None = None) -> None:
               f"{last['near_duplicates']} near (same user, item and action within the window)")
         print(f"trained:              {last['trained']}")
         print(f"batches:              {last['batch']} (size {cfg.batch.size})")
-        print(f"embeddings published: {len(embeddings)} records, {len(latest)} ids")
+        if quality:
+            print(f"prequential quality:  HR@{cfg.eval.k} {quality['hr']:.4f}, NDCG@{cfg.eval.k} {quality['ndcg']:.4f} "
+                  f"over {quality['positives']} positives (users sampled: {cfg.eval.user_sample:.0%})")
+        print(f"embeddings published: {len(embeddings)} records, {ids['users'] + ids['items']} ids")
         print(f"known users / items:  {last['known_users']} / {last['known_items']}")
         print(f"processing time:      {secs:.1f} s ({last['received'] / max(secs, 1e-9):,.0f} events/s after start-up)")
-        print(f"top 10 items for {user}:")
-        for item, score in top_items(latest, user):
-            print(f"  {item:>8}  {score:+.3f}")
+        print(f"top 10 items for {user} (user version {rec.user_version}, {rec.excluded_seen} seen items left out):")
+        for scored in rec.items:
+            print(f"  {scored.id:>8}  {scored.score:+.3f}  v{scored.version}")
     finally:
         if started_broker:
             broker.stop()

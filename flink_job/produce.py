@@ -62,7 +62,11 @@ def send(
     total: int | None = None,
     extra_config: dict[str, str] | None = None,
 ) -> int:
-    """Sends ``(record, ts_ms)`` pairs keyed by user; returns how many were delivered (raises if any failed)."""
+    """Sends ``(record, ts_ms)`` pairs keyed by user; returns how many were delivered (raises if any failed).
+
+    ``extra_config``: librdkafka settings on top of the defaults, e.g. the security settings of
+    ``KafkaConfig.librdkafka_properties()``.
+    """
     from confluent_kafka import Producer
 
     producer = Producer(
@@ -128,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bootstrap", default=JobConfig().kafka.bootstrap)
+    p.add_argument("--config", type=Path, default=None, help="job config whose kafka.client_properties to use")
     p.add_argument("--topic", default=JobConfig().kafka.input_topic)
     p.add_argument("--rate", type=float, default=None, help="cap on events per second")
     p.add_argument("--speed", type=float, default=None, help="event-time speed-up factor")
@@ -150,15 +155,18 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pacing = Pacing(rate=args.rate, speed=args.speed)
+    # Security settings (SASL/SSL) from the job's configuration: STREAMREC__KAFKA__CLIENT_PROPERTIES or --config.
+    security = JobConfig.load(args.config).kafka.librdkafka_properties()
     if args.source == "synthetic":
         cfg = SyntheticConfig(
             n_users=args.users, n_items=args.items, n_events=args.events, dim=args.dim, seed=args.seed,
             drift=args.drift, duplicate_rate=args.duplicates, malformed_rate=args.malformed, late_rate=args.late, id_prefix=args.id_prefix,
         )
         log.info("synthetic stream: seed %d, %d events", cfg.seed, cfg.n_events)
-        n = send(synthetic_timed(cfg), args.bootstrap, args.topic, pacing, total=cfg.n_events)
+        n = send(synthetic_timed(cfg), args.bootstrap, args.topic, pacing, total=cfg.n_events, extra_config=security)
     else:
-        n = send(movielens_records(args.path, args.id_prefix, args.repeat), args.bootstrap, args.topic, pacing)
+        n = send(movielens_records(args.path, args.id_prefix, args.repeat), args.bootstrap, args.topic, pacing,
+                 extra_config=security)
     log.info("sent %d records to %s", n, args.topic)
 
 

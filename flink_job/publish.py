@@ -1,17 +1,20 @@
 """Embedding records: one per touched user or item id, keyed ``"<kind>:<id>"`` for a compacted topic.
 
-The version of a record is the number of updates the id's row has received, so it only grows per id. A user
+The version of a record is the model step it was published at, so it only grows per id, also across an expiry
+(a tombstone) and a re-admission; ``updates`` counts the moves of the id's row. A user
 record also carries the input position of the newest event of that user it reflects (``partition``, ``offset``),
 which is what freshness is measured against.
 
 >>> rec = decode(encode_records("user", ["u1"], np.ones((1, 2), np.float32), np.zeros(1, np.float32),
 ...                             np.array([3]), 9, np.array([5]), np.array([0]), np.array([41]))[0][1])
->>> rec["id"], rec["version"], rec["vector"], rec["offset"]
-('u1', 3, [1.0, 1.0], 41)
+>>> rec["id"], rec["version"], rec["updates"], rec["vector"], rec["offset"]
+('u1', 9, 3, [1.0, 1.0], 41)
 """
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,12 +26,13 @@ def encode_records(
     ids: list[str],
     vectors: np.ndarray,  # (N, D)
     biases: np.ndarray,  # (N,)
-    versions: np.ndarray,  # (N,)
-    step: int,
+    updates: np.ndarray,  # (N,) how often each row was moved
+    step: int,  # the model step: also each record's version, which therefore grows per id
     event_ts: np.ndarray,  # (N,) newest event time reflected, -1 if none
     partitions: np.ndarray | None = None,  # (N,) users only
     offsets: np.ndarray | None = None,  # (N,) users only
     events: np.ndarray | None = None,  # (N,) events each id was trained on
+    seen: list[list[str]] | None = None,  # (N,) users only: the user's recent items, for serving to exclude
 ) -> list[tuple[str, str]]:
     """``(key, json value)`` pairs for the embeddings topic."""
     now = int(time.time() * 1000)
@@ -38,8 +42,9 @@ def encode_records(
         rec: dict[str, Any] = {
             "kind": kind,
             "id": key,
-            "version": int(versions[n]),
+            "version": step,
             "step": step,
+            "updates": int(updates[n]),
             "bias": float(biases[n]),
             "vector": vecs[n],
             "event_ts": int(event_ts[n]),
@@ -50,6 +55,8 @@ def encode_records(
         if partitions is not None and offsets is not None:
             rec["partition"] = int(partitions[n])
             rec["offset"] = int(offsets[n])
+        if seen is not None:
+            rec["seen"] = seen[n]
         out.append((f"{kind}:{key}", orjson.dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY).decode()))
     return out
 
@@ -73,6 +80,7 @@ class DirtyRows:
         self.event_ts = np.zeros(0, np.int64)
         self.partition = np.zeros(0, np.int64)
         self.offset = np.zeros(0, np.int64)
+        self.cursor = 0  # where the next capped drain starts
 
     def __len__(self) -> int:
         return int(self.mask.sum())
@@ -101,13 +109,96 @@ class DirtyRows:
             self.partition[rows] = partitions
             np.maximum.at(self.offset, rows, offsets)
 
-    def drain(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        rows = np.flatnonzero(self.mask)
+    def drain(self, limit: int = 0, only: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Takes the dirty rows (of ``only``, if given), at most ``limit`` of them (0: all), and clears them.
+
+        Under a cap, the rows taken continue where the last capped drain stopped, so no row waits forever.
+
+        >>> d = DirtyRows()
+        >>> d.touch(np.array([1, 3, 5, 7]))
+        >>> d.drain(limit=2)[0].tolist(), d.drain(limit=2, only=np.array([7, 8]))[0].tolist(), d.drain()[0].tolist()
+        ([1, 3], [7], [5])
+        """
+        if only is None:
+            rows = np.flatnonzero(self.mask)
+        else:
+            only = only[only < len(self.mask)]
+            rows = np.unique(only[self.mask[only]])
+        if limit and len(rows) > limit:
+            taken = np.roll(rows, -int(np.searchsorted(rows, self.cursor)))[:limit]
+            self.cursor = int(taken[-1]) + 1
+            rows = np.sort(taken)
         out = rows, self.event_ts[rows].copy(), self.partition[rows].copy(), self.offset[rows].copy()
         self.mask[rows] = False
         self.event_ts[rows] = -1
         self.offset[rows] = -1
         return out
+
+
+class Drift:
+    """The vectors of one table as last published, to tell which touched rows moved by more than a tolerance.
+
+    >>> d = Drift()
+    >>> d.published(np.array([0, 1]), np.array([[1.0, 0.0], [0.0, 1.0]], np.float32))
+    >>> d.moved(np.array([0, 1, 2]), np.array([[1.05, 0.0], [0.0, 2.0], [1.0, 1.0]], np.float32), 0.1).tolist()
+    [False, True, True]
+    """
+
+    def __init__(self) -> None:
+        self.vectors = np.zeros((0, 0), np.float32)  # (R, D) as last published; rows never published are zero
+        self.known = np.zeros(0, bool)  # (R,)
+
+    def published(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        if not len(rows):
+            return
+        need = int(rows.max()) + 1
+        if need > len(self.known) or self.vectors.shape[1] != vectors.shape[1]:
+            cap = max(need, 2 * len(self.known), 1024)
+            grown = np.zeros((cap, vectors.shape[1]), np.float32)
+            known = np.zeros(cap, bool)
+            if self.vectors.shape[1] == vectors.shape[1]:
+                grown[: len(self.known)] = self.vectors
+                known[: len(self.known)] = self.known
+            self.vectors, self.known = grown, known
+        self.vectors[rows] = vectors
+        self.known[rows] = True
+
+    def moved(self, rows: np.ndarray, vectors: np.ndarray, tolerance: float) -> np.ndarray:
+        """(N,) whether each row's vector differs from its published one by more than ``tolerance`` relative to
+        the published norm; a row never published counts as moved."""
+        known = np.zeros(len(rows), bool)
+        inside = rows < len(self.known)
+        known[inside] = self.known[rows[inside]]
+        old = np.zeros_like(vectors)
+        if known.any():
+            old[known] = self.vectors[rows[known]]
+        change = np.linalg.norm(vectors - old, axis=1)
+        return ~known | (change > tolerance * np.maximum(np.linalg.norm(old, axis=1), 1e-6))
+
+
+SNAPSHOT_FILE = "embeddings.npz"
+
+
+def write_snapshot(folder: Path, model: Any) -> Path:
+    """Writes every user and item row as NumPy arrays with an id index to ``folder/embeddings.npz``, replacing the
+    previous file atomically (a reader never sees half a file).
+
+    Arrays: ``<kind>_ids`` (N,) str, ``<kind>_vectors`` (N, D) float32, ``<kind>_bias`` (N,), ``<kind>_updates``
+    (N,), for kind user and item, and ``step`` (the version of every row in the file). Load with ``numpy.load(path)``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {"step": np.array(model.step)}
+    for kind, idmap in (("user", model.users), ("item", model.items)):
+        rows = np.flatnonzero(idmap.live_mask())  # rows holding an id: not the fallback row, not free rows
+        vectors, biases, updates = model.vectors(kind, rows)
+        arrays.update({f"{kind}_ids": np.array(idmap.ids(rows), dtype=str), f"{kind}_vectors": vectors,
+                       f"{kind}_bias": biases, f"{kind}_updates": updates})
+    tmp = folder / f".{SNAPSHOT_FILE}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    path = folder / SNAPSHOT_FILE
+    os.replace(tmp, path)
+    return path
 
 
 def decode(value: str | bytes) -> dict[str, Any]:

@@ -25,14 +25,18 @@ def _quote(value: str) -> str:
 
 
 def kafka_options(cfg: JobConfig, topic: str) -> dict[str, str]:
-    """Connector options shared by every Kafka table, including client security settings passed through."""
+    """Connector options shared by every Kafka table (the source and each sink), including the client security
+    settings, resolved from their ``${env:..}``/``${file:..}`` references (``KafkaConfig.java_properties``).
+
+    The returned options and the DDL built from them hold secrets: they go to Flink, never to a log.
+    """
     opts = {
         "connector": "kafka",
         "topic": topic,
         "properties.bootstrap.servers": cfg.kafka.bootstrap,
     }
-    for key, value in cfg.kafka.client_properties.items():
-        opts[f"properties.{key}"] = str(value)
+    for key, value in cfg.kafka.java_properties().items():
+        opts[f"properties.{key}"] = value
     return opts
 
 
@@ -104,8 +108,13 @@ GROUP BY window_start, window_end, MOD(ABS(HASH_CODE(COALESCE(user_id, ''))), {c
     return [keyed, deduped, chunks]
 
 
-def sink_ddl(cfg: JobConfig, table: str, topic: str, exactly_once: bool = False) -> str:
-    """A Kafka table taking ``(k, v)`` strings as the record key and value, as they are."""
+def sink_ddl(cfg: JobConfig, table: str, topic: str) -> str:
+    """A Kafka table taking ``(k, v)`` strings as the record key and value, as they are.
+
+    With ``publish.delivery: exactly_once`` the sink writes in Kafka transactions that commit when a checkpoint
+    completes, so a consumer reading committed sees each record once, a checkpoint interval late.
+    """
+    exactly_once = cfg.publish.delivery == "exactly_once"
     opts = kafka_options(cfg, topic)
     opts.update(
         {
@@ -117,7 +126,9 @@ def sink_ddl(cfg: JobConfig, table: str, topic: str, exactly_once: bool = False)
         }
     )
     if exactly_once:
-        opts["sink.transactional-id-prefix"] = f"{cfg.flink.job_name}-{table}"
+        # Unique per topic: two jobs sharing a prefix would fence each other's transactions.
+        opts["sink.transactional-id-prefix"] = f"{cfg.flink.job_name}-{topic}"
+        opts["properties.transaction.timeout.ms"] = str(cfg.publish.transaction_timeout_ms)
     return f"""CREATE TEMPORARY TABLE {table} (
   k STRING,
   v STRING

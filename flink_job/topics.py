@@ -10,7 +10,9 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 
-def consumer(bootstrap: str, read_committed: bool = False, **extra: Any) -> Consumer:
+def consumer(bootstrap: str, read_committed: bool = False, security: dict[str, str] | None = None,
+             **extra: Any) -> Consumer:
+    """A reader in a group of its own. ``security``: librdkafka settings, ``KafkaConfig.librdkafka_properties()``."""
     return Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -18,13 +20,14 @@ def consumer(bootstrap: str, read_committed: bool = False, **extra: Any) -> Cons
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed" if read_committed else "read_uncommitted",
+            **(security or {}),
             **extra,
         }
     )
 
 
-def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    c = consumer(bootstrap)
+def end_offsets(bootstrap: str, topic: str, security: dict[str, str] | None = None) -> dict[int, int]:
+    c = consumer(bootstrap, security=security)
     try:
         meta = c.list_topics(topic, timeout=10).topics[topic]
         if meta.error is not None:
@@ -37,9 +40,10 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
 class Follower:
     """Follows a topic from the beginning; ``poll()`` returns the records that arrived since the last call."""
 
-    def __init__(self, bootstrap: str, topic: str, read_committed: bool = False) -> None:
+    def __init__(self, bootstrap: str, topic: str, read_committed: bool = False,
+                 security: dict[str, str] | None = None) -> None:
         self.topic = topic
-        self.consumer = consumer(bootstrap, read_committed)
+        self.consumer = consumer(bootstrap, read_committed, security)
         meta = self.consumer.list_topics(topic, timeout=10).topics[topic]
         self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
 
@@ -62,9 +66,10 @@ class Follower:
         self.consumer.close()
 
 
-def read_all(bootstrap: str, topic: str, read_committed: bool = False, settle_s: float = 1.0) -> list[tuple[bytes | None, bytes, int, int]]:
+def read_all(bootstrap: str, topic: str, read_committed: bool = False, settle_s: float = 1.0,
+             security: dict[str, str] | None = None) -> list[tuple[bytes | None, bytes, int, int]]:
     """Every record currently in ``topic`` (reads until nothing new arrives for ``settle_s``)."""
-    f = Follower(bootstrap, topic, read_committed)
+    f = Follower(bootstrap, topic, read_committed, security)
     try:
         out = []
         while True:

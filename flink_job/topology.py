@@ -44,7 +44,15 @@ def flink_configuration(cfg: JobConfig, connector_jar: Path) -> Configuration:
         "state.backend.type": cfg.flink.state_backend,
         "table.exec.state.ttl": f"{cfg.clean.dedup_ttl_s} s",
         "python.fn-execution.bundle.time": str(cfg.flink.bundle_time_ms),
+        "restart-strategy.type": "exponential-delay",
+        "restart-strategy.exponential-delay.initial-backoff": f"{cfg.flink.restart_initial_backoff_ms} ms",
+        "restart-strategy.exponential-delay.max-backoff": f"{cfg.flink.restart_max_backoff_ms} ms",
+        "restart-strategy.exponential-delay.backoff-multiplier": "2.0",
+        "restart-strategy.exponential-delay.reset-backoff-threshold": "1 h",
+        "restart-strategy.exponential-delay.jitter-factor": "0.1",
     }
+    if cfg.flink.restart_attempts:
+        settings["restart-strategy.exponential-delay.attempts-before-reset-backoff"] = str(cfg.flink.restart_attempts)
     if cfg.flink.restore_from:
         settings["execution.state-recovery.path"] = cfg.flink.restore_from
     checkpoints = checkpoint_uri(cfg)

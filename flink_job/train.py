@@ -10,6 +10,7 @@ import logging
 import pickle
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +24,9 @@ from flink_job.events import ACTIONS
 from flink_job.lateness import Watermarks
 from flink_job.near_dups import NearDuplicates
 from flink_job.parse import DeadLetter, EventBatch, ParseRules, parse_lines
-from flink_job.publish import DirtyRows, encode_records
-from model.mf import OnlineBiasedMF
+from flink_job.publish import DirtyRows, Drift, encode_records, write_snapshot
+from model.mf import RATING_CODE, BatchStats, OnlineBiasedMF
+from model.prequential import Prequential
 
 log = logging.getLogger(__name__)
 STAGE = "train"
@@ -40,17 +42,25 @@ class Counters:
     trained: int = 0
     batches: int = 0
     published: int = 0
+    skipped_batches: int = 0
+    expired: int = 0  # ids the model forgot after their TTL; published as tombstones
 
 
 @dataclass
 class Output:
     """What one call produced: embedding records, dead letters and one stats record per batch trained."""
 
-    embeddings: list[tuple[str, str]] = field(default_factory=list)
+    embeddings: list[tuple[str, str | None]] = field(default_factory=list)  # a None value is a tombstone
     dead_letters: list[DeadLetter] = field(default_factory=list)
     stats: list[str] = field(default_factory=list)
     trained: int = 0
     near_duplicates: int = 0
+    batches: int = 0
+    skipped_batches: int = 0  # batches the model refused (non-finite loss or gradient) and rolled back
+    batch_sizes: list[int] = field(default_factory=list)
+    train_ms: list[float] = field(default_factory=list)
+    losses: list[tuple[float, float]] = field(default_factory=list)  # (rating MSE, implicit loss) per batch
+    publish_lag_ms: int | None = None  # from the first change waiting for a publish to that publish
 
 
 STATE_VERSION = 1
@@ -61,10 +71,10 @@ _STATE_ATTRS: dict[str, tuple[str, ...]] = {
     "batcher": ("_parts", "pending"),
     "watermarks": ("max_ts",),
     "near_duplicates": ("last", "newest_ts"),
-    "dirty_users": ("mask", "event_ts", "partition", "offset"),
-    "dirty_items": ("mask", "event_ts", "partition", "offset"),
+    "dirty_users": ("mask", "event_ts", "partition", "offset", "cursor"),
+    "dirty_items": ("mask", "event_ts", "partition", "offset", "cursor"),
 }
-_STATE_SCALARS = ("last_publish_ms", "pending_since_ms", "first_chunk_ms")
+_STATE_SCALARS = ("last_publish_ms", "pending_since_ms", "first_chunk_ms", "last_snapshot_ms", "dirty_since_ms")
 
 
 class TrainStage:
@@ -86,7 +96,18 @@ class TrainStage:
         self.counters = Counters()
         self.dirty_users = DirtyRows()
         self.dirty_items = DirtyRows()
+        # Not checkpointed: after a restore every touched row counts as moved once, which only publishes it early.
+        self.drift_users = Drift()
+        self.drift_items = Drift()
         self.last_publish_ms = 0
+        self.last_snapshot_ms = 0
+        self.dirty_since_ms = 0  # when the oldest change not yet published was made (0: none waiting)
+        self.quality = (
+            Prequential(cfg.eval.k, cfg.model.rating_min, cfg.model.rating_max, cfg.eval.user_sample)
+            if cfg.eval.enabled else None
+        )
+        # (A,) whether each action code is a positive for ranking; ratings are judged by value instead.
+        self.positive_action = np.array([a in cfg.eval.positive_action_list for a in ACTIONS], bool)
         self.pending_since_ms = 0
         self.first_chunk_ms = 0
 
@@ -96,6 +117,7 @@ class TrainStage:
         parts = {name: {a: getattr(getattr(self, name), a) for a in attrs} for name, attrs in _STATE_ATTRS.items()}
         parts["scalars"] = {a: getattr(self, a) for a in _STATE_SCALARS}
         parts["cleaner"] = self.cleaner.state_dict()
+        parts["quality"] = self.quality.state_dict() if self.quality else None
         return pickle.dumps(
             {"version": STATE_VERSION, "model": self.model.state_bytes(), "parts": parts}, pickle.HIGHEST_PROTOCOL
         )
@@ -111,10 +133,17 @@ class TrainStage:
         parts = state["parts"]
         for name, attrs in _STATE_ATTRS.items():
             for a in attrs:
-                setattr(getattr(stage, name), a, parts[name][a])
+                if a in parts[name]:  # state written by an older version may lack an attribute added since
+                    setattr(getattr(stage, name), a, parts[name][a])
         for a in _STATE_SCALARS:
-            setattr(stage, a, parts["scalars"][a])
+            if a in parts["scalars"]:
+                setattr(stage, a, parts["scalars"][a])
         stage.cleaner.load_state_dict(parts["cleaner"])
+        if stage.quality and parts.get("quality"):
+            try:
+                stage.quality.load_state_dict(parts["quality"])
+            except ValueError as ex:  # evaluated with other settings before: the new ones start from zero
+                log.warning("train: prequential quality restarts: %s", ex)
         return stage
 
     def on_chunk(self, lines: list[str], now_ms: int | None = None) -> Output:
@@ -140,6 +169,7 @@ class TrainStage:
             self._train(full, out)
             self.pending_since_ms = now_ms
         self._maybe_publish(out, now_ms)
+        self._maybe_snapshot(now_ms)
         return out
 
     def on_time(self, now_ms: int | None = None) -> Output:
@@ -150,6 +180,7 @@ class TrainStage:
             for rest in self.batcher.take_rest():
                 self._train(rest, out)
         self._maybe_publish(out, now_ms)
+        self._maybe_snapshot(now_ms)
         return out
 
     def next_deadline_ms(self) -> int | None:
@@ -171,29 +202,78 @@ class TrainStage:
         start = time.perf_counter()
         published = self._publish(out)
         self.counters.published += published
+        if self.dirty_since_ms:
+            out.publish_lag_ms = now_ms - self.dirty_since_ms
+        self.dirty_since_ms = now_ms if self.unpublished else 0
         self.last_publish_ms = now_ms
         out.stats.append(self._stats("publish", embeddings=published, publish_ms=(time.perf_counter() - start) * 1000))
 
     def _train(self, batch: EventBatch, out: Output) -> None:
-        start = time.perf_counter()
         model = self.model
+        quality = self._evaluate(batch)  # test, then train
+        start = time.perf_counter()
         weights = self.action_weight[batch.actions] * batch.values  # (B,) used by implicit events only
-        stats = model.learn_many(batch.users, batch.items, batch.actions, batch.values, weights)
+        stats = model.learn_many(batch.users, batch.items, batch.actions, batch.values, weights, batch.ts)
         train_ms = (time.perf_counter() - start) * 1000
-        self.dirty_users.touch(stats.event_user_rows, batch.ts, batch.partitions, batch.offsets)
-        self.dirty_items.touch(stats.event_item_rows, batch.ts)
-        self.dirty_items.touch(stats.item_rows)  # sampled negatives moved too
+        self._touch(stats, batch, out)
         out.trained += len(batch)
+        out.batches += 1
+        out.batch_sizes.append(len(batch))
+        out.train_ms.append(train_ms)
+        out.losses.append((stats.rating_loss, stats.bpr_loss))
         self.counters.trained += len(batch)
         self.counters.batches += 1
+        if stats.skipped:
+            out.skipped_batches += 1
+            self.counters.skipped_batches += 1
+            log.warning("train: batch %d skipped: non-finite loss or gradient, its rows rolled back",
+                        self.counters.batches)
         out.stats.append(
             self._stats(
                 "batch", events=len(batch), ratings=stats.ratings, rating_mse=stats.rating_loss,
-                bpr_loss=stats.bpr_loss, train_ms=train_ms, max_event_ts=int(batch.ts.max()),
+                bpr_loss=stats.bpr_loss, train_ms=train_ms, max_event_ts=int(batch.ts.max()), skipped=stats.skipped,
+                quality=quality,
             )
         )
+        every = self.cfg.eval.log_every_batches
+        if self.quality and every and self.counters.batches % every == 0:
+            q = self.quality.summary()
+            log.info("train: batch %d, %d events trained; prequential RMSE %.4f MAE %.4f HR@%d %.4f NDCG@%d %.4f "
+                     "(%d ratings, %d positives ranked)", self.counters.batches, self.counters.trained, q["rmse"],
+                     q["mae"], self.cfg.eval.k, q["hr"], self.cfg.eval.k, q["ndcg"], q["rated"], q["positives"])
 
-    def _stats(self, kind: str, **fields: float) -> str:
+    def _evaluate(self, batch: EventBatch) -> dict[str, float] | None:
+        """The batch's prequential figures against the model as it is before training on the batch."""
+        if self.quality is None:
+            return None
+        is_rating = batch.actions == RATING_CODE
+        ratings = np.where(is_rating, batch.values, np.nan)
+        positive = np.where(is_rating, batch.values >= self.cfg.eval.positive_rating,
+                            self.positive_action[batch.actions])
+        figures = self.quality.evaluate(self.model, batch.users, batch.items, ratings, positive)
+        return {k: round(float(v), 5) for k, v in figures.items()}
+
+    def _touch(self, stats: BatchStats, batch: EventBatch, out: Output) -> None:
+        """Marks the rows the batch moved for publishing; row 0, the shared vector of ids not admitted yet, is no
+        id's own and is not published. Ids the model expired go out as tombstones."""
+        if not len(self.dirty_users) and not len(self.dirty_items):
+            self.dirty_since_ms = _now_ms()
+        own = stats.event_user_rows > 0
+        self.dirty_users.touch(stats.event_user_rows[own], batch.ts[own], batch.partitions[own], batch.offsets[own])
+        self.dirty_users.touch(stats.user_rows[stats.user_rows > 0])  # users of replayed events moved too
+        own = stats.event_item_rows > 0
+        self.dirty_items.touch(stats.event_item_rows[own], batch.ts[own])
+        self.dirty_items.touch(stats.item_rows[stats.item_rows > 0])  # sampled negatives moved too
+        expired_users, expired_items = self.model.drain_expired()
+        if expired_users or expired_items:
+            out.embeddings.extend((f"user:{u}", None) for u in expired_users)
+            out.embeddings.extend((f"item:{i}", None) for i in expired_items)
+            self.counters.expired += len(expired_users) + len(expired_items)
+        if self.cfg.publish.tolerance > 0:
+            self._publish_moved(out, stats.event_user_rows[stats.event_user_rows > 0],
+                                stats.item_rows[stats.item_rows > 0])
+
+    def _stats(self, kind: str, **fields: Any) -> str:
         """One job-stats record: what happened (a batch or a publish) and the cumulative counters."""
         c = self.counters
         return orjson.dumps(
@@ -208,6 +288,9 @@ class TrainStage:
                 "clean": self.cleaner.counts,
                 "trained": c.trained,
                 "published": c.published,
+                "skipped_batches": c.skipped_batches,
+                "expired": c.expired,
+                "prequential": self.quality.summary() if self.quality else None,
                 "known_users": len(self.model.users),
                 "known_items": len(self.model.items),
                 "first_chunk_ms": self.first_chunk_ms,
@@ -215,22 +298,56 @@ class TrainStage:
             }
         ).decode()
 
-    def _publish(self, out: Output) -> int:
-        """Encodes every row touched since the last publish, once each."""
+    def _publish(self, out: Output, users: np.ndarray | None = None, items: np.ndarray | None = None) -> int:
+        """Encodes the rows touched since they were last published (of ``users``/``items`` if given), once each,
+        at most ``publish.max_records`` of them: users first, the rest stay pending for the next publish.
+
+        A record's ``version`` is the model step it was published at, so it grows per id even across an expiry
+        and a re-admission (which restart the row's update count)."""
+        cap = self.cfg.publish.max_records
+        rows, ts, parts, offs = self.dirty_users.drain(cap, users)
+        n = self._encode("user", out, rows, ts, parts, offs)
+        if cap and n >= cap:
+            return n
+        irows, its, _, _ = self.dirty_items.drain(cap - n if cap else 0, items)
+        return n + self._encode("item", out, irows, its)
+
+    def _encode(self, kind: str, out: Output, rows: np.ndarray, ts: np.ndarray, parts: np.ndarray | None = None,
+                offs: np.ndarray | None = None) -> int:
         model = self.model
-        rows, ts, parts, offs = self.dirty_users.drain()
-        vectors, biases, versions = model.vectors("user", rows)
+        ids = (model.users if kind == "user" else model.items).ids(rows)
+        live = np.array([bool(k) for k in ids], bool)  # a row freed by expiry since it was touched has no id
+        if not live.all():
+            rows, ts, ids = rows[live], ts[live], [k for k in ids if k]
+            parts, offs = (None, None) if parts is None or offs is None else (parts[live], offs[live])
+        if not len(rows):
+            return 0
+        vectors, biases, updates = model.vectors(kind, rows)
+        seen = [self.cleaner.recent_items(u) for u in ids] if kind == "user" else None
         out.embeddings.extend(
-            encode_records("user", model.users.ids(rows), vectors, biases, versions, model.step, ts, parts, offs,
-                           model.event_counts("user", rows))
+            encode_records(kind, ids, vectors, biases, updates, model.step, ts, parts, offs,
+                           model.event_counts(kind, rows), seen)
         )
-        irows, its, _, _ = self.dirty_items.drain()
-        vectors, biases, versions = model.vectors("item", irows)
-        out.embeddings.extend(
-            encode_records("item", model.items.ids(irows), vectors, biases, versions, model.step, its,
-                           events=model.event_counts("item", irows))
-        )
-        return len(rows) + len(irows)
+        model.mark_published(kind, rows)
+        if self.cfg.publish.tolerance > 0:
+            (self.drift_users if kind == "user" else self.drift_items).published(rows, vectors)
+        return len(rows)
+
+    def _publish_moved(self, out: Output, user_rows: np.ndarray, item_rows: np.ndarray) -> None:
+        """Publishes at once the rows a batch moved by more than ``publish.tolerance`` since their last publish."""
+        tolerance = self.cfg.publish.tolerance
+        users, items = np.unique(user_rows), np.unique(item_rows)
+        moved_users = users[self.drift_users.moved(users, self.model.vectors("user", users)[0], tolerance)]
+        moved_items = items[self.drift_items.moved(items, self.model.vectors("item", items)[0], tolerance)]
+        if len(moved_users) or len(moved_items):
+            self.counters.published += self._publish(out, moved_users, moved_items)
+
+    def _maybe_snapshot(self, now_ms: int) -> None:
+        """The file sink: every table as NumPy arrays with an id index, replaced atomically."""
+        cfg = self.cfg.publish
+        if cfg.snapshot_dir and now_ms - self.last_snapshot_ms >= cfg.snapshot_interval_ms:
+            write_snapshot(Path(cfg.snapshot_dir), self.model)
+            self.last_snapshot_ms = now_ms
 
 
 def _now_ms() -> int:
@@ -288,10 +405,32 @@ def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
             self.m_dead = group.counter("deadLettered")
             self.m_near = group.counter("nearDuplicates")
             self.m_reasons = group.add_group("deadLetterReason")
+            self.m_skipped = group.counter("skippedBatches")
+            self.m_published = group.counter("embeddingsPublished")
+            self.m_tombstones = group.counter("tombstonesPublished")
+            self.m_batch_size = group.distribution("batchSize")
+            self.m_train_ms = group.distribution("trainMs")
+            self.m_publish_lag = group.distribution("publishLagMs")
+            self.loss = {"rating": 0.0, "implicit": 0.0}
+            group.gauge("ratingLossMicro", lambda: int(self.loss["rating"] * 1e6))
+            group.gauge("implicitLossMicro", lambda: int(self.loss["implicit"] * 1e6))
+            # Flink gauges from Python carry integers: quality figures are scaled to millionths.
+            quality = runtime_context.get_metrics_group().add_group("prequential")
+            for name, key in (("rmseMicro", "rmse"), ("maeMicro", "mae"), ("hitRateMicro", "hr"),
+                              ("ndcgMicro", "ndcg")):
+                quality.gauge(name, lambda key=key: self._quality(key, 1e6))
+            for name in ("rated", "positives"):
+                quality.gauge(name, lambda key=name: self._quality(key, 1))
             clean = runtime_context.get_metrics_group().add_group("clean")
             self.m_clean = {name: clean.counter(name) for name in COUNTERS}
             self.clean_reported: dict[str, int] = {}  # cleaning counts already added to the metrics
             self.reason_counters: dict[str, Any] = {}  # one counter per reason, made when first seen
+
+        def _quality(self, key: str, scale: float) -> int:
+            if self.stage is None or self.stage.quality is None:
+                return 0
+            value = self.stage.quality.summary()[key]
+            return int(value * scale) if np.isfinite(value) else 0
 
         def _stage(self) -> TrainStage:
             if self.stage is None:
@@ -342,7 +481,19 @@ def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
             for s in out.stats:
                 yield outputs.STATS_TAG, Row("stats", s)
             self.m_dead.inc(len(out.dead_letters))
-            self.m_batches.inc(len(out.stats))
+            self.m_batches.inc(out.batches)
+            self.m_skipped.inc(out.skipped_batches)
+            tombstones = sum(v is None for _k, v in out.embeddings)
+            self.m_tombstones.inc(tombstones)
+            self.m_published.inc(len(out.embeddings) - tombstones)
+            for n in out.batch_sizes:
+                self.m_batch_size.update(n)
+            for ms in out.train_ms:
+                self.m_train_ms.update(int(ms))
+            if out.publish_lag_ms is not None:
+                self.m_publish_lag.update(out.publish_lag_ms)
+            if out.losses:
+                self.loss["rating"], self.loss["implicit"] = out.losses[-1]
             self._report_cleaning()
 
         def _report_cleaning(self) -> None:

@@ -1,0 +1,166 @@
+"""The embeddings stream's publishing rules: cap per publish, tolerance-triggered publishes, the user's seen items,
+the NumPy file sink and the delivery mode's sink options."""
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from flink_job import sql
+from flink_job.config import JobConfig
+from flink_job.publish import SNAPSHOT_FILE, DirtyRows
+from flink_job.train import TrainStage
+
+
+def _lines(n: int, users: int = 5, items: int = 7, start: int = 0) -> list[str]:
+    return [
+        f'0,{k},{{"event_id":"e{k}","user_id":"u{k % users}","item_id":"i{k % items}","action":"click","ts":{k}}}'
+        for k in range(start, start + n)
+    ]
+
+
+def _published(out) -> dict[str, dict]:  # type: ignore[no-untyped-def]
+    return {k: orjson.loads(v) for k, v in out.embeddings}
+
+
+def test_capped_drains_take_turns_so_every_row_is_published() -> None:
+    d = DirtyRows()
+    d.touch(np.arange(10))
+    taken = [d.drain(limit=4)[0].tolist() for _ in range(3)]
+    assert taken == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    d.touch(np.array([1, 8, 9]))
+    assert d.drain(limit=2)[0].tolist() == [8, 9] and d.drain(limit=2)[0].tolist() == [1]  # from the cursor on
+    assert len(d) == 0
+
+
+def test_publish_cap_defers_the_rest_to_the_next_publish() -> None:
+    cfg = JobConfig.load(overrides=["batch.size=20", "publish.interval_ms=100", "publish.max_records=4"])
+    stage = TrainStage(cfg)
+    first = _published(stage.on_chunk(_lines(20, users=5, items=7), now_ms=1_000))
+    assert len(first) == 4 and stage.unpublished  # 5 users + 7 items touched, 4 published
+    later: dict[str, dict] = {}
+    for t in range(1_100, 2_000, 100):
+        later.update(_published(stage.on_time(now_ms=t)))
+    assert set(first) | set(later) == {f"user:u{u}" for u in range(5)} | {f"item:i{i}" for i in range(7)}
+    assert not set(first) & set(later) and not stage.unpublished
+
+
+def test_tolerance_publishes_moved_rows_before_the_interval() -> None:
+    overrides = ["batch.size=20", "publish.interval_ms=60000"]
+    lazy = TrainStage(JobConfig.load(overrides=overrides))
+    eager = TrainStage(JobConfig.load(overrides=[*overrides, "publish.tolerance=0.01"]))
+    for stage in (lazy, eager):
+        stage.last_publish_ms = 1_000  # the interval has not passed at the chunk below
+    assert _published(lazy.on_chunk(_lines(20), now_ms=2_000)) == {}
+    first = _published(eager.on_chunk(_lines(20), now_ms=2_000))
+    assert "user:u0" in first and "item:i0" in first  # never published: moved by definition
+    # A huge tolerance: the same rows, moved a little again, wait for the interval.
+    stage = TrainStage(JobConfig.load(overrides=[*overrides, "publish.tolerance=1000"]))
+    stage.last_publish_ms = 1_000
+    stage.on_chunk(_lines(20), now_ms=2_000)
+    assert _published(stage.on_chunk(_lines(20, start=20), now_ms=3_000)) == {}
+    assert stage.unpublished
+
+
+def test_user_records_carry_recent_items_for_serving_to_exclude() -> None:
+    stage = TrainStage(JobConfig.load(overrides=["batch.size=6", "publish.interval_ms=0"]))
+    recs = _published(stage.on_chunk(_lines(6, users=2, items=6), now_ms=1_000))
+    assert recs["user:u0"]["seen"] == ["i0", "i2", "i4"] and recs["user:u1"]["seen"] == ["i1", "i3", "i5"]
+    assert "seen" not in recs["item:i0"]
+
+
+def test_snapshot_sink_writes_every_row_with_its_id(tmp_path) -> None:
+    cfg = JobConfig.load(overrides=["batch.size=10", f"publish.snapshot_dir={tmp_path}",
+                                    "publish.snapshot_interval_ms=1000"])
+    stage = TrainStage(cfg)
+    stage.on_chunk(_lines(10), now_ms=5_000)
+    with np.load(tmp_path / SNAPSHOT_FILE) as snap:
+        assert sorted(snap["user_ids"].tolist()) == [f"u{u}" for u in range(5)]
+        assert snap["item_vectors"].shape == (7, cfg.model.dim)
+        vectors, _, updates = stage.model.vectors("user", np.array([stage.model.users.get("u3")]))
+        row = snap["user_ids"].tolist().index("u3")
+        np.testing.assert_array_equal(snap["user_vectors"][row], vectors[0])
+        assert snap["user_updates"][row] == updates[0] and int(snap["step"]) == stage.model.step
+    stage.on_chunk(_lines(10, start=10, users=8), now_ms=5_500)  # within the interval: not rewritten
+    with np.load(tmp_path / SNAPSHOT_FILE) as snap:
+        assert len(snap["user_ids"]) == 5
+    stage.on_chunk(_lines(10, start=20, users=8), now_ms=6_000)
+    with np.load(tmp_path / SNAPSHOT_FILE) as snap:
+        assert len(snap["user_ids"]) == 8
+    assert [p.name for p in tmp_path.iterdir()] == [SNAPSHOT_FILE]  # no temporary file left behind
+
+
+def test_delivery_mode_sets_transactions_on_every_sink() -> None:
+    at_least = sql.sink_ddl(JobConfig.load(), "t", "topic-a")
+    assert "'sink.delivery-guarantee' = 'at-least-once'" in at_least and "transactional" not in at_least
+    cfg = JobConfig.load(overrides=["publish.delivery=exactly_once", "publish.transaction_timeout_ms=60000"])
+    exactly = sql.sink_ddl(cfg, "t", "topic-a")
+    assert "'sink.delivery-guarantee' = 'exactly-once'" in exactly
+    assert "'properties.transaction.timeout.ms' = '60000'" in exactly
+    assert "'sink.transactional-id-prefix' = 'streamrec-topic-a'" in exactly
+    with pytest.raises(ValueError, match="publish.delivery"):
+        JobConfig.load(overrides=["publish.delivery=maybe"])
+
+
+def _rated(n: int, users: int = 4, items: int = 6, start: int = 0, ts0: int = 0) -> list[str]:
+    return [
+        f'0,{k},{{"event_id":"r{k}","user_id":"u{k % users}","item_id":"i{k % items}","action":"rating",'
+        f'"value":{1 + k % 5},"ts":{ts0 + k}}}'
+        for k in range(start, start + n)
+    ]
+
+
+def test_each_batch_is_evaluated_before_it_trains() -> None:
+    stage = TrainStage(JobConfig.load(overrides=["batch.size=12", "eval.user_sample=1.0", "publish.interval_ms=0"]))
+    out = stage.on_chunk(_rated(24), now_ms=1_000)
+    batches = [orjson.loads(r) for r in out.stats if orjson.loads(r)["kind"] == "batch"]
+    assert [b["quality"]["events"] for b in batches] == [12, 12]
+    first, second = batches[0]["quality"], batches[1]["quality"]
+    # Before any training every prediction is the prior mean (3): the first batch's error is exactly that.
+    expected = np.sqrt(np.mean((np.array([1 + k % 5 for k in range(12)]) - 3.0) ** 2))
+    assert first["rmse"] == pytest.approx(expected, abs=1e-4)
+    assert second["positives"] == sum(1 + k % 5 >= 4 for k in range(12, 24))
+    running = batches[-1]["prequential"]
+    assert running["rated"] == 24 and running["positives"] == first["positives"] + second["positives"]
+
+
+def test_expired_ids_are_published_as_tombstones_and_never_as_vectors() -> None:
+    day = 24 * 3600 * 1000
+    stage = TrainStage(JobConfig.load(overrides=[
+        "batch.size=12", "publish.interval_ms=0", f"model.ttl_ms={day}", "clean.out_of_orderness_ms=0",
+    ]))
+    stage.on_chunk(_rated(12, users=4), now_ms=1_000)
+    # Two days later only u0's events arrive; the other users fall out of the model.
+    later = [line.replace('"u1"', '"u0"').replace('"u2"', '"u0"').replace('"u3"', '"u0"')
+             for line in _rated(36, users=4, start=12, ts0=2 * day)]
+    out = stage.on_chunk(later, now_ms=2 * day)
+    tombstones = {k for k, v in out.embeddings if v is None}
+    assert {"user:u1", "user:u2", "user:u3"} <= tombstones and "user:u0" not in tombstones
+    assert stage.counters.expired >= 3
+    assert all(orjson.loads(v)["id"] for _k, v in out.embeddings if v is not None)
+
+
+def test_a_poisoned_batch_is_skipped_and_never_reaches_a_published_vector() -> None:
+    stage = TrainStage(JobConfig.load(overrides=["batch.size=12", "publish.interval_ms=0"]))
+    stage.on_chunk(_rated(12), now_ms=1_000)
+    before = {k: orjson.loads(v) for k, v in stage.on_chunk([], now_ms=1_100).embeddings}
+    stage.model.poison_next_batch()
+    out = stage.on_chunk(_rated(12, start=12), now_ms=2_000)
+    batch = [orjson.loads(r) for r in out.stats if orjson.loads(r)["kind"] == "batch"][0]
+    assert batch["skipped"] and stage.counters.skipped_batches == 1
+    for _k, v in out.embeddings:
+        assert v is not None and all(np.isfinite(orjson.loads(v)["vector"]))
+    vectors = stage.model.vectors("user", np.array([stage.model.users.get("u0")]))[0]
+    assert np.isfinite(vectors).all()
+    follow = stage.on_chunk(_rated(12, start=24), now_ms=3_000)  # the job goes on training
+    assert not [orjson.loads(r) for r in follow.stats if orjson.loads(r)["kind"] == "batch"][0]["skipped"]
+    assert before == {} or all(np.isfinite(r["vector"]).all() for r in before.values())
+
+
+def test_ids_not_admitted_yet_are_not_published() -> None:
+    stage = TrainStage(JobConfig.load(overrides=["batch.size=8", "publish.interval_ms=0", "model.admit_after=2"]))
+    lines = [f'0,{k},{{"event_id":"a{k}","user_id":"u{k}","item_id":"i0","action":"click","ts":{k}}}'
+             for k in range(8)]  # eight users seen once each: none admitted; i0 seen 8 times: admitted
+    recs = _published(stage.on_chunk(lines, now_ms=1_000))
+    assert not [k for k in recs if k.startswith("user:")] and "item:i0" in recs
+    assert all(r["id"] for r in recs.values())
