@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +273,28 @@ def run_model(stream: Stream, config: ModelConfig = ModelConfig(), batch_size: i
     return Result("streamrec `OnlineBiasedMF`", ev.summary(), model_s + scorer.seconds, time.perf_counter() - start)
 
 
+# Named ModelConfig overrides. ml100k: the best measured on this benchmark's prequential protocol (BENCHMARKS.md).
+PROFILES: dict[str, dict[str, Any]] = {
+    "ml100k": {
+        "lr": 0.1, "rating_bias_lr": 2.0, "inner_steps": 2, "history_size": 100, "history_weight": 0.0,
+        "cooccurrence_weight": 10.0, "popularity_weight": 0.5,
+    },
+}
+
+
+def overrides(settings: Sequence[str]) -> dict[str, Any]:
+    """``model.key=value`` strings as ModelConfig fields, each value converted to its field's type."""
+    types = {f.name: type(getattr(ModelConfig(), f.name)) for f in fields(ModelConfig)}
+    out: dict[str, Any] = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        name = key.removeprefix("model.")
+        if not sep or name not in types:
+            raise SystemExit(f"ml100k: --set wants model.<ModelConfig field>=<value>, got {item!r}")
+        out[name] = types[name](value)
+    return out
+
+
 def table(results: Sequence[Result]) -> str:
     """The Markdown table of PROTOCOL.md."""
 
@@ -299,6 +321,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4096, help="micro-batch of the project's model (job default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the project's model (ModelConfig.seed)")
     p.add_argument("--limit", type=int, default=0, help="only the first N events of the stream (0: all)")
+    p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="a ModelConfig override, repeatable (e.g. --set model.lr=0.1); --profile applies first")
+    p.add_argument("--profile", default="", choices=["", *PROFILES], help="a named set of ModelConfig overrides")
     p.add_argument("--skip", default="", help="comma-separated systems to leave out: river, popularity, model")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -310,7 +335,8 @@ def main() -> None:
         stream = stream.head(args.limit)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     log.info("ml100k: %d events, %d positives", len(stream), int(stream.positive.sum()))
-    config = replace(ModelConfig(), seed=args.seed)
+    config = replace(ModelConfig(), seed=args.seed, **PROFILES.get(args.profile, {}))
+    config = replace(config, **overrides(args.set))
     results = []
     if "river" not in skip:
         results.append(run_river(stream))
@@ -331,6 +357,7 @@ def main() -> None:
         f"stream: {len(stream):,} events of {args.data} (stable-sorted by time), ranking over every item seen so far "
         f"minus the user's past items; predictions clipped to [1, 5] unless said otherwise. River {river_version} event by event "
         f"(latent seed 73); popularity event by event; OnlineBiasedMF with ModelConfig defaults, seed {config.seed}, "
+        f"profile {args.profile or 'none'}, overrides {args.set or 'none'}, "
         f"batch size {args.batch_size}, device {pick_device(config.device)}. events/s: the system's own predict "
         f"and learn calls only."
     )

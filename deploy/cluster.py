@@ -87,6 +87,9 @@ class SessionCluster:
     # Managed memory (40 % of Flink memory) is where the Python workers' memory is budgeted in process mode.
     taskmanager_memory: str = "3g"
     python: str = field(default=sys.executable)  # the venv's python, not resolved: it must keep the venv
+    # More Flink settings on top of ``settings()``, e.g. shorter heartbeats so that a killed TaskManager is noticed
+    # in seconds rather than after the default 50 s heartbeat timeout (the fault-tolerance tests).
+    extra_settings: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir).absolute())  # it ends up in URIs and env vars
@@ -130,6 +133,7 @@ class SessionCluster:
             "io.tmp.dirs": str(self.run_dir / "tmp"),
             "execution.checkpointing.dir": (self.run_dir / "checkpoints").as_uri(),
             "execution.checkpointing.savepoint-dir": (self.run_dir / "savepoints").as_uri(),
+            **self.extra_settings,
         }
 
     def write_conf(self) -> None:
@@ -195,6 +199,72 @@ class SessionCluster:
             except OSError:  # gone, or not ours to read
                 continue
         return found
+
+    # --- TaskManagers and their Python workers (fault injection) ---
+
+    def taskmanager_pids(self) -> list[int]:
+        """The live TaskManager JVMs of this cluster."""
+        pid_file = self.run_dir / f"flink-{IDENT}-taskexecutor.pid"
+        if not pid_file.exists():
+            return []
+        return [int(p) for p in pid_file.read_text().split() if p.isdigit() and _alive(int(p))]
+
+    def taskmanager_ids(self) -> set[str]:
+        """The TaskManagers the JobManager has registered (a killed one stays until its heartbeat times out)."""
+        return {tm["id"] for tm in self.rest("GET", "/taskmanagers")["taskmanagers"]}
+
+    def kill_taskmanager(self, timeout_s: float = 10.0) -> list[int]:
+        """``kill -9`` every TaskManager JVM of this cluster, as a machine or JVM crash would; returns their pids.
+
+        The Python workers the TaskManager started lose their parent with it; they are left to notice on their own,
+        as after a real crash (``stop()`` ends any that linger).
+        """
+        pids = self.taskmanager_pids()
+        if not pids:
+            raise RuntimeError(f"cluster: no live TaskManager to kill (pid file in {self.run_dir})")
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
+        _wait_gone(pids, timeout_s)
+        log.info("cluster: killed TaskManager(s) %s", pids)
+        return pids
+
+    def start_taskmanager(self, timeout_s: float = 120.0) -> str:
+        """Starts one more TaskManager (``bin/taskmanager.sh start``); returns its id once it has registered."""
+        before = self.taskmanager_ids()
+        self._script("taskmanager.sh", "start")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            new = self.taskmanager_ids() - before
+            if new:
+                log.info("cluster: TaskManager %s registered", next(iter(new)))
+                return next(iter(new))
+            time.sleep(0.5)
+        raise TimeoutError(f"cluster: the new TaskManager did not register within {timeout_s}s; logs in {self.log_dir}")
+
+    def python_worker_pids(self) -> list[int]:
+        """The Python worker processes of the live TaskManagers (process mode): descendants of a TaskManager JVM
+        running ``pyflink.fn_execution`` (the ``beam_boot`` launcher and the worker it starts)."""
+        parents = _parent_map()
+        tms = set(self.taskmanager_pids())
+        found = []
+        for pid, ppid in parents.items():
+            ancestor = ppid
+            while ancestor > 1 and ancestor not in tms:
+                ancestor = parents.get(ancestor, 0)
+            if ancestor in tms and b"pyflink.fn_execution" in _cmdline(pid):
+                found.append(pid)
+        return sorted(found)
+
+    def kill_python_workers(self, timeout_s: float = 10.0) -> list[int]:
+        """``kill -9`` the TaskManagers' Python workers (the TaskManager itself keeps running); returns their pids."""
+        pids = self.python_worker_pids()
+        if not pids:
+            raise RuntimeError("cluster: no Python worker of a live TaskManager to kill")
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
+        _wait_gone(pids, timeout_s)
+        log.info("cluster: killed Python worker(s) %s", pids)
+        return pids
 
     def start(self, timeout_s: float = 120.0) -> None:
         """Starts one JobManager and one TaskManager and waits until the TaskManager has registered."""
@@ -361,6 +431,16 @@ class SessionCluster:
         log.info("cluster: job %s %s", job_id, state)
         return state
 
+    def checkpoints(self, job_id: str) -> dict[str, Any]:
+        """The job's checkpoint statistics: ``counts`` (completed, failed, ...) and ``latest`` (completed, restored)."""
+        info: dict[str, Any] = self.rest("GET", f"/jobs/{job_id}/checkpoints")
+        return info
+
+    def completed_checkpoint(self, job_id: str) -> int:
+        """The id of the job's latest completed checkpoint, 0 if none yet."""
+        latest = (self.checkpoints(job_id).get("latest") or {}).get("completed") or {}
+        return int(latest.get("id", 0))
+
     def stop_with_savepoint(self, job_id: str, directory: str | Path | None = None, timeout_s: float = 120.0) -> str:
         """Takes a savepoint and stops the job (no drain, as for an upgrade); returns the savepoint's path.
 
@@ -402,6 +482,33 @@ def _signal(pid: int, sig: signal.Signals) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _wait_gone(pids: list[int], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"cluster: processes {[p for p in pids if _alive(p)]} outlived SIGKILL")
+        time.sleep(0.05)
+
+
+def _parent_map() -> dict[int, int]:
+    """pid -> parent pid of every process we can see."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _port_open(port: int) -> bool:

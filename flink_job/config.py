@@ -249,6 +249,8 @@ class FlinkConfig:
     state_backend: str = "hashmap"  # hashmap (heap) or rocksdb
     checkpoint_dir: str = ""  # empty: <project>/.run/checkpoints; use a shared file system on a cluster
     restore_from: str = ""  # a checkpoint (chk-N directory) or savepoint to start from; empty: start fresh
+    # A model pre-trained in batch (python -m model.warm_start --out FILE): a job without restored state starts from it.
+    initial_model: str = ""
     # "process": torch cannot be imported inside PyFlink's thread mode (pemja) - the import hangs; measured in
     # BENCHMARKS.md. The job hands Python whole chunks, so the per-call cost of process mode is paid per chunk.
     python_execution_mode: str = "process"

@@ -20,7 +20,7 @@ After a restart from a checkpoint the job may write the records after the checkp
 
 >>> hr, rmse = windowed_quality([{"hits": 1, "positives": 2, "rmse": 1.0, "rated": 1},
 ...                              {"hits": 0, "positives": 2, "rmse": 2.0, "rated": 4}], window=2)
->>> hr.tolist(), [round(x, 3) for x in rmse]
+>>> hr.tolist(), rmse.round(3).tolist()
 ([0.5, 0.25], [1.0, 1.844])
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
@@ -218,7 +218,7 @@ def _num(q: dict[str, Any] | None, key: str) -> float:
     return float(value) if _finite(value) else 0.0
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
@@ -307,7 +307,7 @@ def render_summary(s: dict[str, Any], k: int, images: Sequence[str], notes: Sequ
     ]
     if s["freshness"]:
         lines += ["| delivery | events | p50 | p95 | p99 | max |", "|---|---:|---:|---:|---:|---:|",
-                  *(f"| {f['label']} | {f['events']:,} | {f[50]:.1f} | {f[95]:.1f} | {f[99]:.1f} | {f['max']:.1f} |"
+                  *(f"| {f['label']} | {f['events']:,} | {f[50]:,.1f} | {f[95]:,.1f} | {f[99]:,.1f} | {f['max']:,.1f} |"
                     for f in s["freshness"]), ""]
     else:
         lines += [f"No freshness input (--freshness): {FRESHNESS_PNG} not written.", ""]
@@ -390,11 +390,11 @@ def plot_freshness(freshness: Sequence[Freshness], path: Path) -> None:
     lo, hi = float(every.min()), float(every.max())
     log_x = lo > 0 and hi / lo > 100
     bins = np.geomspace(lo, hi, 60) if log_x else np.linspace(lo, hi if hi > lo else lo + 1, 60)
-    fig = _figure(10, 5)
+    fig = _figure(12, 5)
     ax = fig.subplots()
     for i, f in enumerate(freshness):
         color = COLORS[i % len(COLORS)]
-        ax.hist(f.latencies_ms, bins=bins, color=color, alpha=0.45, label=f"{f.label} ({len(f.latencies_ms):,})")
+        ax.hist(f.latencies_ms, bins=bins.tolist(), color=color, alpha=0.45, label=f"{f.label} ({len(f.latencies_ms):,})")
         for p, v in percentiles(f.latencies_ms).items():
             ax.axvline(v, color=color, ls=PERCENTILE_STYLES[p], lw=1.2, label=f"{f.label} p{p} {v:.0f} ms")
     if log_x:
@@ -403,7 +403,7 @@ def plot_freshness(freshness: Sequence[Freshness], path: Path) -> None:
     ax.set_ylabel("events")
     ax.set_title("Freshness")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize="small")
+    fig.legend(loc="outside right upper", fontsize="small")
     fig.savefig(path)
 
 

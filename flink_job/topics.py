@@ -82,5 +82,7 @@ def read_all(bootstrap: str, topic: str, read_committed: bool = False, settle_s:
 
 
 def json_values(records: list[tuple[bytes | None, bytes, int, int]]) -> Iterator[dict[str, Any]]:
+    """The records' values as JSON, tombstones (null values: ids the job expired) left out."""
     for _k, v, _p, _o in records:
-        yield orjson.loads(v)
+        if v is not None:
+            yield orjson.loads(v)

@@ -84,7 +84,10 @@ class TrainStage:
             cfg.clean.max_id_length, cfg.model.rating_min, cfg.model.rating_max, cfg.clean.max_record_chars,
             cfg.clean.max_future_ms,
         )
-        self.model = OnlineBiasedMF(cfg.model)
+        self.model = (
+            OnlineBiasedMF.from_bytes(Path(cfg.flink.initial_model).read_bytes(), cfg.model)
+            if cfg.flink.initial_model else OnlineBiasedMF(cfg.model)
+        )
         # (A,) weight per action code; an implicit action missing from the mapping weighs 1.
         self.action_weight = np.array(
             [float(cfg.clean.action_weights.get(a, 1.0)) for a in ACTIONS], np.float32
@@ -492,8 +495,12 @@ def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
                 self.m_train_ms.update(int(ms))
             if out.publish_lag_ms is not None:
                 self.m_publish_lag.update(out.publish_lag_ms)
-            if out.losses:
-                self.loss["rating"], self.loss["implicit"] = out.losses[-1]
+            # A skipped batch's losses are NaN, which an integer gauge cannot carry (it failed the task): the
+            # gauges keep the last finite loss.
+            for n, key in enumerate(("rating", "implicit")):
+                finite = [losses[n] for losses in out.losses if np.isfinite(losses[n])]
+                if finite:
+                    self.loss[key] = finite[-1]
             self._report_cleaning()
 
         def _report_cleaning(self) -> None:

@@ -23,6 +23,8 @@ DEVICES = ("auto", "cpu", "cuda")
 class ModelConfig:
     dim: int = 32
     lr: float = 0.05  # step size of the row-wise optimiser
+    rank_bias_lr: float = 1.0  # step size multiplier of the ranking bias
+    rating_bias_lr: float = 1.0  # step size multiplier of the rating biases
     l2: float = 1e-4  # L2 on the vectors of the rows a batch touches (once per row and step)
     init_std: float = 0.05
     rating_min: float = 1.0
@@ -37,6 +39,21 @@ class ModelConfig:
     # Ratings also train the ranking side as implicit positives of this weight (0: off) when >= rating_implicit_min.
     rating_implicit_weight: float = 1.0
     rating_implicit_min: float = 0.0
+    # Ranking extras, both folded into what a server ranks by (``bias_i + p_u . q_i``): the user vector adds
+    # ``history_weight`` times the mean vector of the user's last ``history_size`` items (0: off), and the item bias
+    # adds ``popularity_weight`` times the log of its event count decayed with a half-life of ``popularity_halflife``
+    # events (0: off).
+    history_size: int = 0
+    history_weight: float = 1.0
+    popularity_weight: float = 0.0
+    popularity_halflife: float = 10_000.0
+    # Item-to-item: adds ``cooccurrence_weight`` times the mean cosine similarity (co-occurrence within users' last
+    # ``history_size`` items) between an item and the user's ``cooccurrence_recent`` latest items (0: off). Not a
+    # dot product with published vectors: a server needs the co-occurrence rows too. Items past row
+    # ``cooccurrence_capacity`` get no such term.
+    cooccurrence_weight: float = 0.0
+    cooccurrence_recent: int = 10
+    cooccurrence_capacity: int = 2048  # a dense (C, C) float32 matrix: 16 MB at 2,048
     optimizer: str = "adagrad"  # adagrad | adam, both row-wise and applied to the rows a batch touched only
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -70,9 +87,11 @@ class ModelConfig:
                     f"model config: {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
                 )
         positive = ("dim", "lr", "inner_steps", "admit_after", "admit_capacity", "sweep_rows", "warmup_steps",
-                    "threads", "init_std")
+                    "threads", "init_std", "rank_bias_lr", "rating_bias_lr",
+                    "popularity_halflife", "cooccurrence_recent", "cooccurrence_capacity")
         non_negative = ("l2", "implicit_negatives", "shared_negatives", "popularity_power", "rating_implicit_weight",
-                        "clip_norm", "ttl_ms", "replay_size", "replay_ratio", "proximal", "inject_nan_every")
+                        "clip_norm", "ttl_ms", "history_size", "history_weight", "popularity_weight", "cooccurrence_weight",
+                        "replay_size", "replay_ratio", "proximal", "inject_nan_every")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")

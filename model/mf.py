@@ -89,6 +89,15 @@ class OnlineBiasedMF:
         anchored = cfg.proximal > 0
         self.user_table = EmbeddingTable(cfg.dim, cfg.init_std, self.device, self.generator, cfg.optimizer, anchored)
         self.item_table = EmbeddingTable(cfg.dim, cfg.init_std, self.device, self.generator, cfg.optimizer, anchored)
+        # Ranking extras (see ModelConfig.history_size, popularity_weight): each user's last items (a ring of item
+        # rows, FALLBACK_ROW when empty) and each item's log decayed event count, in units where an event at stream
+        # position n weighs 2 ** (n / halflife); the common offset cancels out of every ranking.
+        self.history = np.zeros((0, cfg.history_size), np.int64)  # (users, K)
+        self.history_next = np.zeros(0, np.int64)  # (users,) events written to each ring
+        self.pop_log = np.zeros(0, np.float64)  # (items,) -inf: no event yet
+        self.events_counted = 0
+        cap = cfg.cooccurrence_capacity if cfg.cooccurrence_weight and cfg.history_size else 0
+        self.cooccurrence = np.zeros((cap, cap), np.float32)  # (C, C) events of both items in one user's window
         self._grow()
         for t in (self.user_table, self.item_table):
             t.params[FALLBACK_ROW] = 0.0  # an untrained fallback predicts the mean and scores 0
@@ -116,6 +125,57 @@ class OnlineBiasedMF:
     def _grow(self) -> None:
         self.user_table.ensure(self.users.size)
         self.item_table.ensure(self.items.size)
+        cap_u, cap_i = self.user_table.params.shape[0], self.item_table.params.shape[0]
+        if len(self.history_next) < cap_u:
+            grow = cap_u - len(self.history_next)
+            self.history = np.concatenate([self.history, np.zeros((grow, self.config.history_size), np.int64)])
+            self.history_next = np.concatenate([self.history_next, np.zeros(grow, np.int64)])
+        if len(self.pop_log) < cap_i:
+            self.pop_log = np.concatenate([self.pop_log, np.full(cap_i - len(self.pop_log), -np.inf)])
+
+    def _user_vectors(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N, D) the ranking vectors of user ``rows`` (N,): ``p_u`` plus ``history_weight`` times the mean vector of
+        the user's recent items (a feature: no gradient flows into those items through it)."""
+        p = self.user_table.weight[rows]
+        cfg = self.config
+        if not cfg.history_size or not cfg.history_weight:
+            return p
+        hist = torch.from_numpy(self.history[rows.cpu().numpy()]).to(self.device)  # (N, K)
+        own = (hist != FALLBACK_ROW).to(p.dtype)  # (N, K)
+        total = (self.item_table.weight[hist] * own.unsqueeze(2)).sum(1)  # (N, D)
+        return p + cfg.history_weight * total / own.sum(1, keepdim=True).clamp(min=1.0)
+
+    def _ranking_bias(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N,) the ranking bias of item ``rows``: ``c_i`` plus the decayed popularity term."""
+        c = self.item_table.bias[rows]
+        cfg = self.config
+        if not cfg.popularity_weight:
+            return c
+        now = self.events_counted / cfg.popularity_halflife * math.log(2.0)
+        pop = np.maximum(self.pop_log[rows.cpu().numpy()] - now, _POP_FLOOR)
+        return c + cfg.popularity_weight * torch.from_numpy(pop).to(self.device, c.dtype)
+
+    def _remember(self, event_u: Rows, event_i: Rows) -> None:
+        """Adds a trained batch to the users' recent items and the items' decayed counts, in event order."""
+        cfg = self.config
+        if cfg.history_size:
+            co, cap = self.cooccurrence, self.cooccurrence.shape[0]
+            for u, i in zip(event_u.tolist(), event_i.tolist(), strict=True):
+                if u != FALLBACK_ROW and i != FALLBACK_ROW:
+                    if i < cap:
+                        past = self.history[u]
+                        past = past[(past != FALLBACK_ROW) & (past < cap)]
+                        co[i, past] += 1.0
+                        co[past, i] += 1.0
+                        co[i, i] += 1.0
+                    self.history[u, self.history_next[u] % cfg.history_size] = i
+                    self.history_next[u] += 1
+        n = len(event_i)
+        if cfg.popularity_weight and n:
+            pos = (self.events_counted + 1 + np.arange(n)) / cfg.popularity_halflife * math.log(2.0)  # (B,)
+            own = event_i != FALLBACK_ROW
+            np.logaddexp.at(self.pop_log, event_i[own], pos[own])
+        self.events_counted += n
 
     def learn_many(
         self, users: Sequence[str], items: Sequence[str], actions: Array, values: Array,
@@ -151,7 +211,8 @@ class OnlineBiasedMF:
         poison = self._poison_next or (cfg.inject_nan_every > 0 and self.batches_seen % cfg.inject_nan_every == 0)
         self._poison_next = False
 
-        how = Step(self._lr(), cfg.optimizer, cfg.l2, cfg.clip_norm, cfg.proximal, cfg.adam_beta1, cfg.adam_beta2)
+        how = Step(self._lr(), cfg.optimizer, cfg.l2, cfg.clip_norm, cfg.proximal, cfg.adam_beta1, cfg.adam_beta2,
+                   group_lr=(1.0, cfg.rank_bias_lr, cfg.rating_bias_lr))
         saved_u: list[Saved] = []
         saved_i: list[Saved] = []
         user_rows: list[torch.Tensor] = []
@@ -177,6 +238,7 @@ class OnlineBiasedMF:
             self.rating_count += int(is_rating.sum())
             self.user_table.count_events(torch.from_numpy(event_u).to(self.device))
             self.item_table.count_events(torch.from_numpy(event_i).to(self.device))
+            self._remember(event_u, event_i)
             self._offer_to_reservoir(real)
         self._update_sampler(event_i)
         self.step += 1
@@ -237,14 +299,14 @@ class OnlineBiasedMF:
     def _bpr(self, b: _Batch, gu: list[tuple[torch.Tensor, torch.Tensor]],
              gi: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         k = self.config.implicit_negatives
-        ut, it = self.user_table, self.item_table
+        it = self.item_table
         m = len(b.implicit_idx)
         bu, bi = b.u[b.implicit_idx].repeat(k), b.i[b.implicit_idx].repeat(k)  # (M * k,)
         bj = self._negatives(b.i[b.implicit_idx], m * k)
         if len(bj) != m * k:
             return 0.0
         w = b.implicit_w.repeat(k) / k * (bj != bi)  # (M * k,) a negative that is the positive drops out
-        loss, g_u, g_i, g_j = bpr_grads(ut.weight[bu], it.weight[bi], it.bias[bi], it.weight[bj],
+        loss, g_u, g_i, g_j = bpr_grads(self._user_vectors(bu), it.weight[bi], it.bias[bi], it.weight[bj],
                                         it.bias[bj], w)
         gu.append((bu, g_u))
         gi.extend([(bi, g_i), (bj, g_j)])
@@ -253,7 +315,7 @@ class OnlineBiasedMF:
     def _softmax(self, b: _Batch, gu: list[tuple[torch.Tensor, torch.Tensor]],
                  gi: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         cfg = self.config
-        ut, it = self.user_table, self.item_table
+        it = self.item_table
         bu, bi = b.u[b.implicit_idx], b.i[b.implicit_idx]  # (M,)
         m = len(bi)
         if cfg.negatives == "in_batch":
@@ -277,7 +339,7 @@ class OnlineBiasedMF:
                 logq_neg = torch.zeros(len(neg), device=self.device)
         collide = bi.unsqueeze(1) == neg.unsqueeze(0)  # (M, K)
         loss, g_u, g_pos, g_neg = sampled_softmax_grads(
-            ut.weight[bu], it.weight[bi], it.bias[bi], logq_pos, it.weight[neg], it.bias[neg], logq_neg,
+            self._user_vectors(bu), it.weight[bi], it.bias[bi], logq_pos, it.weight[neg], it.bias[neg], logq_neg,
             collide, b.implicit_w,
         )
         gu.append((bu, g_u))
@@ -383,8 +445,21 @@ class OnlineBiasedMF:
                 continue
             self.expired[k].extend(idmap.release(old))
             table.reset(old)
+            self._forget(k, old)
             if k == 1:
                 self.sampler.set(old, np.zeros(len(old)))
+
+    def _forget(self, kind: int, rows: Rows) -> None:
+        """Clears the ranking extras of recycled rows: users (kind 0) lose their recent items, items (kind 1) their
+        decayed count and co-occurrences (references to them in users' recent items stay until overwritten)."""
+        if kind == 0:
+            self.history[rows] = FALLBACK_ROW
+            self.history_next[rows] = 0
+            return
+        self.pop_log[rows] = -np.inf
+        inside = rows[rows < self.cooccurrence.shape[0]]
+        self.cooccurrence[inside] = 0.0
+        self.cooccurrence[:, inside] = 0.0
 
     def drain_expired(self) -> tuple[list[str], list[str]]:
         """``(user ids, item ids)`` expired since the last call (e.g. to publish tombstones)."""
@@ -438,8 +513,28 @@ class OnlineBiasedMF:
         u = torch.from_numpy(self.users.lookup(users)).to(self.device)
         i = torch.from_numpy(self._candidate_rows(items)).to(self.device)
         it = self.item_table
-        scores = self.user_table.weight[u] @ it.weight[i].T + it.bias[i]  # (U, I)
+        scores = self._user_vectors(u) @ it.weight[i].T + self._ranking_bias(i)  # (U, I)
+        if self.cooccurrence.shape[0]:
+            scores += self.config.cooccurrence_weight * torch.from_numpy(
+                self._item_similarity(u.cpu().numpy(), i.cpu().numpy())).to(self.device, scores.dtype)
         return np.asarray(scores.cpu().numpy())
+
+    def _item_similarity(self, users: Rows, items: Rows) -> np.ndarray[Any, Any]:
+        """(U, I) mean cosine similarity (by co-occurrence) of each item to each user's latest items."""
+        cfg, co = self.config, self.cooccurrence
+        cap = co.shape[0]
+        k = min(cfg.cooccurrence_recent, cfg.history_size)
+        written = self.history_next[users]  # (U,)
+        back = (written[:, None] - 1 - np.arange(k)[None, :]) % cfg.history_size  # (U, k) ring slots, newest first
+        recent = self.history[users[:, None], back]  # (U, k)
+        recent[(np.arange(k)[None, :] >= written[:, None]) | (recent >= cap)] = FALLBACK_ROW
+        norm = np.sqrt(np.diagonal(co)) + 1e-9  # (C,)
+        inside = items < cap
+        cols = np.where(inside, items, 0)
+        sim = co[recent][:, :, cols] / (norm[recent][:, :, None] * norm[cols][None, None, :])  # (U, k, I)
+        sim *= (recent != FALLBACK_ROW)[:, :, None] * inside[None, None, :]
+        count = np.maximum((recent != FALLBACK_ROW).sum(1), 1)  # (U,)
+        return np.asarray(sim.sum(1) / count[:, None])
 
     def _candidate_rows(self, items: Sequence[str]) -> Rows:
         """Rows of ``items``, cached: a candidate list that only grows is looked up only for its new ids."""
@@ -512,12 +607,29 @@ class OnlineBiasedMF:
                 "item_table": self.item_table.state(),
                 "sampler": self.sampler.state(),
                 "reservoir": self.reservoir.state(),
+                "extras": pickle.dumps({
+                    "history": self.history[: self.users.size], "history_next": self.history_next[: self.users.size],
+                    "pop_log": self.pop_log[: self.items.size], "cooccurrence": self.cooccurrence,
+                }, pickle.HIGHEST_PROTOCOL),  # its own pickle: it shares no memo entries with the rest
                 "scalars": {k: getattr(self, k) for k in _SCALARS},
                 "torch_rng": self.generator.get_state().numpy(),
                 "np_rng": self.rng.bit_generator.state,
             },
             pickle.HIGHEST_PROTOCOL,
         )
+
+    def _load_extras(self, extras: dict[str, np.ndarray[Any, Any]] | None) -> None:
+        """Restores the ranking extras where the configuration still has room for them (else they start empty)."""
+        if extras is None:
+            return
+        n = min(len(extras["pop_log"]), len(self.pop_log))
+        self.pop_log[:n] = extras["pop_log"][:n]
+        if extras["history"].shape[1] == self.history.shape[1]:
+            n = min(len(extras["history_next"]), len(self.history_next))
+            self.history[:n] = extras["history"][:n]
+            self.history_next[:n] = extras["history_next"][:n]
+        c = min(extras["cooccurrence"].shape[0], self.cooccurrence.shape[0])
+        self.cooccurrence[:c, :c] = extras["cooccurrence"][:c, :c]
 
     @classmethod
     def from_bytes(cls, data: bytes, config: ModelConfig | None = None) -> OnlineBiasedMF:
@@ -540,6 +652,7 @@ class OnlineBiasedMF:
                 t.steps.zero_()
         for k, v in state["scalars"].items():  # freshly unpickled: shared with nobody
             setattr(m, k, v)
+        m._load_extras(pickle.loads(state["extras"]) if "extras" in state else None)
         m.reservoir = Reservoir.from_state(m.config.replay_size, state["reservoir"])
         m.generator.set_state(torch.from_numpy(state["torch_rng"]))
         m.rng.bit_generator.state = state["np_rng"]
@@ -550,7 +663,8 @@ class OnlineBiasedMF:
         return m
 
 
-_SCALARS = ("rating_sum", "rating_count", "step", "batches_seen", "skipped_batches", "clock_ms", "sweep_cursor",
+_POP_FLOOR = -30.0  # log decayed count of an item without events (or long idle)
+_SCALARS = ("events_counted", "rating_sum", "rating_count", "step", "batches_seen", "skipped_batches", "clock_ms", "sweep_cursor",
             "expired")
 
 

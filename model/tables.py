@@ -38,6 +38,7 @@ class Step:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    group_lr: tuple[float, float, float] = (1.0, 1.0, 1.0)  # step size multipliers: vector, ranking bias, rating bias
 
 
 # One saved copy of some rows, to undo a step: (rows, {attribute: saved rows}).
@@ -132,6 +133,9 @@ class EmbeddingTable:
             g *= (how.clip_norm / (g.norm(dim=1, keepdim=True) + 1e-12)).clamp(max=1.0)
         sq = torch.stack([g[:, : self.dim].pow(2).mean(1), g[:, self.dim].pow(2), g[:, self.dim + 1].pow(2)], 1)
         self.steps[rows] += 1
+        lr: float | torch.Tensor = how.lr
+        if how.group_lr != (1.0, 1.0, 1.0):
+            lr = how.lr * torch.tensor(how.group_lr, device=p.device)[self._group]  # (D + 2,)
         if how.optimizer == "adam":
             t = self.steps[rows].to(p.dtype).unsqueeze(1)  # (U, 1)
             m = self.moment[rows].mul_(how.beta1).add_(g, alpha=1 - how.beta1)  # (U, D + 2)
@@ -140,13 +144,13 @@ class EmbeddingTable:
             self.acc[rows] = v
             m_hat = m / (1 - how.beta1 ** t)
             v_hat = v / (1 - how.beta2 ** t)
-            self.params[rows] = p - how.lr * m_hat / (v_hat.sqrt() + how.eps)[:, self._group]
+            self.params[rows] = p - lr * m_hat / (v_hat.sqrt() + how.eps)[:, self._group]
         elif how.optimizer == "sgd":
-            self.params[rows] = p - how.lr * g
+            self.params[rows] = p - lr * g
         else:
             acc = self.acc[rows] + sq  # (U, 3)
             self.acc[rows] = acc
-            self.params[rows] = p - how.lr * g / (acc.sqrt() + how.eps)[:, self._group]
+            self.params[rows] = p - lr * g / (acc.sqrt() + how.eps)[:, self._group]
         self.updates[rows] += torch.bincount(inv, minlength=len(rows))
         return rows
 

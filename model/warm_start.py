@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-import yaml  # type: ignore[import-untyped]
+import yaml  # type: ignore[import-untyped, unused-ignore]  # stubs only where types-PyYAML is installed
 
 from model.arrays import Array
 from model.config import ModelConfig

@@ -6,25 +6,20 @@ cluster restores the source offsets and the de-duplication state after a resubmi
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import shutil
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import orjson
 import pytest
-import yaml
 
 from deploy.cluster import SessionCluster
 from flink_job.config import JobConfig
-from flink_job.generate import Record, SyntheticConfig, generate
+from flink_job.generate import SyntheticConfig, generate
 from flink_job.produce import send, synthetic_timed
 from flink_job.topics import Follower, json_values, read_all
+from tests.helpers import Truth, cancel_if_running, follow_stats, job_args, submitted, trained
 
 pytestmark = pytest.mark.integration
 PROJECT = Path(__file__).resolve().parent.parent
@@ -43,70 +38,6 @@ def cluster() -> Iterator[SessionCluster]:
         yield c
     finally:
         c.stop()
-
-
-@dataclass(frozen=True)
-class Truth:
-    """What the job must make of a generated stream."""
-
-    valid: int  # unique well-formed events: trained
-    duplicates: int  # dropped by the de-duplication
-    malformed: int  # dead-lettered
-    users: frozenset[str]
-    items: frozenset[str]
-
-    @classmethod
-    def of(cls, records: list[Record]) -> Truth:
-        events = [orjson.loads(r.payload) for r in records if r.kind == "event"]
-        duplicates = sum(r.kind == "duplicate" for r in records)
-        return cls(len(events), duplicates, len(records) - len(events) - duplicates,
-                   frozenset(e["user_id"] for e in events), frozenset(e["item_id"] for e in events))
-
-
-def job_args(cfg: JobConfig, tmp_path: Path) -> list[str]:
-    """The job's arguments: a YAML file naming this test's topics, as one would deploy it."""
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump({
-        "kafka": dataclasses.asdict(cfg.kafka),
-        "flink": {"checkpoint_dir": cfg.flink.checkpoint_dir, "job_name": f"streamrec-{cfg.kafka.group_id}"},
-    }))
-    return ["--config", str(path)]
-
-
-def follow_stats(cluster: SessionCluster, job_id: str, stats: Follower, done: Callable[[list[dict[str, Any]]], bool],
-                 idle_s: float = 3.0, timeout_s: float = 120.0) -> list[dict[str, Any]]:
-    """The stats records that arrive until ``done(records)`` holds and nothing new came for ``idle_s``."""
-    seen: list[dict[str, Any]] = []
-    changed = time.monotonic()
-    deadline = changed + timeout_s
-    while time.monotonic() < deadline:
-        new = [orjson.loads(v) for _k, v, _p, _o in stats.poll(0.5)]
-        if new:
-            seen.extend(new)
-            changed = time.monotonic()
-        if seen and done(seen) and time.monotonic() - changed >= idle_s:
-            return seen
-        state = cluster.job_status(job_id)
-        if state != "RUNNING":
-            pytest.fail(f"job {job_id} is {state}: {cluster.exception(job_id)}\nlogs: {cluster.log_dir}")
-    pytest.fail(f"job {job_id}: not done within {timeout_s}s; last stats {seen[-1] if seen else 'none'}; "
-                f"logs: {cluster.log_dir}")
-
-
-def trained(stats: list[dict[str, Any]]) -> int:
-    """Events trained in these batches: independent of whether the trainer's counters survive a restore."""
-    return sum(s["events"] for s in stats if s["kind"] == "batch")
-
-
-def submitted(cluster: SessionCluster, args: list[str], savepoint: str | None = None) -> str:
-    job_id = cluster.submit(args, savepoint=savepoint)
-    cluster.wait_running(job_id)
-    return job_id
-
-
-def cancel_if_running(cluster: SessionCluster, job_id: str) -> None:
-    if cluster.job_status(job_id) not in ("CANCELED", "FAILED", "FINISHED"):
-        cluster.cancel(job_id)
 
 
 def test_job_on_session_cluster(

@@ -76,3 +76,29 @@ def test_a_duplicated_event_is_trained_once(topics) -> None:
         key=lambda r: r["version"],
     )
     assert latest["events"] == 5
+
+
+def test_expired_ids_reach_the_compacted_topic_as_tombstones(topics) -> None:
+    """Users idle longer than ``model.ttl_ms`` (event time) leave the model and the changelog: a null value."""
+    day = 24 * 3600 * 1000
+    cfg = topics("expiry", overrides=["batch.size=16", "publish.interval_ms=0", f"model.ttl_ms={day}",
+                                      "clean.out_of_orderness_ms=0"])
+    now = 1_700_000_000_000
+    base = now - 3 * day
+
+    def click(n: int, user: str, ts: int) -> tuple[Record, int]:
+        payload = orjson.dumps({"event_id": f"c{n}", "user_id": user, "item_id": f"i{n % 5}", "action": "click",
+                                "ts": ts})
+        return Record(user.encode(), payload, "event", f"c{n}"), ts
+
+    early = [click(n, f"idle{n % 4}", base + n) for n in range(16)]
+    late = [click(100 + n, "active", base + 2 * day + n) for n in range(48)]
+    send(early + late, cfg.kafka.bootstrap, cfg.kafka.input_topic)
+    with LocalJob(cfg) as job:
+        job.wait_idle(idle_s=4.0, timeout_s=300, min_received=len(early) + len(late))
+    records = read_all(cfg.kafka.bootstrap, cfg.kafka.embeddings_topic)
+    tombstones = {k.decode() for k, v, _p, _o in records if v is None}
+    assert {f"user:idle{u}" for u in range(4)} <= tombstones
+    assert "user:active" not in tombstones
+    last = {k.decode(): v for k, v, _p, _o in sorted(records, key=lambda r: (r[2], r[3]))}
+    assert all(last[f"user:idle{u}"] is None for u in range(4))  # nothing published for them after the tombstone

@@ -164,3 +164,17 @@ def test_ids_not_admitted_yet_are_not_published() -> None:
     recs = _published(stage.on_chunk(lines, now_ms=1_000))
     assert not [k for k in recs if k.startswith("user:")] and "item:i0" in recs
     assert all(r["id"] for r in recs.values())
+
+
+def test_a_warm_started_model_continues_on_the_stream(tmp_path) -> None:
+    from model.warm_start import main as warm_start
+
+    history = tmp_path / "u.data"
+    history.write_text("".join(f"{1 + k % 6}\t{1 + k % 9}\t{1 + k % 5}\t{880000000 + k}\n" for k in range(300)))
+    state = tmp_path / "state.bin"
+    warm_start(["--input", str(history), "--out", str(state), "--epochs", "2"])
+    stage = TrainStage(JobConfig.load(overrides=["batch.size=12", f"flink.initial_model={state}"]))
+    pretrained = stage.model.step
+    assert pretrained > 0 and len(stage.model.users) == 6 and len(stage.model.items) == 9
+    stage.on_chunk(_rated(12), now_ms=1_000)
+    assert stage.model.step == pretrained + 1 and len(stage.model.users) == 6 + 4

@@ -1,0 +1,68 @@
+"""ML-100K through the real job: the stream goes into Kafka, the job on the local mini-cluster evaluates every
+micro-batch before training on it (PROTOCOL.md's prequential protocol), and its own figures are printed beside
+River's ``reco.BiasedMF`` and popularity, computed in this process on the same stream.
+
+    python -m benchmarks.ml100k_job --data ../shared/datasets/ml-100k [--batch-size 32] [--profile ml100k]
+
+The input topic has one partition and the job gathers chunks in one shard (``batch.shards=1``), so the job sees the
+events in the file's time order, the order River and popularity see. Every event is evaluated (``eval.user_sample
+=1``); predictions are clipped to 1..5.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from deploy.kafka import Broker, create_topics, job_topics
+from benchmarks.ml100k import PROFILES, Result, load_stream, run_popularity, run_river, table
+from flink_job.config import PROJECT_ROOT, JobConfig
+from flink_job.produce import movielens_records, send
+from flink_job.runner import LocalJob
+
+log = logging.getLogger("benchmarks.ml100k_job")
+
+
+def run_job(data: Path, batch_size: int, profile: str, port: int, extra: list[str]) -> tuple[dict[str, Any], float]:
+    """The job's final prequential summary and its processing seconds (first chunk to last batch)."""
+    broker = Broker(port, port + 1, PROJECT_ROOT / ".run" / "bench-kafka")
+    broker.start()
+    run = f"ml100k.{time.strftime('%H%M%S')}"
+    model = [f"model.{k}={v}" for k, v in PROFILES.get(profile, {}).items()]
+    cfg = JobConfig.load(overrides=[
+        f"kafka.bootstrap={broker.bootstrap}", f"kafka.input_topic={run}.events", f"kafka.group_id={run}",
+        f"kafka.embeddings_topic={run}.embeddings", f"kafka.dead_letter_topic={run}.dead-letters",
+        f"kafka.stats_topic={run}.stats", f"batch.size={batch_size}", "batch.shards=1", "eval.user_sample=1.0",
+        "eval.log_every_batches=500", *model, *extra,
+    ])
+    create_topics(broker.bootstrap, job_topics(cfg), 1)
+    sent = send(movielens_records(data / "u.data" if data.is_dir() else data), broker.bootstrap,
+                cfg.kafka.input_topic)
+    with LocalJob(cfg) as job:
+        result = job.wait_idle(idle_s=5.0, timeout_s=1800, min_received=sent)
+    last = result.last
+    if last["trained"] != sent:
+        raise RuntimeError(f"ml100k: the job trained {last['trained']} of {sent} events; see the dead-letter topic")
+    return last["prequential"], result.last_batch_s - result.first_chunk_s
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="the ml-100k folder (or its u.data)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--profile", default="ml100k", choices=["", *PROFILES])
+    p.add_argument("--port", type=int, default=19492)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    summary, seconds = run_job(args.data, args.batch_size, args.profile, args.port, args.overrides)
+    stream = load_stream(args.data)
+    job = Result(f"streamrec job (batch {args.batch_size}, profile {args.profile or 'defaults'})", summary, seconds, seconds)
+    print(table([job, run_river(stream), run_popularity(stream)]))
+
+
+if __name__ == "__main__":
+    main()

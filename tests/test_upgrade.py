@@ -1,0 +1,126 @@
+"""An upgrade on the standalone session cluster: stop with a savepoint, change the job, resubmit from the savepoint.
+
+The new version runs with another configuration (learning rate, publish interval, a proximal pull toward the last
+published rows, a NumPy snapshot sink) and must restore every operator's state without
+``--allowNonRestoredState``: what the model learned, its optimiser state, the per-id counters, the Kafka offsets and
+the de-duplication memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from deploy.cluster import SessionCluster
+from flink_job.config import JobConfig
+from flink_job.generate import SyntheticConfig, generate
+from flink_job.produce import send, synthetic_timed
+from flink_job.publish import SNAPSHOT_FILE
+from flink_job.topics import Follower, end_offsets, read_all
+from tests.helpers import Truth, cancel_if_running, follow_stats, job_args, latest_by_id, submitted
+
+pytestmark = pytest.mark.integration
+PROJECT = Path(__file__).resolve().parent.parent
+REST_PORT = 18381  # test_cluster.py uses 18081/16123, test_faults.py 18281/16323
+RPC_PORT = 16423
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[SessionCluster]:
+    c = SessionCluster(REST_PORT, RPC_PORT, PROJECT / ".run" / "test-upgrade-cluster")
+    c.stop()  # left over from an aborted run
+    shutil.rmtree(c.run_dir, ignore_errors=True)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def item_events(syn: SyntheticConfig) -> Counter[str]:
+    return Counter(orjson.loads(r.payload)["item_id"] for r in generate(syn) if r.kind == "event")
+
+
+def test_upgrade_from_a_savepoint_keeps_what_was_learned(
+    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path
+) -> None:
+    cfg = topics("upgrade")
+    before = SyntheticConfig(n_users=300, n_items=150, n_events=8_000, duplicate_rate=0.02, malformed_rate=0.01,
+                             seed=71, id_prefix="a")
+    # After the upgrade only the 30 most active users have events: the other 270 must keep their vectors exactly.
+    after = SyntheticConfig(n_users=30, n_items=150, n_events=1_500, seed=72, id_prefix="b")
+    truth_a, truth_b = Truth.of(list(generate(before))), Truth.of(list(generate(after)))
+    old = list(synthetic_timed(before))
+    send(old, cfg.kafka.bootstrap, cfg.kafka.input_topic, total=len(old))
+    stats = Follower(cfg.kafka.bootstrap, cfg.kafka.stats_topic)
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v2").mkdir()
+    job_id = submitted(cluster, job_args(cfg, tmp_path / "v1"))
+    resumed = None
+    try:
+        follow_stats(cluster, job_id, stats, lambda seen: seen[-1]["received"] >= truth_a.received)
+        published = latest_by_id(read_all(cfg.kafka.bootstrap, cfg.kafka.embeddings_topic))
+        assert {k.removeprefix("user:"): r["events"] for k, r in published.items() if r["kind"] == "user"} \
+            == truth_a.user_events
+        savepoint = cluster.stop_with_savepoint(job_id, tmp_path / "savepoints")
+        assert cluster.job_status(job_id) == "FINISHED"
+        stopped_at = end_offsets(cfg.kafka.bootstrap, cfg.kafka.embeddings_topic)
+
+        # The new version: other settings, a model option that keeps the table shapes, a snapshot sink.
+        snapshots = tmp_path / "snapshots"
+        upgraded = dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(cfg.model, lr=0.02, proximal=0.1),
+            publish=dataclasses.replace(cfg.publish, interval_ms=500, snapshot_dir=str(snapshots),
+                                        snapshot_interval_ms=1),
+        )
+        # New events for a few users, and a re-delivery of old ones that only the restored state can drop.
+        send([*synthetic_timed(after), *old[:200]], cfg.kafka.bootstrap, cfg.kafka.input_topic)
+        resumed = submitted(cluster, job_args(upgraded, tmp_path / "v2"), savepoint=savepoint)  # no -n
+        received = truth_a.received + truth_b.received
+        last = follow_stats(cluster, resumed, stats, lambda seen: seen[-1]["received"] >= received)[-1]
+        # Counters restored and continued; offsets and de-duplication restored: nothing read or trained twice.
+        assert (last["received"], last["trained"]) == (received, truth_a.valid + truth_b.valid)
+
+        records = read_all(cfg.kafka.bootstrap, cfg.kafka.embeddings_topic)
+        republished = latest_by_id([r for r in records if r[3] >= stopped_at[r[2]]])
+        assert republished, "nothing published after the upgrade"
+        # Versions continue from the restored model step; event counters continue from where they were.
+        for key, rec in republished.items():
+            assert key not in published or rec["version"] > published[key]["version"], key
+        for user, n in truth_b.user_events.items():
+            assert republished[f"user:{user}"]["events"] == truth_a.user_events.get(user, 0) + n, user
+        items_total = item_events(before) + item_events(after)
+        for key, rec in republished.items():
+            if rec["kind"] == "item":
+                assert rec["events"] == items_total[rec["id"]], key
+
+        # Every row as the new version holds it: ids it did not touch have exactly the vectors learned before the
+        # upgrade; the ones it touched, exactly what it published last.
+        snap = np.load(snapshots / SNAPSHOT_FILE)
+        assert int(snap["step"]) == last["step"]
+        untouched = 0
+        for kind in ("user", "item"):
+            rows = {str(i): n for n, i in enumerate(snap[f"{kind}_ids"])}
+            for key, rec in {**published, **republished}.items():
+                if rec["kind"] != kind:
+                    continue
+                vector = snap[f"{kind}_vectors"][rows[rec["id"]]]
+                expected = (republished.get(key) or published[key])["vector"]
+                np.testing.assert_array_equal(vector, np.array(expected, np.float32), err_msg=key)
+                untouched += key not in republished
+        users_untouched = sum(1 for k in published if k.startswith("user:") and k not in republished)
+        assert users_untouched >= len(truth_a.users) - len(truth_b.users), users_untouched
+        assert untouched >= users_untouched
+        assert cluster.cancel(resumed) == "CANCELED"
+    finally:
+        stats.close()
+        for jid in (job_id, resumed):
+            if jid:
+                cancel_if_running(cluster, jid)
