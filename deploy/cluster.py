@@ -216,8 +216,8 @@ class SessionCluster:
     def kill_taskmanager(self, timeout_s: float = 10.0) -> list[int]:
         """``kill -9`` every TaskManager JVM of this cluster, as a machine or JVM crash would; returns their pids.
 
-        The Python workers the TaskManager started lose their parent with it; they are left to notice on their own,
-        as after a real crash (``stop()`` ends any that linger).
+        The Python workers the TaskManager started are not signalled: as after a real crash, they exit when their
+        connection to it breaks (none was left behind in the tests; ``stop()`` ends any that linger).
         """
         pids = self.taskmanager_pids()
         if not pids:
