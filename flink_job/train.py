@@ -218,19 +218,17 @@ class TrainStage:
         weights = self.action_weight[batch.actions] * batch.values  # (B,) used by implicit events only
         stats = model.learn_many(batch.users, batch.items, batch.actions, batch.values, weights, batch.ts)
         train_ms = (time.perf_counter() - start) * 1000
-        self._touch(stats, batch, out)
-        out.trained += len(batch)
         out.batches += 1
         out.batch_sizes.append(len(batch))
         out.train_ms.append(train_ms)
         out.losses.append((stats.rating_loss, stats.bpr_loss))
-        self.counters.trained += len(batch)
         self.counters.batches += 1
         if stats.skipped:
-            out.skipped_batches += 1
-            self.counters.skipped_batches += 1
-            log.warning("train: batch %d skipped: non-finite loss or gradient, its rows rolled back",
-                        self.counters.batches)
+            self._skipped(batch, out)
+        else:
+            self._touch(stats, batch, out)
+            out.trained += len(batch)
+            self.counters.trained += len(batch)
         out.stats.append(
             self._stats(
                 "batch", events=len(batch), ratings=stats.ratings, rating_mse=stats.rating_loss,
@@ -244,6 +242,23 @@ class TrainStage:
             log.info("train: batch %d, %d events trained; prequential RMSE %.4f MAE %.4f HR@%d %.4f NDCG@%d %.4f "
                      "(%d ratings, %d positives ranked)", self.counters.batches, self.counters.trained, q["rmse"],
                      q["mae"], self.cfg.eval.k, q["hr"], self.cfg.eval.k, q["ndcg"], q["rated"], q["positives"])
+
+    def _skipped(self, batch: EventBatch, out: Output) -> None:
+        """The model refused the batch (a non-finite loss or gradient) and rolled its rows back: nothing of it was
+        learned or is published, and its events go to the dead letters (re-encoded; the parser keeps no original
+        bytes), so every input record is still accounted for."""
+        out.skipped_batches += 1
+        self.counters.skipped_batches += 1
+        self.counters.dead_lettered += len(batch)
+        log.warning("train: batch %d skipped (%d events dead-lettered): non-finite loss or gradient, rows rolled back",
+                    self.counters.batches, len(batch))
+        for n in range(len(batch)):
+            event = {"event_id": batch.event_ids[n], "user_id": batch.users[n], "item_id": batch.items[n],
+                     "action": ACTIONS[batch.actions[n]], "value": float(batch.values[n]), "ts": int(batch.ts[n])}
+            out.dead_letters.append(DeadLetter(
+                "non_finite_batch", STAGE, orjson.dumps(event).decode(), int(batch.partitions[n]),
+                int(batch.offsets[n]), f"batch {self.counters.batches} skipped by the model's guard",
+            ))
 
     def _evaluate(self, batch: EventBatch) -> dict[str, float] | None:
         """The batch's prequential figures against the model as it is before training on the batch."""
