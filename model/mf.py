@@ -283,9 +283,9 @@ class OnlineBiasedMF:
 
         if poison:
             rating_loss = implicit_loss = float("nan")
-        grads = [g for _, g in gu + gi]
-        if not (math.isfinite(rating_loss) and math.isfinite(implicit_loss)
-                and all(bool(torch.isfinite(g).all()) for g in grads)):
+        # A non-finite gradient under a finite loss shows in the rows it moved, checked after the step below (and
+        # rolled back like this): checking every gradient tensor first cost 10% of the step.
+        if not (math.isfinite(rating_loss) and math.isfinite(implicit_loss)):
             return None
         rows_u = rows_i = torch.zeros(0, dtype=torch.int64, device=self.device)
         if gu:

@@ -16,6 +16,8 @@ their moments do not decay). Rows are allocated on demand (capacity doubles) and
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from typing import Any
@@ -164,7 +166,8 @@ class EmbeddingTable:
                 getattr(self, name)[rows] = value
 
     def finite(self, rows: torch.Tensor) -> bool:
-        return bool(torch.isfinite(self.params[rows]).all())
+        # A sum in float64 is NaN or infinite exactly when an element is (finite float32 values cannot overflow it).
+        return math.isfinite(float(self.params[rows].sum(dtype=torch.float64)))
 
     def mark_published(self, rows: torch.Tensor) -> None:
         """The rows' current parameters become their proximal anchor (no-op without a proximal penalty)."""
