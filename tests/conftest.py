@@ -1,14 +1,14 @@
 """Shared fixtures: one real Kafka broker for the session, fresh topics per test."""
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from deploy.kafka import Broker, create_topics, job_topics
+from deploy.kafka import Broker
 from flink_job.config import JobConfig
+from tests.helpers import fresh_topics
 
 PROJECT = Path(__file__).resolve().parent.parent
 TEST_PORT = 19292
@@ -55,22 +55,6 @@ def topics(kafka: Broker, tmp_path: Path) -> Callable[..., JobConfig]:
     """``topics(prefix, input_partitions=2, overrides=[...])``: fresh topics and a JobConfig pointing at them."""
 
     def make(prefix: str, input_partitions: int = 2, overrides: list[str] | None = None) -> JobConfig:
-        run = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        cfg = JobConfig.load(
-            overrides=[
-                f"kafka.bootstrap={kafka.bootstrap}",
-                f"kafka.input_topic={run}.events",
-                f"kafka.embeddings_topic={run}.embeddings",
-                f"kafka.dead_letter_topic={run}.dead-letters",
-                f"kafka.stats_topic={run}.stats",
-                f"kafka.group_id={run}",
-                f"flink.checkpoint_dir={(tmp_path / 'checkpoints').as_uri()}",
-                *(overrides or []),
-            ]
-        )
-        all_topics = job_topics(cfg)
-        create_topics(kafka.bootstrap, {cfg.kafka.input_topic: all_topics.pop(cfg.kafka.input_topic)}, input_partitions)
-        create_topics(kafka.bootstrap, all_topics, 1)
-        return cfg
+        return fresh_topics(kafka.bootstrap, prefix, tmp_path, overrides, input_partitions)
 
     return make

@@ -6,7 +6,8 @@ import itertools
 import math
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,3 +183,20 @@ def fresh_topics(bootstrap: str, prefix: str, tmp_path: Path, overrides: list[st
     create_topics(bootstrap, {cfg.kafka.input_topic: all_topics.pop(cfg.kafka.input_topic)}, input_partitions)
     create_topics(bootstrap, all_topics, 1)
     return cfg
+
+
+@contextmanager
+def session_cluster(rest_port: int, rpc_port: int, run_dir: Path,
+                    extra_settings: dict[str, Any] | None = None) -> Iterator[SessionCluster]:
+    """A session cluster of its own (ports, run dir), cleared of an aborted run's leftovers and stopped even when
+    the tests using it fail."""
+    import shutil
+
+    c = SessionCluster(rest_port, rpc_port, run_dir, extra_settings=extra_settings or {})
+    c.stop()  # left over from an aborted run
+    shutil.rmtree(c.run_dir, ignore_errors=True)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()

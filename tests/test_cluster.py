@@ -7,7 +7,6 @@ cluster restores the source offsets and the de-duplication state after a resubmi
 from __future__ import annotations
 
 import itertools
-import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from flink_job.config import JobConfig
 from flink_job.generate import SyntheticConfig, generate
 from flink_job.produce import send, synthetic_timed
 from flink_job.topics import Follower, json_values, read_all
-from tests.helpers import Truth, cancel_if_running, follow_stats, job_args, submitted, trained
+from tests.helpers import Truth, cancel_if_running, follow_stats, job_args, submitted, trained, session_cluster
 
 pytestmark = pytest.mark.integration
 PROJECT = Path(__file__).resolve().parent.parent
@@ -30,14 +29,8 @@ RPC_PORT = 16123
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[SessionCluster]:
     """A session cluster of its own (ports, run dir), stopped even when the module's tests fail."""
-    c = SessionCluster(REST_PORT, RPC_PORT, PROJECT / ".run" / "test-flink-cluster")
-    c.stop()  # left over from an aborted run
-    shutil.rmtree(c.run_dir, ignore_errors=True)
-    try:
-        c.start()
+    with session_cluster(REST_PORT, RPC_PORT, PROJECT / ".run" / "test-flink-cluster") as c:
         yield c
-    finally:
-        c.stop()
 
 
 def test_job_on_session_cluster(

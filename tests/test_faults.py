@@ -38,6 +38,7 @@ from flink_job.generate import SyntheticConfig, generate
 from flink_job.produce import Pacing, send, synthetic_timed
 from flink_job.topics import Follower, read_all
 from tests.helpers import (
+    session_cluster,
     Truth,
     assert_reconciled,
     cancel_if_running,
@@ -77,14 +78,8 @@ CLUSTER_SETTINGS = {
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[SessionCluster]:
     """A session cluster of its own (ports, run dir, the settings above), stopped even when the tests fail."""
-    c = SessionCluster(REST_PORT, RPC_PORT, PROJECT / ".run" / "test-faults-cluster", extra_settings=CLUSTER_SETTINGS)
-    c.stop()  # left over from an aborted run
-    shutil.rmtree(c.run_dir, ignore_errors=True)
-    try:
-        c.start()
+    with session_cluster(REST_PORT, RPC_PORT, PROJECT / ".run" / "test-faults-cluster", CLUSTER_SETTINGS) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,6 @@ the de-duplication memory.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from flink_job.generate import SyntheticConfig, generate
 from flink_job.produce import send, synthetic_timed
 from flink_job.publish import SNAPSHOT_FILE
 from flink_job.topics import Follower, end_offsets, read_all
-from tests.helpers import Truth, cancel_if_running, follow_stats, job_args, latest_by_id, submitted
+from tests.helpers import Truth, cancel_if_running, follow_stats, job_args, latest_by_id, submitted, session_cluster
 
 pytestmark = pytest.mark.integration
 PROJECT = Path(__file__).resolve().parent.parent
@@ -33,14 +32,8 @@ RPC_PORT = 16423
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[SessionCluster]:
-    c = SessionCluster(REST_PORT, RPC_PORT, PROJECT / ".run" / "test-upgrade-cluster")
-    c.stop()  # left over from an aborted run
-    shutil.rmtree(c.run_dir, ignore_errors=True)
-    try:
-        c.start()
+    with session_cluster(REST_PORT, RPC_PORT, PROJECT / ".run" / "test-upgrade-cluster") as c:
         yield c
-    finally:
-        c.stop()
 
 
 def item_events(syn: SyntheticConfig) -> Counter[str]:
