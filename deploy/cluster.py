@@ -219,14 +219,7 @@ class SessionCluster:
         The Python workers the TaskManager started are not signalled: as after a real crash, they exit when their
         connection to it breaks (none was left behind in the tests; ``stop()`` ends any that linger).
         """
-        pids = self.taskmanager_pids()
-        if not pids:
-            raise RuntimeError(f"cluster: no live TaskManager to kill (pid file in {self.run_dir})")
-        for pid in pids:
-            _signal(pid, signal.SIGKILL)
-        _wait_gone(pids, timeout_s)
-        log.info("cluster: killed TaskManager(s) %s", pids)
-        return pids
+        return _kill(self.taskmanager_pids(), "TaskManager", f" (pid file in {self.run_dir})", timeout_s)
 
     def start_taskmanager(self, timeout_s: float = 120.0) -> str:
         """Starts one more TaskManager (``bin/taskmanager.sh start``); returns its id once it has registered."""
@@ -257,14 +250,7 @@ class SessionCluster:
 
     def kill_python_workers(self, timeout_s: float = 10.0) -> list[int]:
         """``kill -9`` the TaskManagers' Python workers (the TaskManager itself keeps running); returns their pids."""
-        pids = self.python_worker_pids()
-        if not pids:
-            raise RuntimeError("cluster: no Python worker of a live TaskManager to kill")
-        for pid in pids:
-            _signal(pid, signal.SIGKILL)
-        _wait_gone(pids, timeout_s)
-        log.info("cluster: killed Python worker(s) %s", pids)
-        return pids
+        return _kill(self.python_worker_pids(), "Python worker", " of a live TaskManager", timeout_s)
 
     def start(self, timeout_s: float = 120.0) -> None:
         """Starts one JobManager and one TaskManager and waits until the TaskManager has registered."""
@@ -464,6 +450,17 @@ class SessionCluster:
                 return path
             time.sleep(0.5)
         raise TimeoutError(f"cluster: savepoint of job {job_id} not done after {timeout_s}s")
+
+
+def _kill(pids: list[int], what: str, where: str, timeout_s: float) -> list[int]:
+    """``kill -9`` of ``pids`` (processes of kind ``what``), once all are gone; an empty list is an error."""
+    if not pids:
+        raise RuntimeError(f"cluster: no live {what}{where} to kill")
+    for pid in pids:
+        _signal(pid, signal.SIGKILL)
+    _wait_gone(pids, timeout_s)
+    log.info("cluster: killed %s(s) %s", what, pids)
+    return pids
 
 
 def _alive(pid: int) -> bool:

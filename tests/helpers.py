@@ -17,9 +17,12 @@ import pytest
 import yaml
 
 from deploy.cluster import SessionCluster
+from deploy.kafka import Broker
 from flink_job.config import JobConfig
 from flink_job.generate import Record
 from flink_job.topics import Follower, read_all
+
+PROJECT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -200,3 +203,42 @@ def session_cluster(rest_port: int, rpc_port: int, run_dir: Path,
         yield c
     finally:
         c.stop()
+
+
+@contextmanager
+def locked_broker(first_port: int, slots: int, name: str) -> Iterator[Broker]:
+    """A KRaft broker on the first free of ``slots`` port pairs from ``first_port`` (steps of 10), data in
+    ``.run/<name>-<port>``, removed before it starts and stopped afterwards.
+
+    Each user holds a lock on its folder, so a second test session running at the same time (another checkout's
+    CI, a developer's run) takes the next slot instead of stopping this one's broker, and a broker left running in
+    an unlocked folder is a leftover of a dead session, stopped and replaced.
+    """
+    import fcntl
+    import shutil
+
+    for slot in range(slots):
+        port = first_port + 10 * slot
+        run_dir = PROJECT / ".run" / f"{name}-{port}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir.with_name(run_dir.name + ".lock"), "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue  # a live session owns this slot
+        broker = Broker(port, port + 1, run_dir)
+        broker.stop()  # a leftover of a session that died
+        shutil.rmtree(run_dir, ignore_errors=True)
+        try:
+            broker.start()
+        except RuntimeError:
+            lock.close()
+            continue  # the port is taken by something else
+        try:
+            yield broker
+        finally:
+            broker.stop()
+            lock.close()
+        return
+    raise RuntimeError(f"tests: no free slot for a test Kafka broker ({name}, {slots} slots from {first_port})")

@@ -15,10 +15,8 @@ counter equal to its number of valid events, so no event was lost or trained twi
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import random
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +36,7 @@ from flink_job.generate import SyntheticConfig, generate
 from flink_job.produce import Pacing, send, synthetic_timed
 from flink_job.topics import Follower, read_all
 from tests.helpers import (
+    locked_broker,
     session_cluster,
     Truth,
     assert_reconciled,
@@ -94,31 +93,8 @@ def taskmanager_after(cluster: SessionCluster) -> Iterator[None]:
 def own_broker() -> Iterator[Broker]:
     """A broker for the outage test only, so stopping it leaves the session's broker alone; port and folder are
     locked like the session broker's, so two test sessions at once take different ones."""
-    for slot in range(8):
-        port = 19700 + 10 * slot
-        run_dir = PROJECT / ".run" / f"test-faults-kafka-{port}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(run_dir.with_name(run_dir.name + ".lock"), "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            continue
-        broker = Broker(port, port + 1, run_dir)
-        broker.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
-        try:
-            broker.start()
-        except RuntimeError:
-            lock.close()
-            continue
-        try:
-            yield broker
-        finally:
-            broker.stop()
-            lock.close()
-        return
-    raise RuntimeError("tests: no free port for the outage test's broker")
+    with locked_broker(19700, 8, "test-faults-kafka") as broker:
+        yield broker
 
 
 class Producer:
