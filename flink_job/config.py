@@ -264,6 +264,8 @@ class FlinkConfig:
     restart_attempts: int = 0  # consecutive failed attempts before the job fails for good; 0: keep trying
     connector_jar: str = ""  # empty: the jar fetched by deploy/jars.py
     job_name: str = "streamrec"
+    # Further Flink configuration entries, applied after the job's own (``{"taskmanager.memory.network.max": "256m"}``).
+    options: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

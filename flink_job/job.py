@@ -27,7 +27,9 @@ def create_env(cfg: JobConfig):  # type: ignore[no-untyped-def]
 
     from deploy.jars import connector_jar
     from flink_job.topology import build, flink_configuration
+    from flink_job import worker
 
+    worker.tune()  # a local run's Python worker runs in this process (PyFlink's loopback mode)
     jar = Path(cfg.flink.connector_jar) if cfg.flink.connector_jar else connector_jar()
     env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(cfg, jar))
     build(env, cfg)

@@ -5,9 +5,10 @@
     -> deduped_events                # first of each dedup_key only      Flink's de-duplication operator
     -> event_chunks                  # (0, (shard, [line]))              processing-time window, ARRAY_AGG
     -> keyed in the JVM -> train      # Python, one call per chunk: parse, validate, batch, learn
-       -> main output                # (records: map key -> embedding)   -> UNNEST -> embeddings topic
-       -> side output dead-letters   # (k, v)                            -> dead-letter topic
-       -> side output stats          # (k, v)                            -> job-stats topic
+       -> stage output               # (embeddings {k: v}, dead_letters [(k, v)], stats [v]), one row per call
+          -> UNNEST(embeddings)      # (k, v)                            -> embeddings topic
+          -> UNNEST(dead_letters)    # (k, v)                            -> dead-letter topic
+          -> UNNEST(stats)           # ("stats", v)                      -> job-stats topic
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pyflink.table import StreamTableEnvironment
 
 from flink_job import sql
 from flink_job.config import PROJECT_ROOT, JobConfig
-from flink_job.outputs import CHUNK, DEAD_LETTER_TAG, EMBEDDING_BATCH, STATS_TAG
+from flink_job.outputs import CHUNK, STAGE_OUTPUT
 from flink_job.train import make_train_function
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def flink_configuration(cfg: JobConfig, connector_jar: Path) -> Configuration:
     checkpoints = checkpoint_uri(cfg)
     if checkpoints:
         settings["execution.checkpointing.dir"] = checkpoints
+    settings.update({str(k): str(v) for k, v in cfg.flink.options.items()})
     for key, value in settings.items():
         conf.set_string(key, value)
     return conf
@@ -83,15 +85,13 @@ def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnviron
 
     chunks = key_by_first_field(t_env.to_data_stream(t_env.from_path(sql.CHUNK_VIEW)))  # (shard, [line])
     trained = (
-        chunks.process(make_train_function(cfg), output_type=EMBEDDING_BATCH)
+        chunks.process(make_train_function(cfg), output_type=STAGE_OUTPUT)
         .name(TRAIN)
         .uid(TRAIN)
         .set_parallelism(1)  # one model; the JVM stages before it scale out
-    )  # (records: {key: json})
+    )  # (embeddings: {key: json}, dead_letters: [(key, json)], stats: [json])
 
-    t_env.create_temporary_view("embedding_batches", t_env.from_data_stream(trained))
-    t_env.create_temporary_view("dead_letters", t_env.from_data_stream(trained.get_side_output(DEAD_LETTER_TAG)))
-    t_env.create_temporary_view("batch_stats", t_env.from_data_stream(trained.get_side_output(STATS_TAG)))
+    t_env.create_temporary_view("stage_output", t_env.from_data_stream(trained))
     sinks = {
         "embeddings_sink": cfg.kafka.embeddings_topic,
         "dead_letter_sink": cfg.kafka.dead_letter_topic,
@@ -102,10 +102,12 @@ def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnviron
 
     statements = t_env.create_statement_set()
     statements.add_insert_sql(
-        "INSERT INTO embeddings_sink SELECT r.k, r.v FROM embedding_batches CROSS JOIN UNNEST(records) AS r(k, v)"
+        "INSERT INTO embeddings_sink SELECT e.k, e.v FROM stage_output CROSS JOIN UNNEST(embeddings) AS e(k, v)"
     )
-    statements.add_insert_sql("INSERT INTO dead_letter_sink SELECT k, v FROM dead_letters")
-    statements.add_insert_sql("INSERT INTO stats_sink SELECT k, v FROM batch_stats")
+    statements.add_insert_sql(
+        "INSERT INTO dead_letter_sink SELECT d.k, d.v FROM stage_output CROSS JOIN UNNEST(dead_letters) AS d(k, v)"
+    )
+    statements.add_insert_sql("INSERT INTO stats_sink SELECT 'stats', s FROM stage_output CROSS JOIN UNNEST(stats) AS t(s)")
     statements.attach_as_datastream()
     return t_env
 

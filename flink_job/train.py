@@ -1,7 +1,7 @@
 """The training stage: chunks of lines in, embedding records, dead letters and batch statistics out.
 
 ``TrainStage`` is plain Python (tested without a JVM); ``TrainFunction`` is the thin Flink shell that owns it,
-registers the flush timer and hands its outputs to the main stream and the side outputs.
+registers the flush timer and hands its outputs on as one row per call (``flink_job.outputs.STAGE_OUTPUT``).
 """
 from __future__ import annotations
 
@@ -402,9 +402,6 @@ def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
     from pyflink.datastream import KeyedProcessFunction, RuntimeContext
     from pyflink.datastream.state import ValueStateDescriptor
 
-    # The module, not its tags: tags cache JVM handles once used, and the function is pickled for each job.
-    from flink_job import outputs
-
     class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
         def __init__(self) -> None:
             self.stage: TrainStage | None = None
@@ -488,16 +485,13 @@ def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
         def _emit(self, out: Output) -> Iterator[object]:
             self.m_trained.inc(out.trained)
             self.m_near.inc(out.near_duplicates)
-            if out.embeddings:
-                yield Row(dict(out.embeddings))
             for d in out.dead_letters:
-                yield outputs.DEAD_LETTER_TAG, Row(d.key(), d.to_json())
                 counter = self.reason_counters.get(d.reason)
                 if counter is None:
                     counter = self.reason_counters[d.reason] = self.m_reasons.counter(d.reason)
                 counter.inc()
-            for s in out.stats:
-                yield outputs.STATS_TAG, Row("stats", s)
+            if out.embeddings or out.dead_letters or out.stats:
+                yield Row(dict(out.embeddings), [Row(d.key(), d.to_json()) for d in out.dead_letters], out.stats)
             self.m_dead.inc(len(out.dead_letters))
             self.m_batches.inc(out.batches)
             self.m_skipped.inc(out.skipped_batches)

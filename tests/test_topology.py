@@ -1,0 +1,30 @@
+"""The wiring: Flink settings the job passes, and the operators of its plan (needs a JVM, no cluster)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flink_job.config import JobConfig
+from flink_job.topology import flink_configuration
+
+
+def test_raw_flink_options_are_applied_last() -> None:
+    cfg = JobConfig.load(overrides=[
+        "flink.bundle_time_ms=100",
+        "flink.options={python.fn-execution.bundle.time: '250', taskmanager.memory.network.max: 256mb}",
+    ])
+    conf = flink_configuration(cfg, Path("connector.jar"))
+    assert conf.get_string("python.fn-execution.bundle.time", "") == "250"  # the raw option wins
+    assert conf.get_string("taskmanager.memory.network.max", "") == "256mb"
+
+
+def test_the_plan_has_one_python_operator_and_no_side_output_maps() -> None:
+    """PyFlink reads every side output through a Python identity map with bundles of its own; the trainer's outputs
+    leave in one row that the JVM unnests, so the trainer is the plan's only Python operator."""
+    from flink_job.job import create_env
+
+    plan = json.loads(create_env(JobConfig.load()).get_execution_plan())
+    names = [n["type"] for n in plan["nodes"]]
+    assert names.count("train") == 1
+    assert "Map" not in names, names
+    assert sum("_sink" in n and "Writer" in n for n in names) == 3
