@@ -80,7 +80,8 @@ class EventBatch:
     ts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (N,)
     partitions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # (N,)
     offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (N,)
-    payloads: list[str] = field(default_factory=list)  # the original records, for dead letters further on
+    # The original records, for dead letters further on; empty once no later stage can reject an event.
+    payloads: list[str] = field(default_factory=list)
     # Context, after payloads so that positional callers keep working.
     dwell_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))  # (N,) NaN: absent
     price: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))  # (N,) NaN: absent
@@ -132,7 +133,7 @@ class EventBatch:
         return EventBatch(
             [self.event_ids[i] for i in ix], [self.users[i] for i in ix], [self.items[i] for i in ix],
             self.actions[idx], self.values[idx], self.ts[idx], self.partitions[idx], self.offsets[idx],
-            [self.payloads[i] for i in ix],
+            [self.payloads[i] for i in ix] if self.payloads else [],
             dwell_ms=self.dwell_ms[idx], price=self.price[idx], categories=[self.categories[i] for i in ix],
             features=self.features[idx] if self.has_features else self.features,
         )

@@ -162,6 +162,7 @@ class TrainStage:
         self.counters.near_duplicates += out.near_duplicates
         batch, rejected = self.cleaner.apply(batch)
         dead.extend(rejected)
+        batch.payloads = []  # no stage after cleaning rejects by payload: the pending batch (in state) is lighter
         self.counters.received += len(lines)
         self.counters.dead_lettered += len(dead)
         out.dead_letters.extend(dead)
@@ -341,7 +342,7 @@ class TrainStage:
         if not len(rows):
             return 0
         vectors, biases, updates = model.vectors(kind, rows)
-        seen = [self.cleaner.recent_items(u) for u in ids] if kind == "user" else None
+        seen = self.cleaner.recent_items_of(ids) if kind == "user" else None
         out.embeddings.extend(
             encode_records(kind, ids, vectors, biases, updates, model.step, ts, parts, offs,
                            model.event_counts(kind, rows), seen)

@@ -300,16 +300,16 @@ class OnlineBiasedMF:
              gi: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         k = self.config.implicit_negatives
         it = self.item_table
-        m = len(b.implicit_idx)
-        bu, bi = b.u[b.implicit_idx].repeat(k), b.i[b.implicit_idx].repeat(k)  # (M * k,)
-        bj = self._negatives(b.i[b.implicit_idx], m * k)
+        u, i = b.u[b.implicit_idx], b.i[b.implicit_idx]  # (M,)
+        m = len(i)
+        bj = self._negatives(i, m * k)  # (M * k,) negative n of event e at n * M + e
         if len(bj) != m * k:
             return 0.0
-        w = b.implicit_w.repeat(k) / k * (bj != bi)  # (M * k,) a negative that is the positive drops out
-        loss, g_u, g_i, g_j = bpr_grads(self._user_vectors(bu), it.weight[bi], it.bias[bi], it.weight[bj],
-                                        it.bias[bj], w)
-        gu.append((bu, g_u))
-        gi.extend([(bi, g_i), (bj, g_j)])
+        w = b.implicit_w * (bj.view(k, m) != i)  # (k, M) a negative that is the positive drops out
+        loss, g_u, g_i, g_j = bpr_grads(self._user_vectors(u), it.weight[i], it.bias[i], it.weight[bj].view(k, m, -1),
+                                        it.bias[bj].view(k, m), w / k)
+        gu.append((u, g_u))
+        gi.extend([(i, g_i), (bj, g_j)])
         return loss
 
     def _softmax(self, b: _Batch, gu: list[tuple[torch.Tensor, torch.Tensor]],
@@ -347,10 +347,14 @@ class OnlineBiasedMF:
         return loss
 
     def _negatives(self, positives: torch.Tensor, size: int) -> torch.Tensor:
-        """``size`` negative item rows: from the batch's positives (in_batch) or the weighted sampler."""
-        if self.config.negatives == "in_batch":
+        """``size`` negative item rows: from the batch's positives (in_batch), uniform over the items held, or in
+        proportion to the weighted sampler's weights."""
+        cfg = self.config
+        if cfg.negatives == "in_batch":
             pick = torch.from_numpy(self.rng.integers(0, len(positives), size)).to(self.device)
             return positives[pick]
+        if cfg.negatives == "uniform":
+            return torch.from_numpy(self.sampler.sample_uniform(self.rng, size)).to(self.device)
         return torch.from_numpy(self.sampler.sample(self.rng, size)).to(self.device)
 
     def _to_device(self, train: dict[str, np.ndarray[Any, Any]]) -> _Batch:

@@ -16,12 +16,13 @@ import torch.nn.functional as F
 
 
 def _pack(vec: torch.Tensor, rating_bias: torch.Tensor | None, rank_bias: torch.Tensor | None) -> torch.Tensor:
-    zero = torch.zeros_like(vec[:, 0])
-    return torch.cat(
-        [vec, (zero if rank_bias is None else rank_bias).unsqueeze(1),
-         (zero if rating_bias is None else rating_bias).unsqueeze(1)],
-        1,
-    )  # (E, D + 2)
+    out = vec.new_zeros(vec.shape[0], vec.shape[1] + 2)  # (E, D + 2)
+    out[:, :-2] = vec
+    if rank_bias is not None:
+        out[:, -2] = rank_bias
+    if rating_bias is not None:
+        out[:, -1] = rating_bias
+    return out
 
 
 def rating_grads(
@@ -36,12 +37,20 @@ def rating_grads(
 def bpr_grads(
     p: torch.Tensor, qi: torch.Tensor, ci: torch.Tensor, qj: torch.Tensor, cj: torch.Tensor, w: torch.Tensor,
 ) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """BPR of positive ``i`` over negative ``j``; all (N, D) or (N,), ``w`` (N,) weights (0 drops a pair)."""
-    x = ci - cj + (p * (qi - qj)).sum(1)  # (N,)
+    """BPR of each event's positive ``i`` over its ``K`` negatives ``j``: ``p``, ``qi`` (M, D), ``ci`` (M,);
+    ``qj`` (K, M, D), ``cj`` and ``w`` (K, M) weights (0 drops a pair). Returns the weighted mean loss and the
+    gradients of the users (M, D + 2) and the positives (M, D + 2), summed over each event's pairs, and of the
+    negatives (K * M, D + 2) in ``qj``'s order.
+    """
+    x = ci - cj + (p * (qi - qj)).sum(2)  # (K, M)
     loss = float((F.softplus(-x) * w).sum() / w.sum().clamp(min=1e-12))
-    g = -torch.sigmoid(-x) * w  # (N,) d loss / d x
-    gu = g.unsqueeze(1)
-    return loss, _pack(gu * (qi - qj), None, None), _pack(gu * p, None, g), _pack(-gu * p, None, -g)
+    g = -torch.sigmoid(-x) * w  # (K, M) d loss / d x
+    g_sum = g.sum(0)  # (M,)
+    gu = qi * g_sum.unsqueeze(1) - torch.einsum("km,kmd->md", g, qj)  # (M, D)
+    g_neg = -g.unsqueeze(2) * p  # (K, M, D)
+    d = p.shape[1]
+    return (loss, _pack(gu, None, None), _pack(p * g_sum.unsqueeze(1), None, g_sum),
+            _pack(g_neg.reshape(-1, d), None, -g.reshape(-1)))
 
 
 def sampled_softmax_grads(

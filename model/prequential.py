@@ -24,6 +24,7 @@ model); HR@k is ``rank < k`` and NDCG@k is ``1 / log2(rank + 2)`` when ``rank < 
 from __future__ import annotations
 
 import math
+from array import array
 import zlib
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -31,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class Scorer(Protocol):
@@ -75,7 +76,12 @@ class Prequential:
         self.user_sample = user_sample
         self._items: list[str] = []  # candidates in order of first appearance
         self._item_index: dict[str, int] = {}  # item id -> index in _items
-        self._seen: dict[str, set[int]] = {}  # sampled user -> indices of the items it interacted with
+        # Sampled user -> (its number, indices of the items it interacted with). The state keeps the same as a log
+        # of (user number, item index) pairs in the order first seen, which pickles as one buffer (the job writes its
+        # state at every bundle) instead of a set per user.
+        self._seen: dict[str, tuple[int, set[int]]] = {}
+        self._seen_users: list[str] = []  # user number -> user
+        self._seen_log = array("q")  # (user number, item index) pairs, flat
         self._sampled: dict[str, bool] = {}  # memo of in_sample, rebuilt on demand (not part of the state)
         self.events = 0
         self.rated = 0
@@ -159,7 +165,12 @@ class Prequential:
         for j in range(n):
             if not sampled[j]:
                 continue
-            seen = self._seen.setdefault(users[j], set())
+            user = users[j]
+            entry = self._seen.get(user)
+            if entry is None:
+                entry = self._seen[user] = (len(self._seen_users), set())
+                self._seen_users.append(user)
+            number, seen = entry
             i = int(item_idx[j])
             if positive[j]:
                 rank = _rank(scores[ranked_users[users[j]], : avail[j]], i, seen)
@@ -167,7 +178,9 @@ class Prequential:
                 if rank < self.k:
                     hits += 1
                     ndcg += 1.0 / math.log2(rank + 2)
-            seen.add(i)
+            if i not in seen:
+                seen.add(i)
+                self._seen_log.extend((number, i))
 
         self.events += n
         self.rated += len(rated)
@@ -212,7 +225,8 @@ class Prequential:
             "rating_max": self.rating_max,
             "user_sample": self.user_sample,
             "items": list(self._items),
-            "seen": {u: np.fromiter(sorted(s), np.int64, len(s)) for u, s in self._seen.items()},
+            "seen_users": list(self._seen_users),
+            "seen_log": self._seen_log,
             "totals": {
                 "events": self.events, "rated": self.rated, "sq_err": self.sq_err, "abs_err": self.abs_err,
                 "positives": self.positives, "hits": self.hits, "ndcg_sum": self.ndcg_sum,
@@ -230,7 +244,13 @@ class Prequential:
             )
         self._items = list(state["items"])
         self._item_index = {item: c for c, item in enumerate(self._items)}
-        self._seen = {u: {int(c) for c in s} for u, s in state["seen"].items()}
+        self._seen_users = list(state["seen_users"])
+        self._seen_log = array("q", state["seen_log"])
+        sets: list[set[int]] = [set() for _ in self._seen_users]
+        log = self._seen_log
+        for n in range(0, len(log), 2):
+            sets[log[n]].add(log[n + 1])
+        self._seen = {u: (n, sets[n]) for n, u in enumerate(self._seen_users)}
         self._sampled = {}
         t = state["totals"]
         self.events, self.rated, self.positives, self.hits = t["events"], t["rated"], t["positives"], t["hits"]

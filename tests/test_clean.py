@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flink_job import clean
 
 from flink_job.clean import COUNTERS, FEATURE_NAMES, Cleaner, Moments
 from flink_job.config import CleanConfig, JobConfig
@@ -219,8 +218,8 @@ def test_recent_items_are_capped_most_recent_last_and_repeats_kept() -> None:
     c.apply(batch_of(ev(7, item="i2")))
     assert c.recent_items("u") == ["i4", "i2", "i2"]
     assert c.recent_items("nobody") == []
-    s = c.users["u"]
-    assert (s[clean.EVENTS], s[clean.ACTION_COUNTS][0]) == (7, 7)
+    row = c.users.row("u")
+    assert (c.users.events[row], c.users.action_counts[row, 0]) == (7, 7)
 
 
 def test_idle_users_expire_by_event_time_and_are_counted_once() -> None:

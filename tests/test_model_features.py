@@ -131,13 +131,18 @@ def test_sampled_softmax_gradients_match_autograd() -> None:
 
 def test_bpr_gradients_match_autograd() -> None:
     g = torch.Generator().manual_seed(1)
-    p, qi, qj = (torch.randn(4, 3, generator=g, requires_grad=True) for _ in range(3))
-    ci, cj = (torch.randn(4, generator=g, requires_grad=True) for _ in range(2))
-    w = torch.rand(4, generator=g)
-    (torch.nn.functional.softplus(-(ci - cj + (p * (qi - qj)).sum(1))) * w).sum().backward()
+    k, m, d = 3, 4, 5  # negatives per event, events, dimension
+    p, qi = (torch.randn(m, d, generator=g, requires_grad=True) for _ in range(2))
+    qj = torch.randn(k, m, d, generator=g, requires_grad=True)
+    ci = torch.randn(m, generator=g, requires_grad=True)
+    cj = torch.randn(k, m, generator=g, requires_grad=True)
+    w = torch.rand(k, m, generator=g)
+    (torch.nn.functional.softplus(-(ci - cj + (p * (qi - qj)).sum(2))) * w).sum().backward()
     _, gu, gi, gj = bpr_grads(p.detach(), qi.detach(), ci.detach(), qj.detach(), cj.detach(), w)
-    assert torch.allclose(gu[:, :3], p.grad) and torch.allclose(gi[:, :3], qi.grad)  # type: ignore[arg-type]
-    assert torch.allclose(gj[:, 3], cj.grad)  # type: ignore[arg-type]
+    assert torch.allclose(gu[:, :d], p.grad, atol=1e-6) and torch.allclose(gi[:, :d], qi.grad, atol=1e-6)  # type: ignore[arg-type]
+    assert torch.allclose(gi[:, d], ci.grad, atol=1e-6)  # type: ignore[arg-type]
+    assert torch.allclose(gj[:, :d], qj.grad.reshape(-1, d), atol=1e-6)  # type: ignore[union-attr]
+    assert torch.allclose(gj[:, d], cj.grad.reshape(-1), atol=1e-6)  # type: ignore[union-attr]
 
 
 def test_popularity_negatives_follow_count_to_the_power() -> None:
