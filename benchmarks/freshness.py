@@ -39,29 +39,43 @@ class Reflections:
 
     def __init__(self, bootstrap: str, topic: str, read_committed: bool) -> None:
         self.follower = Follower(bootstrap, topic, read_committed)
-        self.seen: dict[tuple[int, str], tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+        # (partition, user) -> (offsets reflected, when each was first read, when the trainer encoded it)
+        self.seen: dict[tuple[int, str], tuple[list[int], list[float], list[float]]] = defaultdict(
+            lambda: ([], [], []))
         self.records = 0
+        self.sent: list[float] = []  # per user record: from the trainer's encoding to its append to the topic
+        self.delivered: list[float] = []  # and from the append to being read
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        # Short consume calls, each batch stamped as it returns: Follower.poll gathers records until the topic goes
+        # quiet, which on a busy topic would stamp every record with the end of a long poll.
+        consumer = self.follower.consumer
         while not self.stop.is_set():
-            for _k, v, _p, _o in self.follower.poll(0.05):
-                now = time.time()
-                rec = orjson.loads(v)
+            msgs = consumer.consume(1000, timeout=0.005)
+            now = time.time()
+            for m in msgs:
+                if m.error() or m.value() is None:
+                    continue
+                rec = orjson.loads(m.value())
                 self.records += 1
                 if rec.get("kind") != "user" or rec.get("offset", -1) < 0:
                     continue
-                offsets, times = self.seen[(rec["partition"], rec["id"])]
+                offsets, times, produced = self.seen[(rec["partition"], rec["id"])]
                 if not offsets or rec["offset"] > offsets[-1]:
                     offsets.append(rec["offset"])
                     times.append(now)
+                    produced.append(rec["produced_ms"] / 1000.0)
+                    self.sent.append(m.timestamp()[1] / 1000.0 - rec["produced_ms"] / 1000.0)  # appended by the broker
+                    self.delivered.append(now - m.timestamp()[1] / 1000.0)
 
-    def read_time(self, partition: int, user: str, offset: int) -> float | None:
-        """When an embedding of ``user`` reflecting input ``offset`` on ``partition`` was first readable."""
-        offsets, times = self.seen.get((partition, user), ([], []))
+    def read_time(self, partition: int, user: str, offset: int) -> tuple[float, float] | None:
+        """``(read, produced)``: when an embedding of ``user`` reflecting input ``offset`` on ``partition`` was first
+        readable, and when the trainer encoded that record (its ``produced_ms``)."""
+        offsets, times, produced = self.seen.get((partition, user), ([], [], []))
         k = bisect.bisect_left(offsets, offset)
-        return times[k] if k < len(offsets) else None
+        return (times[k], produced[k]) if k < len(offsets) else None
 
 
 def input_events(bootstrap: str, topic: str) -> list[tuple[int, int, str, float]]:
@@ -108,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     ])
     topics = job_topics(cfg)
     topics[cfg.kafka.input_topic] = {"message.timestamp.type": "LogAppendTime"}
+    # The embeddings too, so that a record's timestamp tells when the job's sink got it to the broker.
+    topics[cfg.kafka.embeddings_topic] = {**topics[cfg.kafka.embeddings_topic], "message.timestamp.type": "LogAppendTime"}
     create_topics(broker.bootstrap, {cfg.kafka.input_topic: topics.pop(cfg.kafka.input_topic)}, 2)
     create_topics(broker.bootstrap, topics)
     n_events = int(args.rate * args.seconds)
@@ -144,16 +160,21 @@ def main(argv: list[str] | None = None) -> None:
 def summarise(events: list[tuple[int, int, str, float]], reflections: Reflections, args: Any, cfg: JobConfig,
               sent: int) -> tuple[dict[str, Any], list[float]]:
     start = min(t for *_x, t in events) + args.warmup
-    latencies, unreflected = [], 0
+    latencies, to_trainer, unreflected = [], [], 0
     for part, offset, user, appended in events:
         if appended < start:
             continue
-        read = reflections.read_time(part, user, offset)
-        if read is None:
+        seen = reflections.read_time(part, user, offset)
+        if seen is None:
             unreflected += 1  # de-duplicated or dead-lettered, or never published within the wait
         else:
-            latencies.append(read - appended)
+            latencies.append(seen[0] - appended)
+            to_trainer.append(seen[1] - appended)
     ms = np.array(latencies) * 1000
+    # Where the time goes: until the trainer encoded the record (source, chunk window, batch wait, training,
+    # publish interval), and from then until it was readable (the worker's output, the JVM sink, the broker).
+    encoded_ms = np.array(to_trainer) * 1000
+    out_ms = ms - encoded_ms
     return {
         "date": time.strftime("%Y-%m-%d"),
         "delivery": args.delivery,
@@ -166,6 +187,12 @@ def summarise(events: list[tuple[int, int, str, float]], reflections: Reflection
         "p95_ms": round(float(np.percentile(ms, 95)), 1),
         "p99_ms": round(float(np.percentile(ms, 99)), 1),
         "max_ms": round(float(ms.max()), 1),
+        "until_encoded_p50_ms": round(float(np.percentile(encoded_ms, 50)), 1),
+        "until_encoded_p99_ms": round(float(np.percentile(encoded_ms, 99)), 1),
+        "encoded_to_readable_p50_ms": round(float(np.percentile(out_ms, 50)), 1),
+        "encoded_to_readable_p99_ms": round(float(np.percentile(out_ms, 99)), 1),
+        "records_encoded_to_appended_p50_ms": round(float(np.percentile(np.array(reflections.sent) * 1000, 50)), 1),
+        "records_appended_to_read_p50_ms": round(float(np.percentile(np.array(reflections.delivered) * 1000, 50)), 1),
         "checkpoint_interval_ms": cfg.flink.checkpoint_interval_ms,
         "bundle_time_ms": cfg.flink.bundle_time_ms,
         "publish_interval_ms": cfg.publish.interval_ms,

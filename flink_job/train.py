@@ -71,9 +71,8 @@ _STATE_ATTRS: dict[str, tuple[str, ...]] = {
     "batcher": ("_parts", "pending"),
     "watermarks": ("max_ts",),
     "near_duplicates": ("last", "newest_ts"),
-    "dirty_users": ("mask", "event_ts", "partition", "offset", "cursor"),
-    "dirty_items": ("mask", "event_ts", "partition", "offset", "cursor"),
 }
+_DIRTY = ("dirty_users", "dirty_items")  # DirtyRows, kept as their dirty rows only
 _STATE_SCALARS = ("last_publish_ms", "pending_since_ms", "first_chunk_ms", "last_snapshot_ms", "dirty_since_ms")
 
 
@@ -119,6 +118,7 @@ class TrainStage:
         near-duplicate memory, the pending partial batch and the rows not yet published."""
         parts = {name: {a: getattr(getattr(self, name), a) for a in attrs} for name, attrs in _STATE_ATTRS.items()}
         parts["scalars"] = {a: getattr(self, a) for a in _STATE_SCALARS}
+        parts.update({name: getattr(self, name).state() for name in _DIRTY})
         parts["cleaner"] = self.cleaner.state_dict()
         parts["quality"] = self.quality.state_dict() if self.quality else None
         return pickle.dumps(
@@ -138,6 +138,8 @@ class TrainStage:
             for a in attrs:
                 if a in parts[name]:  # state written by an older version may lack an attribute added since
                     setattr(getattr(stage, name), a, parts[name][a])
+        for name in _DIRTY:
+            setattr(stage, name, DirtyRows.from_state(parts[name]))
         for a in _STATE_SCALARS:
             if a in parts["scalars"]:
                 setattr(stage, a, parts["scalars"][a])
