@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     syn = SyntheticConfig(n_events=n_events, seed=11, events_per_second=args.rate)
     reflections = Reflections(broker.bootstrap, cfg.kafka.embeddings_topic, args.delivery == "exactly_once")
     reflections.thread.start()
-    with LocalJob(cfg) as job:
+    with LocalJob(cfg, scratch_checkpoints=True) as job:
         while not job.status().endswith("RUNNING"):
             time.sleep(0.5)
         time.sleep(5)  # operators deployed and the Python worker up before the first event

@@ -40,7 +40,7 @@ def run_job(data: Path, batch_size: int, profile: str, port: int, extra: list[st
     create_topics(broker.bootstrap, job_topics(cfg), 1)
     sent = send(movielens_records(data / "u.data" if data.is_dir() else data), broker.bootstrap,
                 cfg.kafka.input_topic)
-    with LocalJob(cfg) as job:
+    with LocalJob(cfg, scratch_checkpoints=True) as job:
         result = job.wait_idle(idle_s=5.0, timeout_s=1800, min_received=sent)
     last = result.last
     if last["trained"] != sent:

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             send(synthetic_timed(syn), broker.bootstrap, input_topic, total=syn.n_events)
         n_input = sum(end_offsets(broker.bootstrap, input_topic).values())
 
-        with LocalJob(cfg) as job:
+        with LocalJob(cfg, scratch_checkpoints=True) as job:
             result = job.wait_idle(idle_s=5.0, timeout_s=1800, min_received=int(n_input * (1 - 2 * args.duplicates)))
         last = result.last
         processing_s = result.last_batch_s - result.first_chunk_s

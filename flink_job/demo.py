@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         read = sum(end_offsets(broker.bootstrap, cfg.kafka.input_topic).values())
 
         log.info("running the job on a local mini-cluster")
-        with tqdm(total=read, unit="ev", desc="trained+dead-lettered") as bar, LocalJob(cfg) as job:
+        with tqdm(total=read, unit="ev", desc="trained+dead-lettered") as bar, LocalJob(cfg, scratch_checkpoints=True) as job:
             def progress(s: dict[str, Any]) -> None:
                 bar.n = s["received"]
                 bar.refresh()

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlparse
@@ -20,7 +22,7 @@ from urllib.parse import urlparse
 import orjson
 import yaml
 
-from flink_job.config import JobConfig
+from flink_job.config import PROJECT_ROOT, JobConfig
 from flink_job.topics import Follower
 
 log = logging.getLogger(__name__)
@@ -47,9 +49,20 @@ class RunResult:
 
 
 class LocalJob:
-    """``with LocalJob(cfg) as job: job.wait_idle(...)``: the job runs in a mini-cluster until the block ends."""
+    """``with LocalJob(cfg) as job: job.wait_idle(...)``: the job runs in a mini-cluster until the block ends.
 
-    def __init__(self, cfg: JobConfig) -> None:
+    ``scratch_checkpoints``: checkpoints go to a directory of their own that is removed when the block ends, for
+    runs that will never be restarted (benchmarks, the demo): a cancelled job keeps its last checkpoints, which
+    for a benchmark's de-duplication state are hundreds of MB a run.
+    """
+
+    def __init__(self, cfg: JobConfig, scratch_checkpoints: bool = False) -> None:
+        self.scratch: Path | None = None
+        if scratch_checkpoints:
+            root = PROJECT_ROOT / ".run"
+            root.mkdir(parents=True, exist_ok=True)
+            self.scratch = Path(tempfile.mkdtemp(prefix="scratch-checkpoints-", dir=root))
+            cfg = replace(cfg, flink=replace(cfg.flink, checkpoint_dir=self.scratch.as_uri()))
         self.cfg = cfg
         self.client: Any = None
         self.result = RunResult(time.time())
@@ -64,6 +77,8 @@ class LocalJob:
         self.cancel()
         if self.follower:
             self.follower.close()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def start(self) -> None:
         from flink_job.job import create_env
