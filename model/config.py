@@ -71,6 +71,7 @@ class ModelConfig:
     # Stability: replay of past events (reservoir sample) and a proximal pull toward the last published rows.
     replay_size: int = 0
     replay_ratio: float = 0.0  # replayed events per real event of a batch
+    replay_weight: float = 1.0  # weight of a replayed event's gradients, relative to a real event's
     proximal: float = 0.0
     inject_nan_every: int = 0  # test hook: every n-th batch gets a NaN loss (and is skipped); 0: off
     device: str = "auto"  # auto | cpu | cuda
@@ -91,7 +92,7 @@ class ModelConfig:
                     "popularity_halflife", "cooccurrence_recent", "cooccurrence_capacity")
         non_negative = ("l2", "implicit_negatives", "shared_negatives", "popularity_power", "rating_implicit_weight",
                         "clip_norm", "ttl_ms", "history_size", "history_weight", "popularity_weight", "cooccurrence_weight",
-                        "replay_size", "replay_ratio", "proximal", "inject_nan_every")
+                        "replay_size", "replay_ratio", "replay_weight", "proximal", "inject_nan_every")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")

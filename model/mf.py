@@ -70,6 +70,7 @@ class _Batch:
     i: torch.Tensor  # (E,) item rows
     rating_idx: torch.Tensor  # (R,) entries that are ratings
     ratings: torch.Tensor  # (R,)
+    rating_w: torch.Tensor | None  # (R,) gradient weights of the ratings (None: all 1)
     implicit_idx: torch.Tensor  # (M,) entries that train the ranking side
     implicit_w: torch.Tensor  # (M,) their weights
 
@@ -95,6 +96,9 @@ class OnlineBiasedMF:
         self.history = np.zeros((0, cfg.history_size), np.int64)  # (users, K)
         self.history_next = np.zeros(0, np.int64)  # (users,) events written to each ring
         self.pop_log = np.zeros(0, np.float64)  # (items,) -inf: no event yet
+        # The history term of each user's ranking vector as of the user's last trained batch: what is published and
+        # what score_items ranks by, so a server holding the published rows ranks exactly as the evaluator does.
+        self.user_context = torch.zeros(0, cfg.dim if self._history_on() else 0, device=self.device)  # (users, D)
         self.events_counted = 0
         cap = cfg.cooccurrence_capacity if cfg.cooccurrence_weight and cfg.history_size else 0
         self.cooccurrence = np.zeros((cap, cap), np.float32)  # (C, C) events of both items in one user's window
@@ -130,30 +134,68 @@ class OnlineBiasedMF:
             grow = cap_u - len(self.history_next)
             self.history = np.concatenate([self.history, np.zeros((grow, self.config.history_size), np.int64)])
             self.history_next = np.concatenate([self.history_next, np.zeros(grow, np.int64)])
+        if self.user_context.shape[1] and len(self.user_context) < cap_u:
+            grown = torch.zeros(cap_u, self.config.dim, device=self.device)
+            grown[: len(self.user_context)] = self.user_context
+            self.user_context = grown
         if len(self.pop_log) < cap_i:
             self.pop_log = np.concatenate([self.pop_log, np.full(cap_i - len(self.pop_log), -np.inf)])
 
-    def _user_vectors(self, rows: torch.Tensor) -> torch.Tensor:
-        """(N, D) the ranking vectors of user ``rows`` (N,): ``p_u`` plus ``history_weight`` times the mean vector of
-        the user's recent items (a feature: no gradient flows into those items through it)."""
-        p = self.user_table.weight[rows]
-        cfg = self.config
-        if not cfg.history_size or not cfg.history_weight:
-            return p
+    def _history_on(self) -> bool:
+        return bool(self.config.history_size and self.config.history_weight)
+
+    def _history_mean(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N, D) the mean vector of the recent items of user ``rows`` (N,), from the item vectors as they are now (a
+        feature: no gradient flows into those items through it); zero for a user without history."""
         hist = torch.from_numpy(self.history[rows.cpu().numpy()]).to(self.device)  # (N, K)
-        own = (hist != FALLBACK_ROW).to(p.dtype)  # (N, K)
+        own = (hist != FALLBACK_ROW).to(self.item_table.params.dtype)  # (N, K)
         total = (self.item_table.weight[hist] * own.unsqueeze(2)).sum(1)  # (N, D)
-        return p + cfg.history_weight * total / own.sum(1, keepdim=True).clamp(min=1.0)
+        return total / own.sum(1, keepdim=True).clamp(min=1.0)
+
+    def _train_user_vectors(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N, D) the user vectors the ranking loss trains through: ``p_u`` plus ``history_weight`` times the mean of
+        the recent item vectors as they are now."""
+        p = self.user_table.weight[rows]
+        if not self._history_on():
+            return p
+        return p + self.config.history_weight * self._history_mean(rows)
+
+    def _user_vectors(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N, D) the published ranking vectors of user ``rows`` (N,): ``p_u`` plus ``history_weight`` times the
+        history term stored at the user's last trained batch (``user_context``). A user row moves only in a batch
+        with the user's events, and that batch refreshes the stored term, so this vector changes only when the row
+        is touched, and a server with the latest published rows scores ``bias_i + u . q_i`` exactly as
+        ``score_items`` does."""
+        p = self.user_table.weight[rows]
+        if not self._history_on():
+            return p
+        return p + self.config.history_weight * self.user_context[rows]
+
+    def _refresh_context(self, event_u: Rows) -> None:
+        """Stores the history term of the users of a trained batch (after their rings took the batch's items)."""
+        if not self._history_on():
+            return
+        rows = np.unique(event_u)
+        rows = rows[rows != FALLBACK_ROW]
+        if len(rows):
+            idx = torch.from_numpy(rows).to(self.device)
+            self.user_context[idx] = self._history_mean(idx)
 
     def _ranking_bias(self, rows: torch.Tensor) -> torch.Tensor:
-        """(N,) the ranking bias of item ``rows``: ``c_i`` plus the decayed popularity term."""
+        """(N,) the published ranking bias of item ``rows``: ``c_i`` plus ``popularity_weight`` times the log of the
+        item's decayed event count, in the stream's fixed frame (an event at position ``n`` weighs
+        ``2 ** (n / halflife)``). In that frame an item's term changes only with its own events, so the published bias
+        stays exact while other items are trained; rankings are the same as in a frame decayed to now, since the
+        offset is common to all items. The frame grows by ``ln 2`` per half-life of events, so a float32 bias keeps a
+        resolution of 1e-5 or better for the first ~100 half-lives (1e6 events at the default half-life of 10,000) and
+        of 1e-3 after 10^4 half-lives; past that a stream needs a rebase of the frame (not done here)."""
         c = self.item_table.bias[rows]
         cfg = self.config
         if not cfg.popularity_weight:
             return c
-        now = self.events_counted / cfg.popularity_halflife * math.log(2.0)
-        pop = np.maximum(self.pop_log[rows.cpu().numpy()] - now, _POP_FLOOR)
-        return c + cfg.popularity_weight * torch.from_numpy(pop).to(self.device, c.dtype)
+        pop = self.pop_log[rows.cpu().numpy()]
+        pop = np.where(np.isfinite(pop), pop, _POP_FLOOR)
+        return (c.double() + cfg.popularity_weight * torch.from_numpy(pop).to(self.device)).to(c.dtype)
 
     def _remember(self, event_u: Rows, event_i: Rows) -> None:
         """Adds a trained batch to the users' recent items and the items' decayed counts, in event order."""
@@ -206,7 +248,7 @@ class OnlineBiasedMF:
         w = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)
         real: dict[str, np.ndarray[Any, Any]] = {"user": event_u, "item": event_i, "action": act, "value": val, "weight": w}
         train, replayed = self._with_replay(real)
-        batch = self._to_device(train)
+        batch = self._to_device(train, n)
         self.batches_seen += 1
         poison = self._poison_next or (cfg.inject_nan_every > 0 and self.batches_seen % cfg.inject_nan_every == 0)
         self._poison_next = False
@@ -239,6 +281,7 @@ class OnlineBiasedMF:
             self.user_table.count_events(torch.from_numpy(event_u).to(self.device))
             self.item_table.count_events(torch.from_numpy(event_i).to(self.device))
             self._remember(event_u, event_i)
+            self._refresh_context(event_u)
             self._offer_to_reservoir(real)
         self._update_sampler(event_i)
         self.step += 1
@@ -270,7 +313,8 @@ class OnlineBiasedMF:
         if len(b.rating_idx):
             ru, ri = b.u[b.rating_idx], b.i[b.rating_idx]  # (R,)
             rating_loss, g_u, g_i = rating_grads(
-                self.global_mean, ut.rating_bias[ru], it.rating_bias[ri], ut.weight[ru], it.weight[ri], b.ratings
+                self.global_mean, ut.rating_bias[ru], it.rating_bias[ri], ut.weight[ru], it.weight[ri], b.ratings,
+                b.rating_w,
             )
             gu.append((ru, g_u))
             gi.append((ri, g_i))
@@ -306,8 +350,8 @@ class OnlineBiasedMF:
         if len(bj) != m * k:
             return 0.0
         w = b.implicit_w * (bj.view(k, m) != i)  # (k, M) a negative that is the positive drops out
-        loss, g_u, g_i, g_j = bpr_grads(self._user_vectors(u), it.weight[i], it.bias[i], it.weight[bj].view(k, m, -1),
-                                        it.bias[bj].view(k, m), w / k)
+        loss, g_u, g_i, g_j = bpr_grads(self._train_user_vectors(u), it.weight[i], it.bias[i],
+                                        it.weight[bj].view(k, m, -1), it.bias[bj].view(k, m), w / k)
         gu.append((u, g_u))
         gi.extend([(i, g_i), (bj, g_j)])
         return loss
@@ -339,7 +383,7 @@ class OnlineBiasedMF:
                 logq_neg = torch.zeros(len(neg), device=self.device)
         collide = bi.unsqueeze(1) == neg.unsqueeze(0)  # (M, K)
         loss, g_u, g_pos, g_neg = sampled_softmax_grads(
-            self._user_vectors(bu), it.weight[bi], it.bias[bi], logq_pos, it.weight[neg], it.bias[neg], logq_neg,
+            self._train_user_vectors(bu), it.weight[bi], it.bias[bi], logq_pos, it.weight[neg], it.bias[neg], logq_neg,
             collide, b.implicit_w,
         )
         gu.append((bu, g_u))
@@ -357,7 +401,8 @@ class OnlineBiasedMF:
             return torch.from_numpy(self.sampler.sample_uniform(self.rng, size)).to(self.device)
         return torch.from_numpy(self.sampler.sample(self.rng, size)).to(self.device)
 
-    def _to_device(self, train: dict[str, np.ndarray[Any, Any]]) -> _Batch:
+    def _to_device(self, train: dict[str, np.ndarray[Any, Any]], n_real: int) -> _Batch:
+        """The batch on the device; entries from ``n_real`` on are replayed and weigh ``replay_weight``."""
         cfg = self.config
         act, val, w = train["action"], train["value"], train["weight"]
         is_rating = act == RATING_CODE
@@ -365,11 +410,17 @@ class OnlineBiasedMF:
         implicit_w = np.where(is_rating, 0.0, w).astype(np.float32)
         if cfg.rating_implicit_weight > 0:
             implicit_w[is_rating & (val >= cfg.rating_implicit_min)] = cfg.rating_implicit_weight
+        rating_w = None
+        if cfg.replay_weight != 1.0 and len(act) > n_real:
+            implicit_w[n_real:] *= cfg.replay_weight
+            entry_w = np.ones(len(act), np.float32)
+            entry_w[n_real:] = cfg.replay_weight
+            rating_w = torch.from_numpy(entry_w[rating_idx]).to(self.device)
         implicit_idx = np.flatnonzero(implicit_w > 0)
         dev = self.device
         return _Batch(
             torch.from_numpy(train["user"]).to(dev), torch.from_numpy(train["item"]).to(dev),
-            torch.from_numpy(rating_idx).to(dev), torch.from_numpy(val[rating_idx]).to(dev),
+            torch.from_numpy(rating_idx).to(dev), torch.from_numpy(val[rating_idx]).to(dev), rating_w,
             torch.from_numpy(implicit_idx).to(dev), torch.from_numpy(implicit_w[implicit_idx]).to(dev),
         )
 
@@ -459,6 +510,8 @@ class OnlineBiasedMF:
         if kind == 0:
             self.history[rows] = FALLBACK_ROW
             self.history_next[rows] = 0
+            if self.user_context.shape[1]:
+                self.user_context[torch.from_numpy(rows).to(self.device)] = 0.0
             return
         self.pop_log[rows] = -np.inf
         inside = rows[rows < self.cooccurrence.shape[0]]
@@ -563,10 +616,15 @@ class OnlineBiasedMF:
 
     def vectors(self, kind: str, rows: Rows) -> tuple[Array, Array, Array]:
         """``(vectors (N, D), ranking biases (N,), update counts (N,))`` of table ``kind`` ("user" or "item"): what
-        a server ranks items by (``bias_i + p_u . q_i``)."""
+        a server ranks items by (``bias_i + u . q_i``), and exactly what ``score_items`` ranks by (without the
+        co-occurrence term): the user vector includes the stored history term, the item bias the popularity term."""
         table = self._table(kind)
         idx = torch.from_numpy(np.asarray(rows, np.int64)).to(self.device)
-        return table.weight[idx].cpu().numpy(), table.bias[idx].cpu().numpy(), table.updates[idx].cpu().numpy()
+        if kind == "user":
+            vec, bias = self._user_vectors(idx), table.bias[idx]
+        else:
+            vec, bias = table.weight[idx], self._ranking_bias(idx)
+        return vec.cpu().numpy(), bias.cpu().numpy(), table.updates[idx].cpu().numpy()
 
     def rating_biases(self, kind: str, rows: Rows) -> Array:
         """(N,) biases of rating predictions (``mean + b_u + b_i + p_u . q_i``)."""
@@ -614,6 +672,7 @@ class OnlineBiasedMF:
                 "extras": pickle.dumps({
                     "history": self.history[: self.users.size], "history_next": self.history_next[: self.users.size],
                     "pop_log": self.pop_log[: self.items.size], "cooccurrence": self.cooccurrence,
+                    "user_context": self.user_context[: self.users.size].cpu().numpy(),
                 }, pickle.HIGHEST_PROTOCOL),  # its own pickle: it shares no memo entries with the rest
                 "scalars": {k: getattr(self, k) for k in _SCALARS},
                 "torch_rng": self.generator.get_state().numpy(),
@@ -634,6 +693,13 @@ class OnlineBiasedMF:
             self.history_next[:n] = extras["history_next"][:n]
         c = min(extras["cooccurrence"].shape[0], self.cooccurrence.shape[0])
         self.cooccurrence[:c, :c] = extras["cooccurrence"][:c, :c]
+        if self.user_context.shape[1]:
+            saved = extras.get("user_context")
+            if saved is not None and saved.shape[1] == self.user_context.shape[1]:
+                n = min(len(saved), len(self.user_context))
+                self.user_context[:n] = torch.from_numpy(saved[:n]).to(self.device)
+            else:  # saved without the term (or another dim): rebuilt from the rings and the item vectors as they are
+                self._refresh_context(np.arange(1, self.users.size))
 
     @classmethod
     def from_bytes(cls, data: bytes, config: ModelConfig | None = None) -> OnlineBiasedMF:
@@ -656,6 +722,7 @@ class OnlineBiasedMF:
                 t.steps.zero_()
         for k, v in state["scalars"].items():  # freshly unpickled: shared with nobody
             setattr(m, k, v)
+        m._grow()  # the per-row extras must cover every loaded row before they are filled
         m._load_extras(pickle.loads(state["extras"]) if "extras" in state else None)
         m.reservoir = Reservoir.from_state(m.config.replay_size, state["reservoir"])
         m.generator.set_state(torch.from_numpy(state["torch_rng"]))
@@ -667,7 +734,7 @@ class OnlineBiasedMF:
         return m
 
 
-_POP_FLOOR = -30.0  # log decayed count of an item without events (or long idle)
+_POP_FLOOR = -30.0  # log decayed count of an item without events (the fallback row); real items are above 0
 _SCALARS = ("events_counted", "rating_sum", "rating_count", "step", "batches_seen", "skipped_batches", "clock_ms", "sweep_cursor",
             "expired")
 

@@ -27,11 +27,16 @@ def _pack(vec: torch.Tensor, rating_bias: torch.Tensor | None, rank_bias: torch.
 
 def rating_grads(
     mean: float, bu: torch.Tensor, bi: torch.Tensor, p: torch.Tensor, q: torch.Tensor, r: torch.Tensor,
+    w: torch.Tensor | None = None,
 ) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Squared error of biased MF; ``p``, ``q`` (R, D), biases and ratings (R,)."""
+    """Squared error of biased MF; ``p``, ``q`` (R, D), biases and ratings (R,); ``w`` (R,) optional weights of
+    each entry's gradient (of ``w * err^2 / 2``). The loss returned is the unweighted mean squared error."""
     err = mean + bu + bi + (p * q).sum(1) - r  # (R,)
+    loss = float(err.pow(2).mean())
+    if w is not None:
+        err = err * w
     e = err.unsqueeze(1)
-    return float(err.pow(2).mean()), _pack(e * q, err, None), _pack(e * p, err, None)
+    return loss, _pack(e * q, err, None), _pack(e * p, err, None)
 
 
 def bpr_grads(

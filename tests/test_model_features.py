@@ -302,3 +302,104 @@ def test_pretrain_then_stream_and_the_cli_writes_a_loadable_state(tmp_path: Path
                   '{"user_id":"u2","item_id":"i1","action":"rating","value":4.0,"ts":3}\n')
     ev = read_log(jl)
     assert ev.users == ["u2", "u1"] and ev.actions.tolist() == [4, 1]
+
+
+# ---------------------------------------------------------------------------------------------- ranking extras
+
+def test_rating_gradients_with_entry_weights_match_autograd() -> None:
+    from model.objectives import rating_grads
+
+    g = torch.Generator().manual_seed(2)
+    p, q = (torch.randn(5, 3, generator=g, requires_grad=True) for _ in range(2))
+    bu, bi = (torch.randn(5, generator=g, requires_grad=True) for _ in range(2))
+    r, w = torch.rand(5, generator=g) * 4 + 1, torch.rand(5, generator=g)
+    (w * (3.5 + bu + bi + (p * q).sum(1) - r).pow(2) / 2).sum().backward()
+    loss, gu, gi = rating_grads(3.5, bu.detach(), bi.detach(), p.detach(), q.detach(), r, w)
+    assert torch.allclose(gu[:, :3], p.grad) and torch.allclose(gi[:, :3], q.grad)  # type: ignore[arg-type]
+    assert torch.allclose(gu[:, 4], bu.grad) and torch.allclose(gi[:, 4], bi.grad)  # type: ignore[arg-type]
+    unweighted = rating_grads(3.5, bu.detach(), bi.detach(), p.detach(), q.detach(), r)
+    assert loss == unweighted[0]  # the loss reported is the plain mean squared error
+
+
+def test_replay_weight_scales_the_replayed_events_only() -> None:
+    moved = {}
+    for weight in (1.0, 0.0):
+        m = OnlineBiasedMF(ModelConfig(dim=4, optimizer="sgd", lr=0.1, replay_size=10, replay_ratio=1.0,
+                                       replay_weight=weight, rating_implicit_weight=0, l2=0.0, seed=1))
+        _learn(m, ["a"], ["x"], value=5.0)
+        before = m.user_table.params[m.users.get("a")].clone()
+        _learn(m, ["b"], ["y"], value=1.0)  # replays a's event
+        moved[weight] = float((m.user_table.params[m.users.get("a")] - before).norm())
+    assert moved[1.0] > 0 and moved[0.0] == 0.0
+    with pytest.raises(ValueError, match="replay_weight"):
+        ModelConfig(replay_weight=-1.0)
+
+
+def _server_scores(m: OnlineBiasedMF, users: list[str], items: list[str]) -> np.ndarray:
+    """What flink_job.serving computes from the published rows: ``bias_i + u . q_i`` in float32 NumPy."""
+    u_vec, _, _ = m.vectors("user", np.array([m.users.get(u) for u in users]))
+    i_vec, i_bias, _ = m.vectors("item", np.array([m.items.get(i) for i in items]))
+    return np.asarray(i_bias[None, :] + u_vec @ i_vec.T)
+
+
+def test_published_rows_reproduce_score_items_with_history_and_popularity() -> None:
+    cfg = ModelConfig(dim=8, seed=6, history_size=5, history_weight=2.0, popularity_weight=0.5,
+                      popularity_halflife=500.0, optimizer="sgd", lr=0.1, replay_size=1000, replay_ratio=2.0,
+                      replay_weight=0.2)
+    batch = _stream(4_000, users=60, items=40)
+    m = OnlineBiasedMF(cfg)
+    published_u: dict[str, np.ndarray] = {}
+    published_i: dict[str, tuple[float, np.ndarray]] = {}
+    for s in range(0, len(batch), 50):
+        b = batch.slice(s, s + 50)
+        st = m.learn_many(b.users, b.items, b.actions, b.values)
+        # The job publishes the rows a batch moved; the server's copy of the others stays as it was.
+        for row, vec in zip(st.user_rows, m.vectors("user", st.user_rows)[0], strict=True):
+            published_u[m.users.ids([row])[0]] = vec
+        vec_i, bias_i, _ = m.vectors("item", st.item_rows)
+        for row, vec, bias in zip(st.item_rows, vec_i, bias_i, strict=True):
+            published_i[m.items.ids([row])[0]] = (float(bias), vec)
+    users, items = sorted(published_u), sorted(published_i)
+    served = np.array([[published_i[i][0] + published_i[i][1] @ published_u[u] for i in items] for u in users])
+    scored = m.score_items(users, items)
+    np.testing.assert_allclose(scored, served, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scored, _server_scores(m, users, items), rtol=1e-5, atol=1e-5)
+    assert (np.argsort(-scored, 1)[:, :5] == np.argsort(-served, 1)[:, :5]).mean() > 0.99
+    # The terms are on: the published user vector is not p_u alone and the item bias not c_i alone.
+    rows = m.users.rows(users[:3])
+    assert not np.allclose(m.vectors("user", rows)[0], m.user_table.weight[torch.from_numpy(rows)].numpy())
+    irows = m.items.rows(items[:3])
+    assert not np.allclose(m.vectors("item", irows)[1], m.item_table.bias[torch.from_numpy(irows)].numpy())
+
+
+def test_rows_a_batch_does_not_move_keep_their_published_values() -> None:
+    m = OnlineBiasedMF(ModelConfig(dim=4, seed=2, history_size=4, popularity_weight=1.0))
+    _learn(m, ["a", "a", "b"], ["x", "y", "z"])
+    ua, bx = m.vectors("user", m.users.rows(["a"]))[0], m.vectors("item", m.items.rows(["x"]))
+    st = _learn(m, ["b", "c"], ["y", "z"], action=R)  # moves y (a's history) but not a, and x only as a negative
+    assert m.users.get("a") not in st.user_rows
+    np.testing.assert_array_equal(m.vectors("user", m.users.rows(["a"]))[0], ua)  # the stored history term
+    if m.items.get("x") not in st.item_rows:
+        np.testing.assert_array_equal(m.vectors("item", m.items.rows(["x"]))[1], bx[1])  # fixed popularity frame
+
+
+def test_round_trip_keeps_the_stored_history_term() -> None:
+    cfg = ModelConfig(dim=4, seed=3, history_size=6, popularity_weight=0.5)
+    batch = _stream(2_000, users=40, items=30)
+    a = OnlineBiasedMF(cfg)
+    for s in range(0, 1_000, 100):
+        b = batch.slice(s, s + 100)
+        a.learn_many(b.users, b.items, b.actions, b.values)
+    restored = OnlineBiasedMF.from_bytes(a.state_bytes())
+    rows = np.flatnonzero(a.users.live_mask())
+    np.testing.assert_array_equal(restored.vectors("user", rows)[0], a.vectors("user", rows)[0])
+    for m in (a, restored):
+        for s in range(1_000, 2_000, 100):
+            b = batch.slice(s, s + 100)
+            m.learn_many(b.users, b.items, b.actions, b.values)
+    for kind in ("user", "item"):  # (the pickled bytes may differ in their memo layout, not in content)
+        rows = np.flatnonzero((a.users if kind == "user" else a.items).live_mask())
+        for x, y in zip(a.vectors(kind, rows), restored.vectors(kind, rows), strict=True):
+            np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(a.user_context[: a.users.size].numpy(),
+                                  restored.user_context[: restored.users.size].numpy())
