@@ -446,7 +446,10 @@ class SessionCluster:
                     cause = op["failure-cause"].get("stack-trace", op["failure-cause"])
                     raise RuntimeError(f"cluster: savepoint of job {job_id} failed: {str(cause)[:4000]}")
                 path = str(op["location"])
-                log.info("cluster: job %s stopped with savepoint %s", job_id, path)
+                # The savepoint request completes a moment before the job leaves RUNNING; callers that resubmit
+                # or cancel next need the job ended.
+                state = self.wait_ended(job_id, max(deadline - time.monotonic(), 10.0))
+                log.info("cluster: job %s %s with savepoint %s", job_id, state, path)
                 return path
             time.sleep(0.5)
         raise TimeoutError(f"cluster: savepoint of job {job_id} not done after {timeout_s}s")

@@ -16,7 +16,7 @@ import orjson
 import pytest
 import yaml
 
-from deploy.cluster import SessionCluster
+from deploy.cluster import ENDED, SessionCluster
 from deploy.kafka import Broker
 from flink_job.config import JobConfig
 from flink_job.generate import Record
@@ -96,7 +96,7 @@ def submitted(cluster: SessionCluster, args: list[str], savepoint: str | None = 
 
 
 def cancel_if_running(cluster: SessionCluster, job_id: str) -> None:
-    if cluster.job_status(job_id) not in ("CANCELED", "FAILED", "FINISHED"):
+    if cluster.job_status(job_id) not in ENDED:
         cluster.cancel(job_id)
 
 
