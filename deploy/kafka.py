@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy.jars import kafka_classpath
@@ -47,14 +47,47 @@ class Broker:
     controller_port: int = 9093
     run_dir: Path = RUN_DIR
     heap: str = "768m"
+    # A second listener, SASL_PLAINTEXT with the PLAIN mechanism, on this port (0: none), accepting these
+    # (user, password) pairs: for testing the clients' security settings against a real broker. The passwords land
+    # in the broker's own server.properties under run_dir, as a broker's JAAS config does.
+    sasl_port: int = 0
+    sasl_users: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def sasl_bootstrap(self) -> str:
+        if not self.sasl_port:
+            raise ValueError("kafka: this broker has no SASL listener (sasl_port=0)")
+        return f"127.0.0.1:{self.sasl_port}"
+
+    @property
     def pid_file(self) -> Path:
         return self.run_dir / "broker.pid"
+
+    def _listeners(self) -> list[str]:
+        """The listener settings: PLAINTEXT (between broker and tools) and CONTROLLER, plus the SASL one if any."""
+        plain = f"PLAINTEXT://127.0.0.1:{self.port}"
+        controller = f"CONTROLLER://127.0.0.1:{self.controller_port}"
+        if not self.sasl_port:
+            return [f"listeners={plain},{controller}", f"advertised.listeners={plain}",
+                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"]
+        if not self.sasl_users:
+            raise ValueError("kafka: a SASL listener needs at least one (user, password) in sasl_users")
+        from flink_job.secrets import jaas_quote
+
+        sasl = f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
+        users = " ".join(f'user_{name}="{jaas_quote(pw)}"' for name, pw in self.sasl_users)
+        return [
+            f"listeners={plain},{sasl},{controller}", f"advertised.listeners={plain},{sasl}",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms=PLAIN",
+            # A .properties file reads backslashes as escapes: the JAAS line's own escapes are escaped once more.
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config="
+            + f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};".replace("\\", "\\\\"),
+        ]
 
     def properties(self) -> str:
         return "\n".join(
@@ -62,10 +95,8 @@ class Broker:
                 "process.roles=broker,controller",
                 "node.id=1",
                 f"controller.quorum.bootstrap.servers=127.0.0.1:{self.controller_port}",
-                f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                *self._listeners(),
                 "controller.listener.names=CONTROLLER",
-                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
                 "inter.broker.listener.name=PLAINTEXT",
                 f"log.dirs={self.run_dir / 'data'}",
                 "num.partitions=1",

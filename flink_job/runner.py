@@ -69,7 +69,8 @@ class LocalJob:
         self.follower: Follower | None = None
 
     def __enter__(self) -> Self:
-        self.follower = Follower(self.cfg.kafka.bootstrap, self.cfg.kafka.stats_topic)
+        self.follower = Follower(self.cfg.kafka.bootstrap, self.cfg.kafka.stats_topic,
+                                 security=self.cfg.kafka.librdkafka_properties())
         self.start()
         return self
 

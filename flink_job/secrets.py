@@ -16,7 +16,7 @@ shows where a secret comes from, never its value.
 >>> props = {"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN",
 ...          "sasl.username": "app", "sasl.password": "${env:DOCTEST_KAFKA_PASSWORD}"}
 >>> java_properties(props)["sasl.jaas.config"]
-'org.apache.kafka.common.security.plain.PlainLoginModule required username="app" password="s3cret";'
+'org.apache.flink.kafka.shaded.org.apache.kafka.common.security.plain.PlainLoginModule required username="app" password="s3cret";'
 >>> librdkafka_properties(props)["sasl.password"]
 's3cret'
 >>> redacted(props)["sasl.password"]
@@ -71,6 +71,13 @@ _LOGIN_MODULES = {
     "SCRAM-SHA-256": "org.apache.kafka.common.security.scram.ScramLoginModule",
     "SCRAM-SHA-512": "org.apache.kafka.common.security.scram.ScramLoginModule",
 }
+# The Flink connector's jar (flink-sql-connector-kafka) relocates the Kafka client: its login modules and callback
+# handlers are org.apache.flink.kafka.shaded.org.apache.kafka.*, and the unshaded names given in the Kafka docs
+# fail at its first login ("No LoginModule found"). Kafka's own class names are rewritten for it.
+CONNECTOR_SHADE = "org.apache.flink.kafka.shaded."
+_KAFKA_CLASS = re.compile(r"(?<![\w.])org\.apache\.kafka\.")
+_CLASS_KEYS = ("sasl.jaas.config", "sasl.login.callback.handler.class", "sasl.client.callback.handler.class",
+               "sasl.login.class", "ssl.engine.factory.class")
 _JAAS = re.compile(r"^\s*(?P<module>[\w.$]+)\s+(?P<flag>required|requisite|sufficient|optional)(?P<options>.*?);?\s*$",
                    re.DOTALL)
 _JAAS_OPTION = re.compile(r'(?P<key>[\w.-]+)\s*=\s*(?:"(?P<quoted>(?:[^"\\]|\\.)*)"|(?P<bare>[^\s;"]+))')
@@ -170,19 +177,23 @@ def redacted(props: Mapping[str, str]) -> dict[str, str]:
 
 
 def java_properties(props: Mapping[str, str]) -> dict[str, str]:
-    """Resolved settings for the Java Kafka client (the Flink connector): ``sasl.username``/``sasl.password``
-    become the JAAS line of ``sasl.mechanism`` (PLAIN or SCRAM), librdkafka-only keys are dropped."""
-    out = {k: resolve(v, k, _jaas_quote if k == "sasl.jaas.config" else None)
+    """Resolved settings for the Java Kafka client of the Flink connector: ``sasl.username``/``sasl.password``
+    become the JAAS line of ``sasl.mechanism`` (PLAIN or SCRAM), librdkafka-only keys are dropped, and Kafka's
+    class names (login modules, callback handlers) take the connector's shaded package."""
+    out = {k: resolve(v, k, jaas_quote if k == "sasl.jaas.config" else None)
            for k, v in props.items() if k not in LIBRDKAFKA_ONLY}
     if "sasl.username" in props or "sasl.password" in props:
         mechanism = props.get("sasl.mechanism", props.get("sasl.mechanisms", "PLAIN")).upper()
         if mechanism not in _LOGIN_MODULES:
             raise ValueError(f"kafka.client_properties: sasl.username/sasl.password need sasl.mechanism PLAIN or "
                              f"SCRAM-SHA-256/512, got {mechanism!r}; give sasl.jaas.config for other mechanisms")
-        user = _jaas_quote(resolve(props.get("sasl.username", ""), "sasl.username"))
-        password = _jaas_quote(resolve(props.get("sasl.password", ""), "sasl.password"))
+        user = jaas_quote(resolve(props.get("sasl.username", ""), "sasl.username"))
+        password = jaas_quote(resolve(props.get("sasl.password", ""), "sasl.password"))
         out["sasl.mechanism"] = mechanism
         out["sasl.jaas.config"] = f'{_LOGIN_MODULES[mechanism]} required username="{user}" password="{password}";'
+    for key in _CLASS_KEYS:
+        if key in out:
+            out[key] = _KAFKA_CLASS.sub(CONNECTOR_SHADE + "org.apache.kafka.", out[key], count=1)
     return out
 
 
@@ -198,13 +209,14 @@ def librdkafka_properties(props: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def _jaas_quote(value: str) -> str:
+def jaas_quote(value: str) -> str:
+    """``value`` inside a JAAS option's double quotes."""
     return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _jaas_to_librdkafka(jaas: str) -> dict[str, str]:
     parsed = _JAAS.match(jaas)
-    module = parsed.group("module") if parsed else ""
+    module = parsed.group("module").removeprefix(CONNECTOR_SHADE) if parsed else ""
     if not parsed or module not in set(_LOGIN_MODULES.values()):
         # The message names the module only: the line itself holds the secret.
         raise ValueError(f"kafka.client_properties.sasl.jaas.config: login module {module or '(unparsable)'} has no "

@@ -183,8 +183,9 @@ def fresh_topics(bootstrap: str, prefix: str, tmp_path: Path, overrides: list[st
         *(overrides or []),
     ])
     all_topics = job_topics(cfg)
-    create_topics(bootstrap, {cfg.kafka.input_topic: all_topics.pop(cfg.kafka.input_topic)}, input_partitions)
-    create_topics(bootstrap, all_topics, 1)
+    security = cfg.kafka.librdkafka_properties()
+    create_topics(bootstrap, {cfg.kafka.input_topic: all_topics.pop(cfg.kafka.input_topic)}, input_partitions, security)
+    create_topics(bootstrap, all_topics, 1, security)
     return cfg
 
 
@@ -206,9 +207,11 @@ def session_cluster(rest_port: int, rpc_port: int, run_dir: Path,
 
 
 @contextmanager
-def locked_broker(first_port: int, slots: int, name: str) -> Iterator[Broker]:
+def locked_broker(first_port: int, slots: int, name: str, sasl_users: tuple[tuple[str, str], ...] = ()
+                  ) -> Iterator[Broker]:
     """A KRaft broker on the first free of ``slots`` port pairs from ``first_port`` (steps of 10), data in
-    ``.run/<name>-<port>``, removed before it starts and stopped afterwards.
+    ``.run/<name>-<port>``, removed before it starts and stopped afterwards. With ``sasl_users`` it also listens
+    for SASL_PLAINTEXT/PLAIN clients on the slot's port + 2.
 
     Each user holds a lock on its folder, so a second test session running at the same time (another checkout's
     CI, a developer's run) takes the next slot instead of stopping this one's broker, and a broker left running in
@@ -227,7 +230,7 @@ def locked_broker(first_port: int, slots: int, name: str) -> Iterator[Broker]:
         except BlockingIOError:
             lock.close()
             continue  # a live session owns this slot
-        broker = Broker(port, port + 1, run_dir)
+        broker = Broker(port, port + 1, run_dir, sasl_port=port + 2 if sasl_users else 0, sasl_users=sasl_users)
         broker.stop()  # a leftover of a session that died
         shutil.rmtree(run_dir, ignore_errors=True)
         try:

@@ -3,14 +3,22 @@ config itself, and never show in logs, dumps, errors or the job's name."""
 from __future__ import annotations
 
 import logging
+import secrets as secrets_module
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from deploy.kafka import Broker
 from flink_job import sql
 from flink_job.config import JobConfig, KafkaConfig
+from flink_job.generate import SyntheticConfig, generate
+from flink_job.produce import send, synthetic_timed
+from flink_job.runner import LocalJob
+from flink_job.topics import read_all
+from tests.helpers import Truth, fresh_topics, locked_broker
 
 SECRET = "pa\"ss\\wörd-7f3a"  # quotes and backslashes must survive the JAAS line
 
@@ -34,7 +42,8 @@ def test_properties_reach_the_source_and_every_sink_ddl(cfg: JobConfig) -> None:
         assert "'properties.sasl.mechanism' = 'SCRAM-SHA-256'" in ddl
         assert "'properties.ssl.truststore.location' = '/etc/ca.jks'" in ddl
         assert "'properties.client.dns.lookup' = 'use_all_dns_ips'" in ddl
-        jaas = 'org.apache.kafka.common.security.scram.ScramLoginModule required username="svc-streamrec" ' \
+        jaas = 'org.apache.flink.kafka.shaded.org.apache.kafka.common.security.scram.ScramLoginModule required ' \
+               'username="svc-streamrec" ' \
                'password="pa\\"ss\\\\wörd-7f3a";'
         assert f"'properties.sasl.jaas.config' = '{jaas}'" in ddl
         # librdkafka-only settings stay out of the job graph
@@ -65,7 +74,15 @@ def test_jaas_config_is_translated_for_librdkafka(monkeypatch: pytest.MonkeyPatc
     rd = k.librdkafka_properties()
     assert (rd["sasl.username"], rd["sasl.password"]) == ("app", SECRET)
     assert rd["ssl.endpoint.identification.algorithm"] == "none" and "sasl.jaas.config" not in rd
-    assert 'password="pa\\"ss\\\\wörd-7f3a"' in k.java_properties()["sasl.jaas.config"]
+    java = k.java_properties()["sasl.jaas.config"]
+    assert 'password="pa\\"ss\\\\wörd-7f3a"' in java
+    # The connector's jar relocates the Kafka client: the module named in Kafka's docs would not be found.
+    assert java.startswith("org.apache.flink.kafka.shaded.org.apache.kafka.common.security.plain.PlainLoginModule ")
+    # Given in the shaded form, it stays as it is and still translates for librdkafka.
+    shaded = KafkaConfig(client_properties={"sasl.mechanism": "PLAIN", "sasl.jaas.config": java.replace(
+        SECRET.replace("\\", "\\\\").replace('"', '\\"'), "${env:TEST_KAFKA_PASSWORD}")})
+    assert shaded.java_properties()["sasl.jaas.config"] == java
+    assert shaded.librdkafka_properties()["sasl.password"] == SECRET
 
 
 def test_every_confluent_client_builder_passes_security(cfg: JobConfig, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -171,3 +188,59 @@ def test_an_untranslatable_login_module_is_named_without_its_secret(monkeypatch:
     with pytest.raises(ValueError, match="com.example.Custom has no librdkafka translation") as err:
         k.librdkafka_properties()
     assert "7f3a" not in str(err.value)
+
+
+# --- against a real broker that demands SASL -------------------------------------------------------------------
+
+SASL_USER = "streamrec"
+
+
+@pytest.fixture(scope="module")
+def sasl_broker() -> Iterator[tuple[Broker, str]]:
+    """A KRaft broker with a SASL_PLAINTEXT/PLAIN listener (port + 2) and one user with a fresh random password
+    (quotes and backslashes included, as the JAAS lines on both sides must carry them)."""
+    password = f'{secrets_module.token_urlsafe(12)}"\\x'
+    with locked_broker(19692, 4, "test-kafka-sasl", sasl_users=((SASL_USER, password),)) as broker:
+        yield broker, password
+
+
+def _sasl_properties() -> str:
+    return ('kafka.client_properties={security.protocol: SASL_PLAINTEXT, sasl.mechanism: PLAIN, '
+            'sasl.username: "${env:SASL_TEST_USER}", sasl.password: "${env:SASL_TEST_PASSWORD}"}')
+
+
+@pytest.mark.integration
+def test_the_job_reads_and_writes_through_a_sasl_listener(sasl_broker: tuple[Broker, str], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every client (the connector's source and sinks in the JVM, the Python producer, the runner's stats reader,
+    the admin client) authenticates with the settings of kafka.client_properties, secrets from the environment."""
+    broker, password = sasl_broker
+    monkeypatch.setenv("SASL_TEST_USER", SASL_USER)
+    monkeypatch.setenv("SASL_TEST_PASSWORD", password)
+    cfg = fresh_topics(broker.sasl_bootstrap, "sasl", tmp_path, [_sasl_properties(), "batch.size=256"])
+    security = cfg.kafka.librdkafka_properties()
+    syn = SyntheticConfig(n_users=40, n_items=30, n_events=1_000, malformed_rate=0.02, seed=23)
+    truth = Truth.of(list(generate(syn)))
+    assert truth.malformed > 0
+    sent = send(synthetic_timed(syn), broker.sasl_bootstrap, cfg.kafka.input_topic, extra_config=security)
+    assert sent == truth.total
+    with LocalJob(cfg) as job:
+        result = job.wait_idle(idle_s=4.0, timeout_s=300, min_received=truth.received)
+    assert (result.last["trained"], result.last["dead_lettered"]) == (truth.valid, truth.malformed)
+    assert len(read_all(broker.sasl_bootstrap, cfg.kafka.dead_letter_topic, security=security)) == truth.malformed
+    embeddings = read_all(broker.sasl_bootstrap, cfg.kafka.embeddings_topic, security=security)
+    assert {k.decode().split(":", 1)[0] for k, _v, _p, _o in embeddings} == {"user", "item"}
+
+
+@pytest.mark.integration
+def test_the_sasl_listener_refuses_a_wrong_password(sasl_broker: tuple[Broker, str]) -> None:
+    """The check above proves something only if the listener authenticates: a wrong password is refused."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    broker, password = sasl_broker
+    conf = {"bootstrap.servers": broker.sasl_bootstrap, "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanism": "PLAIN", "sasl.username": SASL_USER}
+    AdminClient({**conf, "sasl.password": password}).list_topics(timeout=20)
+    with pytest.raises(KafkaException):
+        AdminClient({**conf, "sasl.password": password + "-wrong"}).list_topics(timeout=5)
