@@ -26,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,11 +165,12 @@ class SessionCluster:
         env.update(FLINK_CONF_DIR=str(self.conf_dir), FLINK_LIB_DIR=str(self.lib_dir), FLINK_IDENT_STRING=IDENT)
         return env
 
-    def _script(self, name: str, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
-        """Runs ``bin/<name>`` against our conf dir; raises with its output if it fails."""
+    def _script(self, name: str, *args: str, timeout_s: float = 120.0,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Runs ``bin/<name>`` against our conf dir (``env``: more variables); raises with its output if it fails."""
         cmd = [str(flink_home() / "bin" / name), *args]
         # A session of its own: the daemons outlive this process and a Ctrl-C meant for it does not reach them.
-        res = subprocess.run(cmd, check=False, env=self._env(), cwd=PROJECT, capture_output=True, text=True,
+        res = subprocess.run(cmd, check=False, env={**self._env(), **(env or {})}, cwd=PROJECT, capture_output=True, text=True,
                              timeout=timeout_s, start_new_session=True)
         if res.returncode != 0:
             raise RuntimeError(
@@ -328,10 +330,15 @@ class SessionCluster:
         return target
 
     def submit(self, job_args: list[str], detached: bool = True, savepoint: str | None = None,
-               allow_non_restored: bool = False, timeout_s: float = 300.0) -> str:
+               allow_non_restored: bool = False, archives: Sequence[str] = (), pyexec: str | None = None,
+               timeout_s: float = 300.0) -> str:
         """Submits ``python -m flink_job <job_args>`` with ``flink run``; returns the job id.
 
         ``detached=False`` waits (up to ``timeout_s``) for the job to end, which a streaming job does not do.
+        ``archives``: ``-pyarch`` entries, ``path.zip`` or ``path.zip#dir``; Flink extracts each into the Python
+        workers' working directory (under ``dir``), so the job reaches their files by relative paths, e.g. a
+        warm-start model as ``flink.initial_model=dir/state.bin``, or a whole venv with ``pyexec`` (the workers'
+        interpreter, default this cluster's ``python``) pointing into it, e.g. ``venv/bin/python``.
 
         The client runs from the project directory, so it resolves the connector jar and default paths there;
         the job's own config puts that jar into ``pipeline.jars``, which ``flink run`` ships with the job.
@@ -340,12 +347,19 @@ class SessionCluster:
         if detached:
             cmd.append("-d")
         cmd += ["-m", f"127.0.0.1:{self.rest_port}", "-pym", "flink_job", "-pyfs", str(self.package_sources()),
-                "-pyexec", self.python, "-pyclientexec", self.python]
+                "-pyexec", pyexec or self.python, "-pyclientexec", self.python]
+        if archives:
+            cmd += ["-pyarch", ",".join(archives)]
         if savepoint:
             cmd += ["-s", savepoint]
             if allow_non_restored:
                 cmd.append("-n")
-        res = self._script("flink", *cmd, "--", *job_args, timeout_s=timeout_s)
+        # The client runs the job's main from a temporary directory when archives are given, where the shipped
+        # code has no deploy/.jars: it takes the connector jar resolved here (a jar in the job's config still wins).
+        from deploy.jars import CONNECTOR_JAR_ENV, connector_jar
+
+        res = self._script("flink", *cmd, "--", *job_args, timeout_s=timeout_s,
+                           env={CONNECTOR_JAR_ENV: str(connector_jar())})
         job_id = parse_job_id(res.stdout + res.stderr)
         log.info("cluster: submitted job %s%s", job_id, f" from {savepoint}" if savepoint else "")
         return job_id
@@ -529,6 +543,10 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("submit", help="submit the job; arguments after -- go to python -m flink_job")
     s.add_argument("--savepoint", default=None, help="resume from this savepoint")
     s.add_argument("--allow-non-restored", action="store_true")
+    s.add_argument("--pyarch", action="append", default=[], metavar="ZIP[#DIR]",
+                   help="an archive for the Python workers' working directory (repeatable)")
+    s.add_argument("--pyexec", default=None, help="the Python workers' interpreter, e.g. venv/bin/python inside "
+                   "a --pyarch venv.zip#venv (default: this venv's python)")
     s.add_argument("job_args", nargs=argparse.REMAINDER)
     c = sub.add_parser("cancel")
     c.add_argument("job_id")
@@ -553,7 +571,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {job['jid']}  {job['state']:<10} {job['name']}")
     elif args.command == "submit":
         job_args = args.job_args[1:] if args.job_args[:1] == ["--"] else args.job_args
-        print(cluster.submit(job_args, savepoint=args.savepoint, allow_non_restored=args.allow_non_restored))
+        print(cluster.submit(job_args, savepoint=args.savepoint, allow_non_restored=args.allow_non_restored,
+                             archives=args.pyarch, pyexec=args.pyexec))
     elif args.command == "cancel":
         print(cluster.cancel(args.job_id))
     else:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ DEPLOY = Path(__file__).resolve().parent
 POM = DEPLOY / "pom.xml"
 JARS = DEPLOY / ".jars"
 PROFILES = ("kafka", "flink")
+CONNECTOR_JAR_ENV = "STREAMREC_CONNECTOR_JAR"
 
 
 def pinned(prop: str) -> str:
@@ -52,6 +54,13 @@ def kafka_classpath() -> str:
 
 
 def connector_jar() -> Path:
+    """The pinned Kafka connector jar, fetched on first use; ``$STREAMREC_CONNECTOR_JAR`` if set (a job client
+    running away from the project's files, see ``deploy.cluster.SessionCluster.submit``)."""
+    given = os.environ.get(CONNECTOR_JAR_ENV)
+    if given:
+        if not Path(given).is_file():
+            raise FileNotFoundError(f"jars: ${CONNECTOR_JAR_ENV} names {given}, which is not a file")
+        return Path(given)
     name = f"flink-sql-connector-kafka-{pinned('flink.kafka.connector.version')}.jar"
     jar = fetch("flink") / name
     if not jar.exists():

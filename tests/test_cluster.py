@@ -104,3 +104,39 @@ def test_stop_with_savepoint_and_resume(
         for jid in (job_id, resumed):
             if jid:
                 cancel_if_running(cluster, jid)
+
+
+def test_a_warm_start_model_shipped_with_pyarch(
+    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path
+) -> None:
+    """``-pyarch``: a model pre-trained in batch travels with the job as an archive, the workers find it by a path
+    relative to their working directory, and the job continues from it (every published step is past it)."""
+    import zipfile
+
+    from model.mf import OnlineBiasedMF
+    from model.warm_start import main as warm_start
+
+    history = tmp_path / "u.data"
+    history.write_text("".join(f"h{k % 7}\t{k % 11}\t{1 + k % 5}\t{880000000 + k}\n" for k in range(400)))
+    state = tmp_path / "state.bin"
+    warm_start(["--input", str(history), "--out", str(state), "--epochs", "3", "--batch-size", "50"])
+    pretrained = OnlineBiasedMF.from_bytes(state.read_bytes()).step
+    assert pretrained >= 20
+    archive = tmp_path / "warm.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(state, "state.bin")
+
+    cfg = topics("cluster-pyarch", overrides=["flink.initial_model=warm/state.bin", "batch.size=64"])
+    syn = SyntheticConfig(n_users=30, n_items=20, n_events=300, seed=41)
+    send(synthetic_timed(syn), cfg.kafka.bootstrap, cfg.kafka.input_topic, total=syn.n_events)
+    stats = Follower(cfg.kafka.bootstrap, cfg.kafka.stats_topic)
+    job_id = cluster.submit(job_args(cfg, tmp_path), archives=[f"{archive}#warm"])
+    try:
+        cluster.wait_running(job_id)
+        assert trained(follow_stats(cluster, job_id, stats, lambda seen: trained(seen) >= syn.n_events)) == syn.n_events
+        steps = [rec["step"] for rec in json_values(read_all(cfg.kafka.bootstrap, cfg.kafka.embeddings_topic))]
+        assert steps and min(steps) > pretrained
+        assert cluster.cancel(job_id) == "CANCELED"
+    finally:
+        stats.close()
+        cancel_if_running(cluster, job_id)
