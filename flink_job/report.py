@@ -103,11 +103,12 @@ def load_stats_file(path: Path) -> list[dict[str, Any]]:
         return parse_lines(f, str(path))
 
 
-def load_stats_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:
-    """Every record now in the stats topic (a topic that does not exist reads as empty)."""
+def load_stats_topic(bootstrap: str, topic: str, security: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every record now in the stats topic (a topic that does not exist reads as empty); ``security``: librdkafka
+    settings, ``KafkaConfig.librdkafka_properties()``."""
     from flink_job.topics import json_values, read_all
 
-    return list(json_values(read_all(bootstrap, topic)))
+    return list(json_values(read_all(bootstrap, topic, security=security)))
 
 
 def save_stats(records: Sequence[dict[str, Any]], path: Path) -> None:
@@ -436,6 +437,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-file", type=Path, help="job-stats records, one JSON object per line")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers, with --stats-topic")
     p.add_argument("--stats-topic", help="the job's stats topic, with --bootstrap")
+    p.add_argument("--config", type=Path, default=None,
+                   help="the job's YAML config, for its kafka.client_properties (security) with --bootstrap")
     p.add_argument("--save-stats", type=Path, help="also write the stats records read to this JSON-lines file")
     p.add_argument("--freshness", type=Path, action="append", default=[],
                    help="a benchmarks.freshness --latencies-out file; repeat for each delivery mode")
@@ -457,7 +460,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.stats_file is not None:
             records, source = load_stats_file(args.stats_file), str(args.stats_file)
         else:
-            records, source = load_stats_topic(args.bootstrap, args.stats_topic), f"{args.stats_topic}@{args.bootstrap}"
+            from flink_job.config import JobConfig
+
+            security = JobConfig.load(args.config).kafka.librdkafka_properties() if args.config else None
+            records = load_stats_topic(args.bootstrap, args.stats_topic, security)
+            source = f"{args.stats_topic}@{args.bootstrap}"
             log.info("%s: read %d records from %s", STAGE, len(records), source)
         run = run_stats(records, source)
         if args.save_stats is not None:

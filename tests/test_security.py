@@ -18,7 +18,7 @@ from flink_job.generate import SyntheticConfig, generate
 from flink_job.produce import send, synthetic_timed
 from flink_job.runner import LocalJob
 from flink_job.topics import read_all
-from tests.helpers import Truth, fresh_topics, locked_broker
+from tests.helpers import Truth, fresh_topics, job_args, locked_broker
 
 SECRET = "pa\"ss\\wörd-7f3a"  # quotes and backslashes must survive the JAAS line
 
@@ -230,6 +230,14 @@ def test_the_job_reads_and_writes_through_a_sasl_listener(sasl_broker: tuple[Bro
     assert len(read_all(broker.sasl_bootstrap, cfg.kafka.dead_letter_topic, security=security)) == truth.malformed
     embeddings = read_all(broker.sasl_bootstrap, cfg.kafka.embeddings_topic, security=security)
     assert {k.decode().split(":", 1)[0] for k, _v, _p, _o in embeddings} == {"user", "item"}
+    # The report command reads the stats topic with the job config's security settings.
+    from flink_job.report import SUMMARY_MD, main as report
+
+    config = job_args(cfg, tmp_path)[1]
+    out = tmp_path / "report"
+    assert report(["--bootstrap", broker.sasl_bootstrap, "--stats-topic", cfg.kafka.stats_topic, "--config", config,
+                   "--out", str(out)]) == 0
+    assert f"{truth.valid:,}" in (out / SUMMARY_MD).read_text()
 
 
 @pytest.mark.integration
