@@ -108,6 +108,12 @@ class SessionCluster:
         return self.run_dir / "log"
 
     @property
+    def worker_launcher(self) -> Path:
+        """The workers' ``python.executable``: the venv's python running the worker through ``flink_job.worker``,
+        which tunes it first (see that module). The shipped code is on the workers' path when they start."""
+        return self.run_dir / "python-worker"
+
+    @property
     def rest_url(self) -> str:
         return f"http://127.0.0.1:{self.rest_port}"
 
@@ -127,7 +133,7 @@ class SessionCluster:
             "taskmanager.memory.managed.fraction": 0.4,
             "taskmanager.numberOfTaskSlots": self.slots,
             "parallelism.default": 1,
-            "python.executable": self.python,
+            "python.executable": str(self.worker_launcher),
             "python.client.executable": self.python,
             "env.log.dir": str(self.log_dir),
             "env.pid.dir": str(self.run_dir),
@@ -158,6 +164,15 @@ class SessionCluster:
         (self.conf_dir / "workers").write_text("127.0.0.1\n")
         for sub in (self.log_dir, self.run_dir / "tmp"):
             sub.mkdir(parents=True, exist_ok=True)
+        # Flink also runs python.executable for other things (-c "import pyflink ..."): only the worker is wrapped.
+        self.worker_launcher.write_text(
+            "#!/bin/sh\n"
+            'if [ "$1" = "-m" ] && [ "$2" = "pyflink.fn_execution.beam.beam_boot" ]; then\n'
+            f'  exec "{self.python}" -m flink_job.worker "$@"\n'
+            "fi\n"
+            f'exec "{self.python}" "$@"\n'
+        )
+        self.worker_launcher.chmod(0o755)
 
     def _env(self) -> dict[str, str]:
         inherited = ("FLINK_HOME", "FLINK_LOG_DIR", "FLINK_PID_DIR", "FLINK_OPT_DIR", "FLINK_PLUGINS_DIR")
@@ -338,7 +353,7 @@ class SessionCluster:
         ``archives``: ``-pyarch`` entries, ``path.zip`` or ``path.zip#dir``; Flink extracts each into the Python
         workers' working directory (under ``dir``), so the job reaches their files by relative paths, e.g. a
         warm-start model as ``flink.initial_model=dir/state.bin``, or a whole venv with ``pyexec`` (the workers'
-        interpreter, default this cluster's ``python``) pointing into it, e.g. ``venv/bin/python``.
+        interpreter, default this cluster's ``worker_launcher``) pointing into it, e.g. ``venv/bin/python``.
 
         The client runs from the project directory, so it resolves the connector jar and default paths there;
         the job's own config puts that jar into ``pipeline.jars``, which ``flink run`` ships with the job.
@@ -347,7 +362,7 @@ class SessionCluster:
         if detached:
             cmd.append("-d")
         cmd += ["-m", f"127.0.0.1:{self.rest_port}", "-pym", "flink_job", "-pyfs", str(self.package_sources()),
-                "-pyexec", pyexec or self.python, "-pyclientexec", self.python]
+                "-pyexec", pyexec or str(self.worker_launcher), "-pyclientexec", self.python]
         if archives:
             cmd += ["-pyarch", ",".join(archives)]
         if savepoint:

@@ -7,8 +7,9 @@ sampler's current sleep to end, about a tenth of the bundle (measured in BENCHMA
 
 ``tune()`` caps the sampler's sleep at ``SAMPLING_PERIOD_MS``. It must run in the worker before its first bundle. A
 local run calls it before submitting, since the worker is then a thread pool of the submitting process (PyFlink's
-loopback mode). On a cluster, a ``python.executable`` script that runs ``python -m flink_job.worker "$@"`` does the
-same: PyFlink starts the worker as ``<python.executable> -m pyflink.fn_execution.beam.beam_boot <args>``.
+loopback mode). On a cluster, a ``python.executable`` script that runs ``python -m flink_job.worker "$@"`` for the
+worker does the same (``deploy.cluster.SessionCluster.worker_launcher``): PyFlink starts the worker as
+``<python.executable> -m pyflink.fn_execution.beam.beam_boot <args>``.
 """
 from __future__ import annotations
 

@@ -50,6 +50,10 @@ def test_job_on_session_cluster(
 
         assert cluster.job_status(job_id) == "RUNNING"
         assert any(j["jid"] == job_id for j in cluster.jobs())
+        # The workers run through the launcher, tuned by flink_job.worker before their first bundle.
+        workers = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in cluster.python_worker_pids()]
+        assert workers and all(cmd[1:5] == [b"-m", b"flink_job.worker", b"-m", b"pyflink.fn_execution.beam.beam_boot"]
+                               for cmd in workers), workers
         assert last["received"] == received
         assert last["trained"] == truth.valid
         assert last["dead_lettered"] == truth.malformed
