@@ -255,9 +255,9 @@ class FlinkConfig:
     # BENCHMARKS.md. The job hands Python whole chunks, so the per-call cost of process mode is paid per chunk.
     python_execution_mode: str = "process"
     # Python results reach the JVM, and the stage's state is serialised into Flink state, at the end of each bundle:
-    # shorter bundles mean fresher output and more state writes. 50 ms: freshness p99 895 ms at 10,000 events/s
-    # against 1.04-1.3 s with 100 ms, for 1-27% of throughput (adjacent pairs on a noisy machine); 1 s bundles
-    # gain about 20% over 100 ms and add a second (BENCHMARKS.md).
+    # shorter bundles mean fresher output and more state writes. 50 ms: freshness p99 895-1,036 ms at 10,000
+    # events/s against 1.04-1.3 s with 100 ms, for about 5% of throughput (1-27% in adjacent pairs on a noisy
+    # machine); 1 s bundles gain about 20% over 100 ms and add a second (BENCHMARKS.md).
     bundle_time_ms: int = 50
     # After a failure the job restarts from its last checkpoint, waiting 1 s, then twice as long after each further
     # failure up to the maximum; a job that ran an hour without failing starts again from the initial wait.
