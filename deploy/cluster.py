@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--pyarch", action="append", default=[], metavar="ZIP[#DIR]",
                    help="an archive for the Python workers' working directory (repeatable)")
     s.add_argument("--pyexec", default=None, help="the Python workers' interpreter, e.g. venv/bin/python inside "
-                   "a --pyarch venv.zip#venv (default: this venv's python)")
+                   "a --pyarch venv.zip#venv (default: the cluster's launcher of this venv's python)")
     s.add_argument("job_args", nargs=argparse.REMAINDER)
     c = sub.add_parser("cancel")
     c.add_argument("job_id")
