@@ -134,7 +134,6 @@ class DirtyRows:
         self.offset[rows] = -1
         return out
 
-
     def state(self) -> dict[str, Any]:
         """The dirty rows only (with their times and positions): what a checkpoint needs, a fraction of the arrays.
 

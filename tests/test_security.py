@@ -204,9 +204,8 @@ def sasl_broker() -> Iterator[tuple[Broker, str]]:
         yield broker, password
 
 
-def _sasl_properties() -> str:
-    return ('kafka.client_properties={security.protocol: SASL_PLAINTEXT, sasl.mechanism: PLAIN, '
-            'sasl.username: "${env:SASL_TEST_USER}", sasl.password: "${env:SASL_TEST_PASSWORD}"}')
+SASL_PROPERTIES = ('kafka.client_properties={security.protocol: SASL_PLAINTEXT, sasl.mechanism: PLAIN, '
+                   'sasl.username: "${env:SASL_TEST_USER}", sasl.password: "${env:SASL_TEST_PASSWORD}"}')
 
 
 @pytest.mark.integration
@@ -217,7 +216,7 @@ def test_the_job_reads_and_writes_through_a_sasl_listener(sasl_broker: tuple[Bro
     broker, password = sasl_broker
     monkeypatch.setenv("SASL_TEST_USER", SASL_USER)
     monkeypatch.setenv("SASL_TEST_PASSWORD", password)
-    cfg = fresh_topics(broker.sasl_bootstrap, "sasl", tmp_path, [_sasl_properties(), "batch.size=256"])
+    cfg = fresh_topics(broker.sasl_bootstrap, "sasl", tmp_path, [SASL_PROPERTIES, "batch.size=256"])
     security = cfg.kafka.librdkafka_properties()
     syn = SyntheticConfig(n_users=40, n_items=30, n_events=1_000, malformed_rate=0.02, seed=23)
     truth = Truth.of(list(generate(syn)))
