@@ -69,8 +69,10 @@ class LocalJob:
         self.follower: Follower | None = None
 
     def __enter__(self) -> Self:
+        # A job restored from a checkpoint follows only its own stats, not those of the run before it.
         self.follower = Follower(self.cfg.kafka.bootstrap, self.cfg.kafka.stats_topic,
-                                 security=self.cfg.kafka.librdkafka_properties())
+                                 security=self.cfg.kafka.librdkafka_properties(),
+                                 from_end=bool(self.cfg.flink.restore_from))
         self.start()
         return self
 

@@ -38,14 +38,18 @@ def end_offsets(bootstrap: str, topic: str, security: dict[str, str] | None = No
 
 
 class Follower:
-    """Follows a topic from the beginning; ``poll()`` returns the records that arrived since the last call."""
+    """Follows a topic from the beginning (``from_end``: from the records written after now); ``poll()`` returns
+    the records that arrived since the last call."""
 
     def __init__(self, bootstrap: str, topic: str, read_committed: bool = False,
-                 security: dict[str, str] | None = None) -> None:
+                 security: dict[str, str] | None = None, from_end: bool = False) -> None:
         self.topic = topic
         self.consumer = consumer(bootstrap, read_committed, security)
         meta = self.consumer.list_topics(topic, timeout=10).topics[topic]
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+        # The end as of now, not as of the first fetch, which is what OFFSET_END would resolve to.
+        starts = {p: self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] if from_end
+                  else OFFSET_BEGINNING for p in meta.partitions}
+        self.consumer.assign([TopicPartition(topic, p, start) for p, start in starts.items()])
 
     def poll(self, max_wait_s: float = 0.5) -> list[tuple[bytes | None, bytes, int, int]]:
         """``(key, value, partition, offset)`` of the records available now."""
