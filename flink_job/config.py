@@ -248,6 +248,9 @@ class FlinkConfig:
     checkpoint_interval_ms: int = 10_000
     state_backend: str = "hashmap"  # hashmap (heap) or rocksdb
     checkpoint_dir: str = ""  # empty: <project>/.run/checkpoints; use a shared file system on a cluster
+    # The training stage's state is a snapshot written at most this often plus the calls made since, which a restore
+    # replays (flink_job.stage_log): longer means less serialising and a longer replay after a failure.
+    state_snapshot_interval_ms: int = 2_000
     restore_from: str = ""  # a checkpoint (chk-N directory) or savepoint to start from; empty: start fresh
     # A model pre-trained in batch (python -m model.warm_start --out FILE): a job without restored state starts from it.
     initial_model: str = ""
@@ -268,6 +271,12 @@ class FlinkConfig:
     job_name: str = "streamrec"
     # Further Flink configuration entries, applied after the job's own (``{"taskmanager.memory.network.max": "256m"}``).
     options: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.python_execution_mode not in ("process", "thread"):
+            raise ValueError(f"config: flink.python_execution_mode is process or thread, got {self.python_execution_mode!r}")
+        if self.state_snapshot_interval_ms < 0:
+            raise ValueError(f"config: flink.state_snapshot_interval_ms must be >= 0, got {self.state_snapshot_interval_ms}")
 
 
 @dataclass(frozen=True)

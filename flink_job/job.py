@@ -30,6 +30,8 @@ def create_env(cfg: JobConfig):  # type: ignore[no-untyped-def]
     from flink_job import worker
 
     worker.tune()  # a local run's Python worker runs in this process (PyFlink's loopback mode)
+    if cfg.flink.python_execution_mode == "thread":
+        worker.embed_this_python()
     jar = Path(cfg.flink.connector_jar) if cfg.flink.connector_jar else connector_jar()
     env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(cfg, jar))
     build(env, cfg)

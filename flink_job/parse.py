@@ -47,9 +47,6 @@ class DeadLetter:
     detail: str = ""
     at_ms: int = field(default_factory=lambda: int(time.time() * 1000))
 
-    def key(self) -> str:
-        return f"{self.partition}-{self.offset}"
-
     def to_json(self) -> str:
         return orjson.dumps(
             {

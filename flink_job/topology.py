@@ -5,15 +5,16 @@
     -> deduped_events                # first of each dedup_key only      Flink's de-duplication operator
     -> event_chunks                  # (0, (shard, [line]))              processing-time window, ARRAY_AGG
     -> keyed in the JVM -> train      # Python, one call per chunk: parse, validate, batch, learn
-       -> stage output               # (embeddings {k: v}, dead_letters [(k, v)], stats [v]), one row per call
+       -> stage output               # (embeddings {k: v}, dead_letters [v], stats [v]), one row per call
           -> UNNEST(embeddings)      # (k, v)                            -> embeddings topic
-          -> UNNEST(dead_letters)    # (k, v)                            -> dead-letter topic
+          -> UNNEST(dead_letters)    # (partition-offset, v)             -> dead-letter topic
           -> UNNEST(stats)           # ("stats", v)                      -> job-stats topic
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from pyflink.common import Configuration, Types
@@ -52,6 +53,8 @@ def flink_configuration(cfg: JobConfig, connector_jar: Path) -> Configuration:
         "restart-strategy.exponential-delay.reset-backoff-threshold": "1 h",
         "restart-strategy.exponential-delay.jitter-factor": "0.1",
     }
+    if cfg.flink.python_execution_mode == "thread":
+        settings["python.executable"] = sys.executable  # pemja embeds the libpython of this interpreter
     if cfg.flink.restart_attempts:
         settings["restart-strategy.exponential-delay.attempts-before-reset-backoff"] = str(cfg.flink.restart_attempts)
     if cfg.flink.restore_from:
@@ -89,7 +92,7 @@ def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnviron
         .name(TRAIN)
         .uid(TRAIN)
         .set_parallelism(1)  # one model; the JVM stages before it scale out
-    )  # (embeddings: {key: json}, dead_letters: [(key, json)], stats: [json])
+    )  # (embeddings: {key: json}, dead_letters: [json], stats: [json])
 
     t_env.create_temporary_view("stage_output", t_env.from_data_stream(trained))
     sinks = {
@@ -105,7 +108,8 @@ def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnviron
         "INSERT INTO embeddings_sink SELECT e.k, e.v FROM stage_output CROSS JOIN UNNEST(embeddings) AS e(k, v)"
     )
     statements.add_insert_sql(
-        "INSERT INTO dead_letter_sink SELECT d.k, d.v FROM stage_output CROSS JOIN UNNEST(dead_letters) AS d(k, v)"
+        "INSERT INTO dead_letter_sink SELECT CONCAT(JSON_VALUE(d.v, '$.partition'), '-', JSON_VALUE(d.v, '$.offset')), d.v"
+        " FROM stage_output CROSS JOIN UNNEST(dead_letters) AS d(v)"
     )
     statements.add_insert_sql("INSERT INTO stats_sink SELECT 'stats', s FROM stage_output CROSS JOIN UNNEST(stats) AS t(s)")
     statements.attach_as_datastream()

@@ -14,19 +14,26 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import orjson
+from flink_job.torch_thread import Direct, TorchThread, import_off_thread
 
-from flink_job.batch import MicroBatcher
-from flink_job.clean import COUNTERS, Cleaner
-from flink_job.config import JobConfig
-from flink_job.events import ACTIONS
-from flink_job.lateness import Watermarks
-from flink_job.near_dups import NearDuplicates
-from flink_job.parse import DeadLetter, EventBatch, ParseRules, parse_lines
-from flink_job.publish import DirtyRows, Drift, encode_records, write_snapshot
-from model.mf import RATING_CODE, BatchStats, OnlineBiasedMF
-from model.prequential import Prequential
+# In PyFlink's thread mode this module is first imported on the task thread, where importing torch hangs
+# (flink_job.torch_thread): a thread of its own imports torch, and what imports it, first.
+import_off_thread("numpy", "torch", "model.mf", "model.prequential")
+
+import numpy as np  # noqa: E402
+import orjson  # noqa: E402
+
+from flink_job.batch import MicroBatcher  # noqa: E402
+from flink_job.clean import COUNTERS, Cleaner  # noqa: E402
+from flink_job.config import JobConfig  # noqa: E402
+from flink_job.events import ACTIONS  # noqa: E402
+from flink_job.lateness import Watermarks  # noqa: E402
+from flink_job.near_dups import NearDuplicates  # noqa: E402
+from flink_job.parse import DeadLetter, EventBatch, ParseRules, parse_lines  # noqa: E402
+from flink_job.publish import DirtyRows, Drift, encode_records, write_snapshot  # noqa: E402
+from flink_job.stage_log import CHUNK, TIMER, BundleSnapshots, Call, StageLog  # noqa: E402
+from model.mf import RATING_CODE, BatchStats, OnlineBiasedMF  # noqa: E402
+from model.prequential import Prequential  # noqa: E402
 
 log = logging.getLogger(__name__)
 STAGE = "train"
@@ -112,6 +119,8 @@ class TrainStage:
         self.positive_action = np.array([a in cfg.eval.positive_action_list for a in ACTIONS], bool)
         self.pending_since_ms = 0
         self.first_chunk_ms = 0
+        self.now_ms = 0  # the current call's clock, so that a replayed call (flink_job.stage_log) does the same
+        self.replayed_calls = 0  # how many logged calls this run's restore replayed (not state)
 
     def state_bytes(self) -> bytes:
         """Everything the stage has learned and holds: the model and optimiser, counters, watermarks, the
@@ -151,9 +160,28 @@ class TrainStage:
                 log.warning("train: prequential quality restarts: %s", ex)
         return stage
 
+    @classmethod
+    def restore(cls, cfg: JobConfig, saved: bytes | None, calls: list[Call]) -> TrainStage:
+        """The stage from its last snapshot (a new one if there is none) with the calls made since replayed; their
+        outputs went out before the checkpoint and are dropped."""
+        stage = cls.from_bytes(cfg, saved) if saved is not None else cls(cfg)
+        for call in calls:
+            stage.call(call)
+        stage.replayed_calls = len(calls)
+        return stage
+
+    def call(self, call: Call) -> Output:
+        """``on_chunk`` or ``on_time``, as ``call`` (a ``flink_job.stage_log`` record) says."""
+        kind, now_ms, lines = call
+        if kind == CHUNK:
+            return self.on_chunk(lines or [], now_ms)
+        if kind == TIMER:
+            return self.on_time(now_ms)
+        raise ValueError(f"train: unknown call {kind!r}")
+
     def on_chunk(self, lines: list[str], now_ms: int | None = None) -> Output:
         """Parse a chunk, train on every full batch it completes, publish if the publish interval has passed."""
-        now_ms = _now_ms() if now_ms is None else now_ms
+        now_ms = self.now_ms = _now_ms() if now_ms is None else now_ms
         out = Output()
         if not self.first_chunk_ms:
             self.first_chunk_ms = now_ms
@@ -180,7 +208,7 @@ class TrainStage:
 
     def on_time(self, now_ms: int | None = None) -> Output:
         """Time bounds: train a partial batch that waited ``max_wait_ms``; publish when the interval has passed."""
-        now_ms = _now_ms() if now_ms is None else now_ms
+        now_ms = self.now_ms = _now_ms() if now_ms is None else now_ms
         out = Output()
         if self.batcher.pending and now_ms - self.pending_since_ms >= self.cfg.batch.max_wait_ms:
             for rest in self.batcher.take_rest():
@@ -278,7 +306,7 @@ class TrainStage:
         """Marks the rows the batch moved for publishing; row 0, the shared vector of ids not admitted yet, is no
         id's own and is not published. Ids the model expired go out as tombstones."""
         if not len(self.dirty_users) and not len(self.dirty_items):
-            self.dirty_since_ms = _now_ms()
+            self.dirty_since_ms = self.now_ms
         own = stats.event_user_rows > 0
         self.dirty_users.touch(stats.event_user_rows[own], batch.ts[own], batch.partitions[own], batch.offsets[own])
         self.dirty_users.touch(stats.user_rows[stats.user_rows > 0])  # users of replayed events moved too
@@ -315,6 +343,7 @@ class TrainStage:
                 "known_users": len(self.model.users),
                 "known_items": len(self.model.items),
                 "first_chunk_ms": self.first_chunk_ms,
+                "replayed_calls": self.replayed_calls,
                 "at_ms": _now_ms(),
             }
         ).decode()
@@ -375,35 +404,11 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class PickledOnCommit:
-    """Stands in for the stage's state in a Flink ``ValueState``.
-
-    PyFlink encodes a state value only when it commits the bundle's state writes, which it does at the end of
-    every bundle and before every checkpoint barrier. Handing the state this object after each call costs nothing;
-    it serialises the stage once per bundle, as the stage is at that moment, so a checkpoint holds exactly the
-    state that produced the outputs before its barrier.
-
-    >>> import pickle
-    >>> class Stage:
-    ...     def state_bytes(self): return b"now"
-    >>> pickle.loads(pickle.dumps(PickledOnCommit(Stage())))
-    b'now'
-    """
-
-    __slots__ = ("stage",)
-
-    def __init__(self, stage: Any) -> None:
-        self.stage = stage
-
-    def __reduce__(self) -> tuple[type[bytes], tuple[bytes]]:
-        return bytes, (self.stage.state_bytes(),)
-
-
 def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
     """The Flink ``KeyedProcessFunction`` around ``TrainStage``; built here so importing this module needs no JVM."""
     from pyflink.common import Row, Types
     from pyflink.datastream import KeyedProcessFunction, RuntimeContext
-    from pyflink.datastream.state import ValueStateDescriptor
+    from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 
     class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -413,9 +418,17 @@ def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
             # Every parsed record is a dict, so the collector's youngest generation fills every 700 records and its
             # older ones rescan the per-user state; collecting less often made the stage 12% faster (BENCHMARKS.md).
             gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
-            # The whole stage lives in keyed state (one key: one model), restored on the first call after a restart.
-            self.state = runtime_context.get_state(ValueStateDescriptor("stage", Types.PICKLED_BYTE_ARRAY()))
-            self.snapshot: PickledOnCommit | None = None
+            # In thread mode the stage runs on a thread of its own, where torch works (flink_job.torch_thread).
+            thread_mode = cfg.flink.python_execution_mode == "thread"
+            self.torch: Direct | TorchThread = TorchThread(GC_YOUNG_THRESHOLD) if thread_mode else Direct()
+            # The whole stage lives in keyed state (one key: one model), restored on the first call after a restart;
+            # how it is written depends on the mode (flink_job.stage_log).
+            snapshot = runtime_context.get_state(ValueStateDescriptor("stage", Types.PICKLED_BYTE_ARRAY()))
+            calls = runtime_context.get_list_state(ListStateDescriptor("calls", Types.PICKLED_BYTE_ARRAY()))
+            self.log: BundleSnapshots | StageLog = (
+                StageLog(snapshot, calls, cfg.flink.state_snapshot_interval_ms) if thread_mode
+                else BundleSnapshots(snapshot, calls)
+            )
             group = runtime_context.get_metrics_group().add_group(STAGE)
             self.m_batches = group.counter("batches")
             self.m_trained = group.counter("eventsTrained")
@@ -452,29 +465,33 @@ def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
 
         def _stage(self) -> TrainStage:
             if self.stage is None:
-                saved = self.state.value()
-                self.stage = TrainStage.from_bytes(cfg, saved) if saved is not None else TrainStage(cfg)
-                self.snapshot = PickledOnCommit(self.stage)
+                saved, calls = self.log.load()
+                self.stage = self.torch.call(TrainStage.restore, cfg, saved, calls)
                 self.clean_reported = dict(self.stage.cleaner.counts)  # metrics count from this run's start
                 m = self.stage.model
                 log.info("train: %s; model on %s with %d users, %d items, step %d; batch size %d",
-                         "restored" if saved is not None else "new", m.device, len(m.users), len(m.items), m.step,
-                         cfg.batch.size)
+                         "new" if saved is None and not calls else
+                         f"restored ({'a snapshot' if saved is not None else 'no snapshot'} and {len(calls)} calls)",
+                         m.device, len(m.users), len(m.items), m.step, cfg.batch.size)
             return self.stage
 
         def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterator[object]:
             lines = list(value[1])
             self.m_received.inc(len(lines))
-            out = self._stage().on_chunk(lines, ctx.timer_service().current_processing_time())
-            self.state.update(self.snapshot)
+            yield from self._call((CHUNK, ctx.timer_service().current_processing_time(), lines), ctx)
+
+        def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterator[object]:
+            yield from self._call((TIMER, ctx.timer_service().current_processing_time(), None), ctx)
+
+        def _call(self, call: Call, ctx: KeyedProcessFunction.Context) -> Iterator[object]:
+            stage = self._stage()
+            out = self.torch.call(stage.call, call)
+            self.log.record(call, stage, lambda: self.torch.call(stage.state_bytes))
             yield from self._emit(out)
             self._schedule(ctx)
 
-        def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterator[object]:
-            out = self._stage().on_time(ctx.timer_service().current_processing_time())
-            self.state.update(self.snapshot)
-            yield from self._emit(out)
-            self._schedule(ctx)
+        def close(self) -> None:
+            self.torch.close()
 
         def _schedule(self, ctx: KeyedProcessFunction.Context) -> None:
             """A timer at the stage's next deadline, rounded up to a tick so that Flink, which keeps one timer per
@@ -494,7 +511,7 @@ def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
                     counter = self.reason_counters[d.reason] = self.m_reasons.counter(d.reason)
                 counter.inc()
             if out.embeddings or out.dead_letters or out.stats:
-                yield Row(dict(out.embeddings), [Row(d.key(), d.to_json()) for d in out.dead_letters], out.stats)
+                yield Row(dict(out.embeddings), [d.to_json() for d in out.dead_letters], out.stats)
             self.m_dead.inc(len(out.dead_letters))
             self.m_batches.inc(out.batches)
             self.m_skipped.inc(out.skipped_batches)

@@ -34,9 +34,11 @@ def test_job_trains_and_publishes_every_user_and_item(topics) -> None:
     assert last["dead_lettered"] == sum(malformed.values())
     assert last["received"] == len(valid) + sum(malformed.values())  # duplicates never reach Python
 
-    dead = list(json_values(read_all(cfg.kafka.bootstrap, cfg.kafka.dead_letter_topic)))
-    assert len(dead) == sum(malformed.values())
+    dead_records = read_all(cfg.kafka.bootstrap, cfg.kafka.dead_letter_topic)
+    dead = list(json_values(dead_records))
+    assert len({(d["partition"], d["offset"]) for d in dead}) == len(dead) == sum(malformed.values())  # each its own
     assert all(d["reason"] and d["stage"] == "parse" and d["offset"] >= 0 for d in dead)
+    assert [k for k, *_ in dead_records] == [f"{d['partition']}-{d['offset']}".encode() for d in dead]
 
     embeddings = read_all(cfg.kafka.bootstrap, cfg.kafka.embeddings_topic)
     versions: dict[bytes, list[int]] = {}

@@ -1,8 +1,10 @@
 """Pure-Python stages: config loading, generator, micro-batching, coalesced publishing, the training stage."""
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
+import numpy as np
 import orjson
 import pytest
 
@@ -166,6 +168,52 @@ def test_stage_state_restores_exactly_and_continues_identically() -> None:
     assert strip == [(k, {f: v for f, v in orjson.loads(j).items() if f != "produced_ms"}) for k, j in emb_b]
     assert dead_a == dead_b and restored.counters == original.counters
     assert restored.model.step == original.model.step
+
+
+def _same_state(a: object, b: object) -> bool:
+    """Equal stage states, compared by value (pickle's bytes also depend on which objects were shared)."""
+    if isinstance(a, bytes) and isinstance(b, bytes) and a[:1] == b[:1] == b"\x80":
+        a, b = pickle.loads(a), pickle.loads(b)
+    if type(a) is not type(b):
+        return False
+    if dataclasses.is_dataclass(a):
+        a, b = ({f.name: getattr(x, f.name) for f in dataclasses.fields(x)} for x in (a, b))  # type: ignore[arg-type]
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+    return bool(a == b) or (a != a and b != b)  # NaN equals NaN here
+
+
+def test_a_snapshot_and_the_replayed_calls_since_rebuild_the_stage_exactly() -> None:
+    """``TrainStage.restore``: an early snapshot plus the calls logged after it (chunks and timer calls, a batch
+    trained and a publish among them) give the stage, byte for byte, that made those calls, and it goes on alike."""
+    cfg = JobConfig.load(overrides=["batch.size=300", "publish.interval_ms=500", "clean.near_duplicate_window_ms=50"])
+    lines = _synthetic_lines(3_000, malformed_rate=0.05, late_rate=0.05)
+    calls: list = [("chunk", NOW + 100 * n, lines[s:s + 250]) for n, s in enumerate(range(0, 1_500, 250))]
+    calls.insert(3, ("timer", NOW + 260, None))
+    calls.append(("timer", NOW + 10**5, None))  # trains the partial batch and publishes
+    original = TrainStage(cfg)
+    outputs = [original.call(c) for c in calls]
+    snapshot_after = 2
+    replayed_outputs = sum(o.batches for o in outputs[snapshot_after:]) + sum(len(o.embeddings) for o in outputs[snapshot_after:])
+    assert replayed_outputs > 0  # the replayed calls trained and published, so their outputs were dropped
+    early = TrainStage(cfg)
+    for c in calls[:snapshot_after]:
+        early.call(c)
+    rebuilt = TrainStage.restore(cfg, early.state_bytes(), calls[snapshot_after:])
+    assert _same_state(rebuilt.state_bytes(), original.state_bytes())
+    assert _same_state(TrainStage.restore(cfg, None, calls).state_bytes(), original.state_bytes())  # no snapshot yet
+    assert not _same_state(early.state_bytes(), original.state_bytes())
+    more = [("chunk", NOW + 10**5 + 100 * n, lines[s:s + 250]) for n, s in enumerate(range(1_500, 3_000, 250))]
+    for c in more:
+        a, b = original.call(c), rebuilt.call(c)
+        assert [k for k, _ in a.embeddings] == [k for k, _ in b.embeddings] and a.trained == b.trained
+    assert _same_state(rebuilt.state_bytes(), original.state_bytes())
+    with pytest.raises(ValueError, match="unknown call"):
+        rebuilt.call(("nap", NOW, None))
 
 
 def test_restored_stage_takes_the_new_configuration() -> None:

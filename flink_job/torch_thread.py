@@ -1,0 +1,124 @@
+"""Runs the training stage's torch work on one Python thread of its own, for PyFlink's thread mode.
+
+In thread mode PyFlink runs Python inside the TaskManager's JVM through pemja, on the task thread, under a thread
+state that pemja creates itself. CPython's "GIL state" for that OS thread still names the interpreter's main thread
+state, so every ``PyGILState_Ensure`` there (pybind11's ``gil_scoped_acquire``, which torch takes when it imports,
+and whenever a tensor gives up its Python object) tries to take the GIL from under the task thread, which holds it:
+the job hangs (gdb: ``take_gil`` under ``pybind11::gil_scoped_acquire``; BENCHMARKS.md). A thread started by
+``threading`` has its own, consistent thread state, so torch works there. ``TorchThread`` is that thread: the task
+thread hands it a call and waits for the result, and no torch object ever crosses back (the stage's outputs are
+strings, numbers and NumPy arrays it owns).
+
+Python's cyclic garbage collector runs on whichever thread happens to allocate; collecting a tensor on the task
+thread would hang just the same, so while a ``TorchThread`` runs, automatic collection is off and the thread
+collects after its calls instead.
+"""
+from __future__ import annotations
+
+import gc
+import importlib
+import queue
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def import_off_thread(*modules: str) -> None:
+    """Imports ``modules`` on a short-lived thread of their own (torch's import takes the GIL state too)."""
+    missing = [m for m in modules if m not in sys.modules]
+    if not missing:
+        return
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for m in missing:
+                importlib.import_module(m)
+        except BaseException as e:  # re-raised on the caller's thread
+            errors.append(e)
+
+    t = threading.Thread(target=run, name="import-off-thread", daemon=True)
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+
+
+class Direct:
+    """Calls in the caller's thread (process mode: torch is safe on the worker's threads)."""
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return fn(*args)
+
+    def close(self) -> None:
+        pass
+
+
+class TorchThread:
+    """One daemon thread that runs the calls handed to it, one at a time, in order.
+
+    >>> t = TorchThread()
+    >>> t.call(lambda: threading.current_thread().name)
+    'torch'
+    >>> t.call(divmod, 7, 2)
+    (3, 1)
+    >>> try:
+    ...     t.call(int, "x")
+    ... except ValueError as e:
+    ...     print(e)
+    invalid literal for int() with base 10: 'x'
+    >>> t.close()
+    """
+
+    def __init__(self, young_threshold: int = 50_000) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+        self._young = young_threshold
+        self._collections = 0
+        self._gc_was_enabled = gc.isenabled()
+        gc.disable()
+        self._thread = threading.Thread(target=self._run, name="torch", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        if not self._thread.is_alive():
+            raise RuntimeError("torch thread: closed")
+        self._calls.put((fn, args))
+        ok, value = self._results.get()
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._calls.put(None)
+            self._thread.join()
+        if self._gc_was_enabled:
+            gc.enable()
+
+    def _run(self) -> None:
+        while (item := self._calls.get()) is not None:
+            fn, args = item
+            try:
+                result = (True, fn(*args))
+            except BaseException as e:  # handed to the caller, who raises it in the task
+                # Without its traceback: the frames hold tensors, which must not be released on the caller's thread.
+                e.add_note("on the torch thread:\n" + "".join(traceback.format_tb(e.__traceback__)))
+                e.__traceback__ = e.__context__ = e.__cause__ = None
+                result = (False, e)
+            del fn, args, item
+            self._collect()
+            self._results.put(result)
+            del result
+
+    def _collect(self) -> None:
+        """The collector's own schedule (young generation at the threshold, older ones every 20th and 100th
+        time), run here rather than wherever the next allocation happens to be."""
+        if gc.get_count()[0] < self._young:
+            return
+        self._collections += 1
+        gc.collect(2 if self._collections % 100 == 0 else 1 if self._collections % 20 == 0 else 0)
