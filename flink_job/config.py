@@ -248,14 +248,15 @@ class FlinkConfig:
     checkpoint_interval_ms: int = 10_000
     state_backend: str = "hashmap"  # hashmap (heap) or rocksdb
     checkpoint_dir: str = ""  # empty: <project>/.run/checkpoints; use a shared file system on a cluster
-    # The training stage's state is a snapshot written at most this often plus the calls made since, which a restore
-    # replays (flink_job.stage_log): longer means less serialising and a longer replay after a failure.
+    # Thread mode: the training stage's state is a snapshot written at most this often plus the calls made since,
+    # which a restore replays (flink_job.stage_log): longer means less serialising and a longer replay.
     state_snapshot_interval_ms: int = 2_000
     restore_from: str = ""  # a checkpoint (chk-N directory) or savepoint to start from; empty: start fresh
     # A model pre-trained in batch (python -m model.warm_start --out FILE): a job without restored state starts from it.
     initial_model: str = ""
-    # "process": torch cannot be imported inside PyFlink's thread mode (pemja) - the import hangs; measured in
-    # BENCHMARKS.md. The job hands Python whole chunks, so the per-call cost of process mode is paid per chunk.
+    # "process" (a Python worker, bundles) or "thread" (Python inside the TaskManager's JVM, no bundles: fresher
+    # output; torch then runs on a thread of its own, flink_job.torch_thread). Thread mode is tested on the local
+    # mini-cluster; a cluster's TaskManagers would need the venv's packages on PYTHONPATH.
     python_execution_mode: str = "process"
     # Python results reach the JVM, and the stage's state is serialised into Flink state, at the end of each bundle:
     # shorter bundles mean fresher output and more state writes. 50 ms: freshness p99 895-1,036 ms at 10,000

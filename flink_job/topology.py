@@ -53,8 +53,8 @@ def flink_configuration(cfg: JobConfig, connector_jar: Path) -> Configuration:
         "restart-strategy.exponential-delay.reset-backoff-threshold": "1 h",
         "restart-strategy.exponential-delay.jitter-factor": "0.1",
     }
-    if cfg.flink.python_execution_mode == "thread":
-        settings["python.executable"] = sys.executable  # pemja embeds the libpython of this interpreter
+    if cfg.flink.python_execution_mode == "thread" and not os.environ.get("FLINK_CONF_DIR"):
+        settings["python.executable"] = sys.executable  # a local run: pemja embeds this interpreter's libpython
     if cfg.flink.restart_attempts:
         settings["restart-strategy.exponential-delay.attempts-before-reset-backoff"] = str(cfg.flink.restart_attempts)
     if cfg.flink.restore_from:

@@ -47,7 +47,9 @@ def test_every_event_is_accounted_for_once_across_a_restore_from_a_checkpoint(to
     kinds = Counter("malformed" if r.kind not in ("event", "duplicate", "late") else r.kind for r in records)
     assert kinds["duplicate"] > 2_000 and kinds["malformed"] > 1_000 and kinds["late"] > 1_000
     producer = threading.Thread(
-        target=send, args=(synthetic_timed(syn), cfg.kafka.bootstrap, cfg.kafka.input_topic, Pacing(rate=2_000)),
+        # 34 s of input: the first run, started meanwhile, is killed with much of it still to come (finding a
+        # checkpoint past 6,000 records took 18-20 s after the job's submission).
+        target=send, args=(synthetic_timed(syn), cfg.kafka.bootstrap, cfg.kafka.input_topic, Pacing(rate=700)),
         daemon=True,
     )
     producer.start()
@@ -55,6 +57,8 @@ def test_every_event_is_accounted_for_once_across_a_restore_from_a_checkpoint(to
     with JobProcess(cfg, tmp_path / "first.log") as job:
         _checkpoint_after(job, cfg.flink.checkpoint_dir, received=6_000)
         time.sleep(1.5)  # more records go past the checkpoint: they are replayed after the restore
+        job.poll_stats(0.3)
+        assert job.result.last["received"] < len(records) - kinds["duplicate"], "the first run saw all input"
     # The process was killed: the newest checkpoint is the only one retained.
     checkpoint = latest_checkpoint(cfg.flink.checkpoint_dir)
     assert checkpoint is not None
