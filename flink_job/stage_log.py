@@ -59,14 +59,13 @@ class BundleSnapshots:
         self.logged = bool(calls)
         return self.snapshot.value(), calls
 
-    def record(self, call: Call, stage: Any, stage_bytes: Callable[[], bytes]) -> bool:
+    def record(self, call: Call, stage: Any, stage_bytes: Callable[[], bytes]) -> None:
         if self.pickled is None or self.pickled.stage is not stage:
             self.pickled = PickledOnCommit(stage)
         self.snapshot.update(self.pickled)
         if self.logged:
             self.calls.clear()
             self.logged = False
-        return False
 
 
 class StageLog:
@@ -82,13 +81,12 @@ class StageLog:
         """The last snapshot (None if there is none) and the calls made after it, in order."""
         return self.snapshot.value(), list(self.calls.get() or [])
 
-    def record(self, call: Call, stage: Any, stage_bytes: Callable[[], bytes]) -> bool:
-        """Makes the state reflect ``call``, made just now on ``stage``; True if that took a snapshot."""
+    def record(self, call: Call, stage: Any, stage_bytes: Callable[[], bytes]) -> None:
+        """Makes the state reflect ``call``, made just now on ``stage``."""
         now_ms = call[1]
         if self.last_snapshot_ms is None or now_ms - self.last_snapshot_ms >= self.interval_ms:
             self.snapshot.update(stage_bytes())
             self.calls.clear()
             self.last_snapshot_ms = now_ms
-            return True
-        self.calls.add(call)
-        return False
+        else:
+            self.calls.add(call)

@@ -74,10 +74,12 @@ class TorchThread:
     >>> t.close()
     """
 
-    def __init__(self, young_threshold: int = 50_000) -> None:
+    def __init__(self) -> None:
         self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.SimpleQueue()
         self._results: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
-        self._young = young_threshold
+        # The collector's thresholds as set when the thread starts: generation 0 at t0 new objects, generation 1 every
+        # t1 collections of it, generation 2 every t2 of those.
+        self._thresholds = gc.get_threshold()
         self._collections = 0
         self._gc_was_enabled = gc.isenabled()
         gc.disable()
@@ -116,9 +118,9 @@ class TorchThread:
             del result
 
     def _collect(self) -> None:
-        """The collector's own schedule (young generation at the threshold, older ones every 20th and 100th
-        time), run here rather than wherever the next allocation happens to be."""
-        if gc.get_count()[0] < self._young:
+        """The collector's own schedule, run here rather than wherever the next allocation happens to be."""
+        t0, t1, t2 = self._thresholds
+        if gc.get_count()[0] < t0:
             return
         self._collections += 1
-        gc.collect(2 if self._collections % 100 == 0 else 1 if self._collections % 20 == 0 else 0)
+        gc.collect(2 if self._collections % (t1 * t2) == 0 else 1 if self._collections % t1 == 0 else 0)

@@ -420,7 +420,7 @@ def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
             gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
             # In thread mode the stage runs on a thread of its own, where torch works (flink_job.torch_thread).
             thread_mode = cfg.flink.python_execution_mode == "thread"
-            self.torch: Direct | TorchThread = TorchThread(GC_YOUNG_THRESHOLD) if thread_mode else Direct()
+            self.torch: Direct | TorchThread = TorchThread() if thread_mode else Direct()
             # The whole stage lives in keyed state (one key: one model), restored on the first call after a restart;
             # how it is written depends on the mode (flink_job.stage_log).
             snapshot = runtime_context.get_state(ValueStateDescriptor("stage", Types.PICKLED_BYTE_ARRAY()))
