@@ -15,14 +15,14 @@ import time
 from pyflink.datastream import StreamExecutionEnvironment
 from pyflink.table import StreamTableEnvironment
 
-from deploy.jars import connector_jar
+from deploy.jars import connector_jar, udf_jar
 from flink_job import sql
 from flink_job.config import JobConfig
 from flink_job.topology import flink_configuration
 
 STAGES = {
     "source": "INSERT INTO sink SELECT payload FROM raw_events",
-    "ids": "INSERT INTO sink SELECT CONCAT(user_id, event_id, line) FROM keyed_events",
+    "ids": "INSERT INTO sink SELECT CONCAT(dedup_key, line) FROM keyed_events",
     "dedup": "INSERT INTO sink SELECT line FROM deduped_events",
     "chunks": "INSERT INTO sink SELECT CAST(CARDINALITY(chunk.lines) AS STRING) FROM "
     "event_chunks",
@@ -30,8 +30,9 @@ STAGES = {
 
 
 def run_stage(cfg: JobConfig, stage: str) -> float:
-    env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(cfg, connector_jar()))
+    env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(cfg, [connector_jar(), udf_jar()]))
     t_env = StreamTableEnvironment.create(env)
+    sql.register_functions(t_env)
     t_env.execute_sql(sql.source_ddl(cfg, bounded=True))
     for view in sql.chunk_views(cfg):
         t_env.execute_sql(view)

@@ -370,11 +370,11 @@ class SessionCluster:
             if allow_non_restored:
                 cmd.append("-n")
         # The client runs the job's main from a temporary directory when archives are given, where the shipped
-        # code has no deploy/.jars: it takes the connector jar resolved here (a jar in the job's config still wins).
-        from deploy.jars import CONNECTOR_JAR_ENV, connector_jar
+        # code has no deploy/.jars: it takes the jars resolved here (jars in the job's config still win).
+        from deploy.jars import CONNECTOR_JAR_ENV, UDF_JAR_ENV, connector_jar, udf_jar
 
         res = self._script("flink", *cmd, "--", *job_args, timeout_s=timeout_s,
-                           env={CONNECTOR_JAR_ENV: str(connector_jar())})
+                           env={CONNECTOR_JAR_ENV: str(connector_jar()), UDF_JAR_ENV: str(udf_jar())})
         job_id = parse_job_id(res.stdout + res.stderr)
         log.info("cluster: submitted job %s%s", job_id, f" from {savepoint}" if savepoint else "")
         return job_id

@@ -1,15 +1,19 @@
-"""Fetches the JVM artifacts pinned in ``deploy/pom.xml`` from Maven Central into ``deploy/.jars/``.
+"""Fetches the JVM artifacts pinned in ``deploy/pom.xml`` from Maven Central into ``deploy/.jars/``, and builds the
+job's own SQL function (``flink_job/jvm``) against the installed Flink.
 
-    python -m deploy.jars          # both sets, skipping those already present
+    python -m deploy.jars          # both sets and the function's jar, skipping those already present
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -18,6 +22,8 @@ POM = DEPLOY / "pom.xml"
 JARS = DEPLOY / ".jars"
 PROFILES = ("kafka", "flink")
 CONNECTOR_JAR_ENV = "STREAMREC_CONNECTOR_JAR"
+UDF_JAR_ENV = "STREAMREC_UDF_JAR"
+UDF_SOURCES = DEPLOY.parent / "flink_job" / "jvm"
 
 
 def pinned(prop: str) -> str:
@@ -68,11 +74,48 @@ def connector_jar() -> Path:
     return jar
 
 
+def udf_jar() -> Path:
+    """The jar of the job's Java SQL functions, compiled on first use against the jars of the installed Flink (so
+    it matches the Flink it runs in) into ``deploy/.jars/udf/``, named by a hash of its sources; ``$STREAMREC_UDF_JAR``
+    if set (a job client away from the project's files, or an image that built it already)."""
+    given = os.environ.get(UDF_JAR_ENV)
+    if given:
+        if not Path(given).is_file():
+            raise FileNotFoundError(f"jars: ${UDF_JAR_ENV} names {given}, which is not a file")
+        return Path(given)
+    sources = sorted(UDF_SOURCES.rglob("*.java"))
+    if not sources:
+        raise FileNotFoundError(f"jars: no Java sources under {UDF_SOURCES}")
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
+    jar = JARS / "udf" / f"streamrec-udf-{digest}.jar"
+    if jar.exists():
+        return jar
+    javac = shutil.which("javac")
+    if not javac:
+        raise RuntimeError("jars: javac is not on PATH; the job's SQL function needs a JDK (apt-get install openjdk-17-jdk)")
+    from deploy.cluster import flink_home
+
+    jar.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=jar.parent) as tmp:
+        classes = Path(tmp) / "classes"
+        subprocess.run([javac, "--release", "17", "-nowarn", "-cp", str(flink_home() / "lib" / "*"),
+                        "-d", str(classes), *map(str, sources)], check=True)
+        part = Path(tmp) / jar.name
+        with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\r\n\r\n")
+            for f in sorted(classes.rglob("*.class")):
+                z.write(f, f.relative_to(classes).as_posix())
+        part.replace(jar)  # whole or absent, also for a second process building the same jar
+    log.info("jars: built %s", jar)
+    return jar
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for profile in PROFILES:
         print(fetch(profile))
     print(connector_jar())
+    print(udf_jar())
 
 
 if __name__ == "__main__":

@@ -105,7 +105,10 @@ DELIVERY_MODES = ("at_least_once", "exactly_once")
 
 @dataclass(frozen=True)
 class PublishConfig:
-    interval_ms: int = 250  # touched ids are coalesced and published at most this often (0: after every batch)
+    interval_ms: int = 250  # touched users are coalesced and published at most this often (0: after every batch)
+    # Touched items likewise. Every batch moves nearly every item (its sampled negatives), so each item publish
+    # sends the whole item table: at 250 ms items were over half of all records. Freshness is a user's record.
+    item_interval_ms: int = 1000
     # A touched id whose vector moved by more than this (relative L2 change since its last publish) is published
     # after the batch that moved it instead of waiting for the interval; 0: off (the interval alone decides).
     tolerance: float = 0.0
@@ -120,10 +123,11 @@ class PublishConfig:
     snapshot_interval_ms: int = 60_000
 
     def __post_init__(self) -> None:
-        if self.interval_ms < 0 or self.max_records < 0 or self.snapshot_interval_ms <= 0:
+        if min(self.interval_ms, self.item_interval_ms, self.max_records) < 0 or self.snapshot_interval_ms <= 0:
             raise ValueError(
-                f"config: publish.interval_ms and publish.max_records must be >= 0 and publish.snapshot_interval_ms"
-                f" > 0, got {self.interval_ms}, {self.max_records} and {self.snapshot_interval_ms}"
+                f"config: publish.interval_ms, publish.item_interval_ms and publish.max_records must be >= 0 and"
+                f" publish.snapshot_interval_ms > 0, got {self.interval_ms}, {self.item_interval_ms},"
+                f" {self.max_records} and {self.snapshot_interval_ms}"
             )
         if not 0 <= self.tolerance < float("inf"):
             raise ValueError(f"config: publish.tolerance must be a finite number >= 0, got {self.tolerance}")
@@ -269,6 +273,7 @@ class FlinkConfig:
     restart_max_backoff_ms: int = 60_000
     restart_attempts: int = 0  # consecutive failed attempts before the job fails for good; 0: keep trying
     connector_jar: str = ""  # empty: the jar fetched by deploy/jars.py
+    udf_jar: str = ""  # the job's Java SQL function (flink_job/jvm); empty: built by deploy/jars.py
     job_name: str = "streamrec"
     # Further Flink configuration entries, applied after the job's own (``{"taskmanager.memory.network.max": "256m"}``).
     options: dict[str, str] = field(default_factory=dict)

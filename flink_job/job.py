@@ -25,15 +25,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def create_env(cfg: JobConfig):  # type: ignore[no-untyped-def]
     from pyflink.datastream import StreamExecutionEnvironment
 
-    from deploy.jars import connector_jar
+    from deploy.jars import connector_jar, udf_jar
     from flink_job.topology import build, flink_configuration
     from flink_job import worker
 
     worker.tune()  # a local run's Python worker runs in this process (PyFlink's loopback mode)
     if cfg.flink.python_execution_mode == "thread":
         worker.embed_this_python()
-    jar = Path(cfg.flink.connector_jar) if cfg.flink.connector_jar else connector_jar()
-    env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(cfg, jar))
+    jars = [Path(cfg.flink.connector_jar) if cfg.flink.connector_jar else connector_jar(),
+            Path(cfg.flink.udf_jar) if cfg.flink.udf_jar else udf_jar()]
+    env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(cfg, jars))
     build(env, cfg)
     return env
 

@@ -1,7 +1,7 @@
 """Wires the job: SQL source and de-duplication -> Python training -> Kafka sinks. Does nothing else.
 
     raw_events (Kafka, raw)          # (payload, partition, offset, proc)
-    -> keyed_events                  # (user_id, dedup_key, line)        JSON_VALUE in the JVM
+    -> keyed_events                  # (user_id, dedup_key, line)        EVENT_KEY in the JVM
     -> deduped_events                # first of each dedup_key only      Flink's de-duplication operator
     -> event_chunks                  # (0, (shard, [line]))              processing-time window, ARRAY_AGG
     -> keyed in the JVM -> train      # Python, one call per chunk: parse, validate, batch, learn
@@ -30,11 +30,12 @@ log = logging.getLogger(__name__)
 TRAIN = "train"
 
 
-def flink_configuration(cfg: JobConfig, connector_jar: Path) -> Configuration:
+def flink_configuration(cfg: JobConfig, jars: list[Path]) -> Configuration:
+    """``jars``: the Kafka connector and the job's SQL functions, shipped with the job."""
     conf = Configuration()
     settings = {
         "pipeline.name": cfg.flink.job_name,
-        "pipeline.jars": connector_jar.resolve().as_uri(),
+        "pipeline.jars": ";".join(jar.resolve().as_uri() for jar in jars),
         "pipeline.object-reuse": "true",
         "table.exec.uid.generation": "ALWAYS",  # SQL operators get stable uids from the plan
         "parallelism.default": str(cfg.flink.parallelism),
@@ -82,6 +83,7 @@ def checkpoint_uri(cfg: JobConfig) -> str | None:
 def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnvironment:
     """Adds the whole pipeline to ``env``; the caller executes it."""
     t_env = StreamTableEnvironment.create(env)
+    sql.register_functions(t_env)
     t_env.execute_sql(sql.source_ddl(cfg))
     for view in sql.chunk_views(cfg):
         t_env.execute_sql(view)

@@ -80,7 +80,9 @@ _STATE_ATTRS: dict[str, tuple[str, ...]] = {
     "near_duplicates": ("last", "newest_ts"),
 }
 _DIRTY = ("dirty_users", "dirty_items")  # DirtyRows, kept as their dirty rows only
-_STATE_SCALARS = ("last_publish_ms", "pending_since_ms", "first_chunk_ms", "last_snapshot_ms", "dirty_since_ms")
+_STATE_SCALARS = ("last_publish_ms", "last_item_publish_ms", "pending_since_ms", "first_chunk_ms", "last_snapshot_ms",
+                  "dirty_since_ms")
+_NO_ROWS = np.zeros(0, np.int64)
 
 
 class TrainStage:
@@ -108,7 +110,8 @@ class TrainStage:
         # Not checkpointed: after a restore every touched row counts as moved once, which only publishes it early.
         self.drift_users = Drift()
         self.drift_items = Drift()
-        self.last_publish_ms = 0
+        self.last_publish_ms = 0  # of users
+        self.last_item_publish_ms = 0
         self.last_snapshot_ms = 0
         self.dirty_since_ms = 0  # when the oldest change not yet published was made (0: none waiting)
         self.quality = (
@@ -222,8 +225,10 @@ class TrainStage:
         deadlines = []
         if self.batcher.pending:
             deadlines.append(self.pending_since_ms + self.cfg.batch.max_wait_ms)
-        if self.unpublished:
+        if len(self.dirty_users):
             deadlines.append(self.last_publish_ms + self.cfg.publish.interval_ms)
+        if len(self.dirty_items):
+            deadlines.append(self.last_item_publish_ms + self.cfg.publish.item_interval_ms)
         return min(deadlines) if deadlines else None
 
     @property
@@ -231,15 +236,23 @@ class TrainStage:
         return len(self.dirty_users) > 0 or len(self.dirty_items) > 0
 
     def _maybe_publish(self, out: Output, now_ms: int) -> None:
-        if not (self.unpublished and now_ms - self.last_publish_ms >= self.cfg.publish.interval_ms):
+        """Publishes the touched users and the touched items whose intervals have passed."""
+        cfg = self.cfg.publish
+        users = len(self.dirty_users) > 0 and now_ms - self.last_publish_ms >= cfg.interval_ms
+        items = len(self.dirty_items) > 0 and now_ms - self.last_item_publish_ms >= cfg.item_interval_ms
+        if not (users or items):
             return
         start = time.perf_counter()
-        published = self._publish(out)
+        n_users, n_items = self._publish(out, None if users else _NO_ROWS, None if items else _NO_ROWS)
+        published = n_users + n_items
         self.counters.published += published
         if self.dirty_since_ms:
             out.publish_lag_ms = now_ms - self.dirty_since_ms
         self.dirty_since_ms = now_ms if self.unpublished else 0
-        self.last_publish_ms = now_ms
+        if users:
+            self.last_publish_ms = now_ms
+        if n_items:  # items left out by publish.max_records stay due
+            self.last_item_publish_ms = now_ms
         out.stats.append(self._stats("publish", embeddings=published, publish_ms=(time.perf_counter() - start) * 1000))
 
     def _train(self, batch: EventBatch, out: Output) -> None:
@@ -348,9 +361,11 @@ class TrainStage:
             }
         ).decode()
 
-    def _publish(self, out: Output, users: np.ndarray | None = None, items: np.ndarray | None = None) -> int:
+    def _publish(self, out: Output, users: np.ndarray | None = None,
+                 items: np.ndarray | None = None) -> tuple[int, int]:
         """Encodes the rows touched since they were last published (of ``users``/``items`` if given), once each,
         at most ``publish.max_records`` of them: users first, the rest stay pending for the next publish.
+        Returns how many users and items it published.
 
         A record's ``version`` is the model step it was published at, so it grows per id even across an expiry
         and a re-admission (which restart the row's update count)."""
@@ -358,9 +373,9 @@ class TrainStage:
         rows, ts, parts, offs = self.dirty_users.drain(cap, users)
         n = self._encode("user", out, rows, ts, parts, offs)
         if cap and n >= cap:
-            return n
+            return n, 0
         irows, its, _, _ = self.dirty_items.drain(cap - n if cap else 0, items)
-        return n + self._encode("item", out, irows, its)
+        return n, self._encode("item", out, irows, its)
 
     def _encode(self, kind: str, out: Output, rows: np.ndarray, ts: np.ndarray, parts: np.ndarray | None = None,
                 offs: np.ndarray | None = None) -> int:
@@ -390,7 +405,7 @@ class TrainStage:
         moved_users = users[self.drift_users.moved(users, self.model.vectors("user", users)[0], tolerance)]
         moved_items = items[self.drift_items.moved(items, self.model.vectors("item", items)[0], tolerance)]
         if len(moved_users) or len(moved_items):
-            self.counters.published += self._publish(out, moved_users, moved_items)
+            self.counters.published += sum(self._publish(out, moved_users, moved_items))
 
     def _maybe_snapshot(self, now_ms: int) -> None:
         """The file sink: every table as NumPy arrays with an id index, replaced atomically."""

@@ -387,6 +387,7 @@ def test_job_config_agrees_with_the_cluster(job_config: JobConfig) -> None:
     assert Path(job_config.flink.connector_jar).name == f"flink-sql-connector-kafka-{pom_pin('flink.kafka.connector.version')}.jar"
     assert f"/opt/flink/usrlib/{Path(job_config.flink.connector_jar).name}" in DOCKERFILE.read_text().replace(
         "${KAFKA_CONNECTOR_VERSION}", pom_pin("flink.kafka.connector.version"))
+    assert f"/streamrec-udf.jar {job_config.flink.udf_jar}\n" in DOCKERFILE.read_text()  # the image's own build
 
 
 def test_job_config_holds_no_secret_and_its_references_resolve(job_config: JobConfig) -> None:
@@ -448,7 +449,8 @@ def test_dockerfile_pins_match_the_project() -> None:
     args = dockerfile_args()
     text = DOCKERFILE.read_text()
     assert args["FLINK_VERSION"] == setup_pin("apache-flink")
-    assert re.search(r"^FROM flink:\$\{FLINK_VERSION\}-scala_2\.12-java17$", text, re.M)
+    assert re.search(r"^FROM flink:\$\{FLINK_VERSION\}-scala_2\.12-java17 AS flink$", text, re.M)
+    assert re.search(r"^FROM eclipse-temurin:17-jdk-\S+ AS udf$", text, re.M)  # the function's Java = Flink's
     assert args["TORCH_VERSION"] == setup_pin("torch")
     assert args["PYTHON_VERSION"].startswith("3.11.")
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"

@@ -34,7 +34,8 @@ def test_capped_drains_take_turns_so_every_row_is_published() -> None:
 
 
 def test_publish_cap_defers_the_rest_to_the_next_publish() -> None:
-    cfg = JobConfig.load(overrides=["batch.size=20", "publish.interval_ms=100", "publish.max_records=4"])
+    cfg = JobConfig.load(overrides=["batch.size=20", "publish.interval_ms=100", "publish.item_interval_ms=100",
+                                    "publish.max_records=4"])
     stage = TrainStage(cfg)
     first = _published(stage.on_chunk(_lines(20, users=5, items=7), now_ms=1_000))
     assert len(first) == 4 and stage.unpublished  # 5 users + 7 items touched, 4 published
@@ -45,18 +46,33 @@ def test_publish_cap_defers_the_rest_to_the_next_publish() -> None:
     assert not set(first) & set(later) and not stage.unpublished
 
 
+def test_items_wait_for_their_own_longer_interval_users_do_not() -> None:
+    cfg = JobConfig.load(overrides=["batch.size=10", "publish.interval_ms=100", "publish.item_interval_ms=1000"])
+    stage = TrainStage(cfg)
+    kinds: list[set[str]] = []
+    for n, t in enumerate(range(1_000, 3_100, 100)):  # a chunk every 100 ms for 2.1 s
+        out = stage.on_chunk(_lines(10, start=10 * n), now_ms=t)
+        kinds.append({k.split(":")[0] for k in _published(out)})
+    assert all("user" in k for k in kinds)  # every 100 ms
+    assert [n for n, k in enumerate(kinds) if "item" in k] == [0, 10, 20]  # at 1,000, 2,000 and 3,000 ms
+    assert not _published(stage.on_chunk(_lines(10, start=500), now_ms=3_050))
+    assert stage.next_deadline_ms() == 3_100  # the users' deadline comes first
+    assert {k.split(":")[0] for k in _published(stage.on_time(now_ms=3_100))} == {"user"}
+    assert stage.next_deadline_ms() == 4_000 and len(stage.dirty_items) and not len(stage.dirty_users)
+
+
 def test_tolerance_publishes_moved_rows_before_the_interval() -> None:
-    overrides = ["batch.size=20", "publish.interval_ms=60000"]
+    overrides = ["batch.size=20", "publish.interval_ms=60000", "publish.item_interval_ms=60000"]
     lazy = TrainStage(JobConfig.load(overrides=overrides))
     eager = TrainStage(JobConfig.load(overrides=[*overrides, "publish.tolerance=0.01"]))
     for stage in (lazy, eager):
-        stage.last_publish_ms = 1_000  # the interval has not passed at the chunk below
+        stage.last_publish_ms = stage.last_item_publish_ms = 1_000  # the intervals have not passed below
     assert _published(lazy.on_chunk(_lines(20), now_ms=2_000)) == {}
     first = _published(eager.on_chunk(_lines(20), now_ms=2_000))
     assert "user:u0" in first and "item:i0" in first  # never published: moved by definition
     # A huge tolerance: the same rows, moved a little again, wait for the interval.
     stage = TrainStage(JobConfig.load(overrides=[*overrides, "publish.tolerance=1000"]))
-    stage.last_publish_ms = 1_000
+    stage.last_publish_ms = stage.last_item_publish_ms = 1_000
     stage.on_chunk(_lines(20), now_ms=2_000)
     assert _published(stage.on_chunk(_lines(20, start=20), now_ms=3_000)) == {}
     assert stage.unpublished

@@ -146,7 +146,7 @@ def test_secrets_never_show_in_logs_dumps_or_the_job_name(cfg: JobConfig, caplog
 def test_the_pipeline_configuration_holds_no_secret(cfg: JobConfig, tmp_path: Path) -> None:
     from flink_job.topology import flink_configuration
 
-    conf = flink_configuration(cfg, tmp_path / "connector.jar")
+    conf = flink_configuration(cfg, [tmp_path / "connector.jar"])
     assert "7f3a" not in str(conf.to_dict())
     assert conf.get_string("pipeline.name", "") == cfg.flink.job_name
 

@@ -13,7 +13,7 @@ def test_raw_flink_options_are_applied_last() -> None:
         "flink.bundle_time_ms=100",
         "flink.options={python.fn-execution.bundle.time: '250', taskmanager.memory.network.max: 256mb}",
     ])
-    conf = flink_configuration(cfg, Path("connector.jar"))
+    conf = flink_configuration(cfg, [Path("connector.jar")])
     assert conf.get_string("python.fn-execution.bundle.time", "") == "250"  # the raw option wins
     assert conf.get_string("taskmanager.memory.network.max", "") == "256mb"
 
