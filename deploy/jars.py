@@ -59,14 +59,22 @@ def kafka_classpath() -> str:
     return str(fetch("kafka") / "*")
 
 
+def _jar_from_env(name: str) -> Path | None:
+    """The jar the environment variable ``name`` names, if it is set; an error if it names no file."""
+    given = os.environ.get(name)
+    if not given:
+        return None
+    if not Path(given).is_file():
+        raise FileNotFoundError(f"jars: ${name} names {given}, which is not a file")
+    return Path(given)
+
+
 def connector_jar() -> Path:
     """The pinned Kafka connector jar, fetched on first use; ``$STREAMREC_CONNECTOR_JAR`` if set (a job client
     running away from the project's files, see ``deploy.cluster.SessionCluster.submit``)."""
-    given = os.environ.get(CONNECTOR_JAR_ENV)
+    given = _jar_from_env(CONNECTOR_JAR_ENV)
     if given:
-        if not Path(given).is_file():
-            raise FileNotFoundError(f"jars: ${CONNECTOR_JAR_ENV} names {given}, which is not a file")
-        return Path(given)
+        return given
     name = f"flink-sql-connector-kafka-{pinned('flink.kafka.connector.version')}.jar"
     jar = fetch("flink") / name
     if not jar.exists():
@@ -78,11 +86,9 @@ def udf_jar() -> Path:
     """The jar of the job's Java SQL functions, compiled on first use against the jars of the installed Flink (so
     it matches the Flink it runs in) into ``deploy/.jars/udf/``, named by a hash of its sources; ``$STREAMREC_UDF_JAR``
     if set (a job client away from the project's files, or an image that built it already)."""
-    given = os.environ.get(UDF_JAR_ENV)
+    given = _jar_from_env(UDF_JAR_ENV)
     if given:
-        if not Path(given).is_file():
-            raise FileNotFoundError(f"jars: ${UDF_JAR_ENV} names {given}, which is not a file")
-        return Path(given)
+        return given
     sources = sorted(UDF_SOURCES.rglob("*.java"))
     if not sources:
         raise FileNotFoundError(f"jars: no Java sources under {UDF_SOURCES}")

@@ -225,11 +225,14 @@ class TrainStage:
         deadlines = []
         if self.batcher.pending:
             deadlines.append(self.pending_since_ms + self.cfg.batch.max_wait_ms)
-        if len(self.dirty_users):
-            deadlines.append(self.last_publish_ms + self.cfg.publish.interval_ms)
-        if len(self.dirty_items):
-            deadlines.append(self.last_item_publish_ms + self.cfg.publish.item_interval_ms)
+        deadlines.extend(d for d in self._publish_deadlines() if d is not None)
         return min(deadlines) if deadlines else None
+
+    def _publish_deadlines(self) -> tuple[int | None, int | None]:
+        """When the touched users and the touched items are next due for publishing (None: none touched)."""
+        cfg = self.cfg.publish
+        return (self.last_publish_ms + cfg.interval_ms if len(self.dirty_users) else None,
+                self.last_item_publish_ms + cfg.item_interval_ms if len(self.dirty_items) else None)
 
     @property
     def unpublished(self) -> bool:
@@ -237,9 +240,7 @@ class TrainStage:
 
     def _maybe_publish(self, out: Output, now_ms: int) -> None:
         """Publishes the touched users and the touched items whose intervals have passed."""
-        cfg = self.cfg.publish
-        users = len(self.dirty_users) > 0 and now_ms - self.last_publish_ms >= cfg.interval_ms
-        items = len(self.dirty_items) > 0 and now_ms - self.last_item_publish_ms >= cfg.item_interval_ms
+        users, items = (due is not None and now_ms >= due for due in self._publish_deadlines())
         if not (users or items):
             return
         start = time.perf_counter()
