@@ -78,6 +78,10 @@ def parse_job_id(output: str) -> str:
     return m.group(1)
 
 
+class RestError(RuntimeError):
+    """Flink's REST API answered with an HTTP error."""
+
+
 @dataclass(frozen=True)
 class SessionCluster:
     rest_port: int = 8081
@@ -135,6 +139,9 @@ class SessionCluster:
             "parallelism.default": 1,
             "python.executable": str(self.worker_launcher),
             "python.client.executable": self.python,
+            # Thread mode: pemja starts the interpreter behind ``self.python`` inside the TaskManager with that
+            # interpreter's default sys.path, which lacks the venv's packages.
+            "python.pythonpath": self.site_packages(),
             "env.log.dir": str(self.log_dir),
             "env.pid.dir": str(self.run_dir),
             "io.tmp.dirs": str(self.run_dir / "tmp"),
@@ -179,6 +186,12 @@ class SessionCluster:
         env = {k: v for k, v in os.environ.items() if k not in inherited}  # ours, not another install's
         env.update(FLINK_CONF_DIR=str(self.conf_dir), FLINK_LIB_DIR=str(self.lib_dir), FLINK_IDENT_STRING=IDENT)
         return env
+
+    def site_packages(self) -> str:
+        """The venv's package directories, as a path list."""
+        out = subprocess.run([self.python, "-c", "import site; print('\\n'.join(site.getsitepackages()))"],
+                             check=True, capture_output=True, text=True, timeout=60).stdout
+        return os.pathsep.join(out.splitlines())
 
     def _script(self, name: str, *args: str, timeout_s: float = 120.0,
                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -297,7 +310,7 @@ class SessionCluster:
                 overview = self.rest("GET", "/overview")
                 if overview.get("taskmanagers", 0) >= 1:
                     return overview
-            except OSError:  # not listening yet
+            except (OSError, RestError):  # not listening yet, or the REST endpoint is up before the dispatcher
                 pass
             time.sleep(1.0)
         raise TimeoutError(
@@ -389,7 +402,7 @@ class SessionCluster:
                 raw = resp.read()
         except urllib.error.HTTPError as ex:
             detail = ex.read().decode(errors="replace")[:2000]
-            raise RuntimeError(f"cluster: {method} {path} answered {ex.code}: {detail}") from ex
+            raise RestError(f"cluster: {method} {path} answered {ex.code}: {detail}") from ex
         return json.loads(raw) if raw else {}
 
     def jobs(self) -> list[dict[str, Any]]:

@@ -258,10 +258,11 @@ class FlinkConfig:
     restore_from: str = ""  # a checkpoint (chk-N directory) or savepoint to start from; empty: start fresh
     # A model pre-trained in batch (python -m model.warm_start --out FILE): a job without restored state starts from it.
     initial_model: str = ""
-    # "process" (a Python worker, bundles) or "thread" (Python inside the TaskManager's JVM, no bundles: fresher
-    # output; torch then runs on a thread of its own, flink_job.torch_thread). Thread mode is tested on the local
-    # mini-cluster; a cluster's TaskManagers would need the venv's packages on PYTHONPATH.
-    python_execution_mode: str = "process"
+    # "thread" (Python inside the TaskManager's JVM: no worker process, no bundles, fresher output; torch runs on a
+    # thread of its own, flink_job.torch_thread) or "process" (a Python worker fed in bundles). Thread mode was ahead
+    # of the walking skeleton in every adjacent pair, process mode only level with it (BENCHMARKS.md). On a cluster
+    # the TaskManagers need the venv's packages on PYTHONPATH (deploy/cluster.py, deploy/docker/Dockerfile).
+    python_execution_mode: str = "thread"
     # Python results reach the JVM, and the stage's state is serialised into Flink state, at the end of each bundle:
     # shorter bundles mean fresher output and more state writes. 50 ms: freshness p99 895-1,036 ms at 10,000
     # events/s against 1.04-1.3 s with 100 ms, for about 5% of throughput (1-27% in adjacent pairs on a noisy

@@ -30,8 +30,6 @@ def create_env(cfg: JobConfig):  # type: ignore[no-untyped-def]
     from flink_job import worker
 
     worker.tune()  # a local run's Python worker runs in this process (PyFlink's loopback mode)
-    if cfg.flink.python_execution_mode == "thread":
-        worker.embed_this_python()
     jars = [Path(cfg.flink.connector_jar) if cfg.flink.connector_jar else connector_jar(),
             Path(cfg.flink.udf_jar) if cfg.flink.udf_jar else udf_jar()]
     env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(cfg, jars))

@@ -25,6 +25,7 @@ from flink_job import sql
 from flink_job.config import PROJECT_ROOT, JobConfig
 from flink_job.outputs import CHUNK, STAGE_OUTPUT
 from flink_job.train import make_train_function
+from flink_job.worker import embedded_python_path
 
 log = logging.getLogger(__name__)
 TRAIN = "train"
@@ -55,7 +56,9 @@ def flink_configuration(cfg: JobConfig, jars: list[Path]) -> Configuration:
         "restart-strategy.exponential-delay.jitter-factor": "0.1",
     }
     if cfg.flink.python_execution_mode == "thread" and not os.environ.get("FLINK_CONF_DIR"):
-        settings["python.executable"] = sys.executable  # a local run: pemja embeds this interpreter's libpython
+        # A local run: pemja embeds this interpreter's libpython, which needs this venv's packages on its path.
+        settings["python.executable"] = sys.executable
+        settings["python.pythonpath"] = embedded_python_path()
     if cfg.flink.restart_attempts:
         settings["restart-strategy.exponential-delay.attempts-before-reset-backoff"] = str(cfg.flink.restart_attempts)
     if cfg.flink.restore_from:

@@ -27,6 +27,7 @@ from flink_job.batch import MicroBatcher  # noqa: E402
 from flink_job.clean import COUNTERS, Cleaner  # noqa: E402
 from flink_job.config import JobConfig  # noqa: E402
 from flink_job.events import ACTIONS  # noqa: E402
+from flink_job.gauges import SetGauge  # noqa: E402
 from flink_job.lateness import Watermarks  # noqa: E402
 from flink_job.near_dups import NearDuplicates  # noqa: E402
 from flink_job.parse import DeadLetter, EventBatch, ParseRules, parse_lines  # noqa: E402
@@ -458,26 +459,28 @@ def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
             self.m_batch_size = group.distribution("batchSize")
             self.m_train_ms = group.distribution("trainMs")
             self.m_publish_lag = group.distribution("publishLagMs")
-            self.loss = {"rating": 0.0, "implicit": 0.0}
-            group.gauge("ratingLossMicro", lambda: int(self.loss["rating"] * 1e6))
-            group.gauge("implicitLossMicro", lambda: int(self.loss["implicit"] * 1e6))
-            # Flink gauges from Python carry integers: quality figures are scaled to millionths.
+            # Flink gauges from Python carry integers: losses and quality figures are scaled to millionths. Each
+            # is set after every call (flink_job.gauges).
+            self.m_loss = {key: SetGauge(group, f"{key}LossMicro", thread_mode) for key in ("rating", "implicit")}
             quality = runtime_context.get_metrics_group().add_group("prequential")
-            for name, key in (("rmseMicro", "rmse"), ("maeMicro", "mae"), ("hitRateMicro", "hr"),
-                              ("ndcgMicro", "ndcg")):
-                quality.gauge(name, lambda key=key: self._quality(key, 1e6))
-            for name in ("rated", "positives"):
-                quality.gauge(name, lambda key=name: self._quality(key, 1))
+            self.m_quality = [
+                (SetGauge(quality, name, thread_mode), key, scale)
+                for name, key, scale in (("rmseMicro", "rmse", 1e6), ("maeMicro", "mae", 1e6),
+                                         ("hitRateMicro", "hr", 1e6), ("ndcgMicro", "ndcg", 1e6),
+                                         ("rated", "rated", 1), ("positives", "positives", 1))
+            ]
             clean = runtime_context.get_metrics_group().add_group("clean")
             self.m_clean = {name: clean.counter(name) for name in COUNTERS}
             self.clean_reported: dict[str, int] = {}  # cleaning counts already added to the metrics
             self.reason_counters: dict[str, Any] = {}  # one counter per reason, made when first seen
 
-        def _quality(self, key: str, scale: float) -> int:
-            if self.stage is None or self.stage.quality is None:
-                return 0
-            value = self.stage.quality.summary()[key]
-            return int(value * scale) if np.isfinite(value) else 0
+        def _report_quality(self) -> None:
+            assert self.stage is not None
+            if self.stage.quality is None:
+                return
+            summary = self.stage.quality.summary()
+            for gauge, key, scale in self.m_quality:
+                gauge.set(int(summary[key] * scale) if np.isfinite(summary[key]) else 0)
 
         def _stage(self) -> TrainStage:
             if self.stage is None:
@@ -545,7 +548,9 @@ def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
             for n, key in enumerate(("rating", "implicit")):
                 finite = [losses[n] for losses in out.losses if np.isfinite(losses[n])]
                 if finite:
-                    self.loss[key] = finite[-1]
+                    self.m_loss[key].set(int(finite[-1] * 1e6))
+            if out.batches:
+                self._report_quality()
             self._report_cleaning()
 
         def _report_cleaning(self) -> None:

@@ -57,21 +57,19 @@ def tune() -> None:
         log.info("worker: bundle sampling every %d ms at most", SAMPLING_PERIOD_MS)
 
 
-def embed_this_python() -> None:
-    """Makes the mini-cluster that this process is about to start embed this Python in thread mode.
+def embedded_python_path() -> str:
+    """``python.pythonpath`` for a local run in thread mode: this venv's packages and the project.
 
     pemja starts the interpreter of the shared library it finds through ``python.executable`` (this process's,
-    set by ``flink_job.topology``) with that interpreter's default ``sys.path``, which lacks this venv's packages and
-    the project: the JVM, started after this, inherits them through ``PYTHONPATH``.
+    set by ``flink_job.topology``) with that interpreter's default ``sys.path``, which lacks both; Flink adds
+    ``python.pythonpath`` to it, whenever the JVM was started (a PYTHONPATH set now would miss a JVM already up).
     """
     import os
     import site
 
     from flink_job.config import PROJECT_ROOT
 
-    paths = [str(PROJECT_ROOT), *site.getsitepackages()]
-    current = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = os.pathsep.join([*paths, *([current] if current else [])])
+    return os.pathsep.join([str(PROJECT_ROOT), *site.getsitepackages()])
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ cluster restores the source offsets and the de-duplication state after a resubmi
 from __future__ import annotations
 
 import itertools
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,10 +34,11 @@ def cluster() -> Iterator[SessionCluster]:
         yield c
 
 
+@pytest.mark.parametrize("mode", ["thread", "process"])
 def test_job_on_session_cluster(
-    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path
+    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path, mode: str
 ) -> None:
-    cfg = topics("cluster")
+    cfg = topics(f"cluster-{mode}", overrides=[f"flink.python_execution_mode={mode}"])
     syn = SyntheticConfig(n_users=200, n_items=100, n_events=3000, duplicate_rate=0.05, malformed_rate=0.02,
                           seed=23)
     truth = Truth.of(list(generate(syn)))
@@ -50,10 +52,16 @@ def test_job_on_session_cluster(
 
         assert cluster.job_status(job_id) == "RUNNING"
         assert any(j["jid"] == job_id for j in cluster.jobs())
-        # The workers run through the launcher, tuned by flink_job.worker before their first bundle.
         workers = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in cluster.python_worker_pids()]
-        assert workers and all(cmd[1:5] == [b"-m", b"flink_job.worker", b"-m", b"pyflink.fn_execution.beam.beam_boot"]
-                               for cmd in workers), workers
+        if mode == "process":  # the workers run through the launcher, tuned by flink_job.worker
+            assert workers and all(
+                cmd[1:5] == [b"-m", b"flink_job.worker", b"-m", b"pyflink.fn_execution.beam.beam_boot"] for cmd in workers
+            ), workers
+        else:  # no worker process: a TaskManager JVM has CPython loaded
+            assert not workers, workers
+            assert any(b"libpython3" in Path(f"/proc/{pid}/maps").read_bytes() for pid in cluster.daemon_pids())
+        for gauge in ("implicitLossMicro", "prequential.positives"):  # the values the stage set reach Flink
+            assert train_metric(cluster, job_id, gauge, lambda v: int(v) > 0)
         assert last["received"] == received
         assert last["trained"] == truth.valid
         assert last["dead_lettered"] == truth.malformed
@@ -70,9 +78,36 @@ def test_job_on_session_cluster(
         assert not not_increasing, f"versions not increasing in topic order: {dict(list(not_increasing.items())[:5])}"
 
         assert cluster.cancel(job_id) == "CANCELED"
+        # Metrics fetched after the cancel must not call into a closed interpreter (flink_job.gauges): the
+        # TaskManager that ran the job is still up and registered.
+        tms = cluster.daemon_pids()
+        for _ in range(5):
+            cluster.rest("GET", "/taskmanagers/metrics")
+            cluster.jobs()
+            time.sleep(1.0)
+        assert cluster.daemon_pids() == tms and cluster.wait_ready(10)["taskmanagers"] == 1
     finally:
         stats.close()
         cancel_if_running(cluster, job_id)
+
+
+def train_metric(cluster: SessionCluster, job_id: str, suffix: str, ok: Callable[[str], bool],
+                 timeout_s: float = 45.0) -> str:
+    """The value of the training operator's metric whose name ends with ``suffix``, once ``ok`` holds for it (the
+    JobManager fetches metrics every 10 s)."""
+    (vertex,) = [v["id"] for v in cluster.rest("GET", f"/jobs/{job_id}")["vertices"] if v["name"].startswith("train")]
+    path = f"/jobs/{job_id}/vertices/{vertex}/metrics"
+    deadline = time.monotonic() + timeout_s
+    seen = None
+    while time.monotonic() < deadline:
+        names = [m["id"] for m in cluster.rest("GET", path) if m["id"].endswith(f".{suffix}")]
+        if names:
+            (metric,) = cluster.rest("GET", f"{path}?get={names[0]}")
+            seen = str(metric["value"])
+            if ok(seen):
+                return seen
+        time.sleep(1.0)
+    raise AssertionError(f"metric *.{suffix} on {vertex}: {seen} after {timeout_s}s")
 
 
 def test_stop_with_savepoint_and_resume(

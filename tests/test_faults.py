@@ -240,7 +240,8 @@ def test_taskmanager_killed_three_times_exactly_once(
 def test_python_worker_killed_three_times_exactly_once(
     cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path
 ) -> None:
-    cfg = topics("faults-worker", overrides=EXACTLY_ONCE)
+    # Process mode: thread mode has no worker process, its Python dies with the TaskManager (the test above).
+    cfg = topics("faults-worker", overrides=[*EXACTLY_ONCE, "flink.python_execution_mode=process"])
     run_with_kills(cluster, cfg, tmp_path, seed=62, rate=2_500, kill=cluster.kill_python_workers)
 
 

@@ -354,6 +354,9 @@ def test_application_mode_python_entry_point() -> None:
         assert conf["restart-strategy.type"] == "exponential-delay", where
         venv_python = "/opt/streamrec/venv/bin/python"
         assert conf["python.executable"] == conf["python.client.executable"] == venv_python, where
+        # Thread mode embeds the image's CPython, whose own sys.path lacks the venv (pyflink, torch, the project).
+        minor = ".".join(dockerfile_args()["PYTHON_VERSION"].split(".")[:2])
+        assert conf["python.pythonpath"] == f"/opt/streamrec/venv/lib/python{minor}/site-packages", where
         assert "python3.11 -m venv /opt/streamrec/venv" in DOCKERFILE.read_text()
 
 

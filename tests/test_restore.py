@@ -3,6 +3,7 @@ malformed and late events, and the job cancelled mid-stream and restarted from i
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 import time
 from collections import Counter
@@ -46,15 +47,24 @@ def test_every_event_is_accounted_for_once_across_a_restore_from_a_checkpoint(to
     records = list(generate(syn))
     kinds = Counter("malformed" if r.kind not in ("event", "duplicate", "late") else r.kind for r in records)
     assert kinds["duplicate"] > 2_000 and kinds["malformed"] > 1_000 and kinds["late"] > 1_000
+    # A first slice now, the rest (33 s at 700 records/s) once the first run is consuming, so that however slowly
+    # the job starts, it is killed with much of the input still to come (finding a checkpoint past 6,000 records
+    # took 18-20 s after submission, and over 34 s in a loaded full run, which then saw all the input).
+    timed = synthetic_timed(syn)
+    send(itertools.islice(timed, 500), cfg.kafka.bootstrap, cfg.kafka.input_topic)
+    consuming = threading.Event()
     producer = threading.Thread(
-        # 34 s of input: the first run, started meanwhile, is killed with much of it still to come (finding a
-        # checkpoint past 6,000 records took 18-20 s after the job's submission).
-        target=send, args=(synthetic_timed(syn), cfg.kafka.bootstrap, cfg.kafka.input_topic, Pacing(rate=700)),
+        target=lambda: consuming.wait(300) and send(timed, cfg.kafka.bootstrap, cfg.kafka.input_topic,
+                                                    Pacing(rate=700)),
         daemon=True,
     )
     producer.start()
 
     with JobProcess(cfg, tmp_path / "first.log") as job:
+        deadline = time.monotonic() + 240
+        while not job.result.last.get("received") and time.monotonic() < deadline:
+            job.poll_stats(0.3)
+        consuming.set()
         _checkpoint_after(job, cfg.flink.checkpoint_dir, received=6_000)
         time.sleep(1.5)  # more records go past the checkpoint: they are replayed after the restore
         job.poll_stats(0.3)
