@@ -260,8 +260,9 @@ class FlinkConfig:
     initial_model: str = ""
     # "thread" (Python inside the TaskManager's JVM: no worker process, no bundles, fresher output; torch runs on a
     # thread of its own, flink_job.torch_thread) or "process" (a Python worker fed in bundles). Thread mode was ahead
-    # of the walking skeleton in every adjacent pair, process mode only level with it (BENCHMARKS.md). On a cluster
-    # the TaskManagers need the venv's packages on PYTHONPATH (deploy/cluster.py, deploy/docker/Dockerfile).
+    # of the walking skeleton in every adjacent pair, process mode only level with it (BENCHMARKS.md). The embedded
+    # interpreter finds the venv's packages through python.pythonpath (flink_job.topology, deploy/cluster.py,
+    # deploy/k8s).
     python_execution_mode: str = "thread"
     # Python results reach the JVM, and the stage's state is serialised into Flink state, at the end of each bundle:
     # shorter bundles mean fresher output and more state writes. 50 ms: freshness p99 895-1,036 ms at 10,000
