@@ -258,12 +258,11 @@ class FlinkConfig:
     restore_from: str = ""  # a checkpoint (chk-N directory) or savepoint to start from; empty: start fresh
     # A model pre-trained in batch (python -m model.warm_start --out FILE): a job without restored state starts from it.
     initial_model: str = ""
-    # "process" (a Python worker fed in bundles) or "thread" (Python inside the TaskManager's JVM: no worker, no
-    # bundles, fresher output and ahead of the walking skeleton in BENCHMARKS.md; torch runs on a thread of its own,
-    # flink_job.torch_thread). Not the default yet: a restore replays the logged calls with the *new* config, so an
-    # upgrade that changes model settings diverges from what was published (tests/test_upgrade.py in thread mode).
-    # The embedded interpreter finds the venv through python.pythonpath (flink_job.topology, deploy/cluster.py).
-    python_execution_mode: str = "process"
+    # "thread" (Python inside the TaskManager's JVM: no worker, no bundles, fresher output and ahead of the walking
+    # skeleton in BENCHMARKS.md; torch runs on a thread of its own, flink_job.torch_thread; state is a snapshot and
+    # a call log, flink_job.stage_log) or "process" (a Python worker fed in bundles). The embedded interpreter finds
+    # the venv through python.pythonpath (flink_job.topology, deploy/cluster.py, deploy/k8s).
+    python_execution_mode: str = "thread"
     # Python results reach the JVM, and the stage's state is serialised into Flink state, at the end of each bundle:
     # shorter bundles mean fresher output and more state writes. 50 ms: freshness p99 895-1,036 ms at 10,000
     # events/s against 1.04-1.3 s with 100 ms, for about 5% of throughput (1-27% in adjacent pairs on a noisy
@@ -285,6 +284,11 @@ class FlinkConfig:
             raise ValueError(f"config: flink.python_execution_mode is process or thread, got {self.python_execution_mode!r}")
         if self.state_snapshot_interval_ms < 0:
             raise ValueError(f"config: flink.state_snapshot_interval_ms must be >= 0, got {self.state_snapshot_interval_ms}")
+
+
+# What the training stage's behaviour depends on (flink_job.train): a restore replays logged calls under the
+# settings they first ran with, which the stage's snapshot records.
+STAGE_SECTIONS = ("batch", "clean", "publish", "model", "eval")
 
 
 @dataclass(frozen=True)
@@ -335,6 +339,27 @@ class JobConfig:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
+
+    def stage_settings(self) -> dict[str, dict[str, Any]]:
+        """The sections that decide what the training stage does with a call (no secrets among them)."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in STAGE_SECTIONS}
+
+    def with_stage_settings(self, settings: dict[str, dict[str, Any]]) -> JobConfig:
+        """This configuration with the stage's sections as ``stage_settings`` returned them, perhaps in an older
+        version: keys this version does not know are left out, keys it added keep this configuration's values.
+
+        >>> old = JobConfig.load(overrides=["model.lr=0.5"]).stage_settings()
+        >>> old["model"]["retired_key"] = 1
+        >>> JobConfig.load(overrides=["model.lr=0.1", "batch.size=7"]).with_stage_settings(old).model.lr
+        0.5
+        """
+        sections = {}
+        for name in STAGE_SECTIONS:
+            section = getattr(self, name)
+            known = {f.name for f in dataclasses.fields(section)}
+            sections[name] = dataclasses.replace(section, **{k: v for k, v in settings.get(name, {}).items()
+                                                            if k in known})
+        return dataclasses.replace(self, **sections)
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

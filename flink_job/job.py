@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = JobConfig.load(args.config, args.overrides)
     log.info("job config: %s", cfg)
+    from flink_job.topology import submitted_by_flink
+
+    log.info("job: %s", "submitted by Flink's client" if submitted_by_flink() else "a local run on a mini-cluster")
     create_env(cfg).execute(cfg.flink.job_name)
 
 

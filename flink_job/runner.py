@@ -106,6 +106,10 @@ class LocalJob:
     def status(self) -> str:
         return str(self.client.get_job_status().result()) if self.client else "CANCELED"
 
+    def diagnosis(self) -> str:
+        """What a timeout message should add about the job itself: here nothing, the job's log is this process's."""
+        return ""
+
     def poll_stats(self, max_wait_s: float = 0.5) -> list[dict[str, Any]]:
         assert self.follower is not None
         new = [orjson.loads(v) for _k, v, _p, _o in self.follower.poll(max_wait_s)]
@@ -131,7 +135,7 @@ class LocalJob:
             if status in ("FAILED", "CANCELED", "FINISHED"):
                 raise RuntimeError(f"runner: job ended as {status} before its input was consumed")
         raise TimeoutError(
-            f"runner: job not idle after {timeout_s}s; last stats: {self.result.last or 'none yet'}"
+            f"runner: job not idle after {timeout_s}s; last stats: {self.result.last or 'none yet'}{self.diagnosis()}"
         )
 
 
@@ -170,6 +174,16 @@ class JobProcess(LocalJob):
     def job_id(self) -> str:
         return "*"
 
+    def diagnosis(self, lines: int = 60) -> str:
+        """The job log's errors and its last lines: a job that never reports is otherwise a bare timeout."""
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError as ex:
+            return f"; no job log: {ex}"
+        errors = [ln for ln in text if "Exception" in ln or "Error" in ln or "FATAL" in ln][-20:]
+        return (f"; job log {self.log_path} ({len(text)} lines), errors:\n" + "\n".join(errors)
+                + "\nlast lines:\n" + "\n".join(text[-lines:]))
+
     def status(self) -> str:
         if self.process is None:
             return "CANCELED"
@@ -182,10 +196,20 @@ _WORKER_VARIABLES = (
     "PYFLINK_GATEWAY_DISABLED", "PYTHON_LOOPBACK_SERVER_ADDRESS", "WORKER_ID", "PIPELINE_OPTIONS",
     "SEMI_PERSISTENT_DIRECTORY", "LOGGING_API_SERVICE_DESCRIPTOR", "CONTROL_API_SERVICE_DESCRIPTOR",
 )
+# Also set by the loopback worker, which takes the TaskManager's environment for its own: a job process inheriting
+# FLINK_CONF_DIR read the mini-cluster's conf dir as a cluster's, and PYTHONPATH, python and the rest mislead it too.
+# Kept when this process had them before it ran anything.
+_LOOPBACK_VARIABLES = (
+    "FLINK_CONF_DIR", "FLINK_HOME", "FLINK_LIB_DIR", "FLINK_OPT_DIR", "FLINK_PLUGINS_DIR", "FLINK_BIN_DIR",
+    "PYTHONPATH", "python", "BOOT_LOG_DIR", "_PYFLINK_CONN_INFO_PATH", "_PYTHON_WORKER_MEMORY_LIMIT",
+    "_PYTHON_WORKING_DIR", "TABLE_LOCAL_TIME_ZONE",
+)
+_INITIAL_VARIABLES = frozenset(os.environ)
 
 
 def _client_environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in _WORKER_VARIABLES}
+    return {k: v for k, v in os.environ.items()
+            if k not in _WORKER_VARIABLES and (k not in _LOOPBACK_VARIABLES or k in _INITIAL_VARIABLES)}
 
 
 def latest_checkpoint(checkpoint_dir: str, job_id: str = "*") -> str | None:

@@ -55,7 +55,7 @@ def flink_configuration(cfg: JobConfig, jars: list[Path]) -> Configuration:
         "restart-strategy.exponential-delay.reset-backoff-threshold": "1 h",
         "restart-strategy.exponential-delay.jitter-factor": "0.1",
     }
-    if cfg.flink.python_execution_mode == "thread" and not os.environ.get("FLINK_CONF_DIR"):
+    if cfg.flink.python_execution_mode == "thread" and not submitted_by_flink():
         # A local run: pemja embeds this interpreter's libpython, which needs this venv's packages on its path.
         settings["python.executable"] = sys.executable
         settings["python.pythonpath"] = embedded_python_path()
@@ -72,13 +72,20 @@ def flink_configuration(cfg: JobConfig, jars: list[Path]) -> Configuration:
     return conf
 
 
+def submitted_by_flink() -> bool:
+    """Whether this program runs under Flink's client (``flink run``, an application cluster): its PythonDriver
+    starts the program with the port of the JVM's gateway. FLINK_CONF_DIR says nothing: PyFlink's loopback worker
+    sets it, with the rest of the worker's environment, in a process that has run a local job in process mode."""
+    return "PYFLINK_GATEWAY_PORT" in os.environ
+
+
 def checkpoint_uri(cfg: JobConfig) -> str | None:
     """The configured checkpoint directory; unset, a local run uses ``.run/checkpoints`` and a job submitted to a
-    cluster (whose client runs with ``FLINK_CONF_DIR`` set) keeps the cluster's own ``execution.checkpointing.dir``.
+    cluster keeps the cluster's own ``execution.checkpointing.dir``.
     """
     if cfg.flink.checkpoint_dir:
         return cfg.flink.checkpoint_dir
-    if os.environ.get("FLINK_CONF_DIR"):
+    if submitted_by_flink():
         return None
     return (PROJECT_ROOT / ".run" / "checkpoints").as_uri()
 

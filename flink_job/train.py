@@ -135,15 +135,18 @@ class TrainStage:
         parts["cleaner"] = self.cleaner.state_dict()
         parts["quality"] = self.quality.state_dict() if self.quality else None
         return pickle.dumps(
-            {"version": STATE_VERSION, "model": self.model.state_bytes(), "parts": parts}, pickle.HIGHEST_PROTOCOL
+            {"version": STATE_VERSION, "model": self.model.state_bytes(), "parts": parts,
+             "settings": self.cfg.stage_settings()},
+            pickle.HIGHEST_PROTOCOL,
         )
 
     @classmethod
     def from_bytes(cls, cfg: JobConfig, data: bytes) -> TrainStage:
         """The stage as ``state_bytes`` saw it, under configuration ``cfg`` (which may differ from the old one)."""
-        state = pickle.loads(data)
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"train: state version {state.get('version')} is not {STATE_VERSION}")
+        return cls._from_state(cfg, _load_state(data))
+
+    @classmethod
+    def _from_state(cls, cfg: JobConfig, state: dict[str, Any]) -> TrainStage:
         stage = cls(cfg)
         stage.model = OnlineBiasedMF.from_bytes(state["model"], cfg.model)
         parts = state["parts"]
@@ -167,10 +170,20 @@ class TrainStage:
     @classmethod
     def restore(cls, cfg: JobConfig, saved: bytes | None, calls: list[Call]) -> TrainStage:
         """The stage from its last snapshot (a new one if there is none) with the calls made since replayed; their
-        outputs went out before the checkpoint and are dropped."""
-        stage = cls.from_bytes(cfg, saved) if saved is not None else cls(cfg)
+        outputs went out before the checkpoint and are dropped.
+
+        The calls are replayed under the settings they first ran with, which the snapshot holds, so that an upgrade
+        that changes them (a new learning rate, say) still rebuilds the stage that made the published outputs; the
+        new settings apply from the next call, as they do when a snapshot alone is restored."""
+        state = _load_state(saved) if saved is not None else None
+        ran = cfg.with_stage_settings(state["settings"]) if state and calls and "settings" in state else cfg
+        stage = cls._from_state(ran, state) if state else cls(cfg)
         for call in calls:
             stage.call(call)
+        if ran != cfg:
+            log.info("train: %d logged calls replayed under the settings they ran with, the new ones apply now",
+                     len(calls))
+            stage = cls.from_bytes(cfg, stage.state_bytes())
         stage.replayed_calls = len(calls)
         return stage
 
@@ -419,6 +432,13 @@ class TrainStage:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _load_state(data: bytes) -> dict[str, Any]:
+    state: dict[str, Any] = pickle.loads(data)
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"train: state version {state.get('version')} is not {STATE_VERSION}")
+    return state
 
 
 def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]

@@ -31,7 +31,7 @@ def _checkpoint_after(job: LocalJob, checkpoint_dir: str, received: int, timeout
             latest = latest_checkpoint(checkpoint_dir, job.job_id)
             if latest and latest != before:
                 return
-    raise TimeoutError(f"no checkpoint after {received} records; last stats {job.result.last}")
+    raise TimeoutError(f"no checkpoint after {received} records; last stats {job.result.last}{job.diagnosis()}")
 
 
 @pytest.mark.parametrize("mode", ["process", "thread"])

@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import orjson
 import pytest
+import torch
 
 from flink_job.config import JobConfig
 from flink_job.generate import MALFORMED_KINDS, SyntheticConfig, generate
@@ -214,6 +215,30 @@ def test_a_snapshot_and_the_replayed_calls_since_rebuild_the_stage_exactly() -> 
     assert _same_state(rebuilt.state_bytes(), original.state_bytes())
     with pytest.raises(ValueError, match="unknown call"):
         rebuilt.call(("nap", NOW, None))
+
+
+def test_an_upgrade_replays_the_logged_calls_under_the_settings_they_ran_with() -> None:
+    """A restore with changed model settings (tests/test_upgrade.py's upgrade) rebuilds the stage that made the
+    published outputs, then takes the new settings: what a snapshot taken after the last call would have given."""
+    old = JobConfig.load(overrides=["batch.size=200", "model.lr=0.05"])
+    new = JobConfig.load(overrides=["batch.size=200", "model.lr=0.02", "model.proximal=0.1"])
+    lines = _synthetic_lines(2_000)
+    calls: list = [("chunk", NOW + 100 * n, lines[s:s + 250]) for n, s in enumerate(range(0, 2_000, 250))]
+    early = TrainStage(old)
+    early.call(calls[0])
+    original = TrainStage.from_bytes(old, early.state_bytes())
+    for c in calls[1:]:
+        original.call(c)
+    expected = TrainStage.from_bytes(new, original.state_bytes())
+
+    rebuilt = TrainStage.restore(new, early.state_bytes(), calls[1:])
+    assert rebuilt.model.config.lr == 0.02 and rebuilt.model.config.proximal == 0.1 and rebuilt.replayed_calls == 7
+    assert _same_state(rebuilt.state_bytes(), expected.state_bytes())
+    # Replayed under the new settings, the calls would train other rows than the ones published.
+    naive = TrainStage.from_bytes(new, early.state_bytes())
+    for c in calls[1:]:
+        naive.call(c)
+    assert not torch.allclose(naive.model.user_table.weight, original.model.user_table.weight)
 
 
 def test_restored_stage_takes_the_new_configuration() -> None:

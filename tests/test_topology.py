@@ -28,3 +28,27 @@ def test_the_plan_has_one_python_operator_and_no_side_output_maps() -> None:
     assert names.count("train") == 1
     assert "Map" not in names, names
     assert sum("_sink" in n and "Writer" in n for n in names) == 3
+
+
+def test_a_process_that_ran_a_local_job_still_starts_local_runs(monkeypatch) -> None:
+    """PyFlink's loopback worker leaves the TaskManager's environment, FLINK_CONF_DIR among it, in a process that
+    ran a local job in process mode (tests/test_restore.py in a full run). A job process started from it, or a
+    thread-mode job built in it, is still a local run: it gets the embedded interpreter's path and its own
+    checkpoint directory. Only Flink's client, which passes its gateway's port, makes a cluster submission."""
+    from flink_job import runner
+    from flink_job.topology import checkpoint_uri
+
+    monkeypatch.setattr(runner, "_INITIAL_VARIABLES", frozenset({"HOME"}))
+    for key, value in {"FLINK_CONF_DIR": "/venv/pyflink/conf", "PYTHONPATH": "/elsewhere", "HOME": "/root",
+                       "PYTHON_LOOPBACK_SERVER_ADDRESS": "localhost:1"}.items():
+        monkeypatch.setenv(key, value)
+    env = runner._client_environment()
+    assert "FLINK_CONF_DIR" not in env and "PYTHONPATH" not in env and "PYTHON_LOOPBACK_SERVER_ADDRESS" not in env
+    assert env["HOME"] == "/root"
+
+    cfg = JobConfig.load(overrides=["flink.python_execution_mode=thread"])
+    conf = flink_configuration(cfg, [Path("connector.jar")])
+    assert conf.get_string("python.pythonpath", "") and checkpoint_uri(cfg)
+    monkeypatch.setenv("PYFLINK_GATEWAY_PORT", "40000")
+    conf = flink_configuration(cfg, [Path("connector.jar")])
+    assert conf.get_string("python.pythonpath", "") == "" and checkpoint_uri(cfg) is None

@@ -40,10 +40,14 @@ def item_events(syn: SyntheticConfig) -> Counter[str]:
     return Counter(orjson.loads(r.payload)["item_id"] for r in generate(syn) if r.kind == "event")
 
 
+@pytest.mark.parametrize("mode", ["process", "thread"])
 def test_upgrade_from_a_savepoint_keeps_what_was_learned(
-    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path
+    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path, mode: str
 ) -> None:
-    cfg = topics("upgrade")
+    """In thread mode the savepoint holds the stage's first snapshot and every call since (flink_job.stage_log):
+    the restore replays them under the old settings, then takes the new ones."""
+    cfg = topics(f"upgrade-{mode}", overrides=[f"flink.python_execution_mode={mode}",
+                                               "flink.state_snapshot_interval_ms=3600000"])
     before = SyntheticConfig(n_users=300, n_items=150, n_events=8_000, duplicate_rate=0.02, malformed_rate=0.01,
                              seed=71, id_prefix="a")
     # After the upgrade only the 30 most active users have events: the other 270 must keep their vectors exactly.
@@ -80,6 +84,7 @@ def test_upgrade_from_a_savepoint_keeps_what_was_learned(
         last = follow_stats(cluster, resumed, stats, lambda seen: seen[-1]["received"] >= received)[-1]
         # Counters restored and continued; offsets and de-duplication restored: nothing read or trained twice.
         assert (last["received"], last["trained"]) == (received, truth_a.valid + truth_b.valid)
+        assert last["replayed_calls"] > 10 if mode == "thread" else last["replayed_calls"] == 0
 
         records = read_all(cfg.kafka.bootstrap, cfg.kafka.embeddings_topic)
         republished = latest_by_id([r for r in records if r[3] >= stopped_at[r[2]]])
