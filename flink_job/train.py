@@ -89,6 +89,7 @@ _NO_ROWS = np.zeros(0, np.int64)
 class TrainStage:
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
+        self.settings = cfg.stage_settings()  # written with every snapshot (restore); cfg is frozen, so once
         self.rules = ParseRules(
             cfg.clean.max_id_length, cfg.model.rating_min, cfg.model.rating_max, cfg.clean.max_record_chars,
             cfg.clean.max_future_ms,
@@ -136,7 +137,7 @@ class TrainStage:
         parts["quality"] = self.quality.state_dict() if self.quality else None
         return pickle.dumps(
             {"version": STATE_VERSION, "model": self.model.state_bytes(), "parts": parts,
-             "settings": self.cfg.stage_settings()},
+             "settings": self.settings},
             pickle.HIGHEST_PROTOCOL,
         )
 
