@@ -13,7 +13,7 @@ admitted into the model's id maps before the first batch, so the tables hold all
 steady state (row lookups, negatives, gradients, row-wise Adagrad), not table growth. Per (device, dim, batch): the
 ModelConfig defaults with ``dim`` and ``device`` set (BPR with 4 uniform negatives, ratings also on the ranking side,
 one torch thread unless ``--cpu-threads`` says otherwise), ``--warmup`` batches, then batches until ``--time-box``
-seconds have passed (at least ``--min-batches``), timed between ``torch.cuda.synchronize()`` calls. ``idmap ms``
+seconds have passed (at least ``--min-batches`` unless that takes three time boxes), timed between ``torch.cuda.synchronize()`` calls. ``idmap ms``
 is the Python id-map lookup of the same batch, the same on every device: the floor a GPU cannot remove.
 
 (b) ML-100K in process (``benchmarks.ml100k.run_model``): test-then-train in micro-batches with ModelConfig defaults,
@@ -93,6 +93,8 @@ def train_point(stream: Stream, device: str, dim: int, size: int, args: argparse
     model.items.rows(stream.item_ids)
     for k in range(args.warmup):
         model.learn_many(*stream.batch(k, size))
+        if time.perf_counter() - t_build > 2 * args.time_box:  # a slow point: one warm-up batch (table growth) will do
+            break
     sync(model.device)
     setup_s = time.perf_counter() - t_build
     n = 0
@@ -102,7 +104,7 @@ def train_point(stream: Stream, device: str, dim: int, size: int, args: argparse
         n += 1
         if n >= args.min_batches and time.perf_counter() - start >= args.time_box:
             break
-        if n >= args.max_batches:
+        if n >= args.max_batches or time.perf_counter() - start >= 3 * args.time_box:
             break
     sync(model.device)
     seconds = time.perf_counter() - start
