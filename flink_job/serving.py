@@ -49,8 +49,10 @@ class ServingConfig:
     """Bounds of the index: what a record may hold and how many ids it keeps, and when it counts as behind.
 
     The caps bound memory whatever the topic holds: an id beyond ``max_users``/``max_items`` evicts the least recently
-    updated one of its kind, and ``max_removed`` bounds the memory of removed (tombstoned or evicted) ids. A user costs
-    about 1 KB and an item ``4 * dim`` bytes plus about 250 bytes, so the defaults hold a few GB at most.
+    updated one of its kind, and ``max_removed`` bounds the memory of removed (tombstoned or evicted) ids. Measured
+    with tracemalloc at dim 32: a user about 0.55 KB plus 70 bytes per ``seen`` id (1.9 KB with 20), an item about
+    0.43 KB (``4 * dim`` bytes of it the vector), a remembered removed id 0.22 KB; so about 2.6 GB at most with the
+    defaults and 20 ``seen`` ids per user.
     """
 
     max_users: int = 1_000_000
@@ -98,13 +100,13 @@ class _Record(NamedTuple):
     bias: float
     vector: np.ndarray
     events: int
-    seen: frozenset[str] | None
+    seen: tuple[str, ...] | None
     event_ts: int
     partition: int
     offset: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million of them cost a third less
 class UserVector:
     """The newest published record of one user."""
 
@@ -113,7 +115,7 @@ class UserVector:
     step: int
     bias: float
     vector: np.ndarray  # (D,) float32
-    seen: frozenset[str] | None  # items the user interacted with, when the job publishes them
+    seen: tuple[str, ...] | None  # items the user interacted with (each once), when the job publishes them
     event_ts: int = -1
     events: int = 0
     partition: int = -1
@@ -613,12 +615,12 @@ class EmbeddingIndex:
             raise Malformed("vector", f"holds a value that is not finite or beyond +-{self.config.max_abs_value:g}")
         return vec.astype(np.float32)
 
-    def _seen(self, seen: object) -> frozenset[str]:
+    def _seen(self, seen: object) -> tuple[str, ...]:
         limit = self.config.max_id_length
         if (not isinstance(seen, list) or len(seen) > self.config.max_seen
                 or not all(isinstance(s, str) and len(s) <= limit for s in seen)):
             raise Malformed("seen", f"must be a list of at most {self.config.max_seen} ids, got {repr(seen)[:100]}")
-        return frozenset(seen)
+        return tuple(dict.fromkeys(seen))  # a tuple: far smaller than a set, and only iterated
 
     # ---- reading ----
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from flink_job.produce import send
 from flink_job import recommend
 from flink_job.recommend import RecommendServer
 from flink_job.runner import LocalJob
-from flink_job.serving import EmbeddingIndex, example_record
+from flink_job.serving import EmbeddingIndex, ServingConfig, example_record
 from flink_job.topics import end_offsets
 
 pytestmark = pytest.mark.integration
@@ -100,8 +101,8 @@ class Changelog:
 
 
 @contextmanager
-def following(cfg: JobConfig) -> Iterator[EmbeddingIndex]:
-    with EmbeddingIndex(cfg.kafka.bootstrap, cfg.kafka.embeddings_topic) as index:
+def following(cfg: JobConfig, config: ServingConfig | None = None) -> Iterator[EmbeddingIndex]:
+    with EmbeddingIndex(cfg.kafka.bootstrap, cfg.kafka.embeddings_topic, config=config) as index:
         yield index
 
 
@@ -291,9 +292,11 @@ def test_read_committed_serves_only_committed_transactions(topics) -> None:
     transaction("committed", True)
     transaction("aborted", False)
     transaction("open", None)
-    with following(cfg) as index:
+    with following(cfg, ServingConfig(max_lag_s=1.0, lag_check_s=0.1)) as index:
         index.wait_until(lambda ix: ix.ready, timeout=30)
         assert index.item_ids() == ["committed"]
+        time.sleep(2.0)  # an open transaction is not data the index could have read: it is not behind
+        assert index.health() == (True, None) and index.lag_s() < 0.5
         producer.commit_transaction(30)
         index.wait_until(lambda ix: "open" in ix.item_ids(), timeout=30)
         assert index.item_ids() == ["committed", "open"]
@@ -397,3 +400,41 @@ def test_malformed_records_are_skipped_and_counted_and_never_stop_the_index(topi
             for bad in ("/recommend/%FF%FE", "/recommend?user=%FF"):  # not UTF-8
                 status, body = _get(url + bad)
                 assert status == 400 and "UTF-8" in body["error"], bad
+
+
+class _Throttled(EmbeddingIndex):
+    """An index that applies every batch slowly while ``slow`` is set, so that it falls behind the topic."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.slow = threading.Event()
+
+    def apply(self, records: Any) -> None:
+        if self.slow.is_set():
+            time.sleep(0.2)
+        super().apply(records)
+
+
+def test_healthz_is_unhealthy_while_the_index_is_behind_the_topic_for_too_long(topics) -> None:
+    cfg = topics("serve-lag", input_partitions=1)
+    topic = cfg.kafka.embeddings_topic
+    _produce(cfg.kafka.bootstrap, topic, [(f"item:i{n}", example_record("item", f"i{n}", 1, [1.0] * DIM))
+                                           for n in range(10)])
+    index = _Throttled(cfg.kafka.bootstrap, topic, max_batch=5, config=ServingConfig(max_lag_s=1.5, lag_check_s=0.1))
+    with index, serving(index) as url:
+        index.wait_until(lambda ix: ix.ready, timeout=30)
+        assert _get(f"{url}/healthz")[0] == 200
+        index.slow.set()  # 200 records at 5 per 0.2 s: about 8 s behind
+        _produce(cfg.kafka.bootstrap, topic, [(f"item:j{n}", example_record("item", f"j{n}", 1, [1.0] * DIM))
+                                               for n in range(200)])
+        deadline = time.monotonic() + 20
+        while (answer := _get(f"{url}/healthz"))[0] == 200:
+            assert time.monotonic() < deadline, "never reported behind"
+            time.sleep(0.1)
+        status, health = answer
+        assert status == 503 and not health["healthy"] and "behind" in health["reason"] and health["lag_s"] > 1.5
+        assert _get(f"{url}/recommend?user=x")[0] == 200  # still answers, from what it has
+        index.slow.clear()
+        index.wait_until(_caught_up(cfg.kafka.bootstrap, topic), timeout=30)
+        status, health = _get(f"{url}/healthz")
+        assert status == 200 and health["healthy"] and health["reason"] is None and len(index.item_ids()) == 210
