@@ -133,16 +133,22 @@ class BoundedHTTPServer(HTTPServer):
         with selectors.DefaultSelector() as sel:
             sel.register(self._wake_r, selectors.EVENT_READ)
             while not self._closed.is_set():
-                for key, _ in sel.select(timeout=0.25):
-                    if key.fileobj is self._wake_r:
-                        self._wake_r.recv(4096)
-                    else:
-                        self._read_head(sel, waiting, waiting[key.fileobj])  # type: ignore[index]
-                while not self._new.empty():
-                    self._admit(sel, waiting, *self._new.get())
-                self._expire(sel, waiting, time.monotonic())
+                try:
+                    self._turn(sel, waiting)
+                except Exception:  # noqa: BLE001 - this thread feeds every worker: it must outlive any one socket
+                    log.exception("http: waiting room")
             for w in list(waiting.values()):
                 self._drop(sel, waiting, w)
+
+    def _turn(self, sel: selectors.BaseSelector, waiting: dict[socket.socket, _Waiting]) -> None:
+        for key, _ in sel.select(timeout=0.25):
+            if key.fileobj is self._wake_r:
+                self._wake_r.recv(4096)
+            elif key.fileobj in waiting:
+                self._read_head(sel, waiting, waiting[key.fileobj])  # type: ignore[index]
+        while not self._new.empty():
+            self._admit(sel, waiting, *self._new.get())
+        self._expire(sel, waiting, time.monotonic())
 
     def _admit(self, sel: selectors.BaseSelector, waiting: dict[socket.socket, _Waiting], sock: socket.socket,
                address: tuple[str, int]) -> None:

@@ -84,6 +84,9 @@ class _Handler(HeadHandler):
                 self._send(HTTPStatus.NOT_FOUND, {"error": f"unknown item {ident!r}"})
         except ValueError as ex:
             self._send(HTTPStatus.BAD_REQUEST, {"error": str(ex)})
+        except Exception as ex:  # noqa: BLE001 - a bug answers 500 and is logged; the server goes on
+            log.exception("recommend: answering %r", self.path[:200])
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(ex).__name__}"})
 
     def _send(self, status: HTTPStatus, body: dict[str, Any]) -> None:
         self._write(status, "application/json", orjson.dumps(body))

@@ -377,7 +377,8 @@ class EmbeddingIndex:
                 _low, ends[p] = self._consumer.get_watermark_offsets(
                     TopicPartition(self.topic, p), timeout=min(5.0, self.config.lag_check_s), cached=False)
             except Exception as ex:  # noqa: BLE001 - the broker may be away for a while: counted, tried again
-                self.counts["watermark_errors"] += 1
+                with self._lock:
+                    self.counts["watermark_errors"] += 1
                 log.warning("serving: cannot read the end offsets of %s: %s", self.topic, ex)
                 return
         with self._lock:
