@@ -6,8 +6,10 @@
 
 The bootstrap servers, topic and Kafka client properties default to the job's configuration (``--config`` YAML,
 ``STREAMREC__*`` environment variables, ``--set`` overrides, as for ``python -m flink_job``). The service answers
-``GET /recommend?user=<id>&n=10``, ``GET /similar?item=<id>&n=10`` and ``GET /healthz`` with JSON; it answers 503
-until the index has caught up with the topic's end offsets at start.
+``GET /recommend?user=<id>&n=10`` (or ``/recommend/<id>``), ``GET /similar?item=<id>&n=10`` (or ``/similar/<id>``)
+and ``GET /healthz`` with JSON, and ``GET /metrics`` in the Prometheus text format. Ids are percent-encoded UTF-8.
+It answers 503 until the index has caught up with the topic's end offsets at start; ``/healthz`` also answers 503
+with a ``reason`` when the index stopped or has been behind the topic for longer than ``--max-lag-s``.
 
 >>> parse_args(["--set", "kafka.embeddings_topic=t", "user", "u1", "--top", "3"]).top
 3
@@ -20,27 +22,27 @@ import logging
 import sys
 import threading
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 
 from flink_job.config import JobConfig
-from flink_job.serving import ISOLATION_LEVELS, EmbeddingIndex
+from flink_job.httpserve import BoundedHTTPServer, HeadHandler, HttpLimits
+from flink_job.serving import ISOLATION_LEVELS, EmbeddingIndex, ServingConfig
 
 log = logging.getLogger(__name__)
 MAX_N = 1_000
 
 
-class RecommendServer(ThreadingHTTPServer):
-    """``ThreadingHTTPServer`` answering from one :class:`EmbeddingIndex` (port 0: an ephemeral port)."""
+class RecommendServer(BoundedHTTPServer):
+    """An HTTP server (bounded workers and timeouts: :mod:`flink_job.httpserve`) answering from one
+    :class:`EmbeddingIndex` (port 0: an ephemeral port)."""
 
-    daemon_threads = True
-
-    def __init__(self, index: EmbeddingIndex, host: str = "127.0.0.1", port: int = 8080) -> None:
+    def __init__(self, index: EmbeddingIndex, host: str = "127.0.0.1", port: int = 8080,
+                 limits: HttpLimits | None = None) -> None:
         self.index = index
-        super().__init__((host, port), _Handler)
+        super().__init__((host, port), _Handler, limits)
 
     @property
     def url(self) -> str:
@@ -48,24 +50,26 @@ class RecommendServer(ThreadingHTTPServer):
         return f"http://{host!s}:{port}"
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(HeadHandler):
     server: RecommendServer
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
-        url = urlsplit(self.path)
-        params = {k: v[-1] for k, v in parse_qs(url.query).items()}
         index = self.server.index
         try:
-            if url.path == "/healthz":
+            route, path_id, params = _parse_target(self.path)
+            if route == "/healthz":
                 stats = index.stats()
-                self._send(HTTPStatus.OK if stats["ready"] else HTTPStatus.SERVICE_UNAVAILABLE, stats)
+                self._send(HTTPStatus.OK if stats["healthy"] else HTTPStatus.SERVICE_UNAVAILABLE, stats)
                 return
-            if url.path not in ("/recommend", "/similar"):
-                self._send(HTTPStatus.NOT_FOUND, {"error": f"no such path {url.path!r}; "
-                                                  "try /recommend?user=, /similar?item= or /healthz"})
+            if route == "/metrics":
+                self._send_text(metrics_text(index.stats(), self.server.counts))
                 return
-            name = "user" if url.path == "/recommend" else "item"
-            ident, n = params.get(name, ""), _parse_n(params.get("n", "10"))
+            if route not in ("/recommend", "/similar"):
+                self._send(HTTPStatus.NOT_FOUND, {"error": f"no such path {route!r}; try /recommend?user=, "
+                                                  "/recommend/<user>, /similar?item=, /similar/<item>, /healthz"})
+                return
+            name = "user" if route == "/recommend" else "item"
+            ident, n = path_id or params.get(name, ""), _parse_n(params.get("n", "10"))
             if not ident:
                 raise ValueError(f"missing parameter {name!r}")
             if not index.ready:
@@ -80,17 +84,62 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.NOT_FOUND, {"error": f"unknown item {ident!r}"})
         except ValueError as ex:
             self._send(HTTPStatus.BAD_REQUEST, {"error": str(ex)})
+        except Exception as ex:  # noqa: BLE001 - a bug answers 500 and is logged; the server goes on
+            log.exception("recommend: answering %r", self.path[:200])
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(ex).__name__}"})
 
     def _send(self, status: HTTPStatus, body: dict[str, Any]) -> None:
-        data = orjson.dumps(body)
+        self._write(status, "application/json", orjson.dumps(body))
+
+    def _send_text(self, text: str) -> None:
+        self._write(HTTPStatus.OK, "text/plain; version=0.0.4; charset=utf-8", text.encode())
+
+    def _write(self, status: HTTPStatus, content_type: str, data: bytes) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the signature of http.server
         log.debug("recommend: %s %s", self.address_string(), format % args)
+
+
+def _parse_target(target: str) -> tuple[str, str, dict[str, str]]:
+    """``(route, id from the path or "", query parameters)`` of a request target; ids are percent-encoded UTF-8
+    (``/recommend/us%C3%A9r``; an encoded slash ``%2F`` belongs to the id). ValueError if not valid UTF-8."""
+    try:
+        # http.server decodes the request line as Latin-1: back to its bytes, then UTF-8 throughout
+        url = urlsplit(target.encode("latin-1").decode("utf-8"))
+        route, _, raw_id = url.path.partition("/")[2].partition("/")
+        path_id = unquote(raw_id, errors="strict")
+        params = {k: v[-1] for k, v in parse_qs(url.query, errors="strict").items()}
+    except UnicodeError:
+        raise ValueError("the request target is not valid percent-encoded UTF-8") from None
+    return f"/{route}", path_id, params
+
+
+def metrics_text(stats: dict[str, Any], http: dict[str, int]) -> str:
+    """The index's and the HTTP server's counters and gauges in the Prometheus text format."""
+    lines = ["# TYPE streamrec_serving_records_total counter"]
+    for outcome in ("applied", "stale", "tombstones", "malformed"):
+        lines.append(f'streamrec_serving_records_total{{outcome="{outcome}"}} {stats[outcome]}')
+    lines.append("# TYPE streamrec_serving_malformed_total counter")
+    for reason, count in stats["malformed_reasons"].items():
+        lines.append(f'streamrec_serving_malformed_total{{reason="{reason}"}} {count}')
+    lines.append("# TYPE streamrec_serving_evicted_total counter")
+    lines.append(f"streamrec_serving_evicted_total {stats['evicted']}")
+    lines.append("# TYPE streamrec_serving_ids gauge")
+    for kind in ("users", "items"):
+        lines.append(f'streamrec_serving_ids{{kind="{kind[:-1]}"}} {stats[kind]}')
+    lines.append("# TYPE streamrec_serving_lag_seconds gauge")
+    lines.append(f"streamrec_serving_lag_seconds {stats['lag_s']}")
+    lines.append("# TYPE streamrec_serving_healthy gauge")
+    lines.append(f"streamrec_serving_healthy {int(stats['healthy'])}")
+    lines.append("# TYPE streamrec_serving_http_connections_total counter")
+    for outcome, count in http.items():
+        lines.append(f'streamrec_serving_http_connections_total{{outcome="{outcome}"}} {count}')
+    return "\n".join(lines) + "\n"
 
 
 def _parse_n(raw: str) -> int:
@@ -119,6 +168,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--topic", default=None, help="default: kafka.embeddings_topic of the job config")
     p.add_argument("--isolation-level", choices=ISOLATION_LEVELS, default="read_committed")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the index to catch up")
+    d = ServingConfig()
+    p.add_argument("--max-users", type=int, default=d.max_users, help="users kept; the least recently updated go")
+    p.add_argument("--max-items", type=int, default=d.max_items, help="items kept; the least recently updated go")
+    p.add_argument("--dim", type=int, default=d.dim, help="vector length of every record (0: the first record's)")
+    p.add_argument("--max-lag-s", type=float, default=d.max_lag_s,
+                   help="/healthz is unhealthy once the index has been behind the topic for longer")
     sub = p.add_subparsers(dest="command", required=True)
     for name, what in (("user", "top-N items for a user"), ("item", "items similar to an item")):
         s = sub.add_parser(name, help=what)
@@ -128,6 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s = sub.add_parser("serve", help="HTTP service: /recommend, /similar, /healthz")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--workers", type=int, default=HttpLimits().workers, help="threads answering requests")
     return p.parse_args(argv)
 
 
@@ -138,6 +194,8 @@ def index_from_args(args: argparse.Namespace) -> EmbeddingIndex:
         args.topic or cfg.kafka.embeddings_topic,
         isolation_level=args.isolation_level,
         client_properties=cfg.kafka.librdkafka_properties(),
+        config=ServingConfig(max_users=args.max_users, max_items=args.max_items, dim=args.dim,
+                             max_lag_s=args.max_lag_s),
     )
 
 
@@ -170,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     index = index_from_args(args).start()
     try:
         if args.command == "serve":
-            server = RecommendServer(index, args.host, args.port)
+            server = RecommendServer(index, args.host, args.port, HttpLimits(workers=args.workers))
             log.info("recommend: serving %s on %s", index.topic, server.url)
             threading.Thread(target=_log_when_ready, args=(index,), daemon=True).start()
             try:

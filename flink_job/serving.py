@@ -23,13 +23,16 @@ the top-N of a user is one matrix-vector product and an ``argpartition``. The sc
 """
 from __future__ import annotations
 
+import heapq
 import logging
+import math
 import threading
 import time
 import uuid
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -38,9 +41,72 @@ log = logging.getLogger(__name__)
 
 ISOLATION_LEVELS = ("read_committed", "read_uncommitted")
 RawRecord = tuple[bytes | None, bytes | None]  # (key, value); value None is a tombstone
+INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
+class ServingConfig:
+    """Bounds of the index: what a record may hold and how many ids it keeps, and when it counts as behind.
+
+    The caps bound memory whatever the topic holds: an id beyond ``max_users``/``max_items`` evicts the least recently
+    updated one of its kind, and ``max_removed`` bounds the memory of removed (tombstoned or evicted) ids. Measured
+    with tracemalloc at dim 32: a user about 0.55 KB plus 70 bytes per ``seen`` id (1.9 KB with 20), an item about
+    0.43 KB (``4 * dim`` bytes of it the vector), a remembered removed id 0.22 KB; so about 2.6 GB at most with the
+    defaults and 20 ``seen`` ids per user.
+    """
+
+    max_users: int = 1_000_000
+    max_items: int = 1_000_000
+    # Removed ids remembered with their version, so that an older re-delivered record does not bring them back;
+    # beyond this the oldest are forgotten (such a record would then be served again until a newer one replaces it).
+    max_removed: int = 1_000_000
+    dim: int = 0  # the vector length every record must have; 0: the first valid record sets it
+    max_dim: int = 4096
+    max_id_length: int = 1024
+    max_seen: int = 10_000  # items in a user record's ``seen`` list
+    max_abs_value: float = 1e6  # |bias| and |vector entries|: scores stay finite in float32
+    max_lag_s: float = 60.0  # /healthz is unhealthy once the index has been behind the topic for longer than this
+    lag_check_s: float = 5.0  # how often the consumer compares its positions with the topic's end offsets
+
+    def __post_init__(self) -> None:
+        for name in ("max_users", "max_items", "max_removed", "max_dim", "max_id_length", "max_seen"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"config: serving.{name} must be a positive integer, got {value!r}")
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or not 0 <= self.dim <= self.max_dim:
+            raise ValueError(f"config: serving.dim must be in 0..{self.max_dim} (0: from the first record), "
+                             f"got {self.dim!r}")
+        for name in ("max_abs_value", "max_lag_s", "lag_check_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"config: serving.{name} must be a finite number > 0, got {value!r}")
+
+
+class Malformed(ValueError):
+    """A record the index skips: ``reason`` is one of a few names (the metric label), ``detail`` says what."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class _Record(NamedTuple):
+    """A validated embedding record."""
+
+    kind: str
+    id: str
+    version: int
+    step: int
+    bias: float
+    vector: np.ndarray
+    events: int
+    seen: tuple[str, ...] | None
+    event_ts: int
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)  # slots: a million of them cost a third less
 class UserVector:
     """The newest published record of one user."""
 
@@ -49,7 +115,7 @@ class UserVector:
     step: int
     bias: float
     vector: np.ndarray  # (D,) float32
-    seen: frozenset[str] | None  # items the user interacted with, when the job publishes them
+    seen: tuple[str, ...] | None  # items the user interacted with (each once), when the job publishes them
     event_ts: int = -1
     events: int = 0
     partition: int = -1
@@ -109,6 +175,8 @@ class _Items:
     id_of: list[str | None] = field(default_factory=list)
     free: list[int] = field(default_factory=list)
     used: int = 0  # rows [0, used) have been handed out at least once
+    limit: int = 2**62  # rows never grow beyond this (the index's item cap)
+    order: OrderedDict[str, None] = field(default_factory=OrderedDict)  # least recently updated first
 
     def __post_init__(self) -> None:
         self.vectors = np.zeros((self.capacity, self.dim), np.float32)
@@ -126,7 +194,7 @@ class _Items:
             r = self.free.pop()
         else:
             if self.used == self.capacity:
-                self._grow(max(2 * self.capacity, 64))
+                self._grow(min(max(2 * self.capacity, 64), self.limit))
             r = self.used
             self.used += 1
             self.id_of.append(None)
@@ -134,8 +202,13 @@ class _Items:
         self.id_of[r] = item
         return r
 
+    def touch(self, item: str) -> None:
+        self.order[item] = None
+        self.order.move_to_end(item)
+
     def remove(self, item: str) -> None:
         r = self.row_of.pop(item)
+        self.order.pop(item, None)
         self.id_of[r] = None
         self.live[r] = False
         self.vectors[r] = 0.0
@@ -157,6 +230,8 @@ class EmbeddingIndex:
     consumer has reached them. Reads take a lock, so they are safe from any thread while the index follows the topic.
     ``isolation_level`` is ``read_committed`` by default, so records of an aborted or open transaction of the job's
     exactly-once mode are never served. ``client_properties`` go to the consumer as they are (security settings).
+    No record stops the index: a malformed one is skipped and counted by reason (``malformed_reasons``), and the
+    ids it keeps are bounded by ``config`` (:class:`ServingConfig`).
     """
 
     def __init__(
@@ -167,6 +242,7 @@ class EmbeddingIndex:
         client_properties: dict[str, str] | None = None,
         poll_timeout_s: float = 0.2,
         max_batch: int = 5_000,
+        config: ServingConfig | None = None,
     ) -> None:
         if isolation_level not in ISOLATION_LEVELS:
             raise ValueError(f"serving: isolation_level must be one of {ISOLATION_LEVELS}, got {isolation_level!r}")
@@ -176,17 +252,29 @@ class EmbeddingIndex:
         self.client_properties = dict(client_properties or {})
         self.poll_timeout_s = poll_timeout_s
         self.max_batch = max_batch
-        self.counts = {"records": 0, "applied": 0, "stale": 0, "tombstones": 0, "malformed": 0}
+        self.config = config if config is not None else ServingConfig()
+        self.counts = {"records": 0, "applied": 0, "stale": 0, "tombstones": 0, "malformed": 0, "evicted": 0,
+                       "forgotten": 0, "popular_rebuilds": 0, "watermark_errors": 0}
+        self.malformed_reasons: dict[str, int] = {}
+        self.last_malformed: dict[str, str] | None = None
         self.error: str | None = None  # a fatal consumer error: the index stopped following the topic
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self._users: dict[str, UserVector] = {}
+        self._users: OrderedDict[str, UserVector] = OrderedDict()  # least recently updated first
         self._items: _Items | None = None
-        self._removed: dict[tuple[str, str], int] = {}  # (kind, id) -> version it had when a tombstone removed it
+        # (kind, id) -> version it had when a tombstone or the cap removed it; oldest first, at most max_removed
+        self._removed: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._dim: int | None = self.config.dim or None
         self._item_step = -1
+        self._popular: list[Scored] | None = None  # the cold-start answer, rebuilt after the items change
+        self._popular_k = 0
         self._positions: dict[int, int] = {}  # partition -> next offset to read
         self._start_ends: dict[int, int] = {}  # partition -> end offset when the index started
         self._at_eof: set[int] = set()
+        # partition -> (when seen, end offset) the index has not reached yet, oldest first: dates how far behind it is
+        self._behind: dict[int, deque[tuple[float, int]]] = {}
+        self._last_loop = time.monotonic()
+        self._last_check = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._consumer: Any = None
@@ -218,6 +306,7 @@ class EmbeddingIndex:
         self._consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in meta.partitions])
         log.info("serving: following %s from the beginning, end offsets at start %s (%s)", self.topic,
                  self._start_ends, self.isolation_level)
+        self._last_loop = self._last_check = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"serving-{self.topic}", daemon=True)
         self._thread.start()
         return self
@@ -241,6 +330,9 @@ class EmbeddingIndex:
         from confluent_kafka import KafkaError
 
         while not self._stop.is_set():
+            self._last_loop = time.monotonic()
+            if self._last_loop - self._last_check >= self.config.lag_check_s:
+                self._check_lag()
             try:
                 msgs = self._consumer.consume(self.max_batch, timeout=self.poll_timeout_s)
             except Exception as ex:  # noqa: BLE001 - reported through healthz, not lost in a thread
@@ -264,17 +356,66 @@ class EmbeddingIndex:
             if not msgs:
                 continue
             with self._changed:
-                try:
-                    self.apply(batch)
-                except Exception as ex:  # noqa: BLE001 - a bug; stop and report it through healthz
-                    self._fail(f"applying records: {ex!r}")
-                    return
+                self.apply(batch)  # skips what it cannot apply: no record stops the index
                 for p, nxt in last.items():
                     self._positions[p] = max(self._positions.get(p, 0), nxt)
                 for p, off in eof:  # past control records (transaction markers) too
                     self._positions[p] = max(self._positions.get(p, 0), off)
                     self._at_eof.add(p)
+                self._drain_behind()
                 self._changed.notify_all()
+
+    def _check_lag(self) -> None:
+        """Notes the topic's end offsets the index has not reached yet, with the time they were seen."""
+        from confluent_kafka import TopicPartition
+
+        now = time.monotonic()
+        self._last_check = now
+        ends: dict[int, int] = {}
+        for p in self._start_ends:
+            try:
+                _low, ends[p] = self._consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, p), timeout=min(5.0, self.config.lag_check_s), cached=False)
+            except Exception as ex:  # noqa: BLE001 - the broker may be away for a while: counted, tried again
+                with self._lock:
+                    self.counts["watermark_errors"] += 1
+                log.warning("serving: cannot read the end offsets of %s: %s", self.topic, ex)
+                return
+        with self._lock:
+            for p, end in ends.items():
+                seen = self._behind.setdefault(p, deque())
+                if end > self._positions.get(p, 0) and (not seen or seen[-1][1] < end):
+                    if len(seen) >= 64:  # keep the oldest: it dates the lag
+                        seen.pop()
+                    seen.append((now, end))
+            self._drain_behind()
+
+    def _drain_behind(self) -> None:
+        for p, seen in self._behind.items():
+            while seen and self._positions.get(p, 0) >= seen[0][1]:
+                seen.popleft()
+
+    def lag_s(self) -> float:
+        """How long the index has been behind the topic: the age of the oldest end offset seen and not yet reached."""
+        with self._lock:
+            oldest = min((seen[0][0] for seen in self._behind.values() if seen), default=None)
+        return 0.0 if oldest is None else time.monotonic() - oldest
+
+    def health(self) -> tuple[bool, str | None]:
+        """``(healthy, reason)``: unhealthy when stopped, still catching up, or behind the topic for too long."""
+        with self._lock:
+            if self.error is not None:
+                return False, f"the index stopped following {self.topic}: {self.error}"
+            if not self.ready:
+                return False, "the index is still catching up with the topic"
+            limit = self.config.max_lag_s
+            stalled = time.monotonic() - self._last_loop
+            if stalled > limit:
+                return False, f"the index has not read {self.topic} for {stalled:.0f}s (serving.max_lag_s {limit:g})"
+            lag = self.lag_s()
+            if lag > limit:
+                return False, f"the index has been behind {self.topic} for {lag:.0f}s (serving.max_lag_s {limit:g})"
+            return True, None
 
     def _fail(self, reason: str) -> None:
         log.error("serving: stopped following %s: %s", self.topic, reason)
@@ -310,59 +451,76 @@ class EmbeddingIndex:
     # ---- applying records ----
 
     def apply(self, records: Iterable[RawRecord]) -> None:
-        """Applies ``(key, value)`` records in topic order: newer versions replace, tombstones remove."""
+        """Applies ``(key, value)`` records in topic order: newer versions replace, tombstones remove; a record that
+        cannot be applied, whatever is wrong with it, is skipped and counted."""
         with self._lock:
             for key, value in records:
                 self.counts["records"] += 1
                 try:
                     self._apply_one(key, value)
-                except (ValueError, TypeError, KeyError, orjson.JSONDecodeError) as ex:
-                    self.counts["malformed"] += 1
-                    if self.counts["malformed"] <= 10:
-                        log.warning("serving: skipped a malformed record with key %r: %s", key, ex)
+                except Malformed as ex:
+                    self._skip(key, ex.reason, str(ex))
+                except Exception as ex:  # noqa: BLE001 - no record may stop the index; counted as "internal"
+                    self._skip(key, "internal", f"{type(ex).__name__}: {ex}")
+
+    def _skip(self, key: bytes | None, reason: str, detail: str) -> None:
+        self.counts["malformed"] += 1
+        self.malformed_reasons[reason] = self.malformed_reasons.get(reason, 0) + 1
+        shown = None if key is None else key[:100].decode("utf-8", "backslashreplace")
+        self.last_malformed = {"key": repr(shown), "reason": reason, "detail": detail[:300]}
+        if self.counts["malformed"] <= 10 or self.counts["malformed"] % 1000 == 0:
+            log.warning("serving: skipped malformed record %d with key %r: %s", self.counts["malformed"], shown,
+                        detail[:300])
 
     def _apply_one(self, key: bytes | None, value: bytes | None) -> None:
         if value is None:
-            if key is None:
-                raise ValueError("tombstone without a key")
-            kind, _, ident = key.decode().partition(":")
+            try:
+                kind, ident = self._parse_key(key, required=True)
+            except Malformed as ex:
+                raise Malformed("tombstone", str(ex)) from None
             self._remove(kind, ident)
             return
-        rec = orjson.loads(value)
-        if not isinstance(rec, dict):
-            raise ValueError(f"value is a {type(rec).__name__}, not an object")
-        kind, ident, version = rec["kind"], str(rec["id"]), int(rec["version"])
-        if key is not None and key.decode() != f"{kind}:{ident}":
-            raise ValueError(f"key does not match the value's kind and id {kind}:{ident}")
-        if kind == "user":
-            old = self._users.get(ident)
-            if self._stale(kind, ident, version, None if old is None else old.version):
-                return
-            seen = rec.get("seen")
-            self._users[ident] = UserVector(
-                ident, version, int(rec["step"]), float(rec["bias"]), _vector(rec["vector"], self._dim()),
-                None if seen is None else frozenset(str(s) for s in seen), int(rec.get("event_ts", -1)),
-                int(rec.get("events", 0)), int(rec.get("partition", -1)), int(rec.get("offset", -1)),
-            )
-        elif kind == "item":
-            vec = _vector(rec["vector"], self._dim())
-            items = self._items if self._items is not None else _Items(len(vec))
-            self._items = items
-            r = items.row_of.get(ident)
-            if self._stale(kind, ident, version, None if r is None else int(items.version[r])):
-                return
-            r = items.row(ident)
-            items.vectors[r] = vec
-            items.norms[r] = np.linalg.norm(vec)
-            items.bias[r] = float(rec["bias"])
-            items.version[r] = version
-            items.events[r] = int(rec.get("events", 0))
-            items.live[r] = True
-            self._item_step = max(self._item_step, int(rec["step"]))
+        rec = self._parse(key, value)  # validated in full before anything changes
+        if rec.kind == "user":
+            self._apply_user(rec)
         else:
-            raise ValueError(f"unknown kind {kind!r}")
-        self._removed.pop((kind, ident), None)
+            self._apply_item(rec)
+        if self._dim is None:
+            self._dim = len(rec.vector)
+        self._removed.pop((rec.kind, rec.id), None)
         self.counts["applied"] += 1
+
+    def _apply_user(self, rec: _Record) -> None:
+        old = self._users.get(rec.id)
+        if self._stale("user", rec.id, rec.version, None if old is None else old.version):
+            return
+        if old is None and len(self._users) >= self.config.max_users:
+            ident, evicted = self._users.popitem(last=False)
+            self._evicted("user", ident, evicted.version)
+        self._users[rec.id] = UserVector(rec.id, rec.version, rec.step, rec.bias, rec.vector, rec.seen, rec.event_ts,
+                                          rec.events, rec.partition, rec.offset)
+        self._users.move_to_end(rec.id)
+
+    def _apply_item(self, rec: _Record) -> None:
+        items = self._items if self._items is not None else _Items(len(rec.vector), limit=self.config.max_items)
+        self._items = items
+        r = items.row_of.get(rec.id)
+        if self._stale("item", rec.id, rec.version, None if r is None else int(items.version[r])):
+            return
+        if r is None and len(items.row_of) >= self.config.max_items:
+            oldest = next(iter(items.order))
+            self._evicted("item", oldest, int(items.version[items.row_of[oldest]]))
+            items.remove(oldest)
+        r = items.row(rec.id)
+        items.vectors[r] = rec.vector
+        items.norms[r] = np.linalg.norm(rec.vector)
+        items.bias[r] = rec.bias
+        items.version[r] = rec.version
+        items.events[r] = rec.events
+        items.live[r] = True
+        items.touch(rec.id)
+        self._item_step = max(self._item_step, rec.step)
+        self._popular = None
 
     def _stale(self, kind: str, ident: str, version: int, current: int | None) -> bool:
         floor = current if current is not None else self._removed.get((kind, ident))
@@ -374,15 +532,96 @@ class EmbeddingIndex:
     def _remove(self, kind: str, ident: str) -> None:
         self.counts["tombstones"] += 1
         if kind == "user" and ident in self._users:
-            self._removed[(kind, ident)] = self._users.pop(ident).version
+            self._remember(kind, ident, self._users.pop(ident).version)
         elif kind == "item" and self._items is not None and ident in self._items.row_of:
-            self._removed[(kind, ident)] = int(self._items.version[self._items.row_of[ident]])
+            self._remember(kind, ident, int(self._items.version[self._items.row_of[ident]]))
             self._items.remove(ident)
+            self._popular = None
 
-    def _dim(self) -> int | None:
-        if self._items is not None:
-            return self._items.dim
-        return next((len(u.vector) for u in self._users.values()), None)
+    def _evicted(self, kind: str, ident: str, version: int) -> None:
+        self.counts["evicted"] += 1
+        self._remember(kind, ident, version)
+        if kind == "item":
+            self._popular = None
+
+    def _remember(self, kind: str, ident: str, version: int) -> None:
+        """Remembers a removed id's version (bounded: the oldest memories go first)."""
+        self._removed[(kind, ident)] = version
+        self._removed.move_to_end((kind, ident))
+        while len(self._removed) > self.config.max_removed:
+            self._removed.popitem(last=False)
+            self.counts["forgotten"] += 1
+
+    # ---- validating records ----
+
+    def _parse_key(self, key: bytes | None, required: bool) -> tuple[str, str]:
+        if key is None:
+            if required:
+                raise Malformed("key", "no key")
+            return "", ""
+        try:
+            text = key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Malformed("key", "not UTF-8") from None
+        kind, sep, ident = text.partition(":")
+        if not sep or kind not in ("user", "item"):
+            raise Malformed("key", f"not '<user|item>:<id>': {text[:100]!r}")
+        self._check_id(ident, "key")
+        return kind, ident
+
+    def _check_id(self, ident: object, reason: str) -> None:
+        if not isinstance(ident, str) or not 0 < len(ident) <= self.config.max_id_length:
+            shown = repr(ident)[:100]
+            raise Malformed(reason, f"id must be a string of 1..{self.config.max_id_length} characters, got {shown}")
+
+    def _parse(self, key: bytes | None, value: bytes) -> _Record:
+        key_kind, key_id = self._parse_key(key, required=False)
+        try:
+            rec = orjson.loads(value)
+        except orjson.JSONDecodeError as ex:
+            raise Malformed("json", str(ex)[:200]) from None
+        if not isinstance(rec, dict):
+            raise Malformed("json", f"the value is a {type(rec).__name__}, not an object")
+        kind, ident = rec.get("kind"), rec.get("id")
+        if not isinstance(kind, str) or kind not in ("user", "item"):
+            raise Malformed("kind", f"kind must be 'user' or 'item', got {repr(kind)[:100]}")
+        self._check_id(ident, "id")
+        assert isinstance(ident, str)
+        if key is not None and (key_kind, key_id) != (kind, ident):
+            raise Malformed("key", f"the key {key_kind}:{key_id[:100]} does not match the value's {kind}:{ident[:100]}")
+        seen = rec.get("seen")
+        return _Record(
+            kind, ident,
+            version=_integer(rec, "version", None, 0, INT64_MAX),
+            step=_integer(rec, "step", None, -1, INT64_MAX),
+            bias=_number(rec.get("bias"), "bias", self.config.max_abs_value),
+            vector=self._vector(rec.get("vector")),
+            events=_integer(rec, "events", 0, 0, INT64_MAX),
+            seen=None if seen is None else self._seen(seen),
+            event_ts=_integer(rec, "event_ts", -1, -INT64_MAX - 1, INT64_MAX),
+            partition=_integer(rec, "partition", -1, -1, 2**31 - 1),
+            offset=_integer(rec, "offset", -1, -1, INT64_MAX),
+        )
+
+    def _vector(self, values: object) -> np.ndarray:
+        dim = self._dim
+        if not isinstance(values, list) or not 0 < len(values) <= self.config.max_dim:
+            raise Malformed("vector", f"must be a list of 1..{self.config.max_dim} numbers, got {repr(values)[:100]}")
+        if dim is not None and len(values) != dim:
+            raise Malformed("vector", f"has {len(values)} values, expected {dim}")
+        if not all(type(v) is float or type(v) is int for v in values):
+            raise Malformed("vector", "holds a value that is not a number")
+        vec = np.array(values, np.float64)
+        if not np.isfinite(vec).all() or float(np.abs(vec).max()) > self.config.max_abs_value:
+            raise Malformed("vector", f"holds a value that is not finite or beyond +-{self.config.max_abs_value:g}")
+        return vec.astype(np.float32)
+
+    def _seen(self, seen: object) -> tuple[str, ...]:
+        limit = self.config.max_id_length
+        if (not isinstance(seen, list) or len(seen) > self.config.max_seen
+                or not all(isinstance(s, str) and len(s) <= limit for s in seen)):
+            raise Malformed("seen", f"must be a list of at most {self.config.max_seen} ids, got {repr(seen)[:100]}")
+        return tuple(dict.fromkeys(seen))  # a tuple: far smaller than a set, and only iterated
 
     # ---- reading ----
 
@@ -426,7 +665,7 @@ class EmbeddingIndex:
         with self._lock:
             u, it = self._users.get(user), self._items
             if u is None:
-                return Recommendation(user, self._popular(n), True, None, None, self._item_step)
+                return Recommendation(user, self._popular_top(n), True, None, None, self._item_step)
             if it is None:
                 return Recommendation(user, [], False, u.version, u.step, self._item_step,
                                       seen_published=u.seen is not None)
@@ -442,7 +681,16 @@ class EmbeddingIndex:
             return Recommendation(user, items, False, u.version, u.step, self._item_step, excluded,
                                   u.seen is not None)
 
-    def _popular(self, n: int) -> list[Scored]:
+    def _popular_top(self, n: int) -> list[Scored]:
+        """The ``n`` most popular items, from the cached answer: rebuilt only after the items changed (or for an
+        ``n`` beyond the one it was built for), not on every request."""
+        if self._popular is None or n > self._popular_k:
+            self._popular_k = max(n, self._popular_k, 100)
+            self._popular = self._rank_popular(self._popular_k)
+            self.counts["popular_rebuilds"] += 1
+        return self._popular[:n]
+
+    def _rank_popular(self, n: int) -> list[Scored]:
         """The ``n`` items trained on the most events, ties by id for a stable answer (score = events)."""
         it = self._items
         if it is None or not it.live.any():
@@ -451,8 +699,9 @@ class EmbeddingIndex:
         events = it.events[live]  # (L,)
         k = min(n, len(live))
         kth = np.partition(events, len(events) - k)[len(events) - k]
-        candidates = live[events >= kth].tolist()
-        order = sorted(candidates, key=lambda r: (-int(it.events[r]), str(it.id_of[r])))[:n]
+        above = live[events > kth].tolist()
+        ties = heapq.nsmallest(k - len(above), live[events == kth].tolist(), key=lambda r: str(it.id_of[r]))
+        order = sorted(above, key=lambda r: (-int(it.events[r]), str(it.id_of[r]))) + ties
         return [Scored(str(it.id_of[r]), float(it.events[r]), int(it.version[r])) for r in order]
 
     def similar(self, item: str, n: int = 10) -> Similar:
@@ -472,17 +721,38 @@ class EmbeddingIndex:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
+            healthy, reason = self.health()
             return {
                 "topic": self.topic,
+                "healthy": healthy,
+                "reason": reason,
                 "ready": self.ready,
                 "error": self.error,
+                "lag_s": round(self.lag_s(), 3),
                 "users": len(self._users),
                 "items": len(self._items.row_of) if self._items is not None else 0,
+                "removed_remembered": len(self._removed),
                 "item_step": self._item_step,
                 "positions": {str(p): o for p, o in sorted(self._positions.items())},
                 "end_offsets_at_start": {str(p): o for p, o in sorted(self._start_ends.items())},
                 **self.counts,
+                "malformed_reasons": dict(sorted(self.malformed_reasons.items())),
+                "last_malformed": self.last_malformed,
             }
+
+
+def _integer(rec: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int:
+    """An integer field in ``lo..hi`` (a bool, float or string is not one); ``default`` when absent, if allowed."""
+    value = rec.get(name, default)
+    if type(value) is not int or not lo <= value <= hi:
+        raise Malformed(name, f"must be an integer in {lo}..{hi}, got {repr(value)[:100]}")
+    return value
+
+
+def _number(value: object, name: str, limit: float) -> float:
+    if type(value) not in (int, float) or not abs(float(value)) <= limit:  # type: ignore[arg-type]
+        raise Malformed(name, f"must be a number within +-{limit:g}, got {repr(value)[:100]}")
+    return float(value)  # type: ignore[arg-type]
 
 
 def _top(scores: np.ndarray, n: int, it: _Items) -> list[Scored]:
@@ -494,15 +764,6 @@ def _top(scores: np.ndarray, n: int, it: _Items) -> list[Scored]:
     best = best[np.argsort(-scores[best], kind="stable")]
     best = best[np.isfinite(scores[best])][:k]
     return [Scored(str(it.id_of[r]), float(scores[r]), int(it.version[r])) for r in best]
-
-
-def _vector(values: Any, dim: int | None) -> np.ndarray:
-    vec = np.asarray(values, np.float32)
-    if vec.ndim != 1 or (dim is not None and len(vec) != dim):
-        raise ValueError(f"vector of shape {vec.shape}, expected ({dim},)")
-    if not np.isfinite(vec).all():
-        raise ValueError("vector has non-finite values")
-    return vec
 
 
 def _check_n(n: int) -> None:

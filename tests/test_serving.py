@@ -2,7 +2,9 @@
 acceptance test: new events for a user change what the service answers while the real job runs."""
 from __future__ import annotations
 
+import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,7 +21,7 @@ from flink_job.produce import send
 from flink_job import recommend
 from flink_job.recommend import RecommendServer
 from flink_job.runner import LocalJob
-from flink_job.serving import EmbeddingIndex, example_record
+from flink_job.serving import EmbeddingIndex, ServingConfig, example_record
 from flink_job.topics import end_offsets
 
 pytestmark = pytest.mark.integration
@@ -99,8 +101,8 @@ class Changelog:
 
 
 @contextmanager
-def following(cfg: JobConfig) -> Iterator[EmbeddingIndex]:
-    with EmbeddingIndex(cfg.kafka.bootstrap, cfg.kafka.embeddings_topic) as index:
+def following(cfg: JobConfig, config: ServingConfig | None = None) -> Iterator[EmbeddingIndex]:
+    with EmbeddingIndex(cfg.kafka.bootstrap, cfg.kafka.embeddings_topic, config=config) as index:
         yield index
 
 
@@ -290,9 +292,149 @@ def test_read_committed_serves_only_committed_transactions(topics) -> None:
     transaction("committed", True)
     transaction("aborted", False)
     transaction("open", None)
-    with following(cfg) as index:
+    with following(cfg, ServingConfig(max_lag_s=1.0, lag_check_s=0.1)) as index:
         index.wait_until(lambda ix: ix.ready, timeout=30)
         assert index.item_ids() == ["committed"]
+        time.sleep(2.0)  # an open transaction is not data the index could have read: it is not behind
+        assert index.health() == (True, None) and index.lag_s() < 0.5
         producer.commit_transaction(30)
         index.wait_until(lambda ix: "open" in ix.item_ids(), timeout=30)
         assert index.item_ids() == ["committed", "open"]
+
+
+def _produce_raw(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes | None]]) -> None:
+    from confluent_kafka import Producer
+
+    failed: list[Any] = []
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "batch.size": 100_000})
+    for key, value in records:
+        producer.produce(topic, value, key, on_delivery=lambda err, _msg: err and failed.append(err))
+    assert producer.flush(30) == 0 and not failed
+
+
+def _hostile_embeddings(keyless: bool = False) -> list[tuple[bytes | None, bytes | None]]:
+    """Embedding records that are each malformed in their own way (after valid records fixed the dimension); with
+    ``keyless``, also records without a key (which a compacted topic refuses)."""
+    good = orjson.loads(example_record("item", "i1", 50, [0.5] * DIM, events=7))
+
+    def item(**change: Any) -> tuple[bytes, bytes]:
+        return b"item:i1", json.dumps({**good, **change}).encode()  # json: integers beyond 64 bits, NaN
+
+    def user(**change: Any) -> tuple[bytes, bytes]:
+        return b"user:u1", json.dumps({**good, "kind": "user", "id": "u1", **change}).encode()
+
+    deep = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+    return [
+        item(version=2**63), item(version=2**64 - 1), user(version=2**63), item(version=2**64), item(version=1e30),
+        item(version=-1), item(version="7"), item(version=1.5), item(version=True), item(version=None),
+        item(events=2**63), item(events=-3), user(events=2**63), item(step=2**63), user(step=-2),
+        item(bias=1e39), item(bias=1e300), user(bias=-1e300), item(bias="x"), item(bias=None), item(bias=[1]),
+        item(vector=[1.0] * (DIM + 1)), user(vector=[1.0] * (DIM - 1)), item(vector=[]), item(vector=[1e39] * DIM),
+        user(vector=[0.0, "a", 0.0, 0.0]), item(vector=[[1.0] * DIM]), item(vector={"a": 1}), item(vector=None),
+        item(vector=[True] * DIM), item(vector=[1.0] * 100_000),
+        (b"item:i1", b"{not json"), (b"item:i1", b""), (b"item:i1", b"\xff\xfe{}"), (b"item:i1", deep),
+        (b"item:i1", b"[1, 2]"), (b"item:i1", b'"item"'), (b"item:i1", b"42"), (b"item:i1", b"null"),
+        (b"item:\xff\xfe", orjson.dumps(good)), (b"item:other", orjson.dumps(good)),
+        item(kind="thing"), item(kind=["item"]), item(id=["i1"]), item(id=""), item(id="x" * 5_000),
+        item(id=17), user(seen="i1"), user(seen=[1, 2]), user(seen=["i"] * 100_000), user(seen={"i1": 1}),
+        user(event_ts=2**70), user(partition="a"), user(offset=1e30), user(offset=2**64),
+        (b"\xff:\xfe", None), (b"gadget:g1", None), (b"no-colon", None), (b"item:", None),
+        item(**{"vector": [float("nan")] * DIM}), item(bias=float("inf")),
+    ] + ([(None, None), (None, orjson.dumps({**good, "kind": None}))] if keyless else [])
+
+
+def _get_text(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as ex:
+        return ex.code, ex.read().decode()
+
+
+def test_malformed_records_are_skipped_and_counted_and_never_stop_the_index(topics) -> None:
+    """Every hostile record is skipped and counted, by reason; the valid records around them are all served, and an
+    index started again on the same topic (a restart) does the same. Before the fix, a version beyond int64 stopped
+    the index for good and every request got 503."""
+    cfg = topics("serve-hostile", input_partitions=1)
+    log = Changelog()  # also one "{not json" record
+    before = [(k.encode(), v) for k, v in log.records]
+    hostile = _hostile_embeddings()
+    log.records = []
+    rng = np.random.default_rng(11)
+    log.item("after", 2, rng, events=50_000)
+    log.user("u2", 5, rng)
+    log.user("usér/1", 1, rng)  # percent-encoded UTF-8 in URLs, and a slash
+    after = [(k.encode(), v) for k, v in log.records]
+    _produce_raw(cfg.kafka.bootstrap, cfg.kafka.embeddings_topic, before + hostile + after)
+
+    for _restart in range(2):
+        with following(cfg) as index, serving(index) as url:
+            index.wait_until(_caught_up(cfg.kafka.bootstrap, cfg.kafka.embeddings_topic), timeout=60)
+            assert index.error is None and index.ready
+            assert index.counts["malformed"] == len(hostile) + 1
+            assert index.item_ids() == sorted(log.items)
+            assert index.user_ids() == sorted(log.users)
+            assert index.item("i1") is not None and index.item("i1")[0] == 1  # no hostile record replaced it
+            assert index.user_version("u1") == 2 and index.user_version("u2") == 5
+
+            status, health = _get(f"{url}/healthz")
+            assert status == 200 and health["healthy"] and health["malformed"] == len(hostile) + 1
+            assert sum(health["malformed_reasons"].values()) == health["malformed"]
+            assert {"version", "bias", "vector", "json", "key", "id", "seen", "tombstone"} <= set(
+                health["malformed_reasons"])
+            status, metrics = _get_text(f"{url}/metrics")
+            assert status == 200
+            assert f'streamrec_serving_records_total{{outcome="malformed"}} {len(hostile) + 1}' in metrics
+            assert 'streamrec_serving_malformed_total{reason="vector"}' in metrics
+
+            status, body = _get(f"{url}/recommend?user=u1&n=3")
+            assert status == 200 and body["user_version"] == 2
+            assert [s["id"] for s in body["items"]] == [i for i, _ in log.expected_top("u1", 3)]
+            assert _get(f"{url}/recommend?user=stranger&n=1")[1]["items"][0]["id"] == "after"
+            for path in ("/recommend/us%C3%A9r%2F1", "/recommend?user=us%C3%A9r%2F1&n=5"):
+                status, body = _get(url + path)
+                assert status == 200 and not body["fallback"] and body["user"] == "usér/1", path
+                assert body["user_version"] == 1
+            status, body = _get(f"{url}/similar/i%34?n=2")
+            assert status == 200 and body["item"] == "i4"
+            for bad in ("/recommend/%FF%FE", "/recommend?user=%FF"):  # not UTF-8
+                status, body = _get(url + bad)
+                assert status == 400 and "UTF-8" in body["error"], bad
+
+
+class _Throttled(EmbeddingIndex):
+    """An index that applies every batch slowly while ``slow`` is set, so that it falls behind the topic."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.slow = threading.Event()
+
+    def apply(self, records: Any) -> None:
+        if self.slow.is_set():
+            time.sleep(0.2)
+        super().apply(records)
+
+
+def test_healthz_is_unhealthy_while_the_index_is_behind_the_topic_for_too_long(topics) -> None:
+    cfg = topics("serve-lag", input_partitions=1)
+    topic = cfg.kafka.embeddings_topic
+    _produce(cfg.kafka.bootstrap, topic, [(f"item:i{n}", example_record("item", f"i{n}", 1, [1.0] * DIM))
+                                           for n in range(10)])
+    index = _Throttled(cfg.kafka.bootstrap, topic, max_batch=5, config=ServingConfig(max_lag_s=1.5, lag_check_s=0.1))
+    with index, serving(index) as url:
+        index.wait_until(lambda ix: ix.ready, timeout=30)
+        assert _get(f"{url}/healthz")[0] == 200
+        index.slow.set()  # 200 records at 5 per 0.2 s: about 8 s behind
+        _produce(cfg.kafka.bootstrap, topic, [(f"item:j{n}", example_record("item", f"j{n}", 1, [1.0] * DIM))
+                                               for n in range(200)])
+        deadline = time.monotonic() + 20
+        while (answer := _get(f"{url}/healthz"))[0] == 200:
+            assert time.monotonic() < deadline, "never reported behind"
+            time.sleep(0.1)
+        status, health = answer
+        assert status == 503 and not health["healthy"] and "behind" in health["reason"] and health["lag_s"] > 1.5
+        assert _get(f"{url}/recommend?user=x")[0] == 200  # still answers, from what it has
+        index.slow.clear()
+        index.wait_until(_caught_up(cfg.kafka.bootstrap, topic), timeout=30)
+        status, health = _get(f"{url}/healthz")
+        assert status == 200 and health["healthy"] and health["reason"] is None and len(index.item_ids()) == 210
