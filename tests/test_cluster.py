@@ -159,7 +159,7 @@ def test_a_warm_start_model_shipped_with_pyarch(
     history.write_text("".join(f"h{k % 7}\t{k % 11}\t{1 + k % 5}\t{880000000 + k}\n" for k in range(400)))
     state = tmp_path / "state.bin"
     warm_start(["--input", str(history), "--out", str(state), "--epochs", "3", "--batch-size", "50"])
-    pretrained = OnlineBiasedMF.from_bytes(state.read_bytes()).step
+    pretrained = OnlineBiasedMF.from_file_bytes(state.read_bytes()).step
     assert pretrained >= 20
     archive = tmp_path / "warm.zip"
     with zipfile.ZipFile(archive, "w") as zf:
