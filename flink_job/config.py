@@ -273,6 +273,11 @@ class FlinkConfig:
     restart_initial_backoff_ms: int = 1_000
     restart_max_backoff_ms: int = 60_000
     restart_attempts: int = 0  # consecutive failed attempts before the job fails for good; 0: keep trying
+    # Consecutive failed checkpoints (checkpoint storage unwritable, a checkpoint timing out) the job rides out
+    # without failing over (execution.checkpointing.tolerable-failed-checkpoints, Flink's default 0); -1: any
+    # number. A restart cannot mend the storage, and restores from it, so the job keeps training and checkpoints
+    # again when the storage returns; failed checkpoints show in the REST API and metrics.
+    tolerable_failed_checkpoints: int = -1
     connector_jar: str = ""  # empty: the jar fetched by deploy/jars.py
     udf_jar: str = ""  # the job's Java SQL function (flink_job/jvm); empty: built by deploy/jars.py
     job_name: str = "streamrec"
@@ -284,6 +289,9 @@ class FlinkConfig:
             raise ValueError(f"config: flink.python_execution_mode is process or thread, got {self.python_execution_mode!r}")
         if self.state_snapshot_interval_ms < 0:
             raise ValueError(f"config: flink.state_snapshot_interval_ms must be >= 0, got {self.state_snapshot_interval_ms}")
+        if self.tolerable_failed_checkpoints < -1:
+            raise ValueError(f"config: flink.tolerable_failed_checkpoints must be >= 0, or -1 for any number, "
+                             f"got {self.tolerable_failed_checkpoints}")
 
 
 # What the training stage's behaviour depends on (flink_job.train): a restore replays logged calls under the
