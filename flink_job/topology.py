@@ -67,7 +67,7 @@ def flink_configuration(cfg: JobConfig, jars: list[Path]) -> Configuration:
     checkpoints = checkpoint_uri(cfg)
     if checkpoints:
         settings["execution.checkpointing.dir"] = checkpoints
-    settings.update({str(k): str(v) for k, v in cfg.flink.options.items()})
+    settings.update(cfg.flink.resolved_options())
     for key, value in settings.items():
         conf.set_string(key, value)
     return conf
