@@ -370,7 +370,7 @@ class SessionCluster:
         ``detached=False`` waits (up to ``timeout_s``) for the job to end, which a streaming job does not do.
         ``archives``: ``-pyarch`` entries, ``path.zip`` or ``path.zip#dir``; Flink extracts each into the Python
         workers' working directory (under ``dir``), so the job reaches their files by relative paths, e.g. a
-        warm-start model as ``flink.initial_model=dir/state.bin``, or a whole venv with ``pyexec`` (the workers'
+        warm-start model as ``flink.initial_model=dir/state.npz``, or a whole venv with ``pyexec`` (the workers'
         interpreter, default this cluster's ``worker_launcher``) pointing into it, e.g. ``venv/bin/python``.
 
         The client runs from the project directory, so it resolves the connector jar and default paths there;
