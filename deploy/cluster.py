@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from flink_job.secrets import redacted_args, write_private
+
 log = logging.getLogger(__name__)
 PROJECT = Path(__file__).resolve().parent.parent
 RUN_DIR = PROJECT / ".run" / "flink-cluster"
@@ -152,6 +154,7 @@ class SessionCluster:
 
     def write_conf(self) -> None:
         """A fresh copy of PyFlink's conf/ with ``settings()`` applied; the installed conf/ stays as it is."""
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # logs, conf and checkpoints: the owner's only
         shutil.rmtree(self.conf_dir, ignore_errors=True)
         shutil.copytree(flink_home() / "conf", self.conf_dir)
         conf_file = self.conf_dir / "config.yaml"
@@ -160,7 +163,9 @@ class SessionCluster:
         # Clients, JobManager and TaskManager leave their scratch files in the run dir rather than in /tmp.
         tmpdir = f"-Djava.io.tmpdir={self.run_dir / 'tmp'}"
         conf["env.java.opts.all"] = f"{conf.get('env.java.opts.all', '')} {tmpdir}".strip()
-        conf_file.write_text(yaml.safe_dump(conf, sort_keys=True, width=10_000))
+        # Settings reach the daemons through this file, never as -D options on their command lines; Flink hides
+        # the values of its secret keys (password, secret, token, ...) when it logs the file.
+        write_private(conf_file, yaml.safe_dump(conf, sort_keys=True, width=10_000))
         # lib/ as shipped plus opt/flink-python: the JobManager and TaskManagers need the Python operators on
         # their own class path (Flink's advice for clusters running Python jobs); symlinks, not copies.
         shutil.rmtree(self.lib_dir, ignore_errors=True)
@@ -202,7 +207,7 @@ class SessionCluster:
                              timeout=timeout_s, start_new_session=True)
         if res.returncode != 0:
             raise RuntimeError(
-                f"cluster: {name} {' '.join(args)} exited with {res.returncode}; logs in {self.log_dir}\n"
+                f"cluster: {name} {' '.join(redacted_args(args))} exited with {res.returncode}; logs in {self.log_dir}\n"
                 f"{res.stdout[-4000:]}{res.stderr[-4000:]}"
             )
         return res
@@ -365,7 +370,7 @@ class SessionCluster:
         ``detached=False`` waits (up to ``timeout_s``) for the job to end, which a streaming job does not do.
         ``archives``: ``-pyarch`` entries, ``path.zip`` or ``path.zip#dir``; Flink extracts each into the Python
         workers' working directory (under ``dir``), so the job reaches their files by relative paths, e.g. a
-        warm-start model as ``flink.initial_model=dir/state.bin``, or a whole venv with ``pyexec`` (the workers'
+        warm-start model as ``flink.initial_model=dir/state.npz``, or a whole venv with ``pyexec`` (the workers'
         interpreter, default this cluster's ``worker_launcher``) pointing into it, e.g. ``venv/bin/python``.
 
         The client runs from the project directory, so it resolves the connector jar and default paths there;
@@ -386,11 +391,37 @@ class SessionCluster:
         # code has no deploy/.jars: it takes the jars resolved here (jars in the job's config still win).
         from deploy.jars import CONNECTOR_JAR_ENV, UDF_JAR_ENV, connector_jar, udf_jar
 
-        res = self._script("flink", *cmd, "--", *job_args, timeout_s=timeout_s,
-                           env={CONNECTOR_JAR_ENV: str(connector_jar()), UDF_JAR_ENV: str(udf_jar())})
+        private = self.private_job_args(job_args)
+        try:
+            res = self._script("flink", *cmd, "--", *private, timeout_s=timeout_s,
+                               env={CONNECTOR_JAR_ENV: str(connector_jar()), UDF_JAR_ENV: str(udf_jar())})
+        finally:
+            if private != job_args:  # the job's main has run: its plan, settings included, is on the cluster
+                Path(private[1]).unlink(missing_ok=True)
         job_id = parse_job_id(res.stdout + res.stderr)
         log.info("cluster: submitted job %s%s", job_id, f" from {savepoint}" if savepoint else "")
         return job_id
+
+    def private_job_args(self, job_args: list[str]) -> list[str]:
+        """``job_args`` with their ``--set`` overrides moved into a configuration file only the owner reads, so that
+        no setting (a secret among them) shows on the command lines of ``flink run`` and of the job's client
+        process: ``["--config", FILE]``. Without overrides they are returned as they are.
+
+        The file is the ``--config`` file (a relative path is taken from the project directory, where ``flink run``
+        runs) with the overrides applied; ``STREAMREC__*`` variables still apply after it in the job process.
+        """
+        from flink_job.config import JobConfig, config_tree
+        from flink_job.job import parse_args
+
+        args = parse_args(job_args)
+        if not args.overrides:
+            return job_args
+        config = None if args.config is None else (args.config if args.config.is_absolute() else PROJECT / args.config)
+        JobConfig.load(config, args.overrides)  # a bad setting fails here, with its clear message, before flink run
+        path = self.run_dir / "submit" / f"job-{os.getpid()}-{time.monotonic_ns()}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private(path, yaml.safe_dump(config_tree(config, args.overrides)))
+        return ["--config", str(path)]
 
     def rest(self, method: str, path: str, body: dict[str, Any] | None = None, timeout_s: float = 10.0) -> Any:
         """One call of Flink's REST API; JSON in and out."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy.jars import kafka_classpath
+from flink_job.secrets import write_private
 
 log = logging.getLogger(__name__)
 PROJECT = Path(__file__).resolve().parent.parent
@@ -126,9 +127,9 @@ class Broker:
             return
         if _port_open(self.port):
             raise RuntimeError(f"kafka: port {self.port} is taken by another process; pick another with --port")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         props = self.run_dir / "server.properties"
-        props.write_text(self.properties())
+        write_private(props, self.properties())  # it holds the SASL users' passwords
         (self.run_dir / "log4j2.properties").write_text(LOG4J.format(log_file=self.run_dir / "broker.log"))
         cp = kafka_classpath()
         java = shutil.which("java") or "java"

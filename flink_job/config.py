@@ -273,10 +273,17 @@ class FlinkConfig:
     restart_initial_backoff_ms: int = 1_000
     restart_max_backoff_ms: int = 60_000
     restart_attempts: int = 0  # consecutive failed attempts before the job fails for good; 0: keep trying
+    # Consecutive failed checkpoints (checkpoint storage unwritable, a checkpoint timing out) the job rides out
+    # without failing over (execution.checkpointing.tolerable-failed-checkpoints, Flink's default 0); -1: any
+    # number. A restart cannot mend the storage, and restores from it, so the job keeps training and checkpoints
+    # again when the storage returns; failed checkpoints show in the REST API and metrics.
+    tolerable_failed_checkpoints: int = -1
     connector_jar: str = ""  # empty: the jar fetched by deploy/jars.py
     udf_jar: str = ""  # the job's Java SQL function (flink_job/jvm); empty: built by deploy/jars.py
     job_name: str = "streamrec"
     # Further Flink configuration entries, applied after the job's own (``{"taskmanager.memory.network.max": "256m"}``).
+    # A value may be, or hold, a ${env:NAME} or ${file:PATH} reference, resolved only into the job's Flink
+    # configuration; values of secret keys (flink_job.secrets.is_redacted) are hidden in logs and repr.
     options: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -284,6 +291,26 @@ class FlinkConfig:
             raise ValueError(f"config: flink.python_execution_mode is process or thread, got {self.python_execution_mode!r}")
         if self.state_snapshot_interval_ms < 0:
             raise ValueError(f"config: flink.state_snapshot_interval_ms must be >= 0, got {self.state_snapshot_interval_ms}")
+        if self.tolerable_failed_checkpoints < -1:
+            raise ValueError(f"config: flink.tolerable_failed_checkpoints must be >= 0, or -1 for any number, "
+                             f"got {self.tolerable_failed_checkpoints}")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"config: flink.options must be a mapping of Flink settings, got {type(self.options).__name__}")
+        for key, value in self.options.items():
+            try:
+                secrets.resolve(str(value), str(key), section="flink.options")  # a missing variable or file fails here
+            except ValueError as ex:
+                raise ValueError(f"config: {ex}") from None
+
+    def __repr__(self) -> str:
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["options"] = secrets.redacted(self.options)
+        return f"FlinkConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    def resolved_options(self) -> dict[str, str]:
+        """``options`` as strings with their ${env:..}/${file:..} references resolved: for the Flink configuration
+        only, never for logs."""
+        return {str(k): secrets.resolve(str(v), str(k), section="flink.options") for k, v in self.options.items()}
 
 
 # What the training stage's behaviour depends on (flink_job.train): a restore replays logged calls under the
@@ -304,20 +331,8 @@ class JobConfig:
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
         """Defaults, then the YAML file, then ``STREAMREC__SECTION__KEY`` environment variables, then overrides."""
-        tree: dict[str, dict[str, Any]] = {}
-        if path:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ValueError(f"config: {path} must hold a mapping of sections, got {type(loaded).__name__}")
-            tree = {k: dict(v or {}) for k, v in loaded.items()}
         env = [f"{k[11:].lower().replace('__', '.')}={v}" for k, v in os.environ.items() if k.startswith("STREAMREC__")]
-        for item in env + list(overrides or []):
-            key, sep, raw = item.partition("=")
-            section, dot, name = key.strip().partition(".")
-            if not sep or not dot:
-                raise ValueError(f"config: override must look like section.key=value, got {item!r}")
-            tree.setdefault(section, {})[name] = yaml.safe_load(raw)
-        return cls._build(tree)
+        return cls._build(config_tree(path, env + list(overrides or [])))
 
     @classmethod
     def _build(cls, tree: dict[str, dict[str, Any]]) -> JobConfig:
@@ -360,6 +375,27 @@ class JobConfig:
             sections[name] = dataclasses.replace(section, **{k: v for k, v in settings.get(name, {}).items()
                                                             if k in known})
         return dataclasses.replace(self, **sections)
+
+
+def config_tree(path: str | Path | None, overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """The YAML file's sections (if any) with ``section.key=value`` overrides applied, not yet validated.
+
+    >>> config_tree(None, ["batch.size=7", "flink.options={a: 1}"])
+    {'batch': {'size': 7}, 'flink': {'options': {'a': 1}}}
+    """
+    tree: dict[str, dict[str, Any]] = {}
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config: {path} must hold a mapping of sections, got {type(loaded).__name__}")
+        tree = {k: dict(v or {}) for k, v in loaded.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"config: override must look like section.key=value, got {key.strip()!r}=...")
+        tree.setdefault(section, {})[name] = yaml.safe_load(raw)
+    return tree
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

@@ -23,6 +23,7 @@ import orjson
 import yaml
 
 from flink_job.config import PROJECT_ROOT, JobConfig
+from flink_job.secrets import open_private_log, write_private
 from flink_job.topics import Follower
 
 log = logging.getLogger(__name__)
@@ -154,10 +155,12 @@ class JobProcess(LocalJob):
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        # The settings travel in a file only its owner reads, never on the command line: flink.options may hold
+        # literal secrets (Kafka secrets are ${env:..}/${file:..} references, resolved in the job process).
         config = self.log_path.with_suffix(".yaml")
-        config.write_text(yaml.safe_dump(self.cfg.to_dict()))
+        write_private(config, yaml.safe_dump(self.cfg.to_dict()))
         self.result.submitted_at = time.time()  # here start-up includes the process's JVM and planning
-        with self.log_path.open("ab") as out:
+        with os.fdopen(open_private_log(self.log_path), "ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "flink_job", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, env=_client_environment(),

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 # ${env:NAME} or ${file:PATH}; "$${" is a literal "${".
@@ -41,6 +41,10 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # librdkafka names). Such a value must be a reference: a literal there fails validation.
 _SENSITIVE = ("password", "secret", "jaas", "token", "credential", "apikey", "api.key", "keystore.key", ".pem")
 _NOT_SENSITIVE = ("ssl.ca.pem", "ssl.certificate.pem")  # public certificates
+# Further names whose values are hidden in logs, though a literal is allowed there (Flink options, and Kafka
+# settings that may or may not hold a secret): key files and private keys, passphrases, OAuth settings.
+_REDACTED = ("passphrase", "oauthbearer.config", "private", "ssl.key.", "account.key", "access-key", "access.key")
+_NOT_REDACTED_SUFFIXES = (".location", ".type", ".algorithm")  # paths and algorithm names, not secrets
 
 # Java client settings that librdkafka does not have (it would refuse to start): dropped for the Python clients.
 # The JAAS line is translated instead (see librdkafka_properties); a JKS/PKCS#12 truststore has no librdkafka
@@ -93,6 +97,44 @@ def is_sensitive(key: str) -> bool:
     return k not in _NOT_SENSITIVE and any(s in k for s in _SENSITIVE)
 
 
+def is_redacted(key: str) -> bool:
+    """Whether ``key``'s value is hidden wherever settings are shown (logs, errors, ``repr``): the secret keys of
+    ``is_sensitive`` and any key that may hold a secret or a key (``*passphrase*``, ``ssl.key.*``, ``*.key``,
+    ``*-key``, ``sasl.oauthbearer.config``); paths to key files stay visible.
+
+    >>> [is_redacted(k) for k in ("s3.secret-key", "fs.azure.account.key.acct", "my.passphrase", "ssl.key.pem",
+    ...                           "sasl.oauthbearer.config", "ssl.key.location", "rest.port", "key.fields")]
+    [True, True, True, True, True, False, False, False]
+    """
+    k = key.lower()
+    if k.endswith(_NOT_REDACTED_SUFFIXES) and not is_sensitive(k):
+        return False
+    return (is_sensitive(k) or any(s in k for s in _REDACTED)
+            or k.endswith(("key", ".key", "-key", "_key")) or ".key." in k)
+
+
+def redacted_value(key: str, value: object) -> object:
+    """``value`` as logs may show it: for a key of ``is_redacted``, only the references it names."""
+    if not is_redacted(key):
+        return value
+    return f"<secret {' '.join(references(str(value))) or 'literal'}>"
+
+
+def redacted_args(args: Sequence[str]) -> list[str]:
+    """A command line fit for logs: ``key=value`` and YAML mappings after ``--set`` keep their keys, and any value
+    that follows a key of ``is_redacted`` is hidden.
+
+    >>> redacted_args(["--set", "flink.options={s3.secret-key: abc, rest.port: 1}", "--set", "a.password=x"])
+    ['--set', 'flink.options={s3.secret-key: <secret>, rest.port: 1}', '--set', 'a.password=<secret>']
+    """
+    return [_REDACT_IN_ARG.sub(lambda m: m.group(1) + ("<secret>" if is_redacted(m.group(2)) else m.group(3)), a)
+            for a in args]
+
+
+# key=value, key: value (YAML flow mappings): the key, and the value up to the next separator
+_REDACT_IN_ARG = re.compile(r"((?:^|[\s{,])([\w.$-]+)\s*(?:=|:\s+))([^,{}]*)")
+
+
 def references(value: str) -> list[str]:
     """The ``${env:..}``/``${file:..}`` references in ``value``, as written.
 
@@ -102,9 +144,10 @@ def references(value: str) -> list[str]:
     return [m.group(0) for m in _REFERENCE.finditer(value) if not m.group(1)]
 
 
-def resolve(value: str, key: str, quote: Callable[[str], str] | None = None) -> str:
+def resolve(value: str, key: str, quote: Callable[[str], str] | None = None,
+            section: str = "kafka.client_properties") -> str:
     """``value`` with every reference replaced by the secret it names (passed through ``quote`` if given); raises
-    ``ValueError`` naming the key and the variable or file (never a value) if one is missing."""
+    ``ValueError`` naming ``section.key`` and the variable or file (never a value) if one is missing."""
 
     def one(m: re.Match[str]) -> str:
         secret = _lookup(m)
@@ -114,7 +157,7 @@ def resolve(value: str, key: str, quote: Callable[[str], str] | None = None) -> 
         if m.group(1):  # $${...}: a literal ${...}
             return m.group(0)[1:]
         kind, name = m.group(2), m.group(3)
-        where = f"kafka.client_properties.{key}"
+        where = f"{section}.{key}"
         if kind == "env":
             if not _ENV_NAME.fullmatch(name):
                 raise ValueError(f"{where}: ${{env:{name}}} is not a valid environment variable name")
@@ -171,9 +214,31 @@ def _check_literal_free(key: str, value: str) -> None:
         raise ValueError(message)
 
 
-def redacted(props: Mapping[str, str]) -> dict[str, str]:
+def redacted(props: Mapping[str, object]) -> dict[str, object]:
     """``props`` fit for logs: secret values replaced by the references they come from."""
-    return {k: f"<secret {' '.join(references(v)) or 'literal'}>" if is_sensitive(k) else v for k, v in props.items()}
+    return {k: redacted_value(k, v) for k, v in props.items()}
+
+
+def write_private(path: Path, data: str | bytes) -> None:
+    """Writes ``path`` readable by its owner only (0600) from the first byte: settings files may hold secrets.
+    A new file replaces the old one, so an existing file's wider mode does not carry over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a leftover partial file of ours keeps the mode it had
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
+
+
+def open_private_log(path: Path) -> int:
+    """A file descriptor appending to ``path``, created 0600: a job's log may show settings."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
 
 def java_properties(props: Mapping[str, str]) -> dict[str, str]:

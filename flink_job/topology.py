@@ -45,6 +45,7 @@ def flink_configuration(cfg: JobConfig, jars: list[Path]) -> Configuration:
         "execution.checkpointing.storage": "filesystem",
         # Kept when the job is cancelled or fails for good, so it can be restarted from its last checkpoint.
         "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
+        "execution.checkpointing.tolerable-failed-checkpoints": str(tolerable_failed_checkpoints(cfg)),
         "state.backend.type": cfg.flink.state_backend,
         "table.exec.state.ttl": f"{cfg.clean.dedup_ttl_s} s",
         "python.fn-execution.bundle.time": str(cfg.flink.bundle_time_ms),
@@ -66,10 +67,21 @@ def flink_configuration(cfg: JobConfig, jars: list[Path]) -> Configuration:
     checkpoints = checkpoint_uri(cfg)
     if checkpoints:
         settings["execution.checkpointing.dir"] = checkpoints
-    settings.update({str(k): str(v) for k, v in cfg.flink.options.items()})
+    settings.update(cfg.flink.resolved_options())
     for key, value in settings.items():
         conf.set_string(key, value)
     return conf
+
+
+def tolerable_failed_checkpoints(cfg: JobConfig) -> int:
+    """Flink's count for ``flink.tolerable_failed_checkpoints``: its own "unlimited" is Integer.MAX_VALUE.
+
+    >>> tolerable_failed_checkpoints(JobConfig()), tolerable_failed_checkpoints(JobConfig.load(
+    ...     overrides=["flink.tolerable_failed_checkpoints=3"]))
+    (2147483647, 3)
+    """
+    n = cfg.flink.tolerable_failed_checkpoints
+    return 2**31 - 1 if n < 0 else n
 
 
 def submitted_by_flink() -> bool:

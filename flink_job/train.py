@@ -95,7 +95,8 @@ class TrainStage:
             cfg.clean.max_future_ms,
         )
         self.model = (
-            OnlineBiasedMF.from_bytes(Path(cfg.flink.initial_model).read_bytes(), cfg.model)
+            OnlineBiasedMF.from_file_bytes(Path(cfg.flink.initial_model).read_bytes(), cfg.model,
+                                           what=f"flink.initial_model {cfg.flink.initial_model}")
             if cfg.flink.initial_model else OnlineBiasedMF(cfg.model)
         )
         # (A,) weight per action code; an implicit action missing from the mapping weighs 1.

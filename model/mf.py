@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model import portable
 from model.arrays import Array, Rows
 from model.config import ModelConfig
 from model.idmap import FALLBACK_ROW, IdMap, Sightings
@@ -701,11 +702,36 @@ class OnlineBiasedMF:
             else:  # saved without the term (or another dim): rebuilt from the rings and the item vectors as they are
                 self._refresh_context(np.arange(1, self.users.size))
 
+    def file_bytes(self) -> bytes:
+        """``state_bytes`` in a format that cannot run code when read (``model.portable``), for files that other
+        processes load: the warm-start model. ``from_file_bytes`` restores it."""
+        state = pickle.loads(self.state_bytes())  # made just now, by this process
+        state["extras"] = pickle.loads(state["extras"])
+        return portable.dumps(state)
+
+    @classmethod
+    def from_file_bytes(cls, data: bytes, config: ModelConfig | None = None, what: str = "model file"
+                        ) -> OnlineBiasedMF:
+        """The model ``file_bytes`` wrote; never unpickles. Raises ``ValueError`` naming ``what`` for a pickle or
+        any other content it cannot use."""
+        state = portable.loads(data, what)
+        try:
+            return cls._from_state(state, config)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as ex:
+            raise ValueError(f"{what}: not a usable model state: {type(ex).__name__}: {ex}") from None
+
     @classmethod
     def from_bytes(cls, data: bytes, config: ModelConfig | None = None) -> OnlineBiasedMF:
         """The model as ``state_bytes`` saw it, under ``config`` (default: the saved one), which may differ: what
-        was learned is kept and the new settings apply from then on."""
+        was learned is kept and the new settings apply from then on. Pickle: only for the job's own state (its
+        Flink checkpoints); files from elsewhere go through ``from_file_bytes``."""
         state: dict[str, Any] = pickle.loads(data)
+        if "extras" in state:
+            state["extras"] = pickle.loads(state["extras"])
+        return cls._from_state(state, config)
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any], config: ModelConfig | None) -> OnlineBiasedMF:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"model: state version {state.get('version')} is not {STATE_VERSION}")
         old = ModelConfig(**state["config"])
@@ -723,7 +749,7 @@ class OnlineBiasedMF:
         for k, v in state["scalars"].items():  # freshly unpickled: shared with nobody
             setattr(m, k, v)
         m._grow()  # the per-row extras must cover every loaded row before they are filled
-        m._load_extras(pickle.loads(state["extras"]) if "extras" in state else None)
+        m._load_extras(state.get("extras"))
         m.reservoir = Reservoir.from_state(m.config.replay_size, state["reservoir"])
         m.generator.set_state(torch.from_numpy(state["torch_rng"]))
         m.rng.bit_generator.state = state["np_rng"]

@@ -2,10 +2,11 @@
 
 Reads either a delimited file of ``user item rating [ts]`` rows (tab, comma or space separated, like MovieLens'
 ``u.data``; ``ts`` in seconds, as there) or JSON lines in the job's event format (``user_id``, ``item_id``,
-``action``, ``value``, ``ts`` in ms). Events are trained in time order (stable), and the written file is exactly
-``OnlineBiasedMF.state_bytes()``.
+``action``, ``value``, ``ts`` in ms). Events are trained in time order (stable), and the written file is
+``OnlineBiasedMF.file_bytes()``: the model's whole state as a NumPy ``.npz`` archive, which the job reads without
+pickle (``model.portable``), so a file from elsewhere cannot run code in it.
 
-    python -m model.warm_start --input ../shared/datasets/ml-100k/u.data --out state.bin [--epochs 1] [--set dim=32]
+    python -m model.warm_start --input ../shared/datasets/ml-100k/u.data --out state.npz [--epochs 1] [--set dim=32]
 
 >>> import tempfile, os
 >>> path = os.path.join(tempfile.mkdtemp(), "log.tsv")
@@ -78,7 +79,7 @@ def warm_start(model: OnlineBiasedMF, data: Log, epochs: int = 1, batch_size: in
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="u.data-like delimited file or JSON lines of events")
-    p.add_argument("--out", required=True, help="where to write the model state (state_bytes)")
+    p.add_argument("--out", required=True, help="where to write the model state (.npz)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a ModelConfig field")
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     model = OnlineBiasedMF(ModelConfig(**settings))
     data = read_log(args.input)
     batches = warm_start(model, data, args.epochs, args.batch_size)
-    Path(args.out).write_bytes(model.state_bytes())
+    Path(args.out).write_bytes(model.file_bytes())
     log.info("warm start: %d events, %d batches, %d users, %d items -> %s", len(data.users), batches,
              len(model.users), len(model.items), args.out)
 

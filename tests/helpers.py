@@ -20,6 +20,7 @@ from deploy.cluster import ENDED, SessionCluster
 from deploy.kafka import Broker
 from flink_job.config import JobConfig
 from flink_job.generate import Record
+from flink_job.secrets import write_private
 from flink_job.topics import Follower, read_all
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ def job_args(cfg: JobConfig, tmp_path: Path) -> list[str]:
     tree = cfg.to_dict()
     tree["flink"]["job_name"] = f"streamrec-{cfg.kafka.group_id}"
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(tree))
+    write_private(path, yaml.safe_dump(tree))  # as one would deploy it: flink.options may hold secrets
     return ["--config", str(path)]
 
 

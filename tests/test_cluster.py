@@ -159,7 +159,7 @@ def test_a_warm_start_model_shipped_with_pyarch(
     history.write_text("".join(f"h{k % 7}\t{k % 11}\t{1 + k % 5}\t{880000000 + k}\n" for k in range(400)))
     state = tmp_path / "state.bin"
     warm_start(["--input", str(history), "--out", str(state), "--epochs", "3", "--batch-size", "50"])
-    pretrained = OnlineBiasedMF.from_bytes(state.read_bytes()).step
+    pretrained = OnlineBiasedMF.from_file_bytes(state.read_bytes()).step
     assert pretrained >= 20
     archive = tmp_path / "warm.zip"
     with zipfile.ZipFile(archive, "w") as zf:
@@ -178,4 +178,50 @@ def test_a_warm_start_model_shipped_with_pyarch(
         assert cluster.cancel(job_id) == "CANCELED"
     finally:
         stats.close()
+        cancel_if_running(cluster, job_id)
+
+
+def test_secrets_stay_off_the_command_lines_and_out_of_the_logs_of_the_cluster(
+    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path
+) -> None:
+    """A job submitted with secret Flink options given as ``--set`` overrides: while it is submitted and runs, no
+    process of the cluster (the ``flink run`` client, the job's Python client, the JobManager and TaskManager)
+    carries them on its command line, no log of the cluster shows them, and the cluster's config file is private."""
+    import secrets
+    import stat
+    import threading
+
+    secret = f"lit-{secrets.token_hex(8)}"
+    cfg = topics("cluster-secrets")
+    seen: dict[int, bytes] = {}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for pid in cluster.processes():
+                try:
+                    seen[pid] = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    overrides = ["--set", f"flink.options={{s3.secret-key: {secret}, streamrec.test.passphrase: {secret}-2}}"]
+    try:
+        job_id = submitted(cluster, job_args(cfg, tmp_path) + overrides)
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        sampler.join()
+    try:
+        assert cluster.job_status(job_id) == "RUNNING"
+        assert any(b"flink_job" in c and b"--config" in c for c in seen.values())  # the job's client was seen
+        for pid, cmdline in seen.items():
+            assert secret.encode() not in cmdline, (pid, cmdline)
+        for log in cluster.log_dir.glob("*"):
+            assert secret.encode() not in log.read_bytes(), log
+        assert stat.S_IMODE((cluster.conf_dir / "config.yaml").stat().st_mode) == 0o600
+        assert not list((cluster.run_dir / "submit").glob("*.yaml"))  # the private copy is gone once submitted
+    finally:
         cancel_if_running(cluster, job_id)

@@ -295,7 +295,7 @@ def test_pretrain_then_stream_and_the_cli_writes_a_loadable_state(tmp_path: Path
     assert int(m.event_counts("user", np.flatnonzero(m.users.live_mask())).sum()) == 500  # counted once
     out = tmp_path / "state.bin"
     warm_start_main(["--input", str(log), "--out", str(out), "--set", "dim=4", "--epochs", "2"])
-    loaded = OnlineBiasedMF.from_bytes(out.read_bytes())
+    loaded = OnlineBiasedMF.from_file_bytes(out.read_bytes())
     assert len(loaded.users) == len(set(data.users)) and loaded.config.dim == 4
     jl = tmp_path / "events.jsonl"
     jl.write_text('{"user_id":"u1","item_id":"i1","action":"click","value":1.0,"ts":5}\n'

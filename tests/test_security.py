@@ -20,6 +20,7 @@ from flink_job.runner import LocalJob
 from flink_job.topics import read_all
 from tests.helpers import Truth, fresh_topics, job_args, locked_broker
 
+PROJECT = Path(__file__).resolve().parent.parent
 SECRET = "pa\"ss\\wörd-7f3a"  # quotes and backslashes must survive the JAAS line
 
 
@@ -251,3 +252,72 @@ def test_the_sasl_listener_refuses_a_wrong_password(sasl_broker: tuple[Broker, s
     AdminClient({**conf, "sasl.password": password}).list_topics(timeout=20)
     with pytest.raises(KafkaException):
         AdminClient({**conf, "sasl.password": password + "-wrong"}).list_topics(timeout=5)
+
+
+def _session_cmdlines(session: int) -> dict[int, bytes]:
+    """The command lines of every live process in session ``session`` (a JobProcess and all it started)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) == session:
+                    out[int(entry.name)] = (entry / "cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_no_secret_in_a_log_a_command_line_or_a_readable_file(sasl_broker: tuple[Broker, str], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """The job in its own process (JVM, Python workers) with a Kafka password from the environment and Flink
+    options holding a literal secret and a ${env:..} one: none of them shows on a command line of the processes
+    it starts or in any log, and the settings file it was given is private."""
+    import stat
+    import time
+
+    import pyflink
+
+    from flink_job.runner import JobProcess
+
+    broker, password = sasl_broker
+    flink_secret, env_passphrase = f"lit-{secrets_module.token_hex(8)}", f"env-{secrets_module.token_hex(8)}"
+    monkeypatch.setenv("SASL_TEST_USER", SASL_USER)
+    monkeypatch.setenv("SASL_TEST_PASSWORD", password)
+    monkeypatch.setenv("FLINK_TEST_PASSPHRASE", env_passphrase)
+    cfg = fresh_topics(broker.sasl_bootstrap, f"secrets-{mode}", tmp_path, [
+        SASL_PROPERTIES, "batch.size=256", f"flink.python_execution_mode={mode}",
+        f"flink.options={{s3.secret-key: {flink_secret}, streamrec.test.passphrase: '${{env:FLINK_TEST_PASSPHRASE}}'}}",
+    ])
+    syn = SyntheticConfig(n_users=40, n_items=30, n_events=600, seed=29)
+    send(synthetic_timed(syn), broker.sasl_bootstrap, cfg.kafka.input_topic,
+         extra_config=cfg.kafka.librdkafka_properties())
+    secrets_ = [s.encode() for s in (password, flink_secret, env_passphrase)]
+    started = time.time()
+    cmdlines: dict[int, bytes] = {}
+    log_path = tmp_path / "job.log"
+    with JobProcess(cfg, log_path) as job:
+        assert job.process is not None
+        session = job.process.pid
+        result = job.wait_idle(idle_s=4.0, timeout_s=300, min_received=syn.n_events,
+                               progress=lambda _last: cmdlines.update(_session_cmdlines(session)))
+        cmdlines.update(_session_cmdlines(session))
+    assert result.last["trained"] == syn.n_events
+    # the job process, its JVM and (process mode) the Python workers were all seen
+    assert any(b"java" in c for c in cmdlines.values()) and len(cmdlines) >= 2 + (mode == "process")
+    for pid, cmdline in cmdlines.items():
+        assert not [s for s in secrets_ if s in cmdline], (pid, cmdline)
+
+    jvm_logs = [p for p in (Path(pyflink.__file__).parent / "log").glob("*.log") if p.stat().st_mtime >= started]
+    assert jvm_logs  # the local JVM logs there
+    logs = [log_path, *jvm_logs]
+    logs += [p for p in (PROJECT / ".run").glob("test-kafka-sasl-*/*.log")]
+    assert log_path.read_text() and "job config" in log_path.read_text()
+    for path in logs:
+        text = path.read_bytes()
+        assert not [s for s in secrets_ if s in text], path
+    settings = log_path.with_suffix(".yaml")
+    assert flink_secret in settings.read_text() and env_passphrase not in settings.read_text()  # a reference there
+    for private in (settings, log_path):
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600, private

@@ -1,0 +1,217 @@
+"""Files from outside the job cannot run code in it (warm-start models are read without pickle), and files the
+project writes with settings in them are private (mode 0600)."""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flink_job.config import JobConfig
+from flink_job.train import TrainStage
+from model.config import ModelConfig
+from model.mf import OnlineBiasedMF
+from model.warm_start import main as warm_start
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command that leaves a marker file: what a hostile 'model file' would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+def _trained(tmp_path: Path) -> Path:
+    history = tmp_path / "u.data"
+    history.write_text("".join(f"{1 + k % 6}\t{1 + k % 9}\t{1 + k % 5}\t{880000000 + k}\n" for k in range(300)))
+    out = tmp_path / "state.npz"
+    warm_start(["--input", str(history), "--out", str(out), "--epochs", "2", "--set", "dim=8"])
+    return out
+
+
+def test_the_warm_start_file_is_an_npz_that_restores_the_model_exactly(tmp_path: Path) -> None:
+    out = _trained(tmp_path)
+    data = out.read_bytes()
+    assert data.startswith(b"PK\x03\x04")  # a zip (.npz), not a pickle
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:  # every member loads without pickle
+        assert all(archive[name].dtype != object for name in archive.files)
+    loaded = OnlineBiasedMF.from_file_bytes(data)
+    again = OnlineBiasedMF.from_bytes(loaded.state_bytes())
+    assert loaded.step > 0 and len(loaded.users) == 6 and loaded.config.dim == 8
+    users, items = ["1", "2", "nobody"], ["1", "5", "new"]
+    np.testing.assert_array_equal(loaded.score_items(users, items), again.score_items(users, items))
+    # The file holds the same state as the pickled form the job checkpoints.
+    m = OnlineBiasedMF(ModelConfig(dim=8, seed=3))
+    m.learn_many(["u1", "u2", "u1"], ["i1", "i2", "i3"], np.array([4, 0, 1]), np.array([5.0, 1.0, 1.0]))
+    assert OnlineBiasedMF.from_file_bytes(m.file_bytes()).state_bytes() == m.state_bytes()
+
+
+def test_a_pickled_model_file_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    hostile = tmp_path / "state.bin"
+    hostile.write_bytes(pickle.dumps({"version": 4, "payload": _RunsCode(marker)}))
+    cfg = JobConfig.load(overrides=[f"flink.initial_model={hostile}"])
+    with pytest.raises(ValueError) as err:
+        TrainStage(cfg)
+    assert f"flink.initial_model {hostile}: a pickle, refused" in str(err.value)
+    assert not marker.exists()
+    # The old format, an honest pickled state_bytes, is refused the same way: pickle is never read from a file.
+    honest = tmp_path / "old.bin"
+    honest.write_bytes(OnlineBiasedMF(ModelConfig(dim=4)).state_bytes())
+    with pytest.raises(ValueError, match="a pickle, refused"):
+        OnlineBiasedMF.from_file_bytes(honest.read_bytes())
+
+
+def test_an_npz_smuggling_a_pickle_in_an_object_array_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    good = OnlineBiasedMF(ModelConfig(dim=4)).file_bytes()
+    with np.load(io.BytesIO(good), allow_pickle=False) as archive:
+        members = {name: archive[name] for name in archive.files}
+    # Every array member replaced by an object array whose pickle runs code when NumPy unpickles it.
+    hostile = {name: (v if name == "__tree__" else np.array([_RunsCode(marker)], dtype=object))
+               for name, v in members.items()}
+    buf = io.BytesIO()
+    np.savez(buf, **hostile)  # pickles object arrays
+    with pytest.raises(ValueError, match="model file: not a readable model file: ValueError: Object arrays"):
+        OnlineBiasedMF.from_file_bytes(buf.getvalue())
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("data", [b"", b"garbage", b"PK\x03\x04broken zip"])
+def test_other_content_is_a_clear_error(data: bytes) -> None:
+    with pytest.raises(ValueError, match=r"^model file: not a (readable )?model file"):
+        OnlineBiasedMF.from_file_bytes(data)
+
+
+def test_a_well_formed_archive_with_a_wrong_state_is_a_clear_error() -> None:
+    from model import portable
+
+    with pytest.raises(ValueError, match="model file: not a usable model state: KeyError"):
+        OnlineBiasedMF.from_file_bytes(portable.dumps({"version": 4}))
+    nested = b"[" * 100_000 + b"]" * 100_000  # deep JSON in the structure member
+    buf = io.BytesIO()
+    np.savez(buf, __tree__=np.frombuffer(nested, np.uint8))
+    with pytest.raises(ValueError, match="model file: not a readable model file: RecursionError"):
+        OnlineBiasedMF.from_file_bytes(buf.getvalue())
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# --- settings with secrets: redacted wherever shown, private wherever written ------------------------------------
+
+FLINK_SECRET = "fl1nk-s3cr3t-9c2e"
+
+
+def _secret_cfg(monkeypatch: pytest.MonkeyPatch) -> JobConfig:
+    monkeypatch.setenv("TEST_FLINK_PASSPHRASE", FLINK_SECRET + "-env")
+    return JobConfig.load(overrides=[
+        f"flink.options={{s3.secret-key: {FLINK_SECRET}, my.ssl.passphrase: '${{env:TEST_FLINK_PASSPHRASE}}', "
+        f"rest.port: '18999'}}",
+    ])
+
+
+def test_secret_flink_options_are_hidden_in_logs_and_resolved_into_the_flink_configuration(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    import logging
+
+    from flink_job import job
+    from flink_job.topology import flink_configuration
+
+    cfg = _secret_cfg(monkeypatch)
+    monkeypatch.setattr(job, "create_env", lambda c: type("Env", (), {"execute": lambda self, name: None})())
+    config = tmp_path / "job.yaml"
+    config.write_text(__import__("yaml").safe_dump(cfg.to_dict()))
+    with caplog.at_level(logging.DEBUG):
+        job.main(["--config", str(config)])  # logs the job config at start
+    assert "job config" in caplog.text and "<secret ${env:TEST_FLINK_PASSPHRASE}>" in caplog.text
+    assert "'rest.port': '18999'" in caplog.text  # other options stay visible
+    for shown in (caplog.text, str(cfg), repr(cfg.flink)):
+        assert FLINK_SECRET not in shown
+    conf = flink_configuration(cfg, [tmp_path / "connector.jar"])
+    assert conf.get_string("s3.secret-key", "") == FLINK_SECRET
+    assert conf.get_string("my.ssl.passphrase", "") == FLINK_SECRET + "-env"
+
+
+def test_a_missing_reference_in_flink_options_fails_at_load_naming_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STREAMREC_TEST_UNSET_VAR", raising=False)
+    with pytest.raises(ValueError, match=r"^config: flink.options.s3.secret-key: environment variable "
+                                         r"STREAMREC_TEST_UNSET_VAR is not set$"):
+        JobConfig.load(overrides=["flink.options={s3.secret-key: '${env:STREAMREC_TEST_UNSET_VAR}'}"])
+
+
+def test_the_session_cluster_config_file_is_private(tmp_path: Path) -> None:
+    from deploy.cluster import SessionCluster
+
+    cluster = SessionCluster(run_dir=tmp_path / "run", extra_settings={"s3.secret-key": FLINK_SECRET})
+    cluster.write_conf()
+    conf_file = cluster.conf_dir / "config.yaml"
+    assert FLINK_SECRET in conf_file.read_text() and _mode(conf_file) == 0o600
+    assert _mode(cluster.run_dir) == 0o700
+    conf_file.chmod(0o644)  # written again: a wider mode of the old file does not carry over
+    cluster.write_conf()
+    assert _mode(conf_file) == 0o600
+
+
+def test_submitted_overrides_travel_in_a_private_file_not_on_the_command_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from deploy.cluster import SessionCluster
+
+    cluster = SessionCluster(run_dir=tmp_path / "run")
+    base = tmp_path / "job.yaml"
+    base.write_text("batch:\n  size: 99\nflink:\n  job_name: base\n")
+    args = cluster.private_job_args(["--config", str(base), "--set", f"flink.options={{s3.secret-key: {FLINK_SECRET}}}",
+                                     "--set", "flink.job_name=over"])
+    assert args[0] == "--config" and len(args) == 2 and FLINK_SECRET not in " ".join(args)
+    written = Path(args[1])
+    assert _mode(written) == 0o600 and _mode(written.parent) == 0o700
+    loaded = JobConfig.load(written)
+    assert (loaded.batch.size, loaded.flink.job_name, loaded.flink.options) == (99, "over", {"s3.secret-key": FLINK_SECRET})
+    assert cluster.private_job_args(["--config", str(base)]) == ["--config", str(base)]
+    with pytest.raises(ValueError, match="config: unknown key 'flink.nope'"):  # checked before flink run
+        cluster.private_job_args(["--set", "flink.nope=1"])
+
+
+def test_a_failed_script_names_its_arguments_without_secrets(tmp_path: Path) -> None:
+    from flink_job.secrets import redacted_args
+
+    shown = " ".join(redacted_args(["run", "--", "--set", f"flink.options={{s3.secret-key: {FLINK_SECRET}}}",
+                                    "--set", "kafka.group_id=g", "-Dsecurity.ssl.key-password=" + FLINK_SECRET]))
+    assert FLINK_SECRET not in shown and "kafka.group_id=g" in shown and "s3.secret-key: <secret>" in shown
+
+
+def test_the_job_process_writes_its_settings_and_log_privately(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from flink_job import runner
+
+    started: list[list[str]] = []
+
+    class Process:
+        pid = 0
+
+        def __init__(self, cmd: list[str], **kwargs: object) -> None:
+            started.append(cmd)
+
+        def poll(self) -> int:
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Process)
+    cfg = _secret_cfg(monkeypatch)
+    proc = runner.JobProcess(cfg, tmp_path / "job.log")
+    proc.start()
+    settings = tmp_path / "job.yaml"
+    assert _mode(settings) == 0o600 and _mode(tmp_path / "job.log") == 0o600
+    assert FLINK_SECRET not in " ".join(started[0]) and started[0][-2:] == ["--config", str(settings)]
+    assert "${env:TEST_FLINK_PASSPHRASE}" in settings.read_text()  # the reference, not what it names
+    assert FLINK_SECRET + "-env" not in settings.read_text()
