@@ -65,7 +65,7 @@ def test_memory_report_counts_bytes_per_admitted_id() -> None:
     rep = m.memory_report()
     assert rep["user"]["ids"] == 100 and rep["item"]["ids"] == 10
     # Adam: params (D + 2) + first moment (D + 2) floats, 3 second moments, 3 int64 counters, bookkeeping.
-    assert rep["user"]["row_bytes"] == 4 * (10 + 10 + 3) + 8 * 3 + 1 + 16
+    assert rep["user"]["row_bytes"] == 4 * (10 + 10 + 3) + 8 * 3 + 1 + 24
     assert rep["user"]["bytes_per_id"] > rep["user"]["row_bytes"]  # plus the id map and spare capacity
 
 
