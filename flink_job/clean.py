@@ -323,6 +323,10 @@ class Cleaner:
             table.compact_items()
             expired += len(gone)
         self.counts["users_expired"] += expired
+        if self.max_users and len(table) > self.max_users:  # a chunk with more new users than the cap: the oldest go
+            gone = least_recently_used(table.last_ts, np.sort(table.live_rows()), len(table) - self.max_users)
+            table.release(gone)
+            self.counts["users_evicted"] += len(gone)
         return gaps
 
     def _make_room(self, users: list[str], rows: np.ndarray) -> None:
