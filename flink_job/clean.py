@@ -11,6 +11,8 @@ is updated event by event in input order, so events of one user in one batch see
 
 Per-user state expires by event time: a user whose newest event is more than ``user_ttl_ms`` older than the newest
 event seen starts afresh (counted in ``users_expired``); expired users are removed from memory by an amortised sweep.
+At most ``max_users`` users are held (the job passes the model's row cap): a batch whose new users would pass it
+first evicts the users with the oldest newest event (counted in ``users_evicted``), at least 1/64 of the cap at once.
 
 >>> from flink_job.config import CleanConfig
 >>> from flink_job.parse import parse_lines
@@ -38,6 +40,7 @@ import numpy as np
 from flink_job.events import ACTIONS
 from flink_job.parse import DeadLetter, EventBatch, N_FEATURES
 from flink_job.users import UserTable, group_ranks
+from model.idmap import least_recently_used
 
 if TYPE_CHECKING:
     from flink_job.config import CleanConfig
@@ -57,7 +60,7 @@ COUNTERS: tuple[str, ...] = (
     *(f"missing_{f}_{how}" for f in NUMERIC_FIELDS for how in ("default", "global_mean", "user_mean", "dropped")),
     "missing_category_default", "missing_category_dropped",
     *(f"outlier_{f}_{how}" for f in NUMERIC_FIELDS for how in ("clipped", "dropped")),
-    "users_expired",
+    "users_expired", "users_evicted",
 )
 Z_LIMIT = 5.0
 MAD_TO_STD = 1.4826  # the MAD of a normal distribution times this is its standard deviation
@@ -65,6 +68,7 @@ MEAN_AD_TO_STD = 1.2533  # sqrt(pi / 2): the same for the mean absolute deviatio
 MS_PER_DAY = 86_400_000
 EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday; Monday is day 0
 SWEEP_MIN_EVENTS = 1024
+EVICT_SHARE = 64  # at the user cap, one eviction scan frees room for at least 1/64 of the cap
 
 
 @dataclass
@@ -130,8 +134,9 @@ class Ring:
 class Cleaner:
     """Missing values, outliers, normalisation, time features and per-user state; see the module docstring."""
 
-    def __init__(self, cfg: CleanConfig) -> None:
+    def __init__(self, cfg: CleanConfig, max_users: int = 0) -> None:
         self.cfg = cfg
+        self.max_users = max_users  # 0: no cap
         self.missing = dict(cfg.missing)
         self.defaults = dict(cfg.defaults)
         self.outliers = dict(cfg.outliers)
@@ -282,6 +287,7 @@ class Cleaner:
         stale = held[table.last_ts[held] < horizon]
         table.reset(stale)  # met again after expiring, before a sweep: starts afresh, as if it had been swept
         expired = len(stale)
+        self._make_room(batch.users, rows)
         rows = table.add_missing(batch.users, rows)
 
         order, rank, _ = group_ranks(rows)  # (M,) events grouped by user, input order within a user
@@ -317,7 +323,27 @@ class Cleaner:
             table.compact_items()
             expired += len(gone)
         self.counts["users_expired"] += expired
+        if self.max_users and len(table) > self.max_users:  # a chunk with more new users than the cap: the oldest go
+            gone = least_recently_used(table.last_ts, np.sort(table.live_rows()), len(table) - self.max_users)
+            table.release(gone)
+            self.counts["users_evicted"] += len(gone)
         return gaps
+
+    def _make_room(self, users: list[str], rows: np.ndarray) -> None:
+        """Evicts the users with the oldest newest event (ties: the lower row) when the batch's new users (``rows``
+        -1) would take the table past ``max_users``; the batch's own users stay."""
+        cap, table = self.max_users, self.users
+        if not cap or len(table) + len(users) <= cap:
+            return
+        over = len(table) + len({u for u, r in zip(users, rows.tolist()) if r < 0}) - cap
+        if over <= 0:
+            return
+        live = np.zeros(len(table.ids), bool)
+        live[table.live_rows()] = True
+        live[rows[rows >= 0]] = False
+        gone = least_recently_used(table.last_ts, np.flatnonzero(live), max(over, cap // EVICT_SHARE))
+        table.release(gone)
+        self.counts["users_evicted"] += len(gone)
 
     def _user_mean(self, name: str, x: np.ndarray, order: np.ndarray, srows: np.ndarray, starts: np.ndarray,
                    group: np.ndarray) -> None:

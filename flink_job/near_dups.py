@@ -13,6 +13,8 @@ mean the same thing. They are counted as de-duplicated, not dead-lettered: nothi
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 from flink_job.parse import EventBatch
@@ -20,16 +22,21 @@ from flink_job.parse import EventBatch
 
 class NearDuplicates:
     def __init__(self, window_ms: int, max_keys: int = 1_000_000) -> None:
-        """``window_ms <= 0`` turns the rule off. Keys older than the window are forgotten past ``max_keys``."""
+        """``window_ms <= 0`` turns the rule off. At most ``max_keys`` keys are remembered, the least recently kept
+        going first, so a flood of distinct keys costs a missed near-duplicate at worst, never unbounded memory."""
         self.window_ms = window_ms
         self.max_keys = max_keys
-        self.last: dict[tuple[str, str, int], int] = {}  # (user, item, action) -> event time of the last kept one
+        # (user, item, action) -> event time of the last kept one, least recently kept first. An OrderedDict: a
+        # plain dict finds its first key by scanning past the deleted ones, slow when dropping the oldest per event.
+        self.last: OrderedDict[tuple[str, str, int], int] = OrderedDict()
         self.newest_ts = 0
 
     def filter(self, batch: EventBatch) -> tuple[EventBatch, int]:
         """``(events kept, how many were near-duplicates)``; events are judged in input order."""
         if self.window_ms <= 0 or not len(batch):
             return batch, 0
+        if not isinstance(self.last, OrderedDict):  # restored from state written before the cap
+            self.last = OrderedDict(self.last)
         keep = np.ones(len(batch), bool)
         last, window = self.last, self.window_ms
         for i, (user, item, action, ts) in enumerate(
@@ -41,9 +48,9 @@ class NearDuplicates:
                 keep[i] = False
             else:
                 last[key] = ts
+                last.move_to_end(key)
         self.newest_ts = max(self.newest_ts, int(batch.ts.max()))
-        if len(last) > self.max_keys:
-            horizon = self.newest_ts - window
-            self.last = {k: t for k, t in last.items() if t >= horizon}
+        while len(last) > self.max_keys:
+            last.popitem(last=False)
         dropped = int((~keep).sum())
         return (batch.select(np.flatnonzero(keep)) if dropped else batch), dropped

@@ -52,6 +52,7 @@ class Counters:
     published: int = 0
     skipped_batches: int = 0
     expired: int = 0  # ids the model forgot after their TTL; published as tombstones
+    evicted: int = 0  # ids the model evicted at its row cap (model.max_rows); published as tombstones
 
 
 @dataclass
@@ -105,8 +106,9 @@ class TrainStage:
         )
         self.batcher = MicroBatcher(cfg.batch.size)
         self.watermarks = Watermarks(cfg.clean.out_of_orderness_ms, cfg.clean.allowed_lateness_ms)
-        self.near_duplicates = NearDuplicates(cfg.clean.near_duplicate_window_ms)
-        self.cleaner = Cleaner(cfg.clean)
+        # Per-id memory outside the model is capped at the model's row cap (README, "Bounded memory").
+        self.near_duplicates = NearDuplicates(cfg.clean.near_duplicate_window_ms, cfg.model.max_rows)
+        self.cleaner = Cleaner(cfg.clean, cfg.model.max_rows)
         self.counters = Counters()
         self.dirty_users = DirtyRows()
         self.dirty_items = DirtyRows()
@@ -118,7 +120,8 @@ class TrainStage:
         self.last_snapshot_ms = 0
         self.dirty_since_ms = 0  # when the oldest change not yet published was made (0: none waiting)
         self.quality = (
-            Prequential(cfg.eval.k, cfg.model.rating_min, cfg.model.rating_max, cfg.eval.user_sample)
+            Prequential(cfg.eval.k, cfg.model.rating_min, cfg.model.rating_max, cfg.eval.user_sample,
+                        max_items=cfg.model.max_rows, max_seen=cfg.model.max_rows)
             if cfg.eval.enabled else None
         )
         # (A,) whether each action code is a positive for ranking; ratings are judged by value instead.
@@ -334,7 +337,7 @@ class TrainStage:
 
     def _touch(self, stats: BatchStats, batch: EventBatch, out: Output) -> None:
         """Marks the rows the batch moved for publishing; row 0, the shared vector of ids not admitted yet, is no
-        id's own and is not published. Ids the model expired go out as tombstones."""
+        id's own and is not published. Ids the model expired or evicted go out as tombstones."""
         if not len(self.dirty_users) and not len(self.dirty_items):
             self.dirty_since_ms = self.now_ms
         own = stats.event_user_rows > 0
@@ -343,11 +346,12 @@ class TrainStage:
         own = stats.event_item_rows > 0
         self.dirty_items.touch(stats.event_item_rows[own], batch.ts[own])
         self.dirty_items.touch(stats.item_rows[stats.item_rows > 0])  # sampled negatives moved too
-        expired_users, expired_items = self.model.drain_expired()
-        if expired_users or expired_items:
-            out.embeddings.extend((f"user:{u}", None) for u in expired_users)
-            out.embeddings.extend((f"item:{i}", None) for i in expired_items)
-            self.counters.expired += len(expired_users) + len(expired_items)
+        for counter, (gone_users, gone_items) in (("evicted", self.model.drain_evicted()),
+                                                  ("expired", self.model.drain_expired())):
+            if gone_users or gone_items:
+                out.embeddings.extend((f"user:{u}", None) for u in gone_users)
+                out.embeddings.extend((f"item:{i}", None) for i in gone_items)
+                setattr(self.counters, counter, getattr(self.counters, counter) + len(gone_users) + len(gone_items))
         if self.cfg.publish.tolerance > 0:
             self._publish_moved(out, stats.event_user_rows[stats.event_user_rows > 0],
                                 stats.item_rows[stats.item_rows > 0])
@@ -369,6 +373,7 @@ class TrainStage:
                 "published": c.published,
                 "skipped_batches": c.skipped_batches,
                 "expired": c.expired,
+                "evicted": c.evicted,
                 "prequential": self.quality.summary() if self.quality else None,
                 "known_users": len(self.model.users),
                 "known_items": len(self.model.items),

@@ -61,12 +61,27 @@ class ModelConfig:
     lr_schedule: str = "constant"  # constant | warmup_constant | warmup_rsqrt (by trained batches)
     warmup_steps: int = 100
     inner_steps: int = 1  # optimisation passes over each micro-batch
+    # Bounded memory (README, "Bounded memory"): each of these is on by default, so that no stream of new ids can
+    # grow the job without limit.
+    # Row cap: a table holds at most max_rows ids; a batch whose new ids would pass it first evicts the least
+    # recently used ids (by batch, never the batch's own), which the job publishes as tombstones. Why 2^18: the whole
+    # training stage is one pickled state value, written every few seconds and copied by each checkpoint, so its
+    # worst case must sit well inside the task heap of the shipped 3 GB TaskManager (deploy/cluster.py). A row is
+    # about 4 dim + 70 bytes of state with Adagrad (about 200 at dim 32), so both tables at 2^18 rows are about 100 MB of
+    # state, and the cleaner's and the evaluator's per-id memory is capped at the same count (README). Raise it with
+    # the TaskManager's memory.
+    max_rows: int = 262_144
     # Id admission: an id gets its own row from its admit_after-th sighting; before that it shares the table's
     # fallback row. Sightings of ids not yet admitted are counted for at most admit_capacity ids (oldest forgotten).
+    # Kept at 1: the row cap bounds memory without it, and a shared fallback row costs ranking quality (all ids not
+    # yet admitted score alike), how much depending on the batch size and the ranking extras (BENCHMARKS.md). 2 keeps
+    # one-off ids (most of a flood of random ids) from taking rows at all.
     admit_after: int = 1
     admit_capacity: int = 100_000
     # Expiry: ids without an event for ttl_ms of event time (``learn_many(..., ts=...)``) give their row back; 0: off.
-    ttl_ms: int = 0
+    # 30 days: longer than any session or weekly habit, so a returning user keeps their row, while ids that left
+    # stop holding rows and state long before the cap is reached.
+    ttl_ms: int = 30 * 24 * 3600 * 1000
     sweep_rows: int = 1024  # rows checked for expiry per table and batch (amortised sweep)
     # Stability: replay of past events (reservoir sample) and a proximal pull toward the last published rows.
     replay_size: int = 0
@@ -87,7 +102,7 @@ class ModelConfig:
                 raise ValueError(
                     f"model config: {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
                 )
-        positive = ("dim", "lr", "inner_steps", "admit_after", "admit_capacity", "sweep_rows", "warmup_steps",
+        positive = ("dim", "lr", "inner_steps", "max_rows", "admit_after", "admit_capacity", "sweep_rows", "warmup_steps",
                     "threads", "init_std", "rank_bias_lr", "rating_bias_lr",
                     "popularity_halflife", "cooccurrence_recent", "cooccurrence_capacity")
         non_negative = ("l2", "implicit_negatives", "shared_negatives", "popularity_power", "rating_implicit_weight",

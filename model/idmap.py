@@ -15,6 +15,7 @@ row goes on a free list and is handed to the next new id, so a row never holds t
 from __future__ import annotations
 
 import sys
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -31,15 +32,18 @@ class Sightings:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.counts: dict[str, int] = {}
+        # Least recently seen first. An OrderedDict, not a dict: a plain dict scans the deleted slots at its front
+        # to find its first key, which made dropping the oldest id cost ~17 us under a flood of new ids.
+        self.counts: OrderedDict[str, int] = OrderedDict()
 
     def see(self, key: str) -> int:
         """One more sighting of ``key``; returns its count."""
         counts = self.counts
-        n = counts.pop(key, 0) + 1
-        counts[key] = n  # re-inserted: dict order is least recently seen first
+        n = counts.get(key, 0) + 1
+        counts[key] = n
+        counts.move_to_end(key)
         if len(counts) > self.capacity:
-            del counts[next(iter(counts))]
+            counts.popitem(last=False)
         return n
 
     def forget(self, key: str) -> None:
@@ -68,14 +72,20 @@ class IdMap:
     def __contains__(self, key: str) -> bool:
         return key in self._row
 
-    def rows(self, ids: Sequence[str], sightings: Sightings | None = None, admit_after: int = 1) -> Rows:
+    def rows(self, ids: Sequence[str], sightings: Sightings | None = None, admit_after: int = 1,
+             max_ids: int = 0) -> Rows:
         """Rows of ``ids``; an id not yet known is admitted at its ``admit_after``-th sighting, before that it gets
-        the fallback row (sightings counted in ``sightings``, which is needed when ``admit_after > 1``)."""
+        the fallback row (sightings counted in ``sightings``, which is needed when ``admit_after > 1``). With
+        ``max_ids`` > 0 no id is admitted while that many hold rows: it gets the fallback row, like an id not yet
+        admitted (the caller evicts ids beforehand to make room, ``least_recently_used``)."""
         row = self._row
         out = np.empty(len(ids), np.int64)
         for n, key in enumerate(ids):
             r = row.get(key)
             if r is None:
+                if max_ids and len(row) >= max_ids:
+                    out[n] = FALLBACK_ROW
+                    continue
                 if sightings is not None and admit_after > 1:
                     if sightings.see(key) < admit_after:
                         out[n] = FALLBACK_ROW
@@ -84,6 +94,11 @@ class IdMap:
                 r = self._admit(key)
             out[n] = r
         return out
+
+    def new_ids(self, ids: Sequence[str]) -> int:
+        """How many distinct ids of ``ids`` hold no row: the most a ``rows`` call with them can admit."""
+        row = self._row
+        return len({key for key in ids if key not in row})
 
     def _admit(self, key: str) -> int:
         if self._free:
@@ -129,6 +144,10 @@ class IdMap:
         mask[np.fromiter(self._row.values(), np.int64, len(self._row))] = True
         return mask
 
+    def live_rows(self) -> Rows:
+        """Rows that hold an id, ascending."""
+        return np.flatnonzero(self.live_mask())
+
     def nbytes(self) -> int:
         """Approximate memory of the map: the dict, the row list, the free list and the id strings."""
         return (sys.getsizeof(self._row) + sys.getsizeof(self._ids) + sys.getsizeof(self._free)
@@ -147,3 +166,21 @@ class IdMap:
         if len(m._row) + len(m._free) + 1 != len(m._ids):
             raise ValueError("id map: state holds duplicate ids or inconsistent free rows")
         return m
+
+
+def least_recently_used(last_used: np.ndarray[Any, Any], candidates: Rows, n: int) -> Rows:
+    """The ``n`` rows of ``candidates`` (ascending) with the smallest ``last_used``, ascending; ties go to the lower
+    row, so the choice depends only on the arrays (a replay or restore evicts the same rows). O(len(candidates)).
+
+    >>> least_recently_used(np.array([0, 5, 3, 3, 9, 1]), np.array([1, 2, 3, 4, 5]), 3).tolist()
+    [2, 3, 5]
+    """
+    if n >= len(candidates):
+        return candidates
+    if n <= 0:
+        return candidates[:0]
+    t = last_used[candidates]
+    kth = np.partition(t, n - 1)[n - 1]
+    below = candidates[t < kth]
+    tied = candidates[t == kth][: n - len(below)]
+    return np.sort(np.concatenate([below, tied]))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -29,7 +30,7 @@ import torch
 from model import portable
 from model.arrays import Array, Rows
 from model.config import ModelConfig
-from model.idmap import FALLBACK_ROW, IdMap, Sightings
+from model.idmap import FALLBACK_ROW, IdMap, Sightings, least_recently_used
 from model.objectives import bpr_grads, rating_grads, sampled_softmax_grads
 from model.replay import Reservoir
 from model.sampler import WeightedSampler
@@ -89,8 +90,11 @@ class OnlineBiasedMF:
         self.user_sightings = Sightings(cfg.admit_capacity)
         self.item_sightings = Sightings(cfg.admit_capacity)
         anchored = cfg.proximal > 0
-        self.user_table = EmbeddingTable(cfg.dim, cfg.init_std, self.device, self.generator, cfg.optimizer, anchored)
-        self.item_table = EmbeddingTable(cfg.dim, cfg.init_std, self.device, self.generator, cfg.optimizer, anchored)
+        rows = cfg.max_rows + 1  # the ids' rows and the fallback row
+        self.user_table = EmbeddingTable(cfg.dim, cfg.init_std, self.device, self.generator, cfg.optimizer, anchored,
+                                         rows)
+        self.item_table = EmbeddingTable(cfg.dim, cfg.init_std, self.device, self.generator, cfg.optimizer, anchored,
+                                         rows)
         # Ranking extras (see ModelConfig.history_size, popularity_weight): each user's last items (a ring of item
         # rows, FALLBACK_ROW when empty) and each item's log decayed event count, in units where an event at stream
         # position n weighs 2 ** (n / halflife); the common offset cancels out of every ranking.
@@ -116,6 +120,8 @@ class OnlineBiasedMF:
         self.clock_ms = 0  # newest event time seen
         self.sweep_cursor = [1, 1]  # next row to check for expiry, users and items
         self.expired: tuple[list[str], list[str]] = ([], [])  # ids expired since the last drain_expired
+        self.evicted: tuple[list[str], list[str]] = ([], [])  # ids evicted at the row cap since the last drain_evicted
+        self.evictions = [0, 0]  # ids evicted at the row cap so far, users and items
         self._poison_next = False
         self._candidates: tuple[int, list[str], Rows] = (-1, [], np.zeros(0, np.int64))
 
@@ -237,13 +243,17 @@ class OnlineBiasedMF:
         times = None if ts is None or not n else np.asarray(ts, np.int64)  # (B,)
         if times is not None:
             self.clock_ms = max(self.clock_ms, int(times.max()))
-        event_u = self.users.rows(users, self.user_sightings, cfg.admit_after)  # (B,)
-        event_i = self.items.rows(items, self.item_sightings, cfg.admit_after)  # (B,)
+        self._make_room(0, users)
+        self._make_room(1, items)
+        event_u = self.users.rows(users, self.user_sightings, cfg.admit_after, cfg.max_rows)  # (B,)
+        event_i = self.items.rows(items, self.item_sightings, cfg.admit_after, cfg.max_rows)  # (B,)
         self._grow()
         self.sampler.resize(self.items.size)
         self._admit_to_sampler(event_i)
         self._mark_seen(self.user_table, event_u, times)
         self._mark_seen(self.item_table, event_i, times)
+        self.user_table.last_used[event_u] = self.batches_seen + 1  # the fallback row too: it is never evicted
+        self.item_table.last_used[event_i] = self.batches_seen + 1
         act = np.asarray(actions, np.int64)
         val = np.asarray(values, np.float32)
         w = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)
@@ -497,13 +507,35 @@ class OnlineBiasedMF:
             rows = 1 + (self.sweep_cursor[k] - 1 + np.arange(n)) % span  # (n,) wraps past the last row
             self.sweep_cursor[k] = int(1 + (self.sweep_cursor[k] - 1 + n) % span)
             old = rows[table.last_seen[rows] < cutoff]
-            if not len(old):
-                continue
-            self.expired[k].extend(idmap.release(old))
-            table.reset(old)
-            self._forget(k, old)
-            if k == 1:
-                self.sampler.set(old, np.zeros(len(old)))
+            if len(old):
+                self.expired[k].extend(self._release(k, old))
+
+    def _make_room(self, kind: int, ids: Sequence[str]) -> None:
+        """Evicts the least recently used ids of table ``kind`` (0 users, 1 items) when the batch's new ids would
+        take it past ``max_rows``; the ids of the batch itself stay. One scan frees room for at least 1/64 of the
+        cap, so a flood of new ids costs a table scan per cap/64 new ids, not per batch."""
+        cap = self.config.max_rows
+        idmap, table = (self.users, self.user_table) if kind == 0 else (self.items, self.item_table)
+        if len(idmap) + len(ids) <= cap:  # room for every id of the batch: the usual case, no look-ups
+            return
+        over = len(idmap) + idmap.new_ids(ids) - cap
+        if over <= 0:
+            return
+        mask = idmap.live_mask()
+        mask[idmap.lookup(ids)] = False  # the batch's own ids are in use (the fallback row is never live)
+        rows = least_recently_used(table.last_used, np.flatnonzero(mask), max(over, cap // EVICT_SHARE))
+        self.evicted[kind].extend(self._release(kind, rows))
+        self.evictions[kind] += len(rows)
+
+    def _release(self, kind: int, rows: Rows) -> list[str]:
+        """Frees ``rows`` of table ``kind`` for new holders; returns the ids that held them."""
+        idmap, table = (self.users, self.user_table) if kind == 0 else (self.items, self.item_table)
+        ids = idmap.release(rows)
+        table.reset(rows)
+        self._forget(kind, rows)
+        if kind == 1:
+            self.sampler.set(rows, np.zeros(len(rows)))
+        return ids
 
     def _forget(self, kind: int, rows: Rows) -> None:
         """Clears the ranking extras of recycled rows: users (kind 0) lose their recent items, items (kind 1) their
@@ -523,6 +555,12 @@ class OnlineBiasedMF:
         """``(user ids, item ids)`` expired since the last call (e.g. to publish tombstones)."""
         out = self.expired
         self.expired = ([], [])
+        return out
+
+    def drain_evicted(self) -> tuple[list[str], list[str]]:
+        """``(user ids, item ids)`` evicted at the row cap since the last call (e.g. to publish tombstones)."""
+        out = self.evicted
+        self.evicted = ([], [])
         return out
 
     def poison_next_batch(self) -> None:
@@ -738,8 +776,8 @@ class OnlineBiasedMF:
         m = cls(config or old)
         m.users = IdMap.from_state(state["users"])
         m.items = IdMap.from_state(state["items"])
-        m.user_sightings.counts = dict(state["user_sightings"])
-        m.item_sightings.counts = dict(state["item_sightings"])
+        m.user_sightings.counts = OrderedDict(state["user_sightings"])
+        m.item_sightings.counts = OrderedDict(state["item_sightings"])
         m.user_table.load(state["user_table"])
         m.item_table.load(state["item_table"])
         if m.config.optimizer != old.optimizer:  # the other optimiser's state means nothing to this one
@@ -762,7 +800,8 @@ class OnlineBiasedMF:
 
 _POP_FLOOR = -30.0  # log decayed count of an item without events (the fallback row); real items are above 0
 _SCALARS = ("events_counted", "rating_sum", "rating_count", "step", "batches_seen", "skipped_batches", "clock_ms", "sweep_cursor",
-            "expired")
+            "expired", "evicted", "evictions")
+EVICT_SHARE = 64  # at the row cap, one eviction scan frees at least 1/64 of the cap (amortises the scan)
 
 
 def _distinct(rows: list[torch.Tensor]) -> Rows:

@@ -32,7 +32,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-STATE_VERSION = 2
+STATE_VERSION = 3
+EVICT_SHARE = 8  # over a cap, one compaction frees room for 1/8 of it (it rewrites every seen set: amortised)
 
 
 class Scorer(Protocol):
@@ -61,27 +62,38 @@ class Prequential:
 
     ``user_sample`` in (0, 1] ranks only the users whose stable hash falls in that share (and keeps seen sets only
     for them), so memory and time stay bounded on big streams; the rating error uses every rated event.
+
+    Memory is capped whatever the stream: at most ``max_items`` candidates (the least recently met go first; one
+    that comes back is a new candidate) and at most ``max_seen`` remembered (user, item) pairs and users (the users
+    least recently evaluated go first, with their seen items). The job passes the model's row cap for both.
     """
 
-    def __init__(self, k: int = 10, rating_min: float = 1.0, rating_max: float = 5.0, user_sample: float = 1.0) -> None:
+    def __init__(self, k: int = 10, rating_min: float = 1.0, rating_max: float = 5.0, user_sample: float = 1.0,
+                 max_items: int = 1 << 20, max_seen: int = 1 << 20) -> None:
         if k <= 0:
             raise ValueError(f"prequential: k must be positive, got {k}")
         if not rating_min < rating_max:
             raise ValueError(f"prequential: rating_min must be below rating_max, got {rating_min} and {rating_max}")
         if not 0.0 < user_sample <= 1.0:
             raise ValueError(f"prequential: user_sample must be in (0, 1], got {user_sample}")
+        if max_items <= 0 or max_seen <= 0:
+            raise ValueError(f"prequential: max_items and max_seen must be positive, got {max_items} and {max_seen}")
+        self.max_items = max_items
+        self.max_seen = max_seen
         self.k = k
         self.rating_min = rating_min
         self.rating_max = rating_max
         self.user_sample = user_sample
         self._items: list[str] = []  # candidates in order of first appearance
         self._item_index: dict[str, int] = {}  # item id -> index in _items
+        self._item_last = array("q")  # index in _items -> position in the stream of its latest event
         # Sampled user -> (its number, indices of the items it interacted with). The state keeps the same as a log
         # of (user number, item index) pairs in the order first seen, which pickles as one buffer (the job writes its
         # state at every bundle) instead of a set per user.
         self._seen: dict[str, tuple[int, set[int]]] = {}
         self._seen_users: list[str] = []  # user number -> user
         self._seen_log = array("q")  # (user number, item index) pairs, flat
+        self._user_last = array("q")  # user number -> position in the stream of its latest evaluated event
         self._sampled: dict[str, bool] = {}  # memo of in_sample, rebuilt on demand (not part of the state)
         self.events = 0
         self.rated = 0
@@ -132,7 +144,7 @@ class Prequential:
             sq_err, abs_err = float(np.dot(err, err)), float(np.abs(err).sum())
 
         # 2. Candidate growth: the candidate count right after each event's item appeared.
-        index = self._item_index
+        index, item_last = self._item_index, self._item_last
         item_idx = np.empty(n, np.int64)  # (B,)
         avail = np.empty(n, np.int64)  # (B,)
         for j, item in enumerate(items):
@@ -140,6 +152,8 @@ class Prequential:
             if c is None:
                 c = index[item] = len(self._items)
                 self._items.append(item)
+                item_last.append(0)
+            item_last[c] = self.events + j
             item_idx[j] = c
             avail[j] = len(self._items)
 
@@ -170,7 +184,9 @@ class Prequential:
             if entry is None:
                 entry = self._seen[user] = (len(self._seen_users), set())
                 self._seen_users.append(user)
+                self._user_last.append(0)
             number, seen = entry
+            self._user_last[number] = self.events + j
             i = int(item_idx[j])
             if positive[j]:
                 rank = _rank(scores[ranked_users[users[j]], : avail[j]], i, seen)
@@ -189,6 +205,7 @@ class Prequential:
         self.positives += n_pos
         self.hits += hits
         self.ndcg_sum += ndcg
+        self._bound()
         return {
             "events": n,
             "rated": len(rated),
@@ -202,6 +219,45 @@ class Prequential:
             "hr": hits / n_pos if n_pos else math.nan,
             "ndcg": ndcg / n_pos if n_pos else math.nan,
         }
+
+    def _bound(self) -> None:
+        """Keeps the candidates and the seen pairs and users within their caps (see the class docstring)."""
+        if len(self._sampled) > self.max_seen:  # a memo, not state
+            self._sampled = {}
+        n_items, n_users, n_pairs = len(self._items), len(self._seen_users), len(self._seen_log) // 2
+        if n_items <= self.max_items and max(n_users, n_pairs) <= self.max_seen:
+            return
+        log = np.frombuffer(self._seen_log, np.int64).reshape(-1, 2) if n_pairs else np.zeros((0, 2), np.int64)
+        drop_items = np.zeros(n_items, bool)
+        if n_items > self.max_items:
+            target = self.max_items - self.max_items // EVICT_SHARE
+            drop_items[_oldest(np.asarray(self._item_last, np.int64), n_items - target)] = True
+        drop_users = np.zeros(n_users, bool)
+        target = self.max_seen - self.max_seen // EVICT_SHARE
+        if max(n_users, n_pairs) > self.max_seen:
+            pairs = np.bincount(log[:, 0], minlength=n_users)  # (U,) seen items per user
+            order = np.lexsort((np.arange(n_users), np.asarray(self._user_last, np.int64)))  # oldest first
+            freed = np.cumsum(pairs[order])
+            k_users = n_users - target if n_users > self.max_seen else 0
+            k_pairs = int(np.searchsorted(freed, n_pairs - target)) + 1 if n_pairs > self.max_seen else 0
+            k = max(k_users, k_pairs)
+            drop_users[order[:k]] = True
+        self._compact(log, drop_items, drop_users)
+
+    def _compact(self, log: npt.NDArray[np.int64], drop_items: npt.NDArray[np.bool_],
+                 drop_users: npt.NDArray[np.bool_]) -> None:
+        """Forgets the candidates and users marked, renumbering the rest in their order."""
+        keep = ~drop_users[log[:, 0]] & ~drop_items[log[:, 1]]
+        item_map = np.cumsum(~drop_items) - 1  # old index -> new index of the items kept
+        user_map = np.cumsum(~drop_users) - 1
+        new_log = np.stack([user_map[log[keep, 0]], item_map[log[keep, 1]]], 1).astype(np.int64)
+        self._items = [item for item, d in zip(self._items, drop_items.tolist(), strict=True) if not d]
+        self._item_index = {item: c for c, item in enumerate(self._items)}
+        self._item_last = array("q", np.asarray(self._item_last, np.int64)[~drop_items].tobytes())
+        self._seen_users = [u for u, d in zip(self._seen_users, drop_users.tolist(), strict=True) if not d]
+        self._user_last = array("q", np.asarray(self._user_last, np.int64)[~drop_users].tobytes())
+        self._seen_log = array("q", new_log.tobytes())
+        self._seen = _seen_sets(self._seen_users, self._seen_log)
 
     def summary(self) -> dict[str, float]:
         """Running figures over every batch so far; a mean over no events is NaN."""
@@ -227,6 +283,8 @@ class Prequential:
             "items": list(self._items),
             "seen_users": list(self._seen_users),
             "seen_log": self._seen_log,
+            "item_last": self._item_last,
+            "user_last": self._user_last,
             "totals": {
                 "events": self.events, "rated": self.rated, "sq_err": self.sq_err, "abs_err": self.abs_err,
                 "positives": self.positives, "hits": self.hits, "ndcg_sum": self.ndcg_sum,
@@ -234,7 +292,7 @@ class Prequential:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in (2, STATE_VERSION):  # 2: before the caps, without the recency arrays
             raise ValueError(f"prequential: state version {state.get('version')} is not {STATE_VERSION}")
         settings = (state["k"], state["rating_min"], state["rating_max"], state["user_sample"])
         if settings != (self.k, self.rating_min, self.rating_max, self.user_sample):
@@ -246,15 +304,26 @@ class Prequential:
         self._item_index = {item: c for c, item in enumerate(self._items)}
         self._seen_users = list(state["seen_users"])
         self._seen_log = array("q", state["seen_log"])
-        sets: list[set[int]] = [set() for _ in self._seen_users]
-        log = self._seen_log
-        for n in range(0, len(log), 2):
-            sets[log[n]].add(log[n + 1])
-        self._seen = {u: (n, sets[n]) for n, u in enumerate(self._seen_users)}
+        self._seen = _seen_sets(self._seen_users, self._seen_log)
+        self._item_last = array("q", state.get("item_last", array("q", bytes(8 * len(self._items)))))
+        self._user_last = array("q", state.get("user_last", array("q", bytes(8 * len(self._seen_users)))))
         self._sampled = {}
         t = state["totals"]
         self.events, self.rated, self.positives, self.hits = t["events"], t["rated"], t["positives"], t["hits"]
         self.sq_err, self.abs_err, self.ndcg_sum = t["sq_err"], t["abs_err"], t["ndcg_sum"]
+
+
+def _seen_sets(users: list[str], log: array[int]) -> dict[str, tuple[int, set[int]]]:
+    """Each user's (number, seen item indices) from the flat (user number, item index) log."""
+    sets: list[set[int]] = [set() for _ in users]
+    for n in range(0, len(log), 2):
+        sets[log[n]].add(log[n + 1])
+    return {u: (n, sets[n]) for n, u in enumerate(users)}
+
+
+def _oldest(last: npt.NDArray[np.int64], n: int) -> npt.NDArray[np.int64]:
+    """Indices of the ``n`` smallest ``last`` values, ties to the lower index."""
+    return np.asarray(np.lexsort((np.arange(len(last)), last))[:n], np.int64)
 
 
 def _rank(row: npt.NDArray[Any], i: int, seen: set[int]) -> int:

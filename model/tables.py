@@ -49,8 +49,9 @@ Saved = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 class EmbeddingTable:
     def __init__(self, dim: int, init_std: float, device: torch.device, generator: torch.Generator,
-                 optimizer: str = "adagrad", anchored: bool = False) -> None:
+                 optimizer: str = "adagrad", anchored: bool = False, max_rows: int = 0) -> None:
         self.dim = dim
+        self.max_rows = max_rows  # allocation never grows past this many rows (0: no limit)
         self.init_std = init_std
         self.device = device
         self.generator = generator
@@ -71,6 +72,9 @@ class EmbeddingTable:
         # changes when the row is recycled, so stored references to an old holder can be recognised.
         self.last_seen = np.zeros(0, np.int64)  # (R,)
         self.generation = np.zeros(0, np.int64)  # (R,)
+        # (R,) the model's batch count when each row last had an event: least recently used goes first at the cap.
+        # A count, not event time: a hostile timestamp cannot keep a row in or push one out.
+        self.last_used = np.zeros(0, np.int64)
         # Parameter group of each column: 0 the vector, 1 the ranking bias, 2 the rating bias.
         self._group = torch.tensor([0] * dim + [1, 2], device=device)
 
@@ -94,10 +98,13 @@ class EmbeddingTable:
             return
         if rows > self.params.shape[0]:
             cap = max(rows, 2 * self.params.shape[0], 1024)
+            if self.max_rows:  # doubling stops at the row cap: a capped table allocates no more than it can hold
+                cap = max(rows, min(cap, self.max_rows))
             for name in _TENSORS:
                 setattr(self, name, _grow(getattr(self, name), cap))
             self.last_seen = np.concatenate([self.last_seen, np.full(cap - len(self.last_seen), NEVER)])
             self.generation = np.concatenate([self.generation, np.zeros(cap - len(self.generation), np.int64)])
+            self.last_used = np.concatenate([self.last_used, np.zeros(cap - len(self.last_used), np.int64)])
         fresh = torch.randn(rows - self.rows, self.dim, generator=self.generator) * self.init_std
         self.params[self.rows:rows, : self.dim] = fresh.to(self.device)
         self.rows = rows
@@ -182,13 +189,14 @@ class EmbeddingTable:
     def bytes_per_row(self) -> int:
         """Bytes one row costs in this table: parameters, optimiser state, counters, anchor and bookkeeping."""
         n = sum(getattr(self, k).element_size() * int(np.prod(getattr(self, k).shape[1:])) for k in _TENSORS)
-        return int(n) + self.last_seen.itemsize + self.generation.itemsize
+        return int(n) + self.last_seen.itemsize + self.generation.itemsize + self.last_used.itemsize
 
     def state(self) -> dict[str, np.ndarray[Any, Any]]:
         n = self.rows
         out = {k: getattr(self, k)[:n].cpu().numpy().copy() for k in _TENSORS}
         out["last_seen"] = self.last_seen[:n].copy()
         out["generation"] = self.generation[:n].copy()
+        out["last_used"] = self.last_used[:n].copy()
         return out
 
     def load(self, state: dict[str, np.ndarray[Any, Any]]) -> None:
@@ -203,6 +211,8 @@ class EmbeddingTable:
             setattr(self, k, value.clone())
         self.last_seen = state["last_seen"].copy()
         self.generation = state["generation"].copy()
+        # Written before the row cap: every row counts as used at batch 0 (ties go to the lower row).
+        self.last_used = state["last_used"].copy() if "last_used" in state else np.zeros(n, np.int64)
         self.rows = n
 
 

@@ -65,7 +65,7 @@ def test_memory_report_counts_bytes_per_admitted_id() -> None:
     rep = m.memory_report()
     assert rep["user"]["ids"] == 100 and rep["item"]["ids"] == 10
     # Adam: params (D + 2) + first moment (D + 2) floats, 3 second moments, 3 int64 counters, bookkeeping.
-    assert rep["user"]["row_bytes"] == 4 * (10 + 10 + 3) + 8 * 3 + 1 + 16
+    assert rep["user"]["row_bytes"] == 4 * (10 + 10 + 3) + 8 * 3 + 1 + 24
     assert rep["user"]["bytes_per_id"] > rep["user"]["row_bytes"]  # plus the id map and spare capacity
 
 
@@ -105,6 +105,63 @@ def test_memory_stays_bounded_on_an_endless_stream_of_new_ids() -> None:
     for t in range(200):
         _learn(m, [f"u{t}-{k}" for k in range(10)], [f"i{t}-{k}" for k in range(10)], ts=[t * 10] * 10)
     assert m.users.size < 200 and m.items.size < 200  # 2,000 ids went through each table
+
+
+def test_at_the_row_cap_the_least_recently_used_id_is_evicted() -> None:
+    m = OnlineBiasedMF(ModelConfig(dim=4, max_rows=4, ttl_ms=0))
+    for user in ("a", "b", "c", "d"):
+        _learn(m, [user], ["x"])
+    _learn(m, ["a"], ["x"])  # a is used again: b is now the least recently used
+    assert m.drain_evicted() == ([], [])
+    stats = _learn(m, ["e"], ["x"])
+    assert "b" not in m.users and all(u in m.users for u in "acde") and len(m.users) == 4
+    assert m.drain_evicted() == (["b"], []) and m.evictions == [1, 0] and m.drain_evicted() == ([], [])
+    assert m.users.size == 5 and stats.event_user_rows[0] != FALLBACK_ROW  # e took b's row: no growth
+    assert m.event_counts("user", stats.event_user_rows).tolist() == [1]  # and starts from zero
+
+
+def test_rows_and_allocation_stay_bounded_after_many_distinct_ids() -> None:
+    cap = 64
+    m = OnlineBiasedMF(ModelConfig(dim=4, max_rows=cap, ttl_ms=0))
+    for t in range(125):  # 2,000 distinct users and items, 16 per batch
+        _learn(m, [f"u{t}-{k}" for k in range(16)], [f"i{t}-{k}" for k in range(16)])
+    for idmap, table, kind in ((m.users, m.user_table, 0), (m.items, m.item_table, 1)):
+        assert len(idmap) <= cap and idmap.size <= cap + 1 and table.params.shape[0] <= cap + 1
+        assert len(idmap.state()["free"]) + len(idmap) + 1 == idmap.size
+        assert m.evictions[kind] == 2_000 - len(idmap)
+    users, items = m.drain_evicted()
+    assert len(users) == m.evictions[0] and len(set(users)) == len(users)
+    assert "u124-15" in m.users and "u0-0" not in m.users  # the newest stay, the oldest went
+
+
+def test_a_batch_with_more_new_ids_than_the_cap_admits_only_up_to_it() -> None:
+    m = OnlineBiasedMF(ModelConfig(dim=4, max_rows=4, ttl_ms=0))
+    stats = _learn(m, [f"u{k}" for k in range(10)], ["x"] * 10)
+    assert len(m.users) == 4 and (stats.event_user_rows == FALLBACK_ROW).sum() == 6
+    assert not stats.skipped
+
+
+def test_eviction_restores_exactly_and_evicts_alike_after_a_restore() -> None:
+    cfg = ModelConfig(dim=4, max_rows=32, ttl_ms=0, seed=3)
+    m = OnlineBiasedMF(cfg)
+    for t in range(10):
+        _learn(m, [f"u{t}-{k % 12}" for k in range(24)], [f"i{k % 40}" for k in range(24)])
+    assert m.evictions[0] > 0
+    copy = OnlineBiasedMF.from_bytes(m.state_bytes())
+    for model in (m, copy):
+        for t in range(10, 20):
+            _learn(model, [f"u{t}-{k % 12}" for k in range(24)], [f"i{k % 40}" for k in range(24)])
+    assert m.drain_evicted() == copy.drain_evicted() and m.evictions == copy.evictions
+    assert m.users.state() == copy.users.state()
+    assert torch.equal(m.user_table.params, copy.user_table.params)
+    assert np.array_equal(m.user_table.last_used, copy.user_table.last_used)
+
+
+def test_the_defaults_bound_every_table() -> None:
+    cfg = ModelConfig()
+    assert cfg.max_rows > 0 and cfg.ttl_ms > 0 and cfg.admit_capacity > 0
+    with pytest.raises(ValueError, match="max_rows must be positive"):
+        ModelConfig(max_rows=0)
 
 
 # ---------------------------------------------------------------------------------------------- 3. objectives

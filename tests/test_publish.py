@@ -193,7 +193,8 @@ def test_a_warm_started_model_continues_on_the_stream(tmp_path) -> None:
     history.write_text("".join(f"{1 + k % 6}\t{1 + k % 9}\t{1 + k % 5}\t{880000000 + k}\n" for k in range(300)))
     state = tmp_path / "state.bin"
     warm_start(["--input", str(history), "--out", str(state), "--epochs", "2"])
-    stage = TrainStage(JobConfig.load(overrides=["batch.size=12", f"flink.initial_model={state}"]))
+    # The history is from 1997: under the default TTL (30 days of event time) the stream would expire all of it.
+    stage = TrainStage(JobConfig.load(overrides=["batch.size=12", f"flink.initial_model={state}", "model.ttl_ms=0"]))
     pretrained = stage.model.step
     assert pretrained > 0 and len(stage.model.users) == 6 and len(stage.model.items) == 9
     stage.on_chunk(_rated(12), now_ms=1_000)
