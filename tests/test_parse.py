@@ -67,7 +67,7 @@ BAD = [
     ("record_too_large", with_(category="x" * 70_000)),
     ("duplicate_keys", '{"event_id":"e1","event_id":"e2","user_id":"u1","item_id":"i1","action":"view","ts":5}'),
     ("duplicate_keys", with_(context={"user_id": "someone-else"})),
-    ("ts_in_future", with_(ts=NOW + 2 * 24 * 3600 * 1000)),
+    ("future_ts", with_(ts=NOW + 2 * 24 * 3600 * 1000)),
     ("invalid_utf8_in_user_id", with_(user_id="u\ufffd")),
     ("bad_type_user_id", with_(user_id=[{"nested": ["junk", {"deeper": None}]}])),
     ("not_an_object", "null"),
