@@ -141,7 +141,10 @@ class PublishConfig:
 class CleanConfig:
     max_id_length: int = 128
     max_record_chars: int = 65_536
-    max_future_ms: int = 24 * 3600 * 1000  # event time may be ahead of processing time by at most this
+    # Event time may be ahead of processing time by at most this (further: dead letter future_ts), and so may each
+    # partition's newest event time behind the watermark: one bad clock cannot make the real events late.
+    max_future_ms: int = 5 * 60 * 1000
+    max_value: float = 100.0  # an implicit action's value (its training weight) must be in (0, max_value]
     dedup_ttl_s: int = 24 * 3600  # how long an event id is remembered for de-duplication
     near_duplicate_window_ms: int = 0  # same user, item and action again within this counts once; 0: off
     out_of_orderness_ms: int = 5 * 60 * 1000  # the watermark trails the newest event time by this much
@@ -167,6 +170,7 @@ class CleanConfig:
 
     def __post_init__(self) -> None:
         from flink_job.clean import MISSING_POLICIES, NUMERIC_FIELDS, OUTLIER_POLICIES
+        from flink_job.parse import FLOAT32_MAX
         from flink_job.events import ACTIONS
 
         unknown = set(self.action_weights) - set(ACTIONS[:-1])
@@ -206,6 +210,12 @@ class CleanConfig:
                 f"config: clean.outlier_window must be > 0 and 0 <= clean.outlier_warmup <= it, "
                 f"got {self.outlier_window} and {self.outlier_warmup}"
             )
+        if isinstance(self.max_future_ms, bool) or not isinstance(self.max_future_ms, int) or self.max_future_ms < 0:
+            raise ValueError(f"config: clean.max_future_ms must be an integer >= 0, got {self.max_future_ms!r}")
+        if not (isinstance(self.max_value, (int, float)) and not isinstance(self.max_value, bool)
+                and 0 < self.max_value <= FLOAT32_MAX):
+            raise ValueError(f"config: clean.max_value must be a number in (0, {FLOAT32_MAX:g}] (float32), "
+                             f"got {self.max_value!r}")
         if not self.outlier_k > 0:
             raise ValueError(f"config: clean.outlier_k must be > 0, got {self.outlier_k}")
         if self.recent_items < 0 or self.user_ttl_ms <= 0:

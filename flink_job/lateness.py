@@ -6,13 +6,22 @@ the allowed lateness goes to the dead-letter topic as ``late`` rather than being
 order. Each event is judged against the watermark of the events before it, in input order within a chunk too, so
 the outcome does not depend on how the input was cut into chunks (a replay after a restore cuts it differently).
 
+Event time cannot be poisoned: the newest event time a partition holds never runs ahead of processing time (the
+call's ``now_ms``, which a replay reuses) by more than ``max_ahead_ms``, and a held time that did (a state written
+before this rule, or by a clock that was ahead) is brought back when it is read. Otherwise one event a day in the
+future would make every real event after it late for a day, and the checkpoint would keep it so.
+
 >>> from flink_job.parse import parse_lines
 >>> line = '0,{o},{{"event_id":"e{o}","user_id":"u","item_id":"i","action":"view","ts":{ts}}}'
->>> w = Watermarks(out_of_orderness_ms=10, allowed_lateness_ms=5)
->>> on_time, late = w.split(parse_lines([line.format(o=0, ts=100)], now_ms=10**6)[0])
->>> on_time, late = w.split(parse_lines([line.format(o=1, ts=86), line.format(o=2, ts=84)], now_ms=10**6)[0])
+>>> w = Watermarks(out_of_orderness_ms=10, allowed_lateness_ms=5, max_ahead_ms=0)
+>>> on_time, late = w.split(parse_lines([line.format(o=0, ts=100)], now_ms=10**6)[0], now_ms=10**6)
+>>> on_time, late = w.split(parse_lines([line.format(o=1, ts=86), line.format(o=2, ts=84)], now_ms=10**6)[0],
+...                         now_ms=10**6)
 >>> on_time.event_ids, [(d.reason, d.offset) for d in late], w.watermark()
 (['e1'], [('late', 2)], 90)
+>>> w.max_ts[0] = 10**9  # held from a clock a day ahead: read back as no later than processing time
+>>> w.watermark(now_ms=1_000)
+990
 """
 from __future__ import annotations
 
@@ -24,29 +33,42 @@ STAGE = "lateness"
 
 
 class Watermarks:
-    def __init__(self, out_of_orderness_ms: int, allowed_lateness_ms: int) -> None:
-        """``allowed_lateness_ms < 0`` turns the check off (every event is on time)."""
+    def __init__(self, out_of_orderness_ms: int, allowed_lateness_ms: int, max_ahead_ms: int) -> None:
+        """``allowed_lateness_ms < 0`` turns the check off (every event is on time); ``max_ahead_ms``: how far
+        ahead of processing time a partition's newest event time may be (``clean.max_future_ms``)."""
         self.out_of_orderness_ms = out_of_orderness_ms
         self.allowed_lateness_ms = allowed_lateness_ms
-        self.max_ts: dict[int, int] = {}  # partition -> newest event time seen
+        self.max_ahead_ms = max_ahead_ms
+        self.max_ts: dict[int, int] = {}  # partition -> newest event time seen, at most now + max_ahead_ms
 
-    def watermark(self) -> int | None:
+    def watermark(self, now_ms: int | None = None) -> int | None:
+        """The watermark; with ``now_ms``, as the next ``split`` at that time will read it."""
         if not self.max_ts:
             return None
-        return min(self.max_ts.values()) - self.out_of_orderness_ms
+        newest = min(self.max_ts.values())
+        if now_ms is not None:
+            newest = min(newest, now_ms + self.max_ahead_ms)
+        return newest - self.out_of_orderness_ms
 
-    def split(self, batch: EventBatch) -> tuple[EventBatch, list[DeadLetter]]:
-        """``(events on time, dead letters for the late ones)``; the watermark advances with every event."""
+    def split(self, batch: EventBatch, now_ms: int) -> tuple[EventBatch, list[DeadLetter]]:
+        """``(events on time, dead letters for the late ones)``; the watermark advances with every event, up to
+        processing time ``now_ms`` plus ``max_ahead_ms``."""
+        cap = now_ms + self.max_ahead_ms
+        for p, held in self.max_ts.items():
+            if held > cap:
+                self.max_ts[p] = cap
         if not len(batch):
             return batch, []
         parts, ts = batch.partitions, batch.ts  # (N,), (N,)
         names = sorted(set(self.max_ts) | set(np.unique(parts).tolist()))
         unseen = np.iinfo(np.int64).min
-        # (P, N+1): per partition, the newest event time before each event (column 0: before the chunk) and after it.
+        # (P, N+1): per partition, the newest event time before each event (column 0: before the chunk) and after it;
+        # an event ahead of the cap moves it only as far as the cap (the parser rejects those, this holds anyway).
         newest = np.empty((len(names), len(batch) + 1), np.int64)
+        capped = np.minimum(ts, cap)
         for r, p in enumerate(names):
             newest[r, 0] = self.max_ts.get(p, unseen)
-            newest[r, 1:] = np.where(parts == p, ts, unseen)
+            newest[r, 1:] = np.where(parts == p, capped, unseen)
         np.maximum.accumulate(newest, axis=1, out=newest)
         for r, p in enumerate(names):
             if newest[r, -1] != unseen:

@@ -10,10 +10,14 @@ the common event in C, and only records it rejects pay for the slower path that 
 (['u1'], [7])
 >>> dead[0].reason, dead[0].offset
 ('invalid_json', 8)
+
+No record fails the call: a line without a payload (a Kafka record whose value is null) is the dead letter
+``null_value``, and an exception while judging one record is the dead letter ``internal_error`` naming its type.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import re
 import time
@@ -28,10 +32,13 @@ from msgspec import UNSET, UnsetType
 
 from flink_job.events import ACTIONS
 
+log = logging.getLogger(__name__)
 ACTION_CODES = {a: n for n, a in enumerate(ACTIONS)}
 RATING = ACTION_CODES["rating"]
 STAGE = "parse"
 MAX_TS_MS = 10**14  # year 5138: anything above is not a millisecond timestamp
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # numbers go to float32 columns: beyond this they become inf
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # integer ids: the range EVENT_KEY reads as a JVM long
 N_FEATURES = 7  # len(flink_job.clean.FEATURE_NAMES); clean imports this module, so the number is repeated here
 
 
@@ -48,17 +55,21 @@ class DeadLetter:
     at_ms: int = field(default_factory=lambda: int(time.time() * 1000))
 
     def to_json(self) -> str:
-        return orjson.dumps(
-            {
-                "reason": self.reason,
-                "stage": self.stage,
-                "detail": self.detail,
-                "partition": self.partition,
-                "offset": self.offset,
-                "at_ms": self.at_ms,
-                "payload": self.payload,
-            }
-        ).decode()
+        record = {
+            "reason": self.reason,
+            "stage": self.stage,
+            "detail": self.detail,
+            "partition": self.partition,
+            "offset": self.offset,
+            "at_ms": self.at_ms,
+            "payload": self.payload,
+        }
+        try:
+            return orjson.dumps(record).decode()
+        except orjson.JSONEncodeError:  # lone surrogates, which UTF-8 cannot carry: written as escapes instead
+            text = {k: v.encode("utf-8", "backslashreplace").decode() if isinstance(v, str) else v
+                    for k, v in record.items()}
+            return orjson.dumps(text).decode()
 
 
 @dataclass
@@ -142,12 +153,71 @@ class ParseRules:
     rating_min: float = 1.0
     rating_max: float = 5.0
     max_record_chars: int = 65_536  # a record larger than this is not an event
-    max_future_ms: int = 24 * 3600 * 1000  # event time may run ahead of processing time by at most this
+    max_future_ms: int = 5 * 60 * 1000  # event time may run ahead of processing time by at most this
+    max_value: float = 100.0  # the largest value (weight) of an implicit action; it must also be > 0
 
 
-# A record naming an id twice (at any depth) is ambiguous: the JVM de-duplicates on the ids it extracts, the
-# parser reads its own. Such records are dead-lettered; the check runs only when an id's name appears twice.
-_KEYS = re.compile(r'"(event_id|user_id|item_id|action|ts|value)"\s*:')
+# The members that make an event's identity for de-duplication (EVENT_KEY in flink_job/jvm reads the same). A record
+# naming one of them twice, at any depth and whether or not the name is written with escapes, is ambiguous: the
+# JVM gives it no key and the parser dead-letters it. Names are compared decoded, as both JSON readers see them.
+ID_MEMBERS = ("event_id", "user_id")
+# Every string of a well-formed JSON text, in order, and whether it is a member name (a colon follows).
+_STRINGS = re.compile(r'"((?:[^"\\]|\\.)*)"(\s*:)?')
+
+
+def _ambiguous(payload: str) -> list[str]:
+    """The identity members ``payload`` (well-formed JSON) names more than once, sorted; empty if none."""
+    seen: list[str] = []
+    for m in _STRINGS.finditer(payload):
+        if m.group(2) is None:
+            continue
+        name = m.group(1)
+        if "\\" in name:
+            name = orjson.loads(f'"{name}"')
+        if name in ID_MEMBERS:
+            seen.append(name)
+    return sorted({n for n in seen if seen.count(n) > 1})
+
+
+def _show(v: object) -> str:
+    """A value for a dead letter's detail: short, and never the repr of a deep structure (that can recurse)."""
+    if isinstance(v, str):
+        return v[:40]
+    if isinstance(v, (int, float)):
+        return str(v)[:40]
+    return type(v).__name__
+
+
+def _describe(ex: BaseException) -> str:
+    return f"{type(ex).__name__}: {str(ex)[:120]}"
+
+
+def line_position(line: object) -> tuple[int, int, str]:
+    """``(partition, offset, payload)`` of a chunk line; ``(-1, -1, the line)`` for one that is not. Never raises."""
+    try:
+        p, o, payload = line.split(",", 2)  # type: ignore[attr-defined]
+        return int(p), int(o), payload
+    except Exception:
+        return -1, -1, line if isinstance(line, str) else repr(line)[:1000]
+
+
+def bad_line(line: object) -> DeadLetter:
+    """The dead letter for a chunk line that is not ``"<partition>,<offset>,<payload>"``: ``null_value`` for a line
+    without a payload (a Kafka record whose value is null, or only a key: ``CONCAT_WS`` in flink_job.sql leaves
+    the NULL out), else ``internal_error``."""
+    parts = line.split(",") if isinstance(line, str) else []
+    if len(parts) == 2 and all(_is_int(x) for x in parts):
+        return DeadLetter("null_value", STAGE, "", int(parts[0]), int(parts[1]), "the record has no value (null)")
+    text = line if isinstance(line, str) else repr(line)[:1000]
+    return DeadLetter("internal_error", STAGE, text, -1, -1, f"not a chunk line: {type(line).__name__}")
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _id(d: dict, name: str, rules: ParseRules) -> str:
@@ -156,13 +226,16 @@ def _id(d: dict, name: str, rules: ParseRules) -> str:
         raise _Bad(f"missing_{name}")
     if isinstance(v, bool) or not isinstance(v, (str, int)):
         raise _Bad(f"bad_type_{name}", type(v).__name__)
-    s = str(v)
+    if isinstance(v, int) and not INT64_MIN <= v <= INT64_MAX:
+        raise _Bad(f"bad_type_{name}", "an integer beyond 64 bits")
+    s = str(v)  # an integer id is its decimal string, as EVENT_KEY writes it: 42 and "42" are one id
     if not s.strip():
         raise _Bad(f"empty_{name}")
     if len(s) > rules.max_id_length:
         raise _Bad(f"{name}_too_long", str(len(s)))
-    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in s):
-        # Control characters never belong in an id, and the de-duplication key joins ids with one (flink_job.sql).
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 or 0xD800 <= ord(c) < 0xE000 for c in s):
+        # Control characters never belong in an id, and the de-duplication key joins ids with one (flink_job.sql);
+        # lone surrogates cannot be written out as UTF-8.
         raise _Bad(f"control_chars_in_{name}")
     if "\ufffd" in s:
         raise _Bad(f"invalid_utf8_in_{name}")  # the bytes were not UTF-8; the source decoded them to U+FFFD
@@ -181,9 +254,11 @@ def _context_number(d: dict, name: str) -> float | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _Bad(f"bad_{name}", str(v)[:40])
+        raise _Bad(f"bad_{name}", _show(v))
     if v < 0:
-        raise _Bad(f"negative_{name}", str(v)[:40])
+        raise _Bad(f"negative_{name}", _show(v))
+    if v > FLOAT32_MAX:  # inf in the float32 features, and its square overflows the running statistics
+        raise _Bad(f"bad_{name}", f"{_show(v)} beyond float32")
     return v
 
 
@@ -214,25 +289,28 @@ def _event(
         raise _Bad("missing_action")
     code = ACTION_CODES.get(action) if isinstance(action, str) else None
     if code is None:
-        raise _Bad("unknown_action", str(action)[:40])
+        raise _Bad("unknown_action", _show(action))
     ts = d.get("ts")
     if ts is None:
         raise _Bad("missing_ts")
     if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts != int(ts):
-        raise _Bad("bad_ts", str(ts)[:40])
+        raise _Bad("bad_ts", _show(ts))
     if not 0 <= ts <= MAX_TS_MS:
-        raise _Bad("ts_out_of_range", str(ts)[:40])
+        raise _Bad("ts_out_of_range", _show(ts))
     if ts > now_ms + rules.max_future_ms:
-        raise _Bad("ts_in_future", f"{(ts - now_ms) / 3600_000:.1f} h ahead")
+        raise _Bad("future_ts", f"{int(ts) - now_ms} ms ahead of processing time; at most {rules.max_future_ms}")
     value = d.get("value")
     if value is None:
         if code == RATING:
             raise _Bad("missing_value")
         value = 1.0
     elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _Bad("bad_value", str(value)[:40])
-    if code == RATING and not rules.rating_min <= value <= rules.rating_max:
-        raise _Bad("rating_out_of_range", str(value))
+        raise _Bad("bad_value", _show(value))
+    if code == RATING:
+        if not rules.rating_min <= value <= rules.rating_max:
+            raise _Bad("rating_out_of_range", _show(value))
+    elif not 0 < value <= rules.max_value:
+        raise _Bad("value_out_of_range", f"{_show(value)} not in (0, {rules.max_value:g}]")
     dwell = _context_number(d, "dwell_ms")
     price = _context_number(d, "price")
     category = _category(d, rules)
@@ -243,7 +321,7 @@ def _event(
 def _fast_decoder(max_id_length: int) -> msgspec.json.Decoder:
     """A decoder for the common well-formed event; the fields it does not name are ignored."""
     ident = Annotated[str, msgspec.Meta(min_length=1, max_length=max_id_length)]
-    amount = Annotated[float, msgspec.Meta(ge=0)]
+    amount = Annotated[float, msgspec.Meta(ge=0, le=FLOAT32_MAX)]
     fast_event = msgspec.defstruct(
         "FastEvent",
         [
@@ -278,10 +356,11 @@ def parse_lines(
     offs: list[int] = []
     payloads: list[str] = []
     dead: list[DeadLetter] = []
-    lo, hi = rules.rating_min, rules.rating_max
+    lo, hi, max_value = rules.rating_min, rules.rating_max, rules.max_value
     codes_of = ACTION_CODES
     decode = _fast_decoder(rules.max_id_length).decode
     ok: bool
+    e: Any
     # One event's fields: read from the decoded record, their types checked at run time below.
     eid: Any
     user: Any
@@ -293,53 +372,70 @@ def parse_lines(
     price: Any
     cat: Any
     for line in lines:
-        p, o, payload = line.split(",", 2)
-        if len(payload) > rules.max_record_chars:
-            dead.append(DeadLetter("record_too_large", STAGE, payload, int(p), int(o), str(len(payload))))
-            continue
-        if payload.count('"event_id"') > 1 or payload.count('"user_id"') > 1:  # cheap test, exact rule below
-            keys = _KEYS.findall(payload)
-            if len(keys) != len(set(keys)):
-                dead.append(DeadLetter("duplicate_keys", STAGE, payload, int(p), int(o), ",".join(sorted(keys))))
-                continue
-        # Fast path: a typed decoder checks the common well-formed event's types, id lengths, action and ts range
-        # in C (2x faster than orjson plus checks in Python); what it cannot express is checked inline. Anything
-        # unusual takes the slow path, orjson and _event, which names the reason.
         try:
-            e = decode(payload)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+            p, o, payload = line.split(",", 2)
+            part, off = int(p), int(o)
+        except Exception:
+            dead.append(bad_line(line))
+            continue
+        # Whatever a record holds, judging it must not fail the call (a poison pill restarts the job for ever):
+        # an exception becomes this record's dead letter. Free on the common path (zero-cost try).
+        try:
+            if len(payload) > rules.max_record_chars:
+                dead.append(DeadLetter("record_too_large", STAGE, payload, part, off, str(len(payload))))
+                continue
+            # Cheap test for an ambiguous identity (an id member named twice, or any escape, which a name may hide
+            # behind: one memchr, where looking for "\u" costs 10x more); such a record takes the slow path, which
+            # applies the exact rule on the decoded names.
+            suspect = payload.count('"event_id"') > 1 or payload.count('"user_id"') > 1 or "\\" in payload
+            # Fast path: a typed decoder checks the common well-formed event's types, id lengths, action, ts range
+            # and number bounds in C (2x faster than orjson plus checks in Python); what it cannot express is checked
+            # inline. Anything unusual takes the slow path, orjson and _event, which names the reason.
             e = None
-        if e is not None:
-            eid, user, item, ts, value = e.event_id, e.user_id, e.item_id, e.ts, e.value
-            code = codes_of[e.action]
-            dwell, price, cat = e.dwell_ms, e.price, e.category
-            if (
-                ts <= latest_ts
-                and not (eid.isspace() or user.isspace() or item.isspace())
-                and eid.isprintable() and user.isprintable() and item.isprintable()
-                and "\ufffd" not in eid and "\ufffd" not in user and "\ufffd" not in item
-                and (cat is None or (cat.isprintable() and not cat.isspace()))
-            ):
-                if value is UNSET:
-                    value = 1.0
-                    ok = code != RATING  # a rating must carry its value
+            if not suspect:
+                try:
+                    e = decode(payload)
+                except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+                    pass  # RecursionError: nesting deeper than msgspec follows; orjson names it below
+            if e is not None:
+                eid, user, item, ts, value = e.event_id, e.user_id, e.item_id, e.ts, e.value
+                code = codes_of[e.action]
+                dwell, price, cat = e.dwell_ms, e.price, e.category
+                if (
+                    ts <= latest_ts
+                    and not (eid.isspace() or user.isspace() or item.isspace())
+                    and eid.isprintable() and user.isprintable() and item.isprintable()
+                    and "\ufffd" not in eid and "\ufffd" not in user and "\ufffd" not in item
+                    and (cat is None or (cat.isprintable() and not cat.isspace()))
+                ):
+                    if value is UNSET:
+                        value = 1.0
+                        ok = code != RATING  # a rating must carry its value
+                    else:
+                        ok = lo <= value <= hi if code == RATING else 0 < value <= max_value
                 else:
-                    ok = code != RATING or lo <= value <= hi
+                    ok = False
             else:
                 ok = False
-        else:
-            ok = False
-        if not ok:
-            try:
-                d = orjson.loads(payload)
-            except orjson.JSONDecodeError as ex:
-                dead.append(DeadLetter("invalid_json", STAGE, payload, int(p), int(o), str(ex)[:80]))
-                continue
-            try:
-                eid, user, item, code, value, ts, dwell, price, cat = _event(d, rules, now_ms)
-            except _Bad as bad:
-                dead.append(DeadLetter(bad.reason, STAGE, payload, int(p), int(o), bad.detail))
-                continue
+            if not ok:
+                try:
+                    d = orjson.loads(payload)
+                except orjson.JSONDecodeError as ex:
+                    dead.append(DeadLetter("invalid_json", STAGE, payload, part, off, str(ex)[:80]))
+                    continue
+                repeated = _ambiguous(payload) if suspect else None
+                if repeated:
+                    dead.append(DeadLetter("duplicate_keys", STAGE, payload, part, off, ",".join(repeated)))
+                    continue
+                try:
+                    eid, user, item, code, value, ts, dwell, price, cat = _event(d, rules, now_ms)
+                except _Bad as bad:
+                    dead.append(DeadLetter(bad.reason, STAGE, payload, part, off, bad.detail))
+                    continue
+        except Exception as ex:
+            log.warning("parse: record at %d/%d dead-lettered as internal_error: %s", part, off, _describe(ex))
+            dead.append(DeadLetter("internal_error", STAGE, payload, part, off, _describe(ex)))
+            continue
         eids.append(eid)
         users.append(user)
         items.append(item)
@@ -349,8 +445,8 @@ def parse_lines(
         dwells.append(dwell)
         prices.append(price)
         cats.append(cat)
-        parts.append(int(p))
-        offs.append(int(o))
+        parts.append(part)
+        offs.append(off)
         payloads.append(payload)
     batch = EventBatch(
         eids, users, items,

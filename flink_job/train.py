@@ -30,7 +30,7 @@ from flink_job.events import ACTIONS  # noqa: E402
 from flink_job.gauges import SetGauge  # noqa: E402
 from flink_job.lateness import Watermarks  # noqa: E402
 from flink_job.near_dups import NearDuplicates  # noqa: E402
-from flink_job.parse import DeadLetter, EventBatch, ParseRules, parse_lines  # noqa: E402
+from flink_job.parse import DeadLetter, EventBatch, ParseRules, parse_lines, line_position  # noqa: E402
 from flink_job.publish import DirtyRows, Drift, encode_records, write_snapshot  # noqa: E402
 from flink_job.stage_log import CHUNK, TIMER, BundleSnapshots, Call, StageLog  # noqa: E402
 from model.mf import RATING_CODE, BatchStats, OnlineBiasedMF  # noqa: E402
@@ -93,7 +93,7 @@ class TrainStage:
         self.settings = cfg.stage_settings()  # written with every snapshot (restore); cfg is frozen, so once
         self.rules = ParseRules(
             cfg.clean.max_id_length, cfg.model.rating_min, cfg.model.rating_max, cfg.clean.max_record_chars,
-            cfg.clean.max_future_ms,
+            cfg.clean.max_future_ms, cfg.clean.max_value,
         )
         self.model = (
             OnlineBiasedMF.from_file_bytes(Path(cfg.flink.initial_model).read_bytes(), cfg.model,
@@ -105,7 +105,8 @@ class TrainStage:
             [float(cfg.clean.action_weights.get(a, 1.0)) for a in ACTIONS], np.float32
         )
         self.batcher = MicroBatcher(cfg.batch.size)
-        self.watermarks = Watermarks(cfg.clean.out_of_orderness_ms, cfg.clean.allowed_lateness_ms)
+        self.watermarks = Watermarks(cfg.clean.out_of_orderness_ms, cfg.clean.allowed_lateness_ms,
+                                     cfg.clean.max_future_ms)
         # Per-id memory outside the model is capped at the model's row cap (README, "Bounded memory").
         self.near_duplicates = NearDuplicates(cfg.clean.near_duplicate_window_ms, cfg.model.max_rows)
         self.cleaner = Cleaner(cfg.clean, cfg.model.max_rows)
@@ -207,13 +208,8 @@ class TrainStage:
         out = Output()
         if not self.first_chunk_ms:
             self.first_chunk_ms = now_ms
-        batch, dead = parse_lines(lines, self.rules, now_ms)
-        batch, late = self.watermarks.split(batch)
-        dead.extend(late)
-        batch, out.near_duplicates = self.near_duplicates.filter(batch)
+        batch, dead, out.near_duplicates = self._admit_guarded(lines, now_ms)
         self.counters.near_duplicates += out.near_duplicates
-        batch, rejected = self.cleaner.apply(batch)
-        dead.extend(rejected)
         batch.payloads = []  # no stage after cleaning rejects by payload: the pending batch (in state) is lighter
         self.counters.received += len(lines)
         self.counters.dead_lettered += len(dead)
@@ -227,6 +223,41 @@ class TrainStage:
         self._maybe_publish(out, now_ms)
         self._maybe_snapshot(now_ms)
         return out
+
+    def _admit(self, lines: list[str], now_ms: int) -> tuple[EventBatch, list[DeadLetter], int]:
+        """Parse, lateness, near-duplicates and cleaning: ``(events to train, dead letters, near-duplicates)``."""
+        batch, dead = parse_lines(lines, self.rules, now_ms)
+        batch, late = self.watermarks.split(batch, now_ms)
+        dead.extend(late)
+        batch, near = self.near_duplicates.filter(batch)
+        batch, rejected = self.cleaner.apply(batch)
+        dead.extend(rejected)
+        return batch, dead, near
+
+    def _admit_guarded(self, lines: list[str], now_ms: int) -> tuple[EventBatch, list[DeadLetter], int]:
+        """``_admit``, but no record can fail the call: the parser dead-letters what it cannot judge, and if a later
+        stage raises anyway (a bug the data found) the chunk is admitted again line by line, each line that still
+        raises becoming an ``internal_error`` dead letter, so the rest of the chunk is kept and every line is
+        accounted for once. The stages' state may hold the part of a failed pass that ran before the exception."""
+        try:
+            return self._admit(lines, now_ms)
+        except Exception:
+            log.exception("train: a chunk of %d lines raised; admitting it line by line", len(lines))
+        batches: list[EventBatch] = []
+        dead: list[DeadLetter] = []
+        near = 0
+        for line in lines:
+            try:
+                batch, letters, n = self._admit([line], now_ms)
+            except Exception as ex:
+                part, off, payload = line_position(line)
+                dead.append(DeadLetter("internal_error", STAGE, payload, part, off, f"{type(ex).__name__}: {ex}"[:200]))
+                continue
+            batches.append(batch)
+            dead.extend(letters)
+            near += n
+        kept = [b for b in batches if len(b)]
+        return (EventBatch.concat(kept) if kept else parse_lines([])[0]), dead, near
 
     def on_time(self, now_ms: int | None = None) -> Output:
         """Time bounds: train a partial batch that waited ``max_wait_ms``; publish when the interval has passed."""

@@ -363,6 +363,10 @@ def test_every_event_is_kept_in_order_or_dead_lettered(cfg: CleanConfig, first: 
         ({"outlier_warmup": 5000}, "clean.outlier_warmup"),
         ({"outlier_k": 0}, "clean.outlier_k"),
         ({"user_ttl_ms": 0}, "clean.user_ttl_ms"),
+        ({"max_value": 0}, r"clean.max_value must be a number in \(0, 3.40282e\+38\]"),
+        ({"max_value": 1e39}, "clean.max_value"),
+        ({"max_value": math.inf}, "clean.max_value"),
+        ({"max_future_ms": -1}, "clean.max_future_ms must be an integer >= 0"),
     ],
 )
 def test_bad_clean_config_is_rejected_with_the_key_and_choices(settings_: dict, message: str) -> None:
@@ -376,3 +380,30 @@ def test_a_policy_override_keeps_the_other_fields_defaults() -> None:
     assert cfg.clean.outliers == {"dwell_ms": "off", "price": "clip"}
     with pytest.raises(ValueError, match="clean.missing.price = 'sometimes'"):
         JobConfig.load(overrides=["clean.missing={price: sometimes}"])
+
+
+def test_defaults_bound_future_event_time_to_minutes_and_implicit_values() -> None:
+    cfg = CleanConfig()
+    assert cfg.max_future_ms == 5 * 60 * 1000 and cfg.max_value == 100.0
+
+
+@pytest.mark.parametrize("name", ["dwell_ms", "price"])
+def test_no_context_number_becomes_inf_or_nan_after_cleaning(name: str) -> None:
+    # Values near the double limit overflowed the running sums (mean inf, variance NaN), and the next missing value
+    # was filled with inf. They are dead-lettered by the parser now (beyond float32); the largest float32 is fine.
+    huge = [ev(n, user=f"u{n % 3}", **{name: 1.7e308}) for n in range(4)]
+    largest = [ev(n, user=f"u{n % 3}", **{name: 3.4e38}) for n in range(4, 8)]
+    missing = [ev(n, user=f"u{n % 3}") for n in range(8, 12)]
+    c = cleaner(outlier_warmup=0)
+    kept, late_dead = [], []
+    for chunk in (huge, largest, missing):
+        batch, dead = parse_lines(chunk, now_ms=NOW)
+        late_dead += dead
+        out, rejected = c.apply(batch)
+        late_dead += rejected
+        kept.append(out)
+    assert [d.reason for d in late_dead] == [f"bad_{name}"] * 4
+    for out in kept[1:]:
+        assert len(out) == 4
+        assert np.isfinite(out.dwell_ms).all() and np.isfinite(out.price).all() and np.isfinite(out.features).all()
+    assert math.isfinite(c.raw[name].mean) and math.isfinite(c.raw[name].std)

@@ -67,7 +67,19 @@ BAD = [
     ("record_too_large", with_(category="x" * 70_000)),
     ("duplicate_keys", '{"event_id":"e1","event_id":"e2","user_id":"u1","item_id":"i1","action":"view","ts":5}'),
     ("duplicate_keys", with_(context={"user_id": "someone-else"})),
-    ("ts_in_future", with_(ts=NOW + 2 * 24 * 3600 * 1000)),
+    ("future_ts", with_(ts=NOW + 2 * 24 * 3600 * 1000)),
+    ("future_ts", with_(ts=NOW + 6 * 60 * 1000)),  # the default allows minutes, not a day
+    ("duplicate_keys", with_()[:-1] + ', "user\\u005fid": "u2"}'),  # named again, with an escape
+    ("duplicate_keys", with_()[:-1] + ', "context": {"\\u0065vent_id": "e2"}}'),
+    ("value_out_of_range", with_(action="view", value=1e39)),  # inf as float32
+    ("value_out_of_range", with_(action="view", value=-1e6)),
+    ("value_out_of_range", with_(action="click", value=0)),
+    ("value_out_of_range", with_(action="purchase", value=100.5)),
+    ("bad_price", with_(price=1e39)),  # beyond float32
+    ("bad_dwell_ms", with_(dwell_ms=3.5e38)),
+    ("bad_type_user_id", with_(user_id=2**63)),
+    ("bad_type_event_id", with_(event_id=-(2**63) - 1)),
+    ("invalid_json", '{"a":' * 5000 + "1" + "}" * 5000),  # deeper than any decoder follows
     ("invalid_utf8_in_user_id", with_(user_id="u\ufffd")),
     ("bad_type_user_id", with_(user_id=[{"nested": ["junk", {"deeper": None}]}])),
     ("not_an_object", "null"),
@@ -149,6 +161,68 @@ def test_unicode_ids_and_context_that_mentions_field_names_are_valid() -> None:
     payload = with_(user_id="用户-ü-🎧", item_id="i\u00e9", category="event_id")
     batch, dead = parse_lines([f"0,1,{payload}"], now_ms=NOW)
     assert dead == [] and batch.users == ["用户-ü-🎧"] and batch.items == ["i\u00e9"]
+
+
+def test_a_null_value_is_its_own_dead_letter_and_an_empty_one_is_not() -> None:
+    # CONCAT_WS in flink_job.sql leaves a NULL payload out: the line has no third field.
+    batch, dead = parse_lines(["3,7", "3,8,", f"3,9,{with_()}"], now_ms=NOW)
+    assert [(d.reason, d.partition, d.offset, d.payload) for d in dead] == [
+        ("null_value", 3, 7, ""), ("invalid_json", 3, 8, "")]
+    assert batch.offsets.tolist() == [9]
+
+
+def test_a_line_that_is_not_a_chunk_line_is_an_internal_error_not_a_crash() -> None:
+    batch, dead = parse_lines(["no commas here", "x,y,{}", f"0,1,{with_()}"], now_ms=NOW)
+    assert [(d.reason, d.offset, d.payload) for d in dead] == [
+        ("internal_error", -1, "no commas here"), ("internal_error", -1, "x,y,{}")]
+    assert len(batch) == 1
+
+
+def test_an_exception_while_judging_a_record_dead_letters_that_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flink_job.parse as parse
+
+    def broken(d: object, rules: ParseRules, now_ms: int) -> tuple:
+        raise ZeroDivisionError("a bug the data found")
+
+    monkeypatch.setattr(parse, "_event", broken)
+    slow = with_(user_id=7)  # an integer id takes the slow path
+    batch, dead = parse_lines([f"0,1,{slow}", f"0,2,{with_()}"], now_ms=NOW)
+    assert [(d.reason, d.offset, d.payload, d.stage) for d in dead] == [("internal_error", 1, slow, "parse")]
+    assert "ZeroDivisionError" in dead[0].detail and batch.offsets.tolist() == [2]
+
+
+def test_implicit_values_are_bounded_by_max_value_and_kept_as_sent() -> None:
+    lines = [f"0,{n},{with_(action='view', value=v)}" for n, v in enumerate([0.5, 10, 10.5])]
+    batch, dead = parse_lines(lines, ParseRules(max_value=10.0), now_ms=NOW)
+    assert batch.values.tolist() == [0.5, 10.0] and [(d.reason, d.offset) for d in dead] == [("value_out_of_range", 2)]
+    assert np.isfinite(batch.values).all()
+
+
+def test_escaped_names_and_values_read_as_the_same_ids() -> None:
+    plain = with_(event_id="e\"1", user_id="用户")
+    escaped = plain.replace('"event_id"', '"event\\u005fid"').replace("用户", "\\u7528\\u6237")
+    batch, dead = parse_lines([f"0,0,{plain}", f"0,1,{escaped}"], now_ms=NOW)
+    assert dead == [] and batch.event_ids == ['e"1', 'e"1'] and batch.users == ["用户", "用户"]
+
+
+def test_integer_ids_are_their_decimal_strings() -> None:
+    batch, dead = parse_lines([f"0,0,{with_(user_id=42, event_id=-0)}", f"0,1,{with_(user_id='42')}",
+                               f"0,2,{with_(item_id=2**63 - 1)}"], now_ms=NOW)
+    assert dead == [] and batch.users == ["42", "42", "u1"] and batch.event_ids[0] == "0"
+    assert batch.items[2] == str(2**63 - 1)
+
+
+def test_a_mention_of_an_id_name_that_is_not_a_member_is_not_ambiguous() -> None:
+    payloads = [with_(category="event_id"), with_(note='"user_id": "x"'), with_(note="\u0075")]
+    batch, dead = parse_lines([f"0,{n},{p}" for n, p in enumerate(payloads)], now_ms=NOW)
+    assert dead == [] and len(batch) == 3
+
+
+def test_dead_letters_with_lone_surrogates_still_serialise() -> None:
+    from flink_job.parse import DeadLetter
+
+    text = DeadLetter("invalid_json", "parse", "{\ud800}", 0, 1).to_json()
+    assert json.loads(text)["payload"] == "{\\ud800}"
 
 
 def test_there_are_at_least_forty_kinds_of_bad_records() -> None:

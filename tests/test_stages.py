@@ -258,9 +258,9 @@ def test_late_events_do_not_depend_on_how_the_input_is_chunked() -> None:
     lines = _synthetic_lines(3_000, late_rate=0.1)
     verdicts = []
     for chunk in (1, 7, 500, 3_000):
-        w = Watermarks(out_of_orderness_ms=5 * 60_000, allowed_lateness_ms=3_600_000)
+        w = Watermarks(out_of_orderness_ms=5 * 60_000, allowed_lateness_ms=3_600_000, max_ahead_ms=5 * 60_000)
         late = [d.offset for s in range(0, len(lines), chunk)
-                for d in w.split(parse_lines(lines[s:s + chunk], now_ms=2 * 10**12)[0])[1]]
+                for d in w.split(parse_lines(lines[s:s + chunk], now_ms=2 * 10**12)[0], now_ms=2 * 10**12)[1]]
         verdicts.append(late)
     expected = [i for i, line in enumerate(lines) if f'"ts":{1_700_000_000_000 + i - 3 * 3600 * 1000},' in line]
     assert len(expected) > 150
