@@ -114,5 +114,7 @@ def test_hostile_records_neither_stop_nor_starve_the_job(topics) -> None:
     reasons = {hostile[(d["partition"], d["offset"])]: d["reason"] for d in dead}
     assert reasons["null_value"] == "null_value"
     assert reasons["far_future_on_every_partition"] == reasons["ts_far_future"] == "future_ts"
-    assert reasons["value_beyond_float32"] != "internal_error"
+    assert reasons["value_beyond_float32"] == reasons["value_negative"] == "value_out_of_range"
+    assert reasons["duplicate_escaped_user_id"] == "duplicate_keys"
+    assert "internal_error" not in reasons.values(), reasons  # every kind is judged by a rule of its own
     assert all("payload" in d and d["stage"] for d in dead)
