@@ -16,7 +16,7 @@ setup: $(STAMP)
 	$(PY) -m deploy.jars
 
 run: setup
-	$(PY) -m flink_job.demo
+	$(PY) -m deploy.demo
 
 test: setup
 	$(PY) -m pytest
@@ -26,7 +26,8 @@ unit: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy --strict --ignore-missing-imports model
+	$(VENV)/bin/mypy --strict --ignore-missing-imports model flink_job/stages flink_job/schema.py
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) -m benchmarks.throughput --events 1000000

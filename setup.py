@@ -10,7 +10,7 @@ TORCH = "torch==2.13.0"
 # which apache-beam (under apache-flink) forbids (numpy<2.2.0); 0.23.0's reco.BiasedMF, SGD and initialisers are the
 # same code as 0.26.1's, and both give the same ML-100K figures to the last digit.
 BENCH = ["river==0.23.0"]
-# python -m flink_job.report: PNG plots of a run (Agg backend). 3.11.2 ships cp311 manylinux wheels and needs numpy>=1.25,
+# python -m flink_job.tools.report: PNG plots of a run (Agg backend). 3.11.2 ships cp311 manylinux wheels and needs numpy>=1.25,
 # so it sits beside numpy==2.1.3 without moving any other pin.
 REPORT = ["matplotlib==3.11.2"]
 
@@ -30,6 +30,8 @@ setup(
         "pyyaml==6.0.4",
         "tqdm==4.70.1",
     ],
+    # One command over the python -m forms (which stay): streamrec run | job | produce | recommend | report | ...
+    entry_points={"console_scripts": ["streamrec=deploy.cli:main"]},
     extras_require={
         "dev": [
             "pytest==9.2.0",
@@ -37,6 +39,7 @@ setup(
             "pytest-timeout==2.4.0",
             "ruff==0.14.0",
             "mypy==1.18.2",
+            "import-linter==2.17",  # make lint: the layering contracts in .importlinter
             # tests/test_k8s_manifests.py: Kubernetes' JSON schemas, JSON Schema validation, a Dockerfile linter
             "kubernetes-validate==1.37.0",
             "jsonschema==4.26.0",

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from flink_job.config import PROJECT_ROOT, JobConfig
-from flink_job.generate import Record
+from flink_job.kafka.produce import Record
 
 log = logging.getLogger("benchmarks.flood")
 START_TS = 1_700_000_000_000  # event time of the first event, ms
@@ -76,7 +76,7 @@ def dir_mb(path: Path) -> float:
 
 
 def run_stage(cfg: JobConfig, args: argparse.Namespace) -> list[dict[str, float]]:
-    from flink_job.train import TrainStage
+    from flink_job.stages.train import TrainStage
 
     stage = TrainStage(cfg)
     samples: list[dict[str, float]] = []
@@ -108,11 +108,13 @@ def run_stage(cfg: JobConfig, args: argparse.Namespace) -> list[dict[str, float]
 
 
 def run_job(cfg: JobConfig, args: argparse.Namespace) -> tuple[list[dict[str, float]], dict[str, int]]:
+    from deploy.jars import export_job_jars
     from deploy.kafka import Broker, create_topics, job_topics
-    from flink_job.produce import send
-    from flink_job.runner import LocalJob
-    from flink_job.topics import end_offsets, read_all
+    from flink_job.kafka.produce import send
+    from flink_job.flink.runner import LocalJob
+    from flink_job.kafka.topics import end_offsets, read_all
 
+    export_job_jars()
     broker = Broker(args.port, args.port + 1, PROJECT_ROOT / ".run" / "bench-flood-kafka")
     broker.start()
     run = time.strftime("%H%M%S")

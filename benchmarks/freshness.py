@@ -24,12 +24,14 @@ from typing import Any
 import numpy as np
 import orjson
 
+from deploy.jars import export_job_jars
 from deploy.kafka import Broker, create_topics, job_topics
 from flink_job.config import PROJECT_ROOT, JobConfig
-from flink_job.generate import SyntheticConfig
-from flink_job.produce import Pacing, send, synthetic_timed
-from flink_job.runner import LocalJob
-from flink_job.topics import Follower, consumer
+from flink_job.tools.generate import SyntheticConfig
+from flink_job.kafka.produce import Pacing, send
+from flink_job.tools.produce import synthetic_timed
+from flink_job.flink.runner import LocalJob
+from flink_job.kafka.topics import Follower, consumer
 
 log = logging.getLogger("benchmarks.freshness")
 
@@ -107,13 +109,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=19492)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--out", type=Path, default=None, help="append the result as a JSON line to this file")
+    p.add_argument("--keep", action="store_true", help="leave the broker running when done")
     p.add_argument("--latencies-out", type=Path, default=None,
-                   help="write the result with every latency (latencies_ms) as JSON, for python -m flink_job.report")
+                   help="write the result with every latency (latencies_ms) as JSON, for python -m flink_job.tools.report")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    export_job_jars()
     broker = Broker(args.port, args.port + 1, PROJECT_ROOT / ".run" / "bench-kafka")
-    broker.start()
+    with broker.running(keep=args.keep):
+        measure(broker, args)
+
+
+def measure(broker: Broker, args: argparse.Namespace) -> None:
     run = f"fresh.{time.strftime('%H%M%S')}"
     cfg = JobConfig.load(overrides=[
         f"kafka.bootstrap={broker.bootstrap}", f"kafka.input_topic={run}.events", f"kafka.group_id={run}",

@@ -42,7 +42,7 @@ import torch
 from model.config import ModelConfig
 from model.mf import RATING_CODE, OnlineBiasedMF
 
-ACTION_PROBS = np.array([0.45, 0.25, 0.10, 0.05, 0.15])  # flink_job.generate.ACTION_PROBS, not imported (PyFlink-free)
+ACTION_PROBS = np.array([0.45, 0.25, 0.10, 0.05, 0.15])  # flink_job.tools.generate.ACTION_PROBS, not imported (PyFlink-free)
 
 
 def zipf_draws(rng: np.random.Generator, n: int, support: int, exponent: float) -> np.ndarray[Any, Any]:

@@ -19,19 +19,29 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deploy.jars import export_job_jars
 from deploy.kafka import Broker, create_topics, job_topics
 from benchmarks.ml100k import PROFILES, Result, load_stream, run_popularity, run_river, table
 from flink_job.config import PROJECT_ROOT, JobConfig
-from flink_job.produce import movielens_records, send
-from flink_job.runner import LocalJob
+from flink_job.kafka.produce import send
+from flink_job.tools.produce import movielens_records
+from flink_job.flink.runner import LocalJob
 
 log = logging.getLogger("benchmarks.ml100k_job")
 
 
-def run_job(data: Path, batch_size: int, profile: str, port: int, extra: list[str]) -> tuple[dict[str, Any], float]:
-    """The job's final prequential summary and its processing seconds (first chunk to last batch)."""
+def run_job(data: Path, batch_size: int, profile: str, port: int, extra: list[str],
+            keep: bool = False) -> tuple[dict[str, Any], float]:
+    """The job's final prequential summary and its processing seconds (first chunk to last batch); the broker is
+    stopped afterwards unless ``keep``."""
+    export_job_jars()
     broker = Broker(port, port + 1, PROJECT_ROOT / ".run" / "bench-kafka")
-    broker.start()
+    with broker.running(keep=keep):
+        return _run_job(broker, data, batch_size, profile, extra)
+
+
+def _run_job(broker: Broker, data: Path, batch_size: int, profile: str,
+             extra: list[str]) -> tuple[dict[str, Any], float]:
     run = f"ml100k.{time.strftime('%H%M%S')}"
     model = [f"model.{k}={v}" for k, v in PROFILES.get(profile, {}).items()]
     cfg = JobConfig.load(overrides=[
@@ -57,11 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--profile", default="ml100k_served", choices=["", *PROFILES])
     p.add_argument("--port", type=int, default=19492)
+    p.add_argument("--keep", action="store_true", help="leave the broker running when done")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    summary, seconds = run_job(args.data, args.batch_size, args.profile, args.port, args.overrides)
+    summary, seconds = run_job(args.data, args.batch_size, args.profile, args.port, args.overrides, args.keep)
     stream = load_stream(args.data)
     job = Result(f"streamrec job (batch {args.batch_size}, profile {args.profile or 'defaults'})", summary, seconds, seconds)
     print(table([job, run_river(stream), run_popularity(stream)]))

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from flink_job.generate import SyntheticConfig, generate
-from flink_job.parse import parse_lines
+from flink_job.tools.generate import SyntheticConfig, generate
+from flink_job.stages.parse import parse_lines
 
 
 def main() -> None:

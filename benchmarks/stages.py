@@ -16,9 +16,9 @@ from pyflink.datastream import StreamExecutionEnvironment
 from pyflink.table import StreamTableEnvironment
 
 from deploy.jars import connector_jar, udf_jar
-from flink_job import sql
+from flink_job.flink import sql
 from flink_job.config import JobConfig
-from flink_job.topology import flink_configuration
+from flink_job.flink.topology import flink_configuration
 
 STAGES = {
     "source": "INSERT INTO sink SELECT payload FROM raw_events",

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
+from deploy.jars import export_job_jars
 from deploy.kafka import Broker, create_topics, job_topics
 from flink_job.config import PROJECT_ROOT, JobConfig
-from flink_job.generate import SyntheticConfig
-from flink_job.produce import send, synthetic_timed
-from flink_job.runner import LocalJob
-from flink_job.topics import end_offsets
+from flink_job.tools.generate import SyntheticConfig
+from flink_job.kafka.produce import send
+from flink_job.tools.produce import synthetic_timed
+from flink_job.flink.runner import LocalJob
+from flink_job.kafka.topics import end_offsets
 
 log = logging.getLogger("benchmarks.throughput")
 
@@ -36,12 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--malformed", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--port", type=int, default=19492)
-    p.add_argument("--reuse", action="store_true", help="keep the broker and its pre-filled topic between runs")
+    p.add_argument("--reuse", action="store_true", help="keep the broker (left running) and its pre-filled topic between runs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--out", type=Path, default=None, help="append the result as a JSON line to this file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    export_job_jars()
     broker = Broker(args.port, args.port + 1, PROJECT_ROOT / ".run" / "bench-kafka")
     broker.start()
     run = time.strftime("%H%M%S")

@@ -12,11 +12,11 @@ import argparse
 import json
 import time
 
-from flink_job.clean import Cleaner
+from flink_job.stages.clean import Cleaner
 from flink_job.config import CleanConfig, JobConfig
-from flink_job.generate import SyntheticConfig, generate
-from flink_job.parse import parse_lines
-from flink_job.train import TrainStage
+from flink_job.tools.generate import SyntheticConfig, generate
+from flink_job.stages.parse import parse_lines
+from flink_job.stages.train import TrainStage
 from model.config import ModelConfig
 from model.mf import OnlineBiasedMF
 

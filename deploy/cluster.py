@@ -12,7 +12,6 @@ own run dir and ports, so a development cluster and a test cluster can run side 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -33,23 +32,16 @@ from typing import Any
 
 import yaml
 
+from deploy.jars import CONNECTOR_JAR_ENV, UDF_JAR_ENV, connector_jar, flink_home, udf_jar
 from flink_job.secrets import redacted_args, write_private
 
 log = logging.getLogger(__name__)
 PROJECT = Path(__file__).resolve().parent.parent
 RUN_DIR = PROJECT / ".run" / "flink-cluster"
 # The Python packages the job needs on the TaskManagers; shipped with --pyFiles as one zip.
-SOURCES = ("flink_job", "model", "deploy")
+SOURCES = ("flink_job", "model")  # the job imports nothing from deploy
 IDENT = "streamrec"  # FLINK_IDENT_STRING: names the pid and log files of the daemons
 ENDED = ("FINISHED", "CANCELED", "FAILED")
-
-
-def flink_home() -> Path:
-    """The Flink distribution inside the pyflink package (bin/, conf/, lib/, opt/), found without importing it."""
-    spec = importlib.util.find_spec("pyflink")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("cluster: pyflink is not installed in this Python environment")
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -115,7 +107,7 @@ class SessionCluster:
 
     @property
     def worker_launcher(self) -> Path:
-        """The workers' ``python.executable``: the venv's python running the worker through ``flink_job.worker``,
+        """The workers' ``python.executable``: the venv's python running the worker through ``flink_job.flink.worker``,
         which tunes it first (see that module). The shipped code is on the workers' path when they start."""
         return self.run_dir / "python-worker"
 
@@ -180,7 +172,7 @@ class SessionCluster:
         self.worker_launcher.write_text(
             "#!/bin/sh\n"
             'if [ "$1" = "-m" ] && [ "$2" = "pyflink.fn_execution.beam.beam_boot" ]; then\n'
-            f'  exec "{self.python}" -m flink_job.worker "$@"\n'
+            f'  exec "{self.python}" -m flink_job.flink.worker "$@"\n'
             "fi\n"
             f'exec "{self.python}" "$@"\n'
         )
@@ -389,8 +381,6 @@ class SessionCluster:
                 cmd.append("-n")
         # The client runs the job's main from a temporary directory when archives are given, where the shipped
         # code has no deploy/.jars: it takes the jars resolved here (jars in the job's config still win).
-        from deploy.jars import CONNECTOR_JAR_ENV, UDF_JAR_ENV, connector_jar, udf_jar
-
         private = self.private_job_args(job_args)
         try:
             res = self._script("flink", *cmd, "--", *private, timeout_s=timeout_s,
@@ -411,7 +401,7 @@ class SessionCluster:
         runs) with the overrides applied; ``STREAMREC__*`` variables still apply after it in the job process.
         """
         from flink_job.config import JobConfig, config_tree
-        from flink_job.job import parse_args
+        from flink_job.flink.job import parse_args
 
         args = parse_args(job_args)
         if not args.overrides:

@@ -1,11 +1,12 @@
 """Fetches the JVM artifacts pinned in ``deploy/pom.xml`` from Maven Central into ``deploy/.jars/``, and builds the
-job's own SQL function (``flink_job/jvm``) against the installed Flink.
+job's own SQL function (``flink_job/flink/jvm``) against the installed Flink.
 
     python -m deploy.jars          # both sets and the function's jar, skipping those already present
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import re
@@ -16,14 +17,22 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from flink_job.flink.job import CONNECTOR_JAR_ENV, UDF_JAR_ENV
+
 log = logging.getLogger(__name__)
 DEPLOY = Path(__file__).resolve().parent
 POM = DEPLOY / "pom.xml"
 JARS = DEPLOY / ".jars"
 PROFILES = ("kafka", "flink")
-CONNECTOR_JAR_ENV = "STREAMREC_CONNECTOR_JAR"
-UDF_JAR_ENV = "STREAMREC_UDF_JAR"
-UDF_SOURCES = DEPLOY.parent / "flink_job" / "jvm"
+UDF_SOURCES = DEPLOY.parent / "flink_job" / "flink" / "jvm"
+
+
+def flink_home() -> Path:
+    """The Flink distribution inside the pyflink package (bin/, conf/, lib/, opt/), found without importing it."""
+    spec = importlib.util.find_spec("pyflink")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("jars: pyflink is not installed in this Python environment")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def pinned(prop: str) -> str:
@@ -99,8 +108,6 @@ def udf_jar() -> Path:
     javac = shutil.which("javac")
     if not javac:
         raise RuntimeError("jars: javac is not on PATH; the job's SQL function needs a JDK (apt-get install openjdk-17-jdk)")
-    from deploy.cluster import flink_home
-
     jar.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=jar.parent) as tmp:
         classes = Path(tmp) / "classes"
@@ -114,6 +121,16 @@ def udf_jar() -> Path:
         part.replace(jar)  # whole or absent, also for a second process building the same jar
     log.info("jars: built %s", jar)
     return jar
+
+
+def export_job_jars() -> dict[str, str]:
+    """Resolves both jars and puts them into this process's environment, where a job started from here
+    (``flink_job.flink.runner.LocalJob``, ``flink run``'s client) reads them; variables already set are kept.
+    Returns the two variables."""
+    for name, resolve in ((CONNECTOR_JAR_ENV, connector_jar), (UDF_JAR_ENV, udf_jar)):
+        if not os.environ.get(name):
+            os.environ[name] = str(resolve())
+    return {name: os.environ[name] for name in (CONNECTOR_JAR_ENV, UDF_JAR_ENV)}
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +161,21 @@ class Broker:
             time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"kafka: broker did not answer on {self.bootstrap} within {timeout_s}s")
+
+    @contextlib.contextmanager
+    def running(self, keep: bool = False) -> Iterator[Broker]:
+        """The broker up for the block; stopped when it ends (also on an exception or Ctrl-C) if this call started
+        it, unless ``keep``. One that was already running is left running."""
+        started = self.running_pid() is None
+        self.start()
+        try:
+            yield self
+        finally:
+            if started and not keep:
+                self.stop()
+            elif started:
+                log.info("kafka: broker kept running on %s (pid %s); stop it with python -m deploy.kafka stop",
+                         self.bootstrap, self.running_pid())
 
     def _answers(self) -> bool:
         from confluent_kafka.admin import AdminClient

@@ -1,3 +1,3 @@
-from flink_job.job import main
+from flink_job.flink.job import main
 
 main()

@@ -19,6 +19,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from flink_job import secrets
+from flink_job.schema import ACTIONS, FLOAT32_MAX, MISSING_POLICIES, NUMERIC_FIELDS, OUTLIER_POLICIES
 from model.config import ModelConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -153,7 +154,7 @@ class CleanConfig:
     action_weights: dict[str, float] = field(
         default_factory=lambda: {"view": 0.25, "click": 0.5, "cart": 0.75, "purchase": 1.0}
     )
-    # Context fields (flink_job.clean). A mapping names only the fields it changes; the others keep their default.
+    # Context fields (flink_job.stages.clean). A mapping names only the fields it changes; the others keep their default.
     # Missing value policy per field: default | global_mean | user_mean | drop (category: default | drop).
     missing: dict[str, str] = field(
         default_factory=lambda: {"dwell_ms": "user_mean", "price": "global_mean", "category": "default"}
@@ -169,10 +170,6 @@ class CleanConfig:
     user_ttl_ms: int = 7 * 24 * 3600 * 1000  # per-user state is forgotten after this long without events (event time)
 
     def __post_init__(self) -> None:
-        from flink_job.clean import MISSING_POLICIES, NUMERIC_FIELDS, OUTLIER_POLICIES
-        from flink_job.parse import FLOAT32_MAX
-        from flink_job.events import ACTIONS
-
         unknown = set(self.action_weights) - set(ACTIONS[:-1])
         if unknown or any(not 0 <= float(w) for w in self.action_weights.values()):
             raise ValueError(
@@ -240,8 +237,6 @@ class EvalConfig:
     log_every_batches: int = 100  # a running summary in the log every this many batches (0: never)
 
     def __post_init__(self) -> None:
-        from flink_job.events import ACTIONS
-
         if self.k <= 0 or not 0 < self.user_sample <= 1 or self.log_every_batches < 0:
             raise ValueError(
                 f"config: eval.k must be > 0, eval.user_sample in (0, 1] and eval.log_every_batches >= 0, got "
@@ -263,15 +258,15 @@ class FlinkConfig:
     state_backend: str = "hashmap"  # hashmap (heap) or rocksdb
     checkpoint_dir: str = ""  # empty: <project>/.run/checkpoints; use a shared file system on a cluster
     # Thread mode: the training stage's state is a snapshot written at most this often plus the calls made since,
-    # which a restore replays (flink_job.stage_log): longer means less serialising and a longer replay.
+    # which a restore replays (flink_job.flink.stage_log): longer means less serialising and a longer replay.
     state_snapshot_interval_ms: int = 2_000
     restore_from: str = ""  # a checkpoint (chk-N directory) or savepoint to start from; empty: start fresh
     # A model pre-trained in batch (python -m model.warm_start --out FILE): a job without restored state starts from it.
     initial_model: str = ""
     # "thread" (Python inside the TaskManager's JVM: no worker, no bundles, fresher output and ahead of the walking
-    # skeleton in BENCHMARKS.md; torch runs on a thread of its own, flink_job.torch_thread; state is a snapshot and
-    # a call log, flink_job.stage_log) or "process" (a Python worker fed in bundles). The embedded interpreter finds
-    # the venv through python.pythonpath (flink_job.topology, deploy/cluster.py, deploy/k8s).
+    # skeleton in BENCHMARKS.md; torch runs on a thread of its own, flink_job.flink.torch_thread; state is a snapshot and
+    # a call log, flink_job.flink.stage_log) or "process" (a Python worker fed in bundles). The embedded interpreter finds
+    # the venv through python.pythonpath (flink_job.flink.topology, deploy/cluster.py, deploy/k8s).
     python_execution_mode: str = "thread"
     # Python results reach the JVM, and the stage's state is serialised into Flink state, at the end of each bundle:
     # shorter bundles mean fresher output and more state writes. 50 ms: freshness p99 895-1,036 ms at 10,000
@@ -289,7 +284,7 @@ class FlinkConfig:
     # again when the storage returns; failed checkpoints show in the REST API and metrics.
     tolerable_failed_checkpoints: int = -1
     connector_jar: str = ""  # empty: the jar fetched by deploy/jars.py
-    udf_jar: str = ""  # the job's Java SQL function (flink_job/jvm); empty: built by deploy/jars.py
+    udf_jar: str = ""  # the job's Java SQL function (flink_job/flink/jvm); empty: built by deploy/jars.py
     job_name: str = "streamrec"
     # Further Flink configuration entries, applied after the job's own (``{"taskmanager.memory.network.max": "256m"}``).
     # A value may be, or hold, a ${env:NAME} or ${file:PATH} reference, resolved only into the job's Flink
@@ -323,7 +318,7 @@ class FlinkConfig:
         return {str(k): secrets.resolve(str(v), str(k), section="flink.options") for k, v in self.options.items()}
 
 
-# What the training stage's behaviour depends on (flink_job.train): a restore replays logged calls under the
+# What the training stage's behaviour depends on (flink_job.stages.train): a restore replays logged calls under the
 # settings they first ran with, which the stage's snapshot records.
 STAGE_SECTIONS = ("batch", "clean", "publish", "model", "eval")
 

@@ -36,7 +36,9 @@ from model.replay import Reservoir
 from model.sampler import WeightedSampler
 from model.tables import EmbeddingTable, Saved, Step
 
-RATING_CODE = 4  # index of "rating" in flink_job.events.ACTIONS; the model takes action codes, not names
+# The model takes action codes, not names; the one code that is an explicit rating comes from the caller's
+# vocabulary (the job passes flink_job.schema.RATING_CODE). This default serves callers without one of their own.
+RATING_CODE = 4
 STATE_VERSION = 4
 
 
@@ -78,8 +80,9 @@ class _Batch:
 
 
 class OnlineBiasedMF:
-    def __init__(self, config: ModelConfig = ModelConfig()) -> None:
+    def __init__(self, config: ModelConfig = ModelConfig(), rating_code: int = RATING_CODE) -> None:
         self.config = config
+        self.rating_code = rating_code  # the action code whose events are ratings (the rating loss)
         cfg = config
         self.device = pick_device(cfg.device)
         torch.set_num_threads(cfg.threads)
@@ -278,14 +281,14 @@ class OnlineBiasedMF:
                 self.item_table.restore(saved_i)
                 self.skipped_batches += 1
                 empty = np.zeros(0, np.int64)
-                return BatchStats(n, int((act == RATING_CODE).sum()), int((act != RATING_CODE).sum()),
+                return BatchStats(n, int((act == self.rating_code).sum()), int((act != self.rating_code).sum()),
                                   float("nan"), float("nan"), empty, empty, event_u, event_i, True, replayed)
             if k == 0:
                 losses = done[0], done[1]
             user_rows.append(done[2])
             item_rows.append(done[3])
 
-        is_rating = act == RATING_CODE
+        is_rating = act == self.rating_code
         if count:
             self.rating_sum += float(val[is_rating].sum())
             self.rating_count += int(is_rating.sum())
@@ -416,7 +419,7 @@ class OnlineBiasedMF:
         """The batch on the device; entries from ``n_real`` on are replayed and weigh ``replay_weight``."""
         cfg = self.config
         act, val, w = train["action"], train["value"], train["weight"]
-        is_rating = act == RATING_CODE
+        is_rating = act == self.rating_code
         rating_idx = np.flatnonzero(is_rating)
         implicit_w = np.where(is_rating, 0.0, w).astype(np.float32)
         if cfg.rating_implicit_weight > 0:
@@ -748,32 +751,34 @@ class OnlineBiasedMF:
         return portable.dumps(state)
 
     @classmethod
-    def from_file_bytes(cls, data: bytes, config: ModelConfig | None = None, what: str = "model file"
-                        ) -> OnlineBiasedMF:
+    def from_file_bytes(cls, data: bytes, config: ModelConfig | None = None, what: str = "model file",
+                        rating_code: int = RATING_CODE) -> OnlineBiasedMF:
         """The model ``file_bytes`` wrote; never unpickles. Raises ``ValueError`` naming ``what`` for a pickle or
         any other content it cannot use."""
         state = portable.loads(data, what)
         try:
-            return cls._from_state(state, config)
+            return cls._from_state(state, config, rating_code)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as ex:
             raise ValueError(f"{what}: not a usable model state: {type(ex).__name__}: {ex}") from None
 
     @classmethod
-    def from_bytes(cls, data: bytes, config: ModelConfig | None = None) -> OnlineBiasedMF:
+    def from_bytes(cls, data: bytes, config: ModelConfig | None = None,
+                   rating_code: int = RATING_CODE) -> OnlineBiasedMF:
         """The model as ``state_bytes`` saw it, under ``config`` (default: the saved one), which may differ: what
         was learned is kept and the new settings apply from then on. Pickle: only for the job's own state (its
         Flink checkpoints); files from elsewhere go through ``from_file_bytes``."""
         state: dict[str, Any] = pickle.loads(data)
         if "extras" in state:
             state["extras"] = pickle.loads(state["extras"])
-        return cls._from_state(state, config)
+        return cls._from_state(state, config, rating_code)
 
     @classmethod
-    def _from_state(cls, state: dict[str, Any], config: ModelConfig | None) -> OnlineBiasedMF:
+    def _from_state(cls, state: dict[str, Any], config: ModelConfig | None,
+                    rating_code: int = RATING_CODE) -> OnlineBiasedMF:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"model: state version {state.get('version')} is not {STATE_VERSION}")
         old = ModelConfig(**state["config"])
-        m = cls(config or old)
+        m = cls(config or old, rating_code)
         m.users = IdMap.from_state(state["users"])
         m.items = IdMap.from_state(state["items"])
         m.user_sightings.counts = OrderedDict(state["user_sightings"])

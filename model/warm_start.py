@@ -31,7 +31,7 @@ from model.config import ModelConfig
 from model.mf import RATING_CODE, OnlineBiasedMF
 
 log = logging.getLogger(__name__)
-ACTIONS = ("view", "click", "cart", "purchase", "rating")  # the codes of flink_job.events.ACTIONS, in order
+ACTIONS = ("view", "click", "cart", "purchase", "rating")  # the codes of flink_job.schema.ACTIONS, in order
 
 
 @dataclass(frozen=True)

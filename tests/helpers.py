@@ -19,9 +19,9 @@ import yaml
 from deploy.cluster import ENDED, SessionCluster
 from deploy.kafka import Broker
 from flink_job.config import JobConfig
-from flink_job.generate import Record
+from flink_job.kafka.produce import Record
 from flink_job.secrets import write_private
-from flink_job.topics import Follower, read_all
+from flink_job.kafka.topics import Follower, read_all
 
 PROJECT = Path(__file__).resolve().parent.parent
 

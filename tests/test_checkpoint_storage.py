@@ -14,9 +14,10 @@ from urllib.parse import urlparse
 import pytest
 
 from flink_job.config import JobConfig
-from flink_job.generate import SyntheticConfig
-from flink_job.produce import send, synthetic_timed
-from flink_job.runner import LocalJob
+from flink_job.tools.generate import SyntheticConfig
+from flink_job.kafka.produce import send
+from flink_job.tools.produce import synthetic_timed
+from flink_job.flink.runner import LocalJob
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
-from flink_job.clean import COUNTERS, FEATURE_NAMES, Cleaner, Moments
+from flink_job.schema import FEATURE_NAMES
+from flink_job.stages.clean import COUNTERS, Cleaner, Moments
 from flink_job.config import CleanConfig, JobConfig
-from flink_job.parse import EventBatch, parse_lines
+from flink_job.stages.parse import EventBatch, parse_lines
 
 NOW = 2_000_000_000_000
 T0 = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC, a Tuesday

@@ -16,9 +16,10 @@ import pytest
 
 from deploy.cluster import SessionCluster
 from flink_job.config import JobConfig
-from flink_job.generate import SyntheticConfig, generate
-from flink_job.produce import send, synthetic_timed
-from flink_job.topics import Follower, json_values, read_all
+from flink_job.tools.generate import SyntheticConfig, generate
+from flink_job.kafka.produce import send
+from flink_job.tools.produce import synthetic_timed
+from flink_job.kafka.topics import Follower, json_values, read_all
 from tests.helpers import Truth, cancel_if_running, follow_stats, job_args, submitted, trained, session_cluster
 
 pytestmark = pytest.mark.integration
@@ -53,9 +54,9 @@ def test_job_on_session_cluster(
         assert cluster.job_status(job_id) == "RUNNING"
         assert any(j["jid"] == job_id for j in cluster.jobs())
         workers = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in cluster.python_worker_pids()]
-        if mode == "process":  # the workers run through the launcher, tuned by flink_job.worker
+        if mode == "process":  # the workers run through the launcher, tuned by flink_job.flink.worker
             assert workers and all(
-                cmd[1:5] == [b"-m", b"flink_job.worker", b"-m", b"pyflink.fn_execution.beam.beam_boot"] for cmd in workers
+                cmd[1:5] == [b"-m", b"flink_job.flink.worker", b"-m", b"pyflink.fn_execution.beam.beam_boot"] for cmd in workers
             ), workers
         else:  # no worker process: a TaskManager JVM has CPython loaded
             assert not workers, workers
@@ -78,7 +79,7 @@ def test_job_on_session_cluster(
         assert not not_increasing, f"versions not increasing in topic order: {dict(list(not_increasing.items())[:5])}"
 
         assert cluster.cancel(job_id) == "CANCELED"
-        # Metrics fetched after the cancel must not call into a closed interpreter (flink_job.gauges): the
+        # Metrics fetched after the cancel must not call into a closed interpreter (flink_job.flink.gauges): the
         # TaskManager that ran the job is still up and registered.
         tms = cluster.daemon_pids()
         for _ in range(5):

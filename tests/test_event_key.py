@@ -1,4 +1,4 @@
-"""EVENT_KEY, the job's Java SQL function (flink_job/jvm), in Flink's own SQL runtime: which payloads get the
+"""EVENT_KEY, the job's Java SQL function (flink_job/flink/jvm), in Flink's own SQL runtime: which payloads get the
 de-duplication key ``user_id U+001F event_id`` and which get none (so that they pass de-duplication alone, keyed
 by their input position, and reach the parser, which dead-letters them with a reason)."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from deploy.jars import udf_jar
-from flink_job import sql
-from flink_job.parse import parse_lines
+from flink_job.flink import sql
+from flink_job.stages.parse import parse_lines
 
 SEP = "\x1f"
 CASES: list[tuple[str, str, str | None]] = [

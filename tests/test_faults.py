@@ -32,9 +32,10 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from deploy.cluster import SessionCluster
 from deploy.kafka import Broker
 from flink_job.config import JobConfig
-from flink_job.generate import SyntheticConfig, generate
-from flink_job.produce import Pacing, send, synthetic_timed
-from flink_job.topics import Follower, read_all
+from flink_job.tools.generate import SyntheticConfig, generate
+from flink_job.kafka.produce import Pacing, send
+from flink_job.tools.produce import synthetic_timed
+from flink_job.kafka.topics import Follower, read_all
 from tests.helpers import (
     locked_broker,
     session_cluster,

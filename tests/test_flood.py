@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import orjson
 
-from flink_job.clean import Cleaner
+from flink_job.stages.clean import Cleaner
 from flink_job.config import CleanConfig, JobConfig
-from flink_job.near_dups import NearDuplicates
-from flink_job.parse import parse_lines
-from flink_job.train import TrainStage
+from flink_job.stages.near_dups import NearDuplicates
+from flink_job.stages.parse import parse_lines
+from flink_job.stages.train import TrainStage
 from model.prequential import Prequential
 from tests.test_stages import _same_state
 

@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 import pytest
 
-from flink_job.runner import LocalJob
-from flink_job.topics import read_all
+from flink_job.flink.runner import LocalJob
+from flink_job.kafka.topics import read_all
 from tests.hostile import corpus, valid_event
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""The bounded HTTP server (flink_job/httpserve.py) over real sockets: slow clients hold no worker, every wait ends,
+"""The bounded HTTP server (flink_job/serving/http.py) over real sockets: slow clients hold no worker, every wait ends,
 and a full queue answers 503 at once."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from flink_job.httpserve import BoundedHTTPServer, HeadHandler, HttpLimits
-from flink_job.recommend import _parse_target
+from flink_job.serving.http import BoundedHTTPServer, HeadHandler, HttpLimits
+from flink_job.serving.recommend import _parse_target
 
 
 class _Echo(HeadHandler):

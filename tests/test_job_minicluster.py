@@ -6,10 +6,12 @@ from collections import Counter
 import orjson
 import pytest
 
-from flink_job.generate import Record, SyntheticConfig, generate
-from flink_job.produce import send, synthetic_timed
-from flink_job.runner import LocalJob
-from flink_job.topics import json_values, read_all
+from flink_job.kafka.produce import Record
+from flink_job.tools.generate import SyntheticConfig, generate
+from flink_job.kafka.produce import send
+from flink_job.tools.produce import synthetic_timed
+from flink_job.flink.runner import LocalJob
+from flink_job.kafka.topics import json_values, read_all
 
 pytestmark = pytest.mark.integration
 

@@ -386,7 +386,7 @@ def _duration_ms(text: str) -> int:
 def test_job_config_agrees_with_the_cluster(job_config: JobConfig) -> None:
     for where, doc in deployments():
         conf = doc["spec"]["flinkConfiguration"]
-        # The job sets these itself (flink_job.topology.flink_configuration), so they must say the same thing.
+        # The job sets these itself (flink_job.flink.topology.flink_configuration), so they must say the same thing.
         assert job_config.flink.checkpoint_dir == conf["execution.checkpointing.dir"], where
         assert job_config.flink.checkpoint_interval_ms == _duration_ms(conf["execution.checkpointing.interval"]), where
         assert job_config.flink.state_backend == conf["state.backend.type"], where

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from flink_job.events import Event
-from flink_job.generate import SyntheticConfig, generate
-from flink_job.produce import send, synthetic_timed
-from flink_job.topics import read_all
+from flink_job.stages.parse import parse_event
+from flink_job.tools.generate import SyntheticConfig, generate
+from flink_job.kafka.produce import send
+from flink_job.tools.produce import synthetic_timed
+from flink_job.kafka.topics import read_all
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +26,7 @@ def test_synthetic_events_round_trip_through_the_broker(topics) -> None:
         partitions_of_user.setdefault(k, set()).add(p)
     assert all(len(ps) == 1 for ps in partitions_of_user.values())
     assert {p for _k, _v, p, _o in got} == {0, 1}
-    first = Event.from_json(got[0][1])
+    first = parse_event(got[0][1])
     assert first.user_id.encode() == got[0][0]
 
 

@@ -8,9 +8,9 @@ import json
 import numpy as np
 
 from flink_job.config import JobConfig
-from flink_job.lateness import Watermarks
-from flink_job.parse import parse_lines
-from flink_job.train import TrainStage
+from flink_job.stages.lateness import Watermarks
+from flink_job.stages.parse import parse_lines
+from flink_job.stages.train import TrainStage
 
 NOW = 1_800_000_000_000
 DAY = 24 * 3600 * 1000

@@ -6,8 +6,8 @@ import orjson
 import pytest
 import torch
 
-from flink_job.generate import SyntheticConfig, generate
-from flink_job.parse import parse_lines
+from flink_job.tools.generate import SyntheticConfig, generate
+from flink_job.stages.parse import parse_lines
 from model.config import ModelConfig
 from model.mf import OnlineBiasedMF, pick_device
 

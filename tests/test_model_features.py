@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from flink_job.generate import SyntheticConfig, generate
-from flink_job.parse import parse_lines
+from flink_job.tools.generate import SyntheticConfig, generate
+from flink_job.stages.parse import parse_lines
 from model.config import ModelConfig
 from model.idmap import FALLBACK_ROW
 from model.mf import OnlineBiasedMF
@@ -393,7 +393,7 @@ def test_replay_weight_scales_the_replayed_events_only() -> None:
 
 
 def _server_scores(m: OnlineBiasedMF, users: list[str], items: list[str]) -> np.ndarray:
-    """What flink_job.serving computes from the published rows: ``bias_i + u . q_i`` in float32 NumPy."""
+    """What flink_job.serving.index computes from the published rows: ``bias_i + u . q_i`` in float32 NumPy."""
     u_vec, _, _ = m.vectors("user", np.array([m.users.get(u) for u in users]))
     i_vec, i_bias, _ = m.vectors("item", np.array([m.items.get(i) for i in items]))
     return np.asarray(i_bias[None, :] + u_vec @ i_vec.T)

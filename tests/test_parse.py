@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flink_job.events import ACTIONS
-from flink_job.parse import EventBatch, ParseRules, _Bad, _event, parse_lines
+from flink_job.schema import ACTIONS
+from flink_job.stages.parse import EventBatch, ParseRules, _Bad, _event, parse_lines
 
 NOW = 1_800_000_000_000
 GOOD = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "action": "rating", "value": 4.0, "ts": 1_700_000_000_000}
@@ -164,7 +164,7 @@ def test_unicode_ids_and_context_that_mentions_field_names_are_valid() -> None:
 
 
 def test_a_null_value_is_its_own_dead_letter_and_an_empty_one_is_not() -> None:
-    # CONCAT_WS in flink_job.sql leaves a NULL payload out: the line has no third field.
+    # CONCAT_WS in flink_job.flink.sql leaves a NULL payload out: the line has no third field.
     batch, dead = parse_lines(["3,7", "3,8,", f"3,9,{with_()}"], now_ms=NOW)
     assert [(d.reason, d.partition, d.offset, d.payload) for d in dead] == [
         ("null_value", 3, 7, ""), ("invalid_json", 3, 8, "")]
@@ -179,7 +179,7 @@ def test_a_line_that_is_not_a_chunk_line_is_an_internal_error_not_a_crash() -> N
 
 
 def test_an_exception_while_judging_a_record_dead_letters_that_record(monkeypatch: pytest.MonkeyPatch) -> None:
-    import flink_job.parse as parse
+    import flink_job.stages.parse as parse
 
     def broken(d: object, rules: ParseRules, now_ms: int) -> tuple:
         raise ZeroDivisionError("a bug the data found")
@@ -219,7 +219,7 @@ def test_a_mention_of_an_id_name_that_is_not_a_member_is_not_ambiguous() -> None
 
 
 def test_dead_letters_with_lone_surrogates_still_serialise() -> None:
-    from flink_job.parse import DeadLetter
+    from flink_job.stages.parse import DeadLetter
 
     text = DeadLetter("invalid_json", "parse", "{\ud800}", 0, 1).to_json()
     assert json.loads(text)["payload"] == "{\\ud800}"

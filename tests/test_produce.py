@@ -7,7 +7,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from flink_job.produce import Pacing, _pace, movielens_records
+from flink_job.kafka.produce import Pacing, _pace
+from flink_job.tools.produce import movielens_records
 
 SHARED_ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k" / "u.data"
 

@@ -6,10 +6,10 @@ import numpy as np
 import orjson
 import pytest
 
-from flink_job import sql
+from flink_job.flink import sql
 from flink_job.config import JobConfig
-from flink_job.publish import SNAPSHOT_FILE, DirtyRows
-from flink_job.train import TrainStage
+from flink_job.stages.publish import SNAPSHOT_FILE, DirtyRows
+from flink_job.stages.train import TrainStage
 
 
 def _lines(n: int, users: int = 5, items: int = 7, start: int = 0) -> list[str]:

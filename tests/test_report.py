@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flink_job.report import main
+from flink_job.tools.report import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLEAN_KEYS = ("missing_price_global_mean", "missing_dwell_ms_dropped", "outlier_price_dropped",
@@ -213,7 +213,7 @@ def test_the_records_of_a_real_train_stage_make_a_report(tmp_path: Path) -> None
     import orjson
 
     from flink_job.config import JobConfig
-    from flink_job.train import TrainStage
+    from flink_job.stages.train import TrainStage
 
     stage = TrainStage(JobConfig.load(overrides=["batch.size=50", "publish.interval_ms=100", "eval.user_sample=1.0"]))
     actions = ("click", "rating", "view", "purchase")

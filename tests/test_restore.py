@@ -11,10 +11,11 @@ from collections import Counter
 import orjson
 import pytest
 
-from flink_job.generate import SyntheticConfig, generate
-from flink_job.produce import Pacing, send, synthetic_timed
-from flink_job.runner import JobProcess, LocalJob, latest_checkpoint
-from flink_job.topics import json_values, read_all
+from flink_job.tools.generate import SyntheticConfig, generate
+from flink_job.kafka.produce import Pacing, send
+from flink_job.tools.produce import synthetic_timed
+from flink_job.flink.runner import JobProcess, LocalJob, latest_checkpoint
+from flink_job.kafka.topics import json_values, read_all
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,7 @@ def _checkpoint_after(job: LocalJob, checkpoint_dir: str, received: int, timeout
 
 @pytest.mark.parametrize("mode", ["process", "thread"])
 def test_every_event_is_accounted_for_once_across_a_restore_from_a_checkpoint(topics, tmp_path, mode) -> None:
-    """Both of PyFlink's execution modes (``flink_job.stage_log``). In thread mode the stage's state is a snapshot
+    """Both of PyFlink's execution modes (``flink_job.flink.stage_log``). In thread mode the stage's state is a snapshot
     and the calls made since; here it snapshots only at its first call, so the restore must replay every later
     call the checkpoint logged."""
     cfg = topics(f"restore-{mode}", overrides=["batch.size=256", "flink.checkpoint_interval_ms=1000",

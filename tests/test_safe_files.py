@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from flink_job.config import JobConfig
-from flink_job.train import TrainStage
+from flink_job.stages.train import TrainStage
 from model.config import ModelConfig
 from model.mf import OnlineBiasedMF
 from model.warm_start import main as warm_start
@@ -124,8 +124,8 @@ def test_secret_flink_options_are_hidden_in_logs_and_resolved_into_the_flink_con
 ) -> None:
     import logging
 
-    from flink_job import job
-    from flink_job.topology import flink_configuration
+    from flink_job.flink import job
+    from flink_job.flink.topology import flink_configuration
 
     cfg = _secret_cfg(monkeypatch)
     monkeypatch.setattr(job, "create_env", lambda c: type("Env", (), {"execute": lambda self, name: None})())
@@ -193,7 +193,7 @@ def test_a_failed_script_names_its_arguments_without_secrets(tmp_path: Path) -> 
 def test_the_job_process_writes_its_settings_and_log_privately(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import subprocess
 
-    from flink_job import runner
+    from flink_job.flink import runner
 
     started: list[list[str]] = []
 

@@ -12,12 +12,13 @@ import pytest
 import yaml
 
 from deploy.kafka import Broker
-from flink_job import sql
+from flink_job.flink import sql
 from flink_job.config import JobConfig, KafkaConfig
-from flink_job.generate import SyntheticConfig, generate
-from flink_job.produce import send, synthetic_timed
-from flink_job.runner import LocalJob
-from flink_job.topics import read_all
+from flink_job.tools.generate import SyntheticConfig, generate
+from flink_job.kafka.produce import send
+from flink_job.tools.produce import synthetic_timed
+from flink_job.flink.runner import LocalJob
+from flink_job.kafka.topics import read_all
 from tests.helpers import Truth, fresh_topics, job_args, locked_broker
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -102,7 +103,8 @@ def test_every_confluent_client_builder_passes_security(cfg: JobConfig, monkeypa
     monkeypatch.setattr(confluent_kafka, "Producer", Fake)
     monkeypatch.setattr(confluent_kafka.admin, "AdminClient", Fake)
     from deploy.kafka import create_topics
-    from flink_job import produce, topics
+    from flink_job.kafka import topics
+    from flink_job.tools import produce
 
     monkeypatch.setattr(topics, "Consumer", Fake)
     security = cfg.kafka.librdkafka_properties()
@@ -125,7 +127,7 @@ def test_every_confluent_client_builder_passes_security(cfg: JobConfig, monkeypa
 
 def test_secrets_never_show_in_logs_dumps_or_the_job_name(cfg: JobConfig, caplog: pytest.LogCaptureFixture,
                                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from flink_job import job
+    from flink_job.flink import job
 
     class Env:
         name = ""
@@ -145,7 +147,7 @@ def test_secrets_never_show_in_logs_dumps_or_the_job_name(cfg: JobConfig, caplog
 
 
 def test_the_pipeline_configuration_holds_no_secret(cfg: JobConfig, tmp_path: Path) -> None:
-    from flink_job.topology import flink_configuration
+    from flink_job.flink.topology import flink_configuration
 
     conf = flink_configuration(cfg, [tmp_path / "connector.jar"])
     assert "7f3a" not in str(conf.to_dict())
@@ -231,7 +233,7 @@ def test_the_job_reads_and_writes_through_a_sasl_listener(sasl_broker: tuple[Bro
     embeddings = read_all(broker.sasl_bootstrap, cfg.kafka.embeddings_topic, security=security)
     assert {k.decode().split(":", 1)[0] for k, _v, _p, _o in embeddings} == {"user", "item"}
     # The report command reads the stats topic with the job config's security settings.
-    from flink_job.report import SUMMARY_MD, main as report
+    from flink_job.tools.report import SUMMARY_MD, main as report
 
     config = job_args(cfg, tmp_path)[1]
     out = tmp_path / "report"
@@ -279,7 +281,7 @@ def test_no_secret_in_a_log_a_command_line_or_a_readable_file(sasl_broker: tuple
 
     import pyflink
 
-    from flink_job.runner import JobProcess
+    from flink_job.flink.runner import JobProcess
 
     broker, password = sasl_broker
     flink_secret, env_passphrase = f"lit-{secrets_module.token_hex(8)}", f"env-{secrets_module.token_hex(8)}"

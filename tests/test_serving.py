@@ -16,13 +16,13 @@ import orjson
 import pytest
 
 from flink_job.config import JobConfig
-from flink_job.generate import Record
-from flink_job.produce import send
-from flink_job import recommend
-from flink_job.recommend import RecommendServer
-from flink_job.runner import LocalJob
-from flink_job.serving import EmbeddingIndex, ServingConfig, example_record
-from flink_job.topics import end_offsets
+from flink_job.kafka.produce import Record
+from flink_job.kafka.produce import send
+from flink_job.serving import recommend
+from flink_job.serving.recommend import RecommendServer
+from flink_job.flink.runner import LocalJob
+from flink_job.serving.index import EmbeddingIndex, ServingConfig, example_record
+from flink_job.kafka.topics import end_offsets
 
 pytestmark = pytest.mark.integration
 

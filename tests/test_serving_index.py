@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flink_job.serving import EmbeddingIndex, ServingConfig, example_record
+from flink_job.serving.index import EmbeddingIndex, ServingConfig, example_record
 from tests.test_serving import DIM, Changelog, _hostile_embeddings
 
 

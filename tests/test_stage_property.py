@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flink_job.config import JobConfig
-from flink_job.events import ACTIONS
-from flink_job.train import TrainStage
+from flink_job.schema import ACTIONS
+from flink_job.stages.train import TrainStage
 
 NOW = 1_800_000_000_000
 DAY = 24 * 3600 * 1000

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from flink_job.config import JobConfig
-from flink_job.generate import MALFORMED_KINDS, SyntheticConfig, generate
-from flink_job.train import TrainStage
+from flink_job.tools.generate import MALFORMED_KINDS, SyntheticConfig, generate
+from flink_job.stages.train import TrainStage
 
 
 def test_config_layers_yaml_env_and_overrides(tmp_path, monkeypatch) -> None:
@@ -41,7 +41,7 @@ def test_generator_is_seeded_and_plants_duplicates_and_malformed_records() -> No
 
 
 def test_generator_drift_moves_user_preferences() -> None:
-    from flink_job.generate import PlantedWorld
+    from flink_job.tools.generate import PlantedWorld
     import numpy as np
 
     world = PlantedWorld(SyntheticConfig(n_users=50, n_items=40, drift=1.0, seed=1))
@@ -252,8 +252,8 @@ def test_restored_stage_takes_the_new_configuration() -> None:
 
 
 def test_late_events_do_not_depend_on_how_the_input_is_chunked() -> None:
-    from flink_job.lateness import Watermarks
-    from flink_job.parse import parse_lines
+    from flink_job.stages.lateness import Watermarks
+    from flink_job.stages.parse import parse_lines
 
     lines = _synthetic_lines(3_000, late_rate=0.1)
     verdicts = []

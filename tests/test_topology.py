@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from flink_job.config import JobConfig
-from flink_job.topology import flink_configuration
+from flink_job.flink.topology import flink_configuration
 
 
 def test_raw_flink_options_are_applied_last() -> None:
@@ -18,10 +18,10 @@ def test_raw_flink_options_are_applied_last() -> None:
     assert conf.get_string("taskmanager.memory.network.max", "") == "256mb"
 
 
-def test_the_plan_has_one_python_operator_and_no_side_output_maps() -> None:
+def test_the_plan_has_one_python_operator_and_no_side_output_maps(job_jars: dict[str, str]) -> None:
     """PyFlink reads every side output through a Python identity map with bundles of its own; the trainer's outputs
     leave in one row that the JVM unnests, so the trainer is the plan's only Python operator."""
-    from flink_job.job import create_env
+    from flink_job.flink.job import create_env
 
     plan = json.loads(create_env(JobConfig.load()).get_execution_plan())
     names = [n["type"] for n in plan["nodes"]]
@@ -35,8 +35,8 @@ def test_a_process_that_ran_a_local_job_still_starts_local_runs(monkeypatch) -> 
     ran a local job in process mode (tests/test_restore.py in a full run). A job process started from it, or a
     thread-mode job built in it, is still a local run: it gets the embedded interpreter's path and its own
     checkpoint directory. Only Flink's client, which passes its gateway's port, makes a cluster submission."""
-    from flink_job import runner
-    from flink_job.topology import checkpoint_uri
+    from flink_job.flink import runner
+    from flink_job.flink.topology import checkpoint_uri
 
     monkeypatch.setattr(runner, "_INITIAL_VARIABLES", frozenset({"HOME"}))
     for key, value in {"FLINK_CONF_DIR": "/venv/pyflink/conf", "PYTHONPATH": "/elsewhere", "HOME": "/root",
@@ -52,3 +52,23 @@ def test_a_process_that_ran_a_local_job_still_starts_local_runs(monkeypatch) -> 
     monkeypatch.setenv("PYFLINK_GATEWAY_PORT", "40000")
     conf = flink_configuration(cfg, [Path("connector.jar")])
     assert conf.get_string("python.pythonpath", "") == "" and checkpoint_uri(cfg) is None
+
+
+def test_a_job_without_jars_fails_naming_the_setting_and_the_command(monkeypatch, tmp_path) -> None:
+    """flink_job never imports deploy: its jars come from the configuration or the environment, and when neither
+    names one the job says which setting is missing and which command resolves it."""
+    import pytest
+
+    from flink_job.flink.job import CONNECTOR_JAR_ENV, UDF_JAR_ENV, job_jars
+
+    monkeypatch.delenv(CONNECTOR_JAR_ENV, raising=False)
+    monkeypatch.delenv(UDF_JAR_ENV, raising=False)
+    with pytest.raises(ValueError, match=r"flink\.connector_jar.*STREAMREC_CONNECTOR_JAR.*python -m deploy\.jars"):
+        job_jars(JobConfig.load())
+    monkeypatch.setenv(CONNECTOR_JAR_ENV, str(tmp_path / "missing.jar"))
+    with pytest.raises(FileNotFoundError, match="STREAMREC_CONNECTOR_JAR names"):
+        job_jars(JobConfig.load())
+    (tmp_path / "c.jar").write_bytes(b"")
+    monkeypatch.setenv(CONNECTOR_JAR_ENV, str(tmp_path / "c.jar"))
+    cfg = JobConfig.load(overrides=["flink.udf_jar=/opt/udf.jar"])
+    assert job_jars(cfg) == [tmp_path / "c.jar", Path("/opt/udf.jar")]  # the configuration wins over the environment

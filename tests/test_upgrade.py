@@ -18,10 +18,11 @@ import pytest
 
 from deploy.cluster import SessionCluster
 from flink_job.config import JobConfig
-from flink_job.generate import SyntheticConfig, generate
-from flink_job.produce import send, synthetic_timed
-from flink_job.publish import SNAPSHOT_FILE
-from flink_job.topics import Follower, end_offsets, read_all
+from flink_job.tools.generate import SyntheticConfig, generate
+from flink_job.kafka.produce import send
+from flink_job.tools.produce import synthetic_timed
+from flink_job.stages.publish import SNAPSHOT_FILE
+from flink_job.kafka.topics import Follower, end_offsets, read_all
 from tests.helpers import Truth, cancel_if_running, follow_stats, job_args, latest_by_id, submitted, session_cluster
 
 pytestmark = pytest.mark.integration
@@ -44,7 +45,7 @@ def item_events(syn: SyntheticConfig) -> Counter[str]:
 def test_upgrade_from_a_savepoint_keeps_what_was_learned(
     cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path, mode: str
 ) -> None:
-    """In thread mode the savepoint holds the stage's first snapshot and every call since (flink_job.stage_log):
+    """In thread mode the savepoint holds the stage's first snapshot and every call since (flink_job.flink.stage_log):
     the restore replays them under the old settings, then takes the new ones."""
     cfg = topics(f"upgrade-{mode}", overrides=[f"flink.python_execution_mode={mode}",
                                                "flink.state_snapshot_interval_ms=3600000"])

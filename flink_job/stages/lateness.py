@@ -11,7 +11,7 @@ call's ``now_ms``, which a replay reuses) by more than ``max_ahead_ms``, and a h
 before this rule, or by a clock that was ahead) is brought back when it is read. Otherwise one event a day in the
 future would make every real event after it late for a day, and the checkpoint would keep it so.
 
->>> from flink_job.parse import parse_lines
+>>> from flink_job.stages.parse import parse_lines
 >>> line = '0,{o},{{"event_id":"e{o}","user_id":"u","item_id":"i","action":"view","ts":{ts}}}'
 >>> w = Watermarks(out_of_orderness_ms=10, allowed_lateness_ms=5, max_ahead_ms=0)
 >>> on_time, late = w.split(parse_lines([line.format(o=0, ts=100)], now_ms=10**6)[0], now_ms=10**6)
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flink_job.parse import DeadLetter, EventBatch
+from flink_job.stages.parse import DeadLetter, EventBatch
 
 STAGE = "lateness"
 

@@ -3,7 +3,7 @@
 Exact duplicates (same event id) are removed in the JVM before Python sees them; these are distinct events that
 mean the same thing. They are counted as de-duplicated, not dead-lettered: nothing is wrong with them.
 
->>> from flink_job.parse import parse_lines
+>>> from flink_job.stages.parse import parse_lines
 >>> line = '0,{n},{{"event_id":"e{n}","user_id":"u","item_id":"i","action":"click","ts":{ts}}}'
 >>> nd = NearDuplicates(window_ms=500)
 >>> kept, dropped = nd.filter(parse_lines([line.format(n=n, ts=ts) for n, ts in enumerate([0, 300, 900, 1000])],
@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from flink_job.parse import EventBatch
+from flink_job.stages.parse import EventBatch
 
 
 class NearDuplicates:

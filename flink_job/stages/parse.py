@@ -1,6 +1,6 @@
 """Parse and validate chunk lines into a columnar batch of events; bad records become dead letters.
 
-A chunk line is ``"<partition>,<offset>,<payload>"`` (see ``flink_job.sql``). Parsing runs on a whole
+A chunk line is ``"<partition>,<offset>,<payload>"`` (see ``flink_job.flink.sql``). Parsing runs on a whole
 chunk at once without a JVM (so it is tested without one) and costs about 2 µs per record: a typed decoder checks
 the common event in C, and only records it rejects pay for the slower path that names the reason.
 
@@ -30,16 +30,14 @@ import numpy as np
 import orjson
 from msgspec import UNSET, UnsetType
 
-from flink_job.events import ACTIONS
+from flink_job.schema import ACTIONS, CONTEXT_FIELDS, FLOAT32_MAX, N_FEATURES, RATING_CODE, Event
 
 log = logging.getLogger(__name__)
 ACTION_CODES = {a: n for n, a in enumerate(ACTIONS)}
-RATING = ACTION_CODES["rating"]
+RATING = RATING_CODE
 STAGE = "parse"
 MAX_TS_MS = 10**14  # year 5138: anything above is not a millisecond timestamp
-FLOAT32_MAX = float(np.finfo(np.float32).max)  # numbers go to float32 columns: beyond this they become inf
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # integer ids: the range EVENT_KEY reads as a JVM long
-N_FEATURES = 7  # len(flink_job.clean.FEATURE_NAMES); clean imports this module, so the number is repeated here
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,7 @@ class EventBatch:
     """Events in columns. Ids stay strings; the model maps them to rows.
 
     The optional context fields are NaN (numbers) or None (category) where the event did not carry them;
-    ``flink_job.clean`` fills them and adds ``features``, which stays empty, (0, F), until then.
+    ``flink_job.stages.clean`` fills them and adds ``features``, which stays empty, (0, F), until then.
     """
 
     event_ids: list[str] = field(default_factory=list)
@@ -157,7 +155,7 @@ class ParseRules:
     max_value: float = 100.0  # the largest value (weight) of an implicit action; it must also be > 0
 
 
-# The members that make an event's identity for de-duplication (EVENT_KEY in flink_job/jvm reads the same). A record
+# The members that make an event's identity for de-duplication (EVENT_KEY in flink_job/flink/jvm reads the same). A record
 # naming one of them twice, at any depth and whether or not the name is written with escapes, is ambiguous: the
 # JVM gives it no key and the parser dead-letters it. Names are compared decoded, as both JSON readers see them.
 ID_MEMBERS = ("event_id", "user_id")
@@ -203,7 +201,7 @@ def line_position(line: object) -> tuple[int, int, str]:
 
 def bad_line(line: object) -> DeadLetter:
     """The dead letter for a chunk line that is not ``"<partition>,<offset>,<payload>"``: ``null_value`` for a line
-    without a payload (a Kafka record whose value is null, or only a key: ``CONCAT_WS`` in flink_job.sql leaves
+    without a payload (a Kafka record whose value is null, or only a key: ``CONCAT_WS`` in flink_job.flink.sql leaves
     the NULL out), else ``internal_error``."""
     parts = line.split(",") if isinstance(line, str) else []
     if len(parts) == 2 and all(_is_int(x) for x in parts):
@@ -234,7 +232,7 @@ def _id(d: dict, name: str, rules: ParseRules) -> str:
     if len(s) > rules.max_id_length:
         raise _Bad(f"{name}_too_long", str(len(s)))
     if any(ord(c) < 32 or 127 <= ord(c) < 160 or 0xD800 <= ord(c) < 0xE000 for c in s):
-        # Control characters never belong in an id, and the de-duplication key joins ids with one (flink_job.sql);
+        # Control characters never belong in an id, and the de-duplication key joins ids with one (flink_job.flink.sql);
         # lone surrogates cannot be written out as UTF-8.
         raise _Bad(f"control_chars_in_{name}")
     if "\ufffd" in s:
@@ -455,3 +453,23 @@ def parse_lines(
         dwell_ms=np.array(dwells, np.float64), price=np.array(prices, np.float64), categories=cats,
     )
     return batch, dead
+
+
+def parse_event(raw: bytes | str) -> Event:
+    """One record's payload as an ``Event``, judged by the job's own rules; raises ``ValueError`` with the reason.
+
+    >>> e = Event("e-1", "u1", "i2", "click", 1.0, 1700000000000)
+    >>> parse_event(e.to_json()) == e
+    True
+    >>> parse_event('{"event_id": "e-2"}')
+    Traceback (most recent call last):
+    ...
+    ValueError: event: missing_user_id : '{"event_id": "e-2"}'
+    """
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    batch, dead = parse_lines([f"0,0,{text}"])  # partition and offset do not matter for one payload
+    if dead:
+        raise ValueError(f"event: {dead[0].reason} {dead[0].detail}: {text[:80]!r}")
+    context = {k: v for k, v in orjson.loads(text).items() if k in CONTEXT_FIELDS}
+    return Event(batch.event_ids[0], batch.users[0], batch.items[0], ACTIONS[int(batch.actions[0])],
+                 float(batch.values[0]), int(batch.ts[0]), context)

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from flink_job.config import JobConfig
 
 log = logging.getLogger(__name__)
+# The job's two jars come from its configuration or from these variables, which whoever starts the job sets
+# (deploy.jars resolves them; flink_job never imports deploy, which is not shipped to the cluster).
+CONNECTOR_JAR_ENV = "STREAMREC_CONNECTOR_JAR"
+UDF_JAR_ENV = "STREAMREC_UDF_JAR"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,16 +30,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def create_env(cfg: JobConfig):  # type: ignore[no-untyped-def]
     from pyflink.datastream import StreamExecutionEnvironment
 
-    from deploy.jars import connector_jar, udf_jar
-    from flink_job.topology import build, flink_configuration
-    from flink_job import worker
+    from flink_job.flink import worker
+    from flink_job.flink.topology import build, flink_configuration
 
+    jars = job_jars(cfg)
     worker.tune()  # a local run's Python worker runs in this process (PyFlink's loopback mode)
-    jars = [Path(cfg.flink.connector_jar) if cfg.flink.connector_jar else connector_jar(),
-            Path(cfg.flink.udf_jar) if cfg.flink.udf_jar else udf_jar()]
     env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(cfg, jars))
     build(env, cfg)
     return env
+
+
+def job_jars(cfg: JobConfig) -> list[Path]:
+    """The Kafka connector jar and the job's SQL function jar: ``flink.connector_jar``/``flink.udf_jar`` if set,
+    else ``$STREAMREC_CONNECTOR_JAR``/``$STREAMREC_UDF_JAR``; a clear error if neither names one."""
+    return [_jar(cfg.flink.connector_jar, "flink.connector_jar", CONNECTOR_JAR_ENV),
+            _jar(cfg.flink.udf_jar, "flink.udf_jar", UDF_JAR_ENV)]
+
+
+def _jar(configured: str, key: str, env: str) -> Path:
+    if configured:
+        return Path(configured)
+    given = os.environ.get(env)
+    if not given:
+        raise ValueError(f"job: no jar for {key}: set it in the job's configuration or set ${env}; "
+                         f"`python -m deploy.jars` fetches and builds the jars and prints their paths")
+    if not Path(given).is_file():
+        raise FileNotFoundError(f"job: ${env} names {given}, which is not a file")
+    return Path(given)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = JobConfig.load(args.config, args.overrides)
     log.info("job config: %s", cfg)
-    from flink_job.topology import submitted_by_flink
+    from flink_job.flink.topology import submitted_by_flink
 
     log.info("job: %s", "submitted by Flink's client" if submitted_by_flink() else "a local run on a mini-cluster")
     create_env(cfg).execute(cfg.flink.job_name)

@@ -1,7 +1,7 @@
 """The JVM half of the pipeline, as Flink SQL: Kafka source, de-duplication and chunking.
 
 Per-record work stays in the JVM, at several times the speed of a Python call per record (see PROTOCOL.md): the
-Kafka source reads raw payloads, ``EVENT_KEY`` (the job's one Java function, ``flink_job/jvm``) extracts the two
+Kafka source reads raw payloads, ``EVENT_KEY`` (the job's one Java function, ``flink_job/flink/jvm``) extracts the two
 ids that de-duplication keys on in one pass, a ``ROW_NUMBER`` de-duplication keeps the first record of each
 ``(user_id, event_id)``,
 and a processing-time tumbling window gathers the survivors into chunks (``ARRAY_AGG``) per user shard. Python
@@ -21,7 +21,7 @@ from flink_job.config import JobConfig
 
 SOURCE_TABLE = "raw_events"
 CHUNK_VIEW = "event_chunks"
-EVENT_KEY = "streamrec.EventKey"  # in the jar deploy.jars.udf_jar builds from flink_job/jvm
+EVENT_KEY = "streamrec.EventKey"  # in the jar deploy.jars.udf_jar builds from flink_job/flink/jvm
 
 
 def register_functions(t_env: Any) -> None:

@@ -1,6 +1,6 @@
 """Micro-batching: gather parsed events and hand them out in batches of a fixed size.
 
->>> from flink_job.parse import parse_lines
+>>> from flink_job.stages.parse import parse_lines
 >>> lines = [f'0,{n},{{"event_id":"e{n}","user_id":"u","item_id":"i","action":"view","ts":1}}' for n in range(5)]
 >>> b = MicroBatcher(size=2)
 >>> b.add(parse_lines(lines)[0])
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from flink_job.parse import EventBatch
+from flink_job.stages.parse import EventBatch
 
 
 class MicroBatcher:

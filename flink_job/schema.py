@@ -1,4 +1,6 @@
-"""The input event format, shared by producers, the job and tests.
+"""The event format and its vocabularies, shared by producers, the job, the model's callers and tests.
+
+This module imports nothing of the project, so every layer can depend on it.
 
 An event is one JSON object per Kafka record::
 
@@ -8,13 +10,10 @@ An event is one JSON object per Kafka record::
 ``event_id``, ``user_id``, ``item_id``, ``action`` and ``ts`` (event time, epoch ms) are required; ``value`` is the
 rating for ``action == "rating"`` and an optional weight otherwise; the context features are optional.
 
->>> e = Event("e-1", "u1", "i2", "click", 1.0, 1700000000000)
->>> Event.from_json(e.to_json()) == e
-True
->>> Event.from_json('{"event_id": "e-2"}')
-Traceback (most recent call last):
-...
-ValueError: event: missing_user_id : '{"event_id": "e-2"}'
+>>> Event("e-1", "u1", "i2", "click", 1.0, 1700000000000).to_json()
+b'{"event_id":"e-1","user_id":"u1","item_id":"i2","action":"click","value":1.0,"ts":1700000000000}'
+
+Parsing one with the job's rules is ``flink_job.stages.parse.parse_event``.
 
 """
 from __future__ import annotations
@@ -24,7 +23,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ACTIONS: tuple[str, ...] = ("view", "click", "cart", "purchase", "rating")
+RATING_CODE = ACTIONS.index("rating")  # the action code of an explicit rating (the model's rating loss)
 CONTEXT_FIELDS: tuple[str, ...] = ("dwell_ms", "price", "category")
+FLOAT32_MAX = 3.4028234663852886e38  # numbers go to float32 columns: beyond this they become inf
+# Context fields the cleaning rules judge, and what they may do with a missing or an outlying value.
+NUMERIC_FIELDS: tuple[str, ...] = ("dwell_ms", "price")
+MISSING_POLICIES: dict[str, tuple[str, ...]] = {
+    "dwell_ms": ("default", "global_mean", "user_mean", "drop"),
+    "price": ("default", "global_mean", "user_mean", "drop"),
+    "category": ("default", "drop"),
+}
+OUTLIER_POLICIES: tuple[str, ...] = ("clip", "drop", "off")
+# The columns of an event batch's feature matrix, in order (written by the cleaning stage).
+FEATURE_NAMES: tuple[str, ...] = ("dwell_z", "price_z", "hour_sin", "hour_cos", "dow_sin", "dow_cos", "recency_log_s")
+N_FEATURES = len(FEATURE_NAMES)
 
 
 @dataclass(frozen=True)
@@ -51,16 +63,3 @@ class Event:
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> Event:
-        """Parses one record with the job's own rules (``flink_job.parse``); raises ``ValueError`` with the reason."""
-        from flink_job.parse import parse_lines
-
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        batch, dead = parse_lines([f"0,0,{text}"])
-        if dead:
-            raise ValueError(f"event: {dead[0].reason} {dead[0].detail}: {text[:80]!r}")
-        context = {k: v for k, v in json.loads(text).items() if k in CONTEXT_FIELDS}
-        return cls(batch.event_ids[0], batch.users[0], batch.items[0], ACTIONS[int(batch.actions[0])],
-                   float(batch.values[0]), int(batch.ts[0]), context)

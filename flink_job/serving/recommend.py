@@ -1,8 +1,8 @@
 """Recommendations from the embeddings topic: one-off answers on the command line, or a small HTTP service.
 
-    python -m flink_job.recommend [--config job.yaml] [--set kafka.bootstrap=HOST:PORT] user <id> [--top 10]
-    python -m flink_job.recommend --bootstrap HOST:PORT --topic T item <id> [--top 10]
-    python -m flink_job.recommend serve [--host 127.0.0.1] [--port 8080]
+    python -m flink_job.serving.recommend [--config job.yaml] [--set kafka.bootstrap=HOST:PORT] user <id> [--top 10]
+    python -m flink_job.serving.recommend --bootstrap HOST:PORT --topic T item <id> [--top 10]
+    python -m flink_job.serving.recommend serve [--host 127.0.0.1] [--port 8080]
 
 The bootstrap servers, topic and Kafka client properties default to the job's configuration (``--config`` YAML,
 ``STREAMREC__*`` environment variables, ``--set`` overrides, as for ``python -m flink_job``). The service answers
@@ -28,15 +28,15 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import orjson
 
 from flink_job.config import JobConfig
-from flink_job.httpserve import BoundedHTTPServer, HeadHandler, HttpLimits
-from flink_job.serving import ISOLATION_LEVELS, EmbeddingIndex, ServingConfig
+from flink_job.serving.http import BoundedHTTPServer, HeadHandler, HttpLimits
+from flink_job.serving.index import ISOLATION_LEVELS, EmbeddingIndex, ServingConfig
 
 log = logging.getLogger(__name__)
 MAX_N = 1_000
 
 
 class RecommendServer(BoundedHTTPServer):
-    """An HTTP server (bounded workers and timeouts: :mod:`flink_job.httpserve`) answering from one
+    """An HTTP server (bounded workers and timeouts: :mod:`flink_job.serving.http`) answering from one
     :class:`EmbeddingIndex` (port 0: an ephemeral port)."""
 
     def __init__(self, index: EmbeddingIndex, host: str = "127.0.0.1", port: int = 8080,
@@ -160,7 +160,7 @@ def _cli_n(raw: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="flink_job.recommend", description=__doc__,
+    p = argparse.ArgumentParser(prog="flink_job.serving.recommend", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="job YAML config (kafka section: bootstrap, embeddings topic)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")

@@ -12,7 +12,7 @@ finds the stage that produced the outputs before it. Two ways, one per PyFlink e
   arguments (the clock comes in as an argument, the random generators are state), so the replay rebuilds the
   stage that produced those outputs: Flink's changelog state backend in miniature.
 
-A call is ``(CHUNK, now_ms, lines)`` or ``(TIMER, now_ms, None)``. ``snapshot`` and ``calls`` are a Flink
+A call is a ``flink_job.stages.calls.Call``. ``snapshot`` and ``calls`` are a Flink
 ``ValueState`` and ``ListState`` of pickled values; they are only touched from the caller's (task) thread.
 """
 from __future__ import annotations
@@ -20,9 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-CHUNK = "chunk"
-TIMER = "timer"
-Call = tuple[str, int, list[str] | None]
+from flink_job.stages.calls import Call
 
 
 class PickledOnCommit:

@@ -21,11 +21,11 @@ from pyflink.common import Configuration, Types
 from pyflink.datastream import DataStream, KeyedStream, StreamExecutionEnvironment
 from pyflink.table import StreamTableEnvironment
 
-from flink_job import sql
+from flink_job.flink import sql
 from flink_job.config import PROJECT_ROOT, JobConfig
-from flink_job.outputs import CHUNK, STAGE_OUTPUT
-from flink_job.train import make_train_function
-from flink_job.worker import embedded_python_path
+from flink_job.flink.outputs import CHUNK, STAGE_OUTPUT
+from flink_job.flink.train_function import make_train_function
+from flink_job.flink.worker import embedded_python_path
 
 log = logging.getLogger(__name__)
 TRAIN = "train"

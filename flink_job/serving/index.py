@@ -773,6 +773,6 @@ def _check_n(n: int) -> None:
 
 def example_record(kind: str, ident: str, version: int, vector: list[float], bias: float = 0.0, step: int = 1,
          **extra: Any) -> bytes:
-    """A hand-made embedding record value in the job's format (``flink_job.publish``), for examples and tests."""
+    """A hand-made embedding record value in the job's format (``flink_job.stages.publish``), for examples and tests."""
     return orjson.dumps({"kind": kind, "id": ident, "version": version, "step": step, "bias": bias,
                          "vector": vector, "event_ts": 0, "produced_ms": 0, **extra})

@@ -1,7 +1,7 @@
 """Report of a run: PNG plots and a short Markdown summary, from the job-stats records and freshness results.
 
-    python -m flink_job.report --stats-file run.jsonl --out report/ [--freshness fresh.json ...]
-    python -m flink_job.report --bootstrap 127.0.0.1:9092 --stats-topic streamrec.job-stats --out report/ \\
+    python -m flink_job.tools.report --stats-file run.jsonl --out report/ [--freshness fresh.json ...]
+    python -m flink_job.tools.report --bootstrap 127.0.0.1:9092 --stats-topic streamrec.job-stats --out report/ \\
         [--save-stats run.jsonl]
 
 Inputs: the records the job writes to its stats topic (``TrainStage._stats``: one ``batch`` record per trained batch,
@@ -106,7 +106,7 @@ def load_stats_file(path: Path) -> list[dict[str, Any]]:
 def load_stats_topic(bootstrap: str, topic: str, security: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Every record now in the stats topic (a topic that does not exist reads as empty); ``security``: librdkafka
     settings, ``KafkaConfig.librdkafka_properties()``."""
-    from flink_job.topics import json_values, read_all
+    from flink_job.kafka.topics import json_values, read_all
 
     return list(json_values(read_all(bootstrap, topic, security=security)))
 
@@ -432,7 +432,7 @@ def write_report(run: RunStats, freshness: Sequence[Freshness], out: Path, k: in
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m flink_job.report", description=__doc__.split("\n\n>>>")[0],
+    p = argparse.ArgumentParser(prog="python -m flink_job.tools.report", description=__doc__.split("\n\n>>>")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stats-file", type=Path, help="job-stats records, one JSON object per line")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers, with --stats-topic")

@@ -24,7 +24,7 @@ import yaml
 
 from flink_job.config import PROJECT_ROOT, JobConfig
 from flink_job.secrets import open_private_log, write_private
-from flink_job.topics import Follower
+from flink_job.kafka.topics import Follower
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class LocalJob:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
     def start(self) -> None:
-        from flink_job.job import create_env
+        from flink_job.flink.job import create_env
 
         env = create_env(self.cfg)
         self.result.submitted_at = time.time()  # start-up counts from submission, not from building the plan

@@ -1,7 +1,7 @@
-"""Producers: write a synthetic stream or a MovieLens file into the input topic, with a progress bar.
+"""The producer command: writes a synthetic stream or a MovieLens file into the input topic, with a progress bar.
 
-    python -m flink_job.produce synthetic --events 100000 --duplicates 0.05 --malformed 0.01 --late 0.01
-    python -m flink_job.produce movielens ../shared/datasets/ml-100k/u.data --speed 3600 --rate 5000
+    python -m flink_job.tools.produce synthetic --events 100000 --duplicates 0.05 --malformed 0.01 --late 0.01
+    python -m flink_job.tools.produce movielens ../shared/datasets/ml-100k/u.data --speed 3600 --rate 5000
 
 ``--rate`` caps the events per second sent; ``--speed`` replays in event time scaled by that factor
 (3600: one hour of the file per second). Without either, records are sent as fast as the broker takes them.
@@ -10,24 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
-from tqdm import tqdm
-
-from flink_job.generate import Record, SyntheticConfig, generate
+from flink_job.kafka.produce import Pacing, Record, send
+from flink_job.tools.generate import SyntheticConfig, generate
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Pacing:
-    """Limits on how fast records leave: a rate cap and/or an event-time speed factor."""
-
-    rate: float | None = None  # events per second
-    speed: float | None = None  # event-time seconds per wall-clock second
 
 
 def movielens_records(path: Path, id_prefix: str = "ml", repeat: int = 1) -> Iterator[tuple[Record, int]]:
@@ -52,73 +41,6 @@ def movielens_records(path: Path, id_prefix: str = "ml", repeat: int = 1) -> Ite
                 f'"value":{rating},"ts":{ts_ms}}}'
             ).encode()
             yield Record(f"u{user}".encode(), payload, "event", eid), ts_ms
-
-
-def send(
-    records: Iterable[tuple[Record, int]],
-    bootstrap: str,
-    topic: str,
-    pacing: Pacing = Pacing(),
-    total: int | None = None,
-    extra_config: dict[str, str] | None = None,
-) -> int:
-    """Sends ``(record, ts_ms)`` pairs keyed by user; returns how many were delivered (raises if any failed).
-
-    ``extra_config``: librdkafka settings on top of the defaults, e.g. the security settings of
-    ``KafkaConfig.librdkafka_properties()``.
-    """
-    from confluent_kafka import Producer
-
-    producer = Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            "linger.ms": 20,
-            "batch.num.messages": 10_000,
-            "queue.buffering.max.messages": 1_000_000,
-            "compression.type": "lz4",
-            "enable.idempotence": True,
-            **(extra_config or {}),
-        }
-    )
-    failures: list[str] = []
-
-    def on_delivery(err: object, _msg: object) -> None:
-        if err is not None:
-            failures.append(str(err))
-
-    start = time.monotonic()
-    first_ts: int | None = None
-    sent = 0
-    with tqdm(total=total, unit="ev", desc=f"-> {topic}", mininterval=1.0) as bar:
-        for rec, ts_ms in records:
-            first_ts = ts_ms if first_ts is None else first_ts
-            _pace(pacing, sent, ts_ms - first_ts, start)
-            while True:
-                try:
-                    producer.produce(topic, rec.payload, rec.key, on_delivery=on_delivery)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-            sent += 1
-            if sent % 10_000 == 0:
-                producer.poll(0)
-                bar.update(10_000)
-        bar.update(sent % 10_000)
-        remaining = producer.flush(60)
-    if remaining or failures:
-        raise RuntimeError(f"produce: {remaining} records undelivered, {len(failures)} failed: {failures[:3]}")
-    return sent
-
-
-def _pace(pacing: Pacing, sent: int, event_elapsed_ms: int, start: float) -> None:
-    due = 0.0
-    if pacing.rate:
-        due = max(due, sent / pacing.rate)
-    if pacing.speed:
-        due = max(due, event_elapsed_ms / 1000.0 / pacing.speed)
-    wait = start + due - time.monotonic()
-    if wait > 0.001:
-        time.sleep(wait)
 
 
 def synthetic_timed(cfg: SyntheticConfig) -> Iterator[tuple[Record, int]]:

@@ -15,7 +15,7 @@ At most ``max_users`` users are held (the job passes the model's row cap): a bat
 first evicts the users with the oldest newest event (counted in ``users_evicted``), at least 1/64 of the cap at once.
 
 >>> from flink_job.config import CleanConfig
->>> from flink_job.parse import parse_lines
+>>> from flink_job.stages.parse import parse_lines
 >>> line = '0,{n},{{"event_id":"e{n}","user_id":"u","item_id":"i{n}","action":"view","ts":{ts}{ctx}}}'
 >>> batch, _ = parse_lines([line.format(n=0, ts=0, ctx=',"dwell_ms":1000,"price":9.5,"category":"books"'),
 ...                         line.format(n=1, ts=60_000, ctx='')], now_ms=10**6)
@@ -37,23 +37,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from flink_job.events import ACTIONS
-from flink_job.parse import DeadLetter, EventBatch, N_FEATURES
-from flink_job.users import UserTable, group_ranks
+from flink_job.schema import ACTIONS, FEATURE_NAMES, N_FEATURES, NUMERIC_FIELDS  # noqa: F401 (FEATURE_NAMES: doctest)
+from flink_job.stages.parse import DeadLetter, EventBatch
+from flink_job.stages.users import UserTable, group_ranks
 from model.idmap import least_recently_used
 
 if TYPE_CHECKING:
     from flink_job.config import CleanConfig
 
 STAGE = "clean"
-NUMERIC_FIELDS: tuple[str, ...] = ("dwell_ms", "price")
-MISSING_POLICIES: dict[str, tuple[str, ...]] = {
-    "dwell_ms": ("default", "global_mean", "user_mean", "drop"),
-    "price": ("default", "global_mean", "user_mean", "drop"),
-    "category": ("default", "drop"),
-}
-OUTLIER_POLICIES: tuple[str, ...] = ("clip", "drop", "off")
-FEATURE_NAMES: tuple[str, ...] = ("dwell_z", "price_z", "hour_sin", "hour_cos", "dow_sin", "dow_cos", "recency_log_s")
 # One counter per rule outcome. A filled value is counted under the source it came from: a user_mean policy
 # falls back to the global mean, then to the default, and each fallback has its own counter.
 COUNTERS: tuple[str, ...] = (

@@ -7,7 +7,7 @@ sampler's current sleep to end, about a tenth of the bundle (measured in BENCHMA
 
 ``tune()`` caps the sampler's sleep at ``SAMPLING_PERIOD_MS``. It must run in the worker before its first bundle. A
 local run calls it before submitting, since the worker is then a thread pool of the submitting process (PyFlink's
-loopback mode). On a cluster, a ``python.executable`` script that runs ``python -m flink_job.worker "$@"`` for the
+loopback mode). On a cluster, a ``python.executable`` script that runs ``python -m flink_job.flink.worker "$@"`` for the
 worker does the same (``deploy.cluster.SessionCluster.worker_launcher``): PyFlink starts the worker as
 ``<python.executable> -m pyflink.fn_execution.beam.beam_boot <args>``.
 """
@@ -61,7 +61,7 @@ def embedded_python_path() -> str:
     """``python.pythonpath`` for a local run in thread mode: this venv's packages and the project.
 
     pemja starts the interpreter of the shared library it finds through ``python.executable`` (this process's,
-    set by ``flink_job.topology``) with that interpreter's default ``sys.path``, which lacks both; Flink adds
+    set by ``flink_job.flink.topology``) with that interpreter's default ``sys.path``, which lacks both; Flink adds
     ``python.pythonpath`` to it, whenever the JVM was started (a PYTHONPATH set now would miss a JVM already up).
     """
     import os
@@ -73,14 +73,14 @@ def embedded_python_path() -> str:
 
 
 def main() -> None:
-    """``python -m flink_job.worker -m pyflink.fn_execution.beam.beam_boot ...``: the worker, tuned.
+    """``python -m flink_job.flink.worker -m pyflink.fn_execution.beam.beam_boot ...``: the worker, tuned.
 
     PyFlink starts its worker as ``<python.executable> -m pyflink.fn_execution.beam.beam_boot <args>``; a
     ``python.executable`` that runs this module instead keeps those arguments and tunes the worker first.
     """
     args = sys.argv[1:]
     if len(args) < 2 or args[0] != "-m":
-        raise SystemExit(f"flink_job.worker: expected '-m <module> [args]', got {args!r}")
+        raise SystemExit(f"flink_job.flink.worker: expected '-m <module> [args]', got {args!r}")
     tune()
     sys.argv = [args[1], *args[2:]]
     runpy.run_module(args[1], run_name="__main__", alter_sys=True)

@@ -14,7 +14,7 @@ import org.apache.flink.table.functions.ScalarFunction;
  * the payload is one well-formed JSON object whose top-level {@code user_id} and {@code event_id} are ids. A
  * truncated or garbled copy of an event therefore never takes the key of the event itself.
  *
- * <p>The ids are the ones the parser ({@code flink_job/parse.py}) reads: member names and values with their escapes
+ * <p>The ids are the ones the parser ({@code flink_job/stages/parse.py}) reads: member names and values with their escapes
  * decoded; a string, or an integer within 64 bits written as its decimal string (so 42 and "42" are one id); an id
  * with a control character, U+FFFD (bytes that were not UTF-8) or a lone surrogate is none. A record that names
  * {@code user_id} or {@code event_id} more than once, at any depth, is ambiguous: no key, as the parser

@@ -1,45 +1,34 @@
 """The training stage: chunks of lines in, embedding records, dead letters and batch statistics out.
 
-``TrainStage`` is plain Python (tested without a JVM); ``TrainFunction`` is the thin Flink shell that owns it,
-registers the flush timer and hands its outputs on as one row per call (``flink_job.outputs.STAGE_OUTPUT``).
+``TrainStage`` chains parse, lateness, near-duplicates and cleaning, trains on full batches and publishes the rows
+that moved. It is plain Python, tested without a JVM; its Flink shell is ``flink_job.flink.train_function``.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import pickle
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
-from flink_job.torch_thread import Direct, TorchThread, import_off_thread
+import numpy as np
+import orjson
 
-# In PyFlink's thread mode this module is first imported on the task thread, where importing torch hangs
-# (flink_job.torch_thread): a thread of its own imports torch, and what imports it, first.
-import_off_thread("numpy", "torch", "model.mf", "model.prequential")
-
-import numpy as np  # noqa: E402
-import orjson  # noqa: E402
-
-from flink_job.batch import MicroBatcher  # noqa: E402
-from flink_job.clean import COUNTERS, Cleaner  # noqa: E402
-from flink_job.config import JobConfig  # noqa: E402
-from flink_job.events import ACTIONS  # noqa: E402
-from flink_job.gauges import SetGauge  # noqa: E402
-from flink_job.lateness import Watermarks  # noqa: E402
-from flink_job.near_dups import NearDuplicates  # noqa: E402
-from flink_job.parse import DeadLetter, EventBatch, ParseRules, parse_lines, line_position  # noqa: E402
-from flink_job.publish import DirtyRows, Drift, encode_records, write_snapshot  # noqa: E402
-from flink_job.stage_log import CHUNK, TIMER, BundleSnapshots, Call, StageLog  # noqa: E402
-from model.mf import RATING_CODE, BatchStats, OnlineBiasedMF  # noqa: E402
-from model.prequential import Prequential  # noqa: E402
+from flink_job.stages.batch import MicroBatcher
+from flink_job.stages.clean import Cleaner
+from flink_job.config import JobConfig
+from flink_job.schema import ACTIONS, RATING_CODE
+from flink_job.stages.lateness import Watermarks
+from flink_job.stages.near_dups import NearDuplicates
+from flink_job.stages.parse import DeadLetter, EventBatch, ParseRules, parse_lines, line_position
+from flink_job.stages.publish import DirtyRows, Drift, encode_records, write_snapshot
+from flink_job.stages.calls import CHUNK, TIMER, Call
+from model.mf import BatchStats, OnlineBiasedMF
+from model.prequential import Prequential
 
 log = logging.getLogger(__name__)
 STAGE = "train"
-TIMER_TICK_MS = 50
-GC_YOUNG_THRESHOLD = 50_000
 
 
 @dataclass
@@ -97,8 +86,9 @@ class TrainStage:
         )
         self.model = (
             OnlineBiasedMF.from_file_bytes(Path(cfg.flink.initial_model).read_bytes(), cfg.model,
-                                           what=f"flink.initial_model {cfg.flink.initial_model}")
-            if cfg.flink.initial_model else OnlineBiasedMF(cfg.model)
+                                           what=f"flink.initial_model {cfg.flink.initial_model}",
+                                           rating_code=RATING_CODE)
+            if cfg.flink.initial_model else OnlineBiasedMF(cfg.model, RATING_CODE)
         )
         # (A,) weight per action code; an implicit action missing from the mapping weighs 1.
         self.action_weight = np.array(
@@ -129,7 +119,7 @@ class TrainStage:
         self.positive_action = np.array([a in cfg.eval.positive_action_list for a in ACTIONS], bool)
         self.pending_since_ms = 0
         self.first_chunk_ms = 0
-        self.now_ms = 0  # the current call's clock, so that a replayed call (flink_job.stage_log) does the same
+        self.now_ms = 0  # the current call's clock, so that a replayed call (flink_job.stages.calls) does the same
         self.replayed_calls = 0  # how many logged calls this run's restore replayed (not state)
 
     def state_bytes(self) -> bytes:
@@ -154,7 +144,7 @@ class TrainStage:
     @classmethod
     def _from_state(cls, cfg: JobConfig, state: dict[str, Any]) -> TrainStage:
         stage = cls(cfg)
-        stage.model = OnlineBiasedMF.from_bytes(state["model"], cfg.model)
+        stage.model = OnlineBiasedMF.from_bytes(state["model"], cfg.model, RATING_CODE)
         parts = state["parts"]
         for name, attrs in _STATE_ATTRS.items():
             for a in attrs:
@@ -194,7 +184,7 @@ class TrainStage:
         return stage
 
     def call(self, call: Call) -> Output:
-        """``on_chunk`` or ``on_time``, as ``call`` (a ``flink_job.stage_log`` record) says."""
+        """``on_chunk`` or ``on_time``, as ``call`` (a ``flink_job.stages.calls`` record) says."""
         kind, now_ms, lines = call
         if kind == CHUNK:
             return self.on_chunk(lines or [], now_ms)
@@ -477,148 +467,3 @@ def _load_state(data: bytes) -> dict[str, Any]:
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"train: state version {state.get('version')} is not {STATE_VERSION}")
     return state
-
-
-def make_train_function(cfg: JobConfig):  # type: ignore[no-untyped-def]
-    """The Flink ``KeyedProcessFunction`` around ``TrainStage``; built here so importing this module needs no JVM."""
-    from pyflink.common import Row, Types
-    from pyflink.datastream import KeyedProcessFunction, RuntimeContext
-    from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
-
-    class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self.stage: TrainStage | None = None
-
-        def open(self, runtime_context: RuntimeContext) -> None:
-            # Every parsed record is a dict, so the collector's youngest generation fills every 700 records and its
-            # older ones rescan the per-user state; collecting less often made the stage 12% faster (BENCHMARKS.md).
-            gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
-            # In thread mode the stage runs on a thread of its own, where torch works (flink_job.torch_thread).
-            thread_mode = cfg.flink.python_execution_mode == "thread"
-            self.torch: Direct | TorchThread = TorchThread() if thread_mode else Direct()
-            # The whole stage lives in keyed state (one key: one model), restored on the first call after a restart;
-            # how it is written depends on the mode (flink_job.stage_log).
-            snapshot = runtime_context.get_state(ValueStateDescriptor("stage", Types.PICKLED_BYTE_ARRAY()))
-            calls = runtime_context.get_list_state(ListStateDescriptor("calls", Types.PICKLED_BYTE_ARRAY()))
-            self.log: BundleSnapshots | StageLog = (
-                StageLog(snapshot, calls, cfg.flink.state_snapshot_interval_ms) if thread_mode
-                else BundleSnapshots(snapshot, calls)
-            )
-            group = runtime_context.get_metrics_group().add_group(STAGE)
-            self.m_batches = group.counter("batches")
-            self.m_trained = group.counter("eventsTrained")
-            self.m_received = group.counter("eventsReceived")
-            self.m_dead = group.counter("deadLettered")
-            self.m_near = group.counter("nearDuplicates")
-            self.m_reasons = group.add_group("deadLetterReason")
-            self.m_skipped = group.counter("skippedBatches")
-            self.m_published = group.counter("embeddingsPublished")
-            self.m_tombstones = group.counter("tombstonesPublished")
-            self.m_batch_size = group.distribution("batchSize")
-            self.m_train_ms = group.distribution("trainMs")
-            self.m_publish_lag = group.distribution("publishLagMs")
-            # Flink gauges from Python carry integers: losses and quality figures are scaled to millionths. Each
-            # is set after every call (flink_job.gauges).
-            self.m_loss = {key: SetGauge(group, f"{key}LossMicro", thread_mode) for key in ("rating", "implicit")}
-            quality = runtime_context.get_metrics_group().add_group("prequential")
-            self.m_quality = [
-                (SetGauge(quality, name, thread_mode), key, scale)
-                for name, key, scale in (("rmseMicro", "rmse", 1e6), ("maeMicro", "mae", 1e6),
-                                         ("hitRateMicro", "hr", 1e6), ("ndcgMicro", "ndcg", 1e6),
-                                         ("rated", "rated", 1), ("positives", "positives", 1))
-            ]
-            clean = runtime_context.get_metrics_group().add_group("clean")
-            self.m_clean = {name: clean.counter(name) for name in COUNTERS}
-            self.clean_reported: dict[str, int] = {}  # cleaning counts already added to the metrics
-            self.reason_counters: dict[str, Any] = {}  # one counter per reason, made when first seen
-
-        def _report_quality(self) -> None:
-            assert self.stage is not None
-            if self.stage.quality is None:
-                return
-            summary = self.stage.quality.summary()
-            for gauge, key, scale in self.m_quality:
-                gauge.set(int(summary[key] * scale) if np.isfinite(summary[key]) else 0)
-
-        def _stage(self) -> TrainStage:
-            if self.stage is None:
-                saved, calls = self.log.load()
-                self.stage = self.torch.call(TrainStage.restore, cfg, saved, calls)
-                self.clean_reported = dict(self.stage.cleaner.counts)  # metrics count from this run's start
-                m = self.stage.model
-                log.info("train: %s; model on %s with %d users, %d items, step %d; batch size %d",
-                         "new" if saved is None and not calls else
-                         f"restored ({'a snapshot' if saved is not None else 'no snapshot'} and {len(calls)} calls)",
-                         m.device, len(m.users), len(m.items), m.step, cfg.batch.size)
-            return self.stage
-
-        def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterator[object]:
-            lines = list(value[1])
-            self.m_received.inc(len(lines))
-            yield from self._call((CHUNK, ctx.timer_service().current_processing_time(), lines), ctx)
-
-        def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterator[object]:
-            yield from self._call((TIMER, ctx.timer_service().current_processing_time(), None), ctx)
-
-        def _call(self, call: Call, ctx: KeyedProcessFunction.Context) -> Iterator[object]:
-            stage = self._stage()
-            out = self.torch.call(stage.call, call)
-            self.log.record(call, stage, lambda: self.torch.call(stage.state_bytes))
-            yield from self._emit(out)
-            self._schedule(ctx)
-
-        def close(self) -> None:
-            self.torch.close()
-
-        def _schedule(self, ctx: KeyedProcessFunction.Context) -> None:
-            """A timer at the stage's next deadline, rounded up to a tick so that Flink, which keeps one timer per
-            key and time, merges the registrations of successive calls. Every call registers: the function keeps no
-            memory of its timers, which a restore from a checkpoint would make stale."""
-            assert self.stage is not None
-            due = self.stage.next_deadline_ms()
-            if due is not None:
-                ctx.timer_service().register_processing_time_timer(-(-due // TIMER_TICK_MS) * TIMER_TICK_MS)
-
-        def _emit(self, out: Output) -> Iterator[object]:
-            self.m_trained.inc(out.trained)
-            self.m_near.inc(out.near_duplicates)
-            for d in out.dead_letters:
-                counter = self.reason_counters.get(d.reason)
-                if counter is None:
-                    counter = self.reason_counters[d.reason] = self.m_reasons.counter(d.reason)
-                counter.inc()
-            if out.embeddings or out.dead_letters or out.stats:
-                yield Row(dict(out.embeddings), [d.to_json() for d in out.dead_letters], out.stats)
-            self.m_dead.inc(len(out.dead_letters))
-            self.m_batches.inc(out.batches)
-            self.m_skipped.inc(out.skipped_batches)
-            tombstones = sum(v is None for _k, v in out.embeddings)
-            self.m_tombstones.inc(tombstones)
-            self.m_published.inc(len(out.embeddings) - tombstones)
-            for n in out.batch_sizes:
-                self.m_batch_size.update(n)
-            for ms in out.train_ms:
-                self.m_train_ms.update(int(ms))
-            if out.publish_lag_ms is not None:
-                self.m_publish_lag.update(out.publish_lag_ms)
-            # A skipped batch's losses are NaN, which an integer gauge cannot carry (it failed the task): the
-            # gauges keep the last finite loss.
-            for n, key in enumerate(("rating", "implicit")):
-                finite = [losses[n] for losses in out.losses if np.isfinite(losses[n])]
-                if finite:
-                    self.m_loss[key].set(int(finite[-1] * 1e6))
-            if out.batches:
-                self._report_quality()
-            self._report_cleaning()
-
-        def _report_cleaning(self) -> None:
-            """Adds what the cleaning rules did since the last call to the metrics."""
-            assert self.stage is not None
-            counts = self.stage.cleaner.counts
-            for name, n in counts.items():
-                delta = n - self.clean_reported.get(name, 0)
-                if delta:
-                    self.m_clean[name].inc(delta)
-                    self.clean_reported[name] = n
-
-    return TrainFunction()

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flink_job.events import ACTIONS
+from flink_job.kafka.produce import Record
+from flink_job.schema import ACTIONS
 
 # How likely each action is, and the training weight an implicit action carries when produced.
 ACTION_PROBS = np.array([0.45, 0.25, 0.10, 0.05, 0.15])
@@ -54,16 +55,6 @@ class SyntheticConfig:
         for name in ("duplicate_rate", "malformed_rate", "late_rate", "drift"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"synthetic config: {name} must be in [0, 1], got {getattr(self, name)}")
-
-
-@dataclass(frozen=True)
-class Record:
-    """One Kafka record of the stream: the key (user id), the payload and what it is."""
-
-    key: bytes
-    payload: bytes
-    kind: str  # "event", "duplicate", "late" or one of MALFORMED_KINDS
-    event_id: str
 
 
 class PlantedWorld:

@@ -1,0 +1,181 @@
+"""The Flink shell of the training stage: a ``KeyedProcessFunction`` that owns one ``TrainStage``, keeps it in keyed
+state (``flink_job.flink.stage_log``), registers the flush timer, reports metrics and hands the stage's outputs on
+as one row per call (``flink_job.flink.outputs.STAGE_OUTPUT``).
+
+``TrainFunction`` is a module-level class, so a TaskManager unpickles it by importing this module, which imports
+torch off the task thread before anything imports the stage (see below).
+"""
+from __future__ import annotations
+
+from flink_job.flink.torch_thread import Direct, TorchThread, import_off_thread
+
+# In PyFlink's thread mode this module is first imported on the task thread, where importing torch hangs
+# (flink_job.flink.torch_thread): a thread of its own imports torch, and what imports it, first.
+import_off_thread("numpy", "torch", "model.mf", "model.prequential", "flink_job.stages.train")
+
+import gc  # noqa: E402
+import logging  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+from pyflink.common import Row, Types  # noqa: E402
+from pyflink.datastream import KeyedProcessFunction, RuntimeContext  # noqa: E402
+from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor  # noqa: E402
+
+from flink_job.config import JobConfig  # noqa: E402
+from flink_job.flink.gauges import SetGauge  # noqa: E402
+from flink_job.flink.stage_log import BundleSnapshots, StageLog  # noqa: E402
+from flink_job.stages.calls import CHUNK, TIMER, Call  # noqa: E402
+from flink_job.stages.clean import COUNTERS  # noqa: E402
+from flink_job.stages.train import STAGE, Output, TrainStage  # noqa: E402
+
+log = logging.getLogger(__name__)
+TIMER_TICK_MS = 50
+GC_YOUNG_THRESHOLD = 50_000
+# The stage's metrics, in its group "train": counters and distributions by their key here and their Flink name.
+COUNTER_METRICS = {
+    "batches": "batches", "trained": "eventsTrained", "received": "eventsReceived", "dead": "deadLettered",
+    "near": "nearDuplicates", "skipped": "skippedBatches", "published": "embeddingsPublished",
+    "tombstones": "tombstonesPublished",
+}
+DISTRIBUTION_METRICS = {"batch_size": "batchSize", "train_ms": "trainMs", "publish_lag": "publishLagMs"}
+LOSS_GAUGES = ("rating", "implicit")  # gauges "<key>LossMicro"
+# Group "prequential": (gauge name, key in the quality summary, scale to an integer).
+QUALITY_GAUGES = (("rmseMicro", "rmse", 1e6), ("maeMicro", "mae", 1e6), ("hitRateMicro", "hr", 1e6),
+                  ("ndcgMicro", "ndcg", 1e6), ("rated", "rated", 1), ("positives", "positives", 1))
+
+
+def make_train_function(cfg: JobConfig) -> TrainFunction:
+    return TrainFunction(cfg)
+
+
+class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+        self.stage: TrainStage | None = None
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        cfg = self.cfg
+        # Every parsed record is a dict, so the collector's youngest generation fills every 700 records and its older
+        # ones rescan the per-user state: the stage collects less often.
+        gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
+        # In thread mode the stage runs on a thread of its own, where torch works (flink_job.flink.torch_thread).
+        thread_mode = cfg.flink.python_execution_mode == "thread"
+        self.torch: Direct | TorchThread = TorchThread() if thread_mode else Direct()
+        # The whole stage lives in keyed state (one key: one model), restored on the first call after a restart; how
+        # it is written depends on the mode (flink_job.flink.stage_log).
+        snapshot = runtime_context.get_state(ValueStateDescriptor("stage", Types.PICKLED_BYTE_ARRAY()))
+        calls = runtime_context.get_list_state(ListStateDescriptor("calls", Types.PICKLED_BYTE_ARRAY()))
+        self.log: BundleSnapshots | StageLog = (
+            StageLog(snapshot, calls, cfg.flink.state_snapshot_interval_ms) if thread_mode
+            else BundleSnapshots(snapshot, calls)
+        )
+        self._register_metrics(runtime_context.get_metrics_group(), thread_mode)
+
+    def _register_metrics(self, metrics: Any, thread_mode: bool) -> None:
+        group = metrics.add_group(STAGE)
+        self.count = {key: group.counter(name) for key, name in COUNTER_METRICS.items()}
+        self.spread = {key: group.distribution(name) for key, name in DISTRIBUTION_METRICS.items()}
+        self.m_reasons = group.add_group("deadLetterReason")
+        # Flink gauges from Python carry integers: losses and quality figures are scaled to millionths. Each is set
+        # after every call (flink_job.flink.gauges).
+        self.m_loss = {key: SetGauge(group, f"{key}LossMicro", thread_mode) for key in LOSS_GAUGES}
+        quality = metrics.add_group("prequential")
+        self.m_quality = [(SetGauge(quality, name, thread_mode), key, scale) for name, key, scale in QUALITY_GAUGES]
+        clean = metrics.add_group("clean")
+        self.m_clean = {name: clean.counter(name) for name in COUNTERS}
+        self.clean_reported: dict[str, int] = {}  # cleaning counts already added to the metrics
+        self.reason_counters: dict[str, Any] = {}  # one counter per reason, made when first seen
+
+    def _stage(self) -> TrainStage:
+        if self.stage is None:
+            saved, calls = self.log.load()
+            self.stage = self.torch.call(TrainStage.restore, self.cfg, saved, calls)
+            self.clean_reported = dict(self.stage.cleaner.counts)  # metrics count from this run's start
+            m = self.stage.model
+            log.info("train: %s; model on %s with %d users, %d items, step %d; batch size %d",
+                     "new" if saved is None and not calls else
+                     f"restored ({'a snapshot' if saved is not None else 'no snapshot'} and {len(calls)} calls)",
+                     m.device, len(m.users), len(m.items), m.step, self.cfg.batch.size)
+        return self.stage
+
+    def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterator[object]:
+        lines = list(value[1])
+        self.count["received"].inc(len(lines))
+        yield from self._call((CHUNK, ctx.timer_service().current_processing_time(), lines), ctx)
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterator[object]:
+        yield from self._call((TIMER, ctx.timer_service().current_processing_time(), None), ctx)
+
+    def _call(self, call: Call, ctx: KeyedProcessFunction.Context) -> Iterator[object]:
+        stage = self._stage()
+        out = self.torch.call(stage.call, call)
+        self.log.record(call, stage, lambda: self.torch.call(stage.state_bytes))
+        yield from self._emit(out)
+        self._schedule(ctx)
+
+    def close(self) -> None:
+        self.torch.close()
+
+    def _schedule(self, ctx: KeyedProcessFunction.Context) -> None:
+        """A timer at the stage's next deadline, rounded up to a tick so that Flink, which keeps one timer per key
+        and time, merges the registrations of successive calls. Every call registers: the function keeps no memory
+        of its timers, which a restore from a checkpoint would make stale."""
+        assert self.stage is not None
+        due = self.stage.next_deadline_ms()
+        if due is not None:
+            ctx.timer_service().register_processing_time_timer(-(-due // TIMER_TICK_MS) * TIMER_TICK_MS)
+
+    def _emit(self, out: Output) -> Iterator[object]:
+        self.count["trained"].inc(out.trained)
+        self.count["near"].inc(out.near_duplicates)
+        for d in out.dead_letters:
+            counter = self.reason_counters.get(d.reason)
+            if counter is None:
+                counter = self.reason_counters[d.reason] = self.m_reasons.counter(d.reason)
+            counter.inc()
+        if out.embeddings or out.dead_letters or out.stats:
+            yield Row(dict(out.embeddings), [d.to_json() for d in out.dead_letters], out.stats)
+        self._report_counts(out)
+        if out.batches:
+            self._report_quality()
+        self._report_cleaning()
+
+    def _report_counts(self, out: Output) -> None:
+        self.count["dead"].inc(len(out.dead_letters))
+        self.count["batches"].inc(out.batches)
+        self.count["skipped"].inc(out.skipped_batches)
+        tombstones = sum(v is None for _k, v in out.embeddings)
+        self.count["tombstones"].inc(tombstones)
+        self.count["published"].inc(len(out.embeddings) - tombstones)
+        for n in out.batch_sizes:
+            self.spread["batch_size"].update(n)
+        for ms in out.train_ms:
+            self.spread["train_ms"].update(int(ms))
+        if out.publish_lag_ms is not None:
+            self.spread["publish_lag"].update(out.publish_lag_ms)
+        # A skipped batch's losses are NaN, which an integer gauge cannot carry (it failed the task): the gauges
+        # keep the last finite loss.
+        for n, key in enumerate(LOSS_GAUGES):
+            finite = [losses[n] for losses in out.losses if np.isfinite(losses[n])]
+            if finite:
+                self.m_loss[key].set(int(finite[-1] * 1e6))
+
+    def _report_quality(self) -> None:
+        assert self.stage is not None
+        if self.stage.quality is None:
+            return
+        summary = self.stage.quality.summary()
+        for gauge, key, scale in self.m_quality:
+            gauge.set(int(summary[key] * scale) if np.isfinite(summary[key]) else 0)
+
+    def _report_cleaning(self) -> None:
+        """Adds what the cleaning rules did since the last call to the metrics."""
+        assert self.stage is not None
+        counts = self.stage.cleaner.counts
+        for name, n in counts.items():
+            delta = n - self.clean_reported.get(name, 0)
+            if delta:
+                self.m_clean[name].inc(delta)
+                self.clean_reported[name] = n

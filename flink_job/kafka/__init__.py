@@ -1,0 +1,1 @@
+"""Kafka clients outside Flink: reading topics and producing records."""

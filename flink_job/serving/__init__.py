@@ -1,0 +1,1 @@
+"""Serving: an in-memory embedding index fed from the embeddings topic, and its HTTP front."""

@@ -1,0 +1,1 @@
+"""Command-line tools: the synthetic generator, the producer and the run report."""
