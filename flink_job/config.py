@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-import yaml
+import yaml  # type: ignore[import-untyped, unused-ignore]  # stubs only where types-PyYAML is installed
 
 from flink_job import secrets
 from flink_job.schema import ACTIONS, FLOAT32_MAX, MISSING_POLICIES, NUMERIC_FIELDS, OUTLIER_POLICIES

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from model.arrays import Array
+
 from flink_job.schema import ACTIONS, FEATURE_NAMES, N_FEATURES, NUMERIC_FIELDS  # noqa: F401 (FEATURE_NAMES: doctest)
 from flink_job.stages.parse import DeadLetter, EventBatch
 from flink_job.stages.users import UserTable, group_ranks
@@ -71,7 +73,7 @@ class Moments:
     mean: float = 0.0
     m2: float = 0.0
 
-    def add(self, x: np.ndarray) -> None:
+    def add(self, x: Array) -> None:
         nb = len(x)
         if not nb:
             return
@@ -96,7 +98,7 @@ class Ring:
         self.pos = 0
         self.filled = 0
 
-    def add(self, x: np.ndarray) -> None:
+    def add(self, x: Array) -> None:
         size = len(self.values)
         if len(x) >= size:
             self.values[:] = x[len(x) - size:]
@@ -112,11 +114,11 @@ class Ring:
         self.pos = end % size
         self.filled = min(size, self.filled + len(x))
 
-    def current(self) -> np.ndarray:
+    def current(self) -> Array:
         """The values held, in no particular order (until full, they sit at the front)."""
         return self.values[:self.filled]
 
-    def ordered(self) -> np.ndarray:
+    def ordered(self) -> Array:
         """The values held, oldest first."""
         if self.filled < len(self.values):
             return self.values[:self.filled].copy()
@@ -209,7 +211,7 @@ class Cleaner:
         m = len(batch)
 
         # Numeric fields: clip, then learn the statistics from the observed (not filled) kept values.
-        cols: dict[str, np.ndarray] = {}
+        cols: dict[str, Array] = {}
         for name in NUMERIC_FIELDS:
             x = getattr(batch, name).astype(np.float64)  # (M,) a copy: the input batch is left as it was
             observed = ~np.isnan(x)
@@ -267,7 +269,7 @@ class Cleaner:
             dead,
         )
 
-    def _users(self, batch: EventBatch, cols: dict[str, np.ndarray]) -> np.ndarray:
+    def _users(self, batch: EventBatch, cols: dict[str, Array]) -> Array:
         """Per-user state and user_mean fills, as if event by event in input order (vectorised per user: events of
         one user in the batch see each other); returns (M,) ms since each event's user's previous newest event."""
         cfg, table = self.cfg, self.users
@@ -321,7 +323,7 @@ class Cleaner:
             self.counts["users_evicted"] += len(gone)
         return gaps
 
-    def _make_room(self, users: list[str], rows: np.ndarray) -> None:
+    def _make_room(self, users: list[str], rows: Array) -> None:
         """Evicts the users with the oldest newest event (ties: the lower row) when the batch's new users (``rows``
         -1) would take the table past ``max_users``; the batch's own users stay."""
         cap, table = self.max_users, self.users
@@ -337,8 +339,8 @@ class Cleaner:
         table.release(gone)
         self.counts["users_evicted"] += len(gone)
 
-    def _user_mean(self, name: str, x: np.ndarray, order: np.ndarray, srows: np.ndarray, starts: np.ndarray,
-                   group: np.ndarray) -> None:
+    def _user_mean(self, name: str, x: Array, order: Array, srows: Array, starts: Array,
+                   group: Array) -> None:
         """Fills each missing ``x`` (M,) with the mean of the user's observed values before it, in input order, and
         adds the observed ones to the user's sums."""
         table = self.users
@@ -378,7 +380,7 @@ class Cleaner:
         return math.expm1(med - half), math.expm1(min(med + half, 700.0))  # 700: expm1 overflows past ~709
 
     @staticmethod
-    def _reject(reason: np.ndarray, mask: np.ndarray, rules: list[tuple[str, str]], why: str, counter: str) -> None:
+    def _reject(reason: Array, mask: Array, rules: list[tuple[str, str]], why: str, counter: str) -> None:
         """Marks the events ``mask`` selects with this rule, unless an earlier rule already rejected them."""
         rules.append((why, counter))
         reason[mask & (reason == 0)] = len(rules)
@@ -391,7 +393,7 @@ class Cleaner:
         return f"{name}={float(getattr(batch, name)[i]):g} outside [{max(lo, 0.0):.6g}, {hi:.6g}]"
 
 
-def _shifted_group_max(values: np.ndarray, group: np.ndarray, first: np.ndarray) -> np.ndarray:
+def _shifted_group_max(values: Array, group: Array, first: Array) -> Array:
     """(M,) the maximum of the earlier ``values`` of the same group (grouped, in order), the minimum int64 for the
     first of each group.
 

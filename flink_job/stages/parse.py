@@ -30,6 +30,8 @@ import numpy as np
 import orjson
 from msgspec import UNSET, UnsetType
 
+from model.arrays import Array
+
 from flink_job.schema import ACTIONS, CONTEXT_FIELDS, FLOAT32_MAX, N_FEATURES, RATING_CODE, Event
 
 log = logging.getLogger(__name__)
@@ -81,18 +83,18 @@ class EventBatch:
     event_ids: list[str] = field(default_factory=list)
     users: list[str] = field(default_factory=list)
     items: list[str] = field(default_factory=list)
-    actions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))  # (N,)
-    values: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (N,)
-    ts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (N,)
-    partitions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # (N,)
-    offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (N,)
+    actions: Array = field(default_factory=lambda: np.zeros(0, np.int8))  # (N,)
+    values: Array = field(default_factory=lambda: np.zeros(0, np.float32))  # (N,)
+    ts: Array = field(default_factory=lambda: np.zeros(0, np.int64))  # (N,)
+    partitions: Array = field(default_factory=lambda: np.zeros(0, np.int32))  # (N,)
+    offsets: Array = field(default_factory=lambda: np.zeros(0, np.int64))  # (N,)
     # The original records, for dead letters further on; empty once no later stage can reject an event.
     payloads: list[str] = field(default_factory=list)
     # Context, after payloads so that positional callers keep working.
-    dwell_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))  # (N,) NaN: absent
-    price: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))  # (N,) NaN: absent
+    dwell_ms: Array = field(default_factory=lambda: np.zeros(0, np.float64))  # (N,) NaN: absent
+    price: Array = field(default_factory=lambda: np.zeros(0, np.float64))  # (N,) NaN: absent
     categories: list[str | None] = field(default_factory=list)  # None: absent
-    features: np.ndarray = field(default_factory=lambda: np.zeros((0, N_FEATURES), np.float32))  # (N, F) or (0, F)
+    features: Array = field(default_factory=lambda: np.zeros((0, N_FEATURES), np.float32))  # (N, F) or (0, F)
 
     def __len__(self) -> int:
         return len(self.users)
@@ -133,7 +135,7 @@ class EventBatch:
             features=self.features[start:stop],
         )
 
-    def select(self, idx: np.ndarray) -> EventBatch:
+    def select(self, idx: Array) -> EventBatch:
         """The events at positions ``idx`` (N,), in that order."""
         ix = idx.tolist()  # Python ints index lists faster than numpy scalars
         return EventBatch(
@@ -218,7 +220,7 @@ def _is_int(text: str) -> bool:
         return False
 
 
-def _id(d: dict, name: str, rules: ParseRules) -> str:
+def _id(d: dict[str, Any], name: str, rules: ParseRules) -> str:
     v = d.get(name)
     if v is None:
         raise _Bad(f"missing_{name}")
@@ -247,7 +249,7 @@ class _Bad(Exception):
         self.detail = detail
 
 
-def _context_number(d: dict, name: str) -> float | None:
+def _context_number(d: dict[str, Any], name: str) -> float | None:
     v = d.get(name)
     if v is None:
         return None
@@ -257,10 +259,10 @@ def _context_number(d: dict, name: str) -> float | None:
         raise _Bad(f"negative_{name}", _show(v))
     if v > FLOAT32_MAX:  # inf in the float32 features, and its square overflows the running statistics
         raise _Bad(f"bad_{name}", f"{_show(v)} beyond float32")
-    return v
+    return float(v)
 
 
-def _category(d: dict, rules: ParseRules) -> str | None:
+def _category(d: dict[str, Any], rules: ParseRules) -> str | None:
     v = d.get("category")
     if v is None:
         return None
@@ -316,7 +318,7 @@ def _event(
 
 
 @functools.lru_cache(maxsize=4)
-def _fast_decoder(max_id_length: int) -> msgspec.json.Decoder:
+def _fast_decoder(max_id_length: int) -> msgspec.json.Decoder[Any]:
     """A decoder for the common well-formed event; the fields it does not name are ignored."""
     ident = Annotated[str, msgspec.Meta(min_length=1, max_length=max_id_length)]
     amount = Annotated[float, msgspec.Meta(ge=0, le=FLOAT32_MAX)]
@@ -324,7 +326,7 @@ def _fast_decoder(max_id_length: int) -> msgspec.json.Decoder:
         "FastEvent",
         [
             ("event_id", ident), ("user_id", ident), ("item_id", ident),
-            ("action", Literal[ACTIONS]),  # type: ignore[valid-type]
+            ("action", Literal[ACTIONS]),
             ("ts", Annotated[int, msgspec.Meta(ge=0, le=MAX_TS_MS)]),
             ("value", float | UnsetType, UNSET),  # finite: the decoder rejects numbers beyond double range
             ("dwell_ms", amount | None, None),

@@ -20,18 +20,20 @@ from typing import Any
 import numpy as np
 import orjson
 
+from model.arrays import Array
+
 
 def encode_records(
     kind: str,
     ids: list[str],
-    vectors: np.ndarray,  # (N, D)
-    biases: np.ndarray,  # (N,)
-    updates: np.ndarray,  # (N,) how often each row was moved
+    vectors: Array,  # (N, D)
+    biases: Array,  # (N,)
+    updates: Array,  # (N,) how often each row was moved
     step: int,  # the model step: also each record's version, which therefore grows per id
-    event_ts: np.ndarray,  # (N,) newest event time reflected, -1 if none
-    partitions: np.ndarray | None = None,  # (N,) users only
-    offsets: np.ndarray | None = None,  # (N,) users only
-    events: np.ndarray | None = None,  # (N,) events each id was trained on
+    event_ts: Array,  # (N,) newest event time reflected, -1 if none
+    partitions: Array | None = None,  # (N,) users only
+    offsets: Array | None = None,  # (N,) users only
+    events: Array | None = None,  # (N,) events each id was trained on
     seen: list[list[str]] | None = None,  # (N,) users only: the user's recent items, for serving to exclude
 ) -> list[tuple[str, str]]:
     """``(key, json value)`` pairs for the embeddings topic."""
@@ -95,8 +97,8 @@ class DirtyRows:
             new[: len(old)] = old
             setattr(self, name, new)
 
-    def touch(self, rows: np.ndarray, ts: np.ndarray | None = None, partitions: np.ndarray | None = None,
-              offsets: np.ndarray | None = None) -> None:
+    def touch(self, rows: Array, ts: Array | None = None, partitions: Array | None = None,
+              offsets: Array | None = None) -> None:
         """Marks ``rows`` (B,) dirty; the per-entry event times and input positions (B,) keep their maximum."""
         if not len(rows):
             return
@@ -109,7 +111,7 @@ class DirtyRows:
             self.partition[rows] = partitions
             np.maximum.at(self.offset, rows, offsets)
 
-    def drain(self, limit: int = 0, only: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def drain(self, limit: int = 0, only: Array | None = None) -> tuple[Array, Array, Array, Array]:
         """Takes the dirty rows (of ``only``, if given), at most ``limit`` of them (0: all), and clears them.
 
         Under a cap, the rows taken continue where the last capped drain stopped, so no row waits forever.
@@ -177,7 +179,7 @@ class Drift:
         self.vectors = np.zeros((0, 0), np.float32)  # (R, D) as last published; rows never published are zero
         self.known = np.zeros(0, bool)  # (R,)
 
-    def published(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+    def published(self, rows: Array, vectors: Array) -> None:
         if not len(rows):
             return
         need = int(rows.max()) + 1
@@ -192,7 +194,7 @@ class Drift:
         self.vectors[rows] = vectors
         self.known[rows] = True
 
-    def moved(self, rows: np.ndarray, vectors: np.ndarray, tolerance: float) -> np.ndarray:
+    def moved(self, rows: Array, vectors: Array, tolerance: float) -> Array:
         """(N,) whether each row's vector differs from its published one by more than ``tolerance`` relative to
         the published norm; a row never published counts as moved."""
         known = np.zeros(len(rows), bool)
@@ -202,7 +204,8 @@ class Drift:
         if known.any():
             old[known] = self.vectors[rows[known]]
         change = np.linalg.norm(vectors - old, axis=1)
-        return ~known | (change > tolerance * np.maximum(np.linalg.norm(old, axis=1), 1e-6))
+        moved: Array = ~known | (change > tolerance * np.maximum(np.linalg.norm(old, axis=1), 1e-6))
+        return moved
 
 
 SNAPSHOT_FILE = "embeddings.npz"
@@ -216,7 +219,7 @@ def write_snapshot(folder: Path, model: Any) -> Path:
     (N,), for kind user and item, and ``step`` (the version of every row in the file). Load with ``numpy.load(path)``.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {"step": np.array(model.step)}
+    arrays: dict[str, Array] = {"step": np.array(model.step)}
     for kind, idmap in (("user", model.users), ("item", model.items)):
         rows = np.flatnonzero(idmap.live_mask())  # rows holding an id: not the fallback row, not free rows
         vectors, biases, updates = model.vectors(kind, rows)

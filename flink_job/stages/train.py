@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from model.arrays import Array
+
 from flink_job.stages.batch import MicroBatcher
 from flink_job.stages.clean import Cleaner
 from flink_job.config import JobConfig
@@ -125,7 +127,8 @@ class TrainStage:
     def state_bytes(self) -> bytes:
         """Everything the stage has learned and holds: the model and optimiser, counters, watermarks, the
         near-duplicate memory, the pending partial batch and the rows not yet published."""
-        parts = {name: {a: getattr(getattr(self, name), a) for a in attrs} for name, attrs in _STATE_ATTRS.items()}
+        parts: dict[str, Any] = {name: {a: getattr(getattr(self, name), a) for a in attrs}
+                                 for name, attrs in _STATE_ATTRS.items()}
         parts["scalars"] = {a: getattr(self, a) for a in _STATE_SCALARS}
         parts.update({name: getattr(self, name).state() for name in _DIRTY})
         parts["cleaner"] = self.cleaner.state_dict()
@@ -404,8 +407,8 @@ class TrainStage:
             }
         ).decode()
 
-    def _publish(self, out: Output, users: np.ndarray | None = None,
-                 items: np.ndarray | None = None) -> tuple[int, int]:
+    def _publish(self, out: Output, users: Array | None = None,
+                 items: Array | None = None) -> tuple[int, int]:
         """Encodes the rows touched since they were last published (of ``users``/``items`` if given), once each,
         at most ``publish.max_records`` of them: users first, the rest stay pending for the next publish.
         Returns how many users and items it published.
@@ -420,8 +423,8 @@ class TrainStage:
         irows, its, _, _ = self.dirty_items.drain(cap - n if cap else 0, items)
         return n, self._encode("item", out, irows, its)
 
-    def _encode(self, kind: str, out: Output, rows: np.ndarray, ts: np.ndarray, parts: np.ndarray | None = None,
-                offs: np.ndarray | None = None) -> int:
+    def _encode(self, kind: str, out: Output, rows: Array, ts: Array, parts: Array | None = None,
+                offs: Array | None = None) -> int:
         model = self.model
         ids = (model.users if kind == "user" else model.items).ids(rows)
         live = np.array([bool(k) for k in ids], bool)  # a row freed by expiry since it was touched has no id
@@ -441,7 +444,7 @@ class TrainStage:
             (self.drift_users if kind == "user" else self.drift_items).published(rows, vectors)
         return len(rows)
 
-    def _publish_moved(self, out: Output, user_rows: np.ndarray, item_rows: np.ndarray) -> None:
+    def _publish_moved(self, out: Output, user_rows: Array, item_rows: Array) -> None:
         """Publishes at once the rows a batch moved by more than ``publish.tolerance`` since their last publish."""
         tolerance = self.cfg.publish.tolerance
         users, items = np.unique(user_rows), np.unique(item_rows)

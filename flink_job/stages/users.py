@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from model.arrays import Array
+
 # Column name -> (dtype, fill of a new or reset row). ``action_counts`` and ``recent`` have a second axis.
 _COLUMNS: dict[str, tuple[type, int | float]] = {
     "last_ts": (np.int64, 0), "events": (np.int64, 0), "recent_written": (np.int64, 0),
@@ -37,7 +39,7 @@ class UserTable:
         self.index: dict[str, int] = {}  # user id -> row
         self.ids: list[str | None] = []  # row -> user id, None for a free row
         self.free: list[int] = []
-        self.cols: dict[str, np.ndarray] = {name: np.zeros(0, dtype) for name, (dtype, _) in _COLUMNS.items()}
+        self.cols: dict[str, Array] = {name: np.zeros(0, dtype) for name, (dtype, _) in _COLUMNS.items()}
         self.action_counts = np.zeros((0, n_actions), np.int64)  # (R, A)
         self.ring = np.zeros((0, recent), np.int32)  # (R, K) item codes, EMPTY where nothing was written
         self.item_index: dict[str, int] = {}  # item id -> code
@@ -52,7 +54,7 @@ class UserTable:
     def __iter__(self) -> Iterator[str]:
         return iter(self.index)
 
-    def __getattr__(self, name: str) -> np.ndarray:  # the columns as attributes: t.last_ts, t.events, ...
+    def __getattr__(self, name: str) -> Array:  # the columns as attributes: t.last_ts, t.events, ...
         cols = self.__dict__.get("cols")
         if cols is not None and name in cols:
             return cols[name]  # type: ignore[no-any-return]
@@ -60,16 +62,16 @@ class UserTable:
 
     # ------------------------------------------------------------------------------------------------ rows
 
-    def rows(self, users: Sequence[str]) -> np.ndarray:
+    def rows(self, users: Sequence[str]) -> Array:
         """(N,) the row of each user, new users getting fresh rows in order of first appearance."""
         return self.add_missing(users, self.lookup(users))
 
-    def lookup(self, users: Sequence[str]) -> np.ndarray:
+    def lookup(self, users: Sequence[str]) -> Array:
         """(N,) the row of each user, -1 for users not held."""
         get = self.index.get
         return np.fromiter((get(u, -1) for u in users), np.int64, len(users))
 
-    def add_missing(self, users: Sequence[str], rows: np.ndarray) -> np.ndarray:
+    def add_missing(self, users: Sequence[str], rows: Array) -> Array:
         """``rows`` (N,) from ``lookup`` with the -1 entries replaced by fresh rows for those users."""
         for j in np.flatnonzero(rows < 0).tolist():
             rows[j] = self._add(users[j])
@@ -103,14 +105,14 @@ class UserTable:
         self.action_counts = _resized(self.action_counts, cap)
         self.ring = _resized(self.ring, cap, EMPTY)
 
-    def reset(self, rows: np.ndarray) -> None:
+    def reset(self, rows: Array) -> None:
         """Rows start afresh: no events, no sums, no items."""
         for name, (_, fill) in _COLUMNS.items():
             self.cols[name][rows] = fill
         self.action_counts[rows] = 0
         self.ring[rows] = EMPTY
 
-    def release(self, rows: np.ndarray) -> None:
+    def release(self, rows: Array) -> None:
         """Forgets the users of ``rows``; their rows are reused."""
         for row in rows.tolist():
             user = self.ids[row]
@@ -120,12 +122,12 @@ class UserTable:
                 self.free.append(row)
         self.reset(rows)
 
-    def live_rows(self) -> np.ndarray:
+    def live_rows(self) -> Array:
         return np.fromiter(self.index.values(), np.int64, len(self.index))
 
     # ------------------------------------------------------------------------------------------------ items
 
-    def push_items(self, rows: np.ndarray, items: Sequence[str]) -> None:
+    def push_items(self, rows: Array, items: Sequence[str]) -> None:
         """Appends each event's item to its user's ring, in input order (``rows`` (N,) may repeat)."""
         n, k = len(rows), self.recent
         if not n or not k:
@@ -226,7 +228,7 @@ class UserTable:
         return t
 
 
-def group_ranks(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def group_ranks(rows: Array) -> tuple[Array, Array, Array]:
     """Groups events by row, keeping input order within a group: ``(order (N,), rank (N,), counts (R,))`` where
     ``rows[order]`` is grouped, ``rank[k]`` is the position of event ``order[k]`` within its group and ``counts``
     the events per row.
@@ -245,7 +247,7 @@ def group_ranks(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return order, rank, counts
 
 
-def _resized(a: np.ndarray, cap: int, fill: int = 0) -> np.ndarray:
+def _resized(a: Array, cap: int, fill: int = 0) -> Array:
     out = np.full((cap, *a.shape[1:]), fill, a.dtype)
     out[: len(a)] = a
     return out
