@@ -2,8 +2,11 @@
 the job's arguments, following the stats topic, and the exactly-once reconciliation of the output topics."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+import os
+import pickle
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -12,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 import yaml
@@ -24,6 +28,8 @@ from flink_job.secrets import write_private
 from flink_job.kafka.topics import Follower, read_all
 
 PROJECT = Path(__file__).resolve().parent.parent
+# MovieLens 100K: beside the project in ../shared, or wherever $STREAMREC_ML100K says (a worktree, CI).
+ML100K = Path(os.environ.get("STREAMREC_ML100K", PROJECT.parent / "shared" / "datasets" / "ml-100k"))
 
 
 @dataclass(frozen=True)
@@ -246,3 +252,20 @@ def locked_broker(first_port: int, slots: int, name: str, sasl_users: tuple[tupl
             lock.close()
         return
     raise RuntimeError(f"tests: no free slot for a test Kafka broker ({name}, {slots} slots from {first_port})")
+
+
+def same_state(a: object, b: object) -> bool:
+    """Equal stage states, compared by value (pickle's bytes also depend on which objects were shared)."""
+    if isinstance(a, bytes) and isinstance(b, bytes) and a[:1] == b[:1] == b"\x80":
+        a, b = pickle.loads(a), pickle.loads(b)
+    if type(a) is not type(b):
+        return False
+    if dataclasses.is_dataclass(a):
+        a, b = ({f.name: getattr(x, f.name) for f in dataclasses.fields(x)} for x in (a, b))  # type: ignore[arg-type]
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+    return bool(a == b) or (a != a and b != b)  # NaN equals NaN here

@@ -1,53 +1,23 @@
-"""Pure-Python stages: config loading, generator, micro-batching, coalesced publishing, the training stage."""
+"""The training stage (flink_job.stages.train): batching by size and time, action weights, lateness and
+near-duplicates in the chain, and exact restores from a snapshot and from replayed calls."""
 from __future__ import annotations
 
-import dataclasses
 import pickle
 
-import numpy as np
 import orjson
 import pytest
 import torch
 
+from tests.helpers import same_state
 from flink_job.config import JobConfig
-from flink_job.tools.generate import MALFORMED_KINDS, SyntheticConfig, generate
+from flink_job.tools.generate import SyntheticConfig, generate
 from flink_job.stages.train import TrainStage
 
 
-def test_config_layers_yaml_env_and_overrides(tmp_path, monkeypatch) -> None:
-    f = tmp_path / "job.yaml"
-    f.write_text("batch:\n  size: 100\nkafka:\n  input_topic: from-yaml\n")
-    monkeypatch.setenv("STREAMREC__BATCH__SIZE", "200")
-    cfg = JobConfig.load(f, ["kafka.input_topic=from-cli"])
-    assert cfg.batch.size == 200 and cfg.kafka.input_topic == "from-cli"
-    with pytest.raises(ValueError, match="unknown section"):
-        JobConfig.load(overrides=["nope.size=1"])
-    with pytest.raises(ValueError, match="expects int"):
-        JobConfig.load(overrides=["batch.size=big"])
-    with pytest.raises(ValueError, match="must be positive"):
-        JobConfig.load(overrides=["batch.size=0"])
 
 
-def test_generator_is_seeded_and_plants_duplicates_and_malformed_records() -> None:
-    cfg = SyntheticConfig(n_users=30, n_items=20, n_events=3_000, duplicate_rate=0.1, malformed_rate=0.05, seed=9)
-    recs = list(generate(cfg))
-    assert [r.payload for r in recs] == [r.payload for r in generate(cfg)]
-    assert [r.payload for r in recs] != [r.payload for r in generate(SyntheticConfig(**{**cfg.__dict__, "seed": 10}))]
-    kinds = [r.kind for r in recs]
-    assert 0.07 < kinds.count("duplicate") / len(kinds) < 0.13
-    assert 0.03 < sum(k in MALFORMED_KINDS for k in kinds) / len(kinds) < 0.07
-    firsts = {r.event_id: r.payload for r in recs if r.kind == "event"}
-    assert all(firsts[r.event_id] == r.payload for r in recs if r.kind == "duplicate")
 
 
-def test_generator_drift_moves_user_preferences() -> None:
-    from flink_job.tools.generate import PlantedWorld
-    import numpy as np
-
-    world = PlantedWorld(SyntheticConfig(n_users=50, n_items=40, drift=1.0, seed=1))
-    users = np.arange(50)
-    before, after = world.affinity(users, 0.0), world.affinity(users, 1.0)
-    assert np.mean(np.argmax(before, 1) != np.argmax(after, 1)) > 0.5
 
 
 def _lines(n: int, prefix: str = "e") -> list[str]:
@@ -171,23 +141,6 @@ def test_stage_state_restores_exactly_and_continues_identically() -> None:
     assert restored.model.step == original.model.step
 
 
-def _same_state(a: object, b: object) -> bool:
-    """Equal stage states, compared by value (pickle's bytes also depend on which objects were shared)."""
-    if isinstance(a, bytes) and isinstance(b, bytes) and a[:1] == b[:1] == b"\x80":
-        a, b = pickle.loads(a), pickle.loads(b)
-    if type(a) is not type(b):
-        return False
-    if dataclasses.is_dataclass(a):
-        a, b = ({f.name: getattr(x, f.name) for f in dataclasses.fields(x)} for x in (a, b))  # type: ignore[arg-type]
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(_same_state(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
-    if isinstance(a, np.ndarray):
-        return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
-    return bool(a == b) or (a != a and b != b)  # NaN equals NaN here
-
-
 def test_a_snapshot_and_the_replayed_calls_since_rebuild_the_stage_exactly() -> None:
     """``TrainStage.restore``: an early snapshot plus the calls logged after it (chunks and timer calls, a batch
     trained and a publish among them) give the stage, byte for byte, that made those calls, and it goes on alike."""
@@ -205,14 +158,14 @@ def test_a_snapshot_and_the_replayed_calls_since_rebuild_the_stage_exactly() -> 
     for c in calls[:snapshot_after]:
         early.call(c)
     rebuilt = TrainStage.restore(cfg, early.state_bytes(), calls[snapshot_after:])
-    assert _same_state(rebuilt.state_bytes(), original.state_bytes())
-    assert _same_state(TrainStage.restore(cfg, None, calls).state_bytes(), original.state_bytes())  # no snapshot yet
-    assert not _same_state(early.state_bytes(), original.state_bytes())
+    assert same_state(rebuilt.state_bytes(), original.state_bytes())
+    assert same_state(TrainStage.restore(cfg, None, calls).state_bytes(), original.state_bytes())  # no snapshot yet
+    assert not same_state(early.state_bytes(), original.state_bytes())
     more = [("chunk", NOW + 10**5 + 100 * n, lines[s:s + 250]) for n, s in enumerate(range(1_500, 3_000, 250))]
     for c in more:
         a, b = original.call(c), rebuilt.call(c)
         assert [k for k, _ in a.embeddings] == [k for k, _ in b.embeddings] and a.trained == b.trained
-    assert _same_state(rebuilt.state_bytes(), original.state_bytes())
+    assert same_state(rebuilt.state_bytes(), original.state_bytes())
     with pytest.raises(ValueError, match="unknown call"):
         rebuilt.call(("nap", NOW, None))
 
@@ -233,7 +186,7 @@ def test_an_upgrade_replays_the_logged_calls_under_the_settings_they_ran_with() 
 
     rebuilt = TrainStage.restore(new, early.state_bytes(), calls[1:])
     assert rebuilt.model.config.lr == 0.02 and rebuilt.model.config.proximal == 0.1 and rebuilt.replayed_calls == 7
-    assert _same_state(rebuilt.state_bytes(), expected.state_bytes())
+    assert same_state(rebuilt.state_bytes(), expected.state_bytes())
     # Replayed under the new settings, the calls would train other rows than the ones published.
     naive = TrainStage.from_bytes(new, early.state_bytes())
     for c in calls[1:]:

@@ -20,10 +20,10 @@ from flink_job.tools.generate import SyntheticConfig, generate
 from flink_job.kafka.produce import send
 from flink_job.tools.produce import synthetic_timed
 from flink_job.kafka.topics import Follower, json_values, read_all
-from tests.helpers import Truth, cancel_if_running, follow_stats, job_args, submitted, trained, session_cluster
+from tests.integration.conftest import Jobs
+from tests.helpers import PROJECT, Truth, follow_stats, job_args, trained, session_cluster
 
 pytestmark = pytest.mark.integration
-PROJECT = Path(__file__).resolve().parent.parent
 REST_PORT = 18081  # not 8081: a development cluster may be running
 RPC_PORT = 16123
 
@@ -37,7 +37,7 @@ def cluster() -> Iterator[SessionCluster]:
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
 def test_job_on_session_cluster(
-    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path, mode: str
+    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path, mode: str, jobs: Jobs
 ) -> None:
     cfg = topics(f"cluster-{mode}", overrides=[f"flink.python_execution_mode={mode}"])
     syn = SyntheticConfig(n_users=200, n_items=100, n_events=3000, duplicate_rate=0.05, malformed_rate=0.02,
@@ -46,7 +46,7 @@ def test_job_on_session_cluster(
     assert truth.duplicates and truth.malformed  # the stream exercises both paths
     send(synthetic_timed(syn), cfg.kafka.bootstrap, cfg.kafka.input_topic, total=syn.n_events)
     stats = Follower(cfg.kafka.bootstrap, cfg.kafka.stats_topic)
-    job_id = submitted(cluster, job_args(cfg, tmp_path))
+    job_id = jobs.submit(cluster, job_args(cfg, tmp_path))
     try:
         received = truth.valid + truth.malformed  # the duplicates are dropped on the cluster
         last = follow_stats(cluster, job_id, stats, lambda seen: seen[-1]["received"] >= received)[-1]
@@ -89,7 +89,6 @@ def test_job_on_session_cluster(
         assert cluster.daemon_pids() == tms and cluster.wait_ready(10)["taskmanagers"] == 1
     finally:
         stats.close()
-        cancel_if_running(cluster, job_id)
 
 
 def train_metric(cluster: SessionCluster, job_id: str, suffix: str, ok: Callable[[str], bool],
@@ -112,7 +111,7 @@ def train_metric(cluster: SessionCluster, job_id: str, suffix: str, ok: Callable
 
 
 def test_stop_with_savepoint_and_resume(
-    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path
+    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path, jobs: Jobs
 ) -> None:
     """An upgrade: stop with a savepoint, resubmit from it; nothing is read twice and old duplicates stay dropped."""
     cfg = topics("cluster-savepoint")
@@ -122,7 +121,7 @@ def test_stop_with_savepoint_and_resume(
     send(old, cfg.kafka.bootstrap, cfg.kafka.input_topic, total=len(old))
     stats = Follower(cfg.kafka.bootstrap, cfg.kafka.stats_topic)
     args = job_args(cfg, tmp_path)
-    job_id = submitted(cluster, args)
+    job_id = jobs.submit(cluster, args)
     resumed = None
     try:
         assert trained(follow_stats(cluster, job_id, stats, lambda seen: trained(seen) >= before.n_events,
@@ -133,7 +132,7 @@ def test_stop_with_savepoint_and_resume(
 
         # While the job is down: new events, and a re-delivery of old ones that only the restored state can drop.
         send([*synthetic_timed(after), *old[:100]], cfg.kafka.bootstrap, cfg.kafka.input_topic)
-        resumed = submitted(cluster, args, savepoint=savepoint)
+        resumed = jobs.submit(cluster, args, savepoint=savepoint)
         # Offsets restored: the old events are not read again; de-duplication state restored: the re-delivered
         # ones are dropped. Either failure shows up as more events trained.
         new = follow_stats(cluster, resumed, stats, lambda seen: trained(seen) >= after.n_events)
@@ -141,9 +140,6 @@ def test_stop_with_savepoint_and_resume(
         assert cluster.cancel(resumed) == "CANCELED"
     finally:
         stats.close()
-        for jid in (job_id, resumed):
-            if jid:
-                cancel_if_running(cluster, jid)
 
 
 def test_a_warm_start_model_shipped_with_pyarch(
@@ -179,11 +175,10 @@ def test_a_warm_start_model_shipped_with_pyarch(
         assert cluster.cancel(job_id) == "CANCELED"
     finally:
         stats.close()
-        cancel_if_running(cluster, job_id)
 
 
 def test_secrets_stay_off_the_command_lines_and_out_of_the_logs_of_the_cluster(
-    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path
+    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path, jobs: Jobs
 ) -> None:
     """A job submitted with secret Flink options given as ``--set`` overrides: while it is submitted and runs, no
     process of the cluster (the ``flink run`` client, the job's Python client, the JobManager and TaskManager)
@@ -210,19 +205,16 @@ def test_secrets_stay_off_the_command_lines_and_out_of_the_logs_of_the_cluster(
     sampler.start()
     overrides = ["--set", f"flink.options={{s3.secret-key: {secret}, streamrec.test.passphrase: {secret}-2}}"]
     try:
-        job_id = submitted(cluster, job_args(cfg, tmp_path) + overrides)
+        job_id = jobs.submit(cluster, job_args(cfg, tmp_path) + overrides)
         time.sleep(2.0)
     finally:
         stop.set()
         sampler.join()
-    try:
-        assert cluster.job_status(job_id) == "RUNNING"
-        assert any(b"flink_job" in c and b"--config" in c for c in seen.values())  # the job's client was seen
-        for pid, cmdline in seen.items():
-            assert secret.encode() not in cmdline, (pid, cmdline)
-        for log in cluster.log_dir.glob("*"):
-            assert secret.encode() not in log.read_bytes(), log
-        assert stat.S_IMODE((cluster.conf_dir / "config.yaml").stat().st_mode) == 0o600
-        assert not list((cluster.run_dir / "submit").glob("*.yaml"))  # the private copy is gone once submitted
-    finally:
-        cancel_if_running(cluster, job_id)
+    assert cluster.job_status(job_id) == "RUNNING"
+    assert any(b"flink_job" in c and b"--config" in c for c in seen.values())  # the job's client was seen
+    for pid, cmdline in seen.items():
+        assert secret.encode() not in cmdline, (pid, cmdline)
+    for log in cluster.log_dir.glob("*"):
+        assert secret.encode() not in log.read_bytes(), log
+    assert stat.S_IMODE((cluster.conf_dir / "config.yaml").stat().st_mode) == 0o600
+    assert not list((cluster.run_dir / "submit").glob("*.yaml"))  # the private copy is gone once submitted

@@ -1,12 +1,11 @@
-"""The embeddings stream's publishing rules: cap per publish, tolerance-triggered publishes, the user's seen items,
-the NumPy file sink and the delivery mode's sink options."""
+"""The training stage's publishing rules: cap per publish, tolerance-triggered publishes, the user's seen items,
+the NumPy file sink, tombstones, skipped batches and warm starts."""
 from __future__ import annotations
 
 import numpy as np
 import orjson
 import pytest
 
-from flink_job.flink import sql
 from flink_job.config import JobConfig
 from flink_job.stages.publish import SNAPSHOT_FILE, DirtyRows
 from flink_job.stages.train import TrainStage
@@ -106,16 +105,6 @@ def test_snapshot_sink_writes_every_row_with_its_id(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [SNAPSHOT_FILE]  # no temporary file left behind
 
 
-def test_delivery_mode_sets_transactions_on_every_sink() -> None:
-    at_least = sql.sink_ddl(JobConfig.load(), "t", "topic-a")
-    assert "'sink.delivery-guarantee' = 'at-least-once'" in at_least and "transactional" not in at_least
-    cfg = JobConfig.load(overrides=["publish.delivery=exactly_once", "publish.transaction_timeout_ms=60000"])
-    exactly = sql.sink_ddl(cfg, "t", "topic-a")
-    assert "'sink.delivery-guarantee' = 'exactly-once'" in exactly
-    assert "'properties.transaction.timeout.ms' = '60000'" in exactly
-    assert "'sink.transactional-id-prefix' = 'streamrec-topic-a'" in exactly
-    with pytest.raises(ValueError, match="publish.delivery"):
-        JobConfig.load(overrides=["publish.delivery=maybe"])
 
 
 def _rated(n: int, users: int = 4, items: int = 6, start: int = 0, ts0: int = 0) -> list[str]:

@@ -1,16 +1,16 @@
-"""Producers: MovieLens replay order and ids, pacing by rate and by event-time speed."""
+"""The produce command's sources: MovieLens replay order and ids."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import orjson
 import pytest
 
-from flink_job.kafka.produce import Pacing, _pace
 from flink_job.tools.produce import movielens_records
 
-SHARED_ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k" / "u.data"
+from tests.helpers import ML100K
+
+SHARED_ML100K = ML100K / "u.data"
 
 
 def test_movielens_replay_is_in_stable_event_time_order(tmp_path: Path) -> None:
@@ -33,14 +33,6 @@ def test_movielens_replay_rejects_a_malformed_line(tmp_path: Path) -> None:
         list(movielens_records(f))
 
 
-def test_pacing_by_rate_and_by_speed() -> None:
-    start = time.monotonic()
-    for n in range(21):
-        _pace(Pacing(rate=100.0), n, 0, start)
-    assert 0.18 < time.monotonic() - start < 0.5  # 20 intervals of 10 ms
-    start = time.monotonic()
-    _pace(Pacing(speed=1000.0), 0, 150_000, start)  # 150 s of event time at 1000x
-    assert 0.13 < time.monotonic() - start < 0.4
 
 
 @pytest.mark.skipif(not SHARED_ML100K.exists(), reason=f"MovieLens 100K not found at {SHARED_ML100K}")

@@ -23,10 +23,10 @@ from flink_job.kafka.produce import send
 from flink_job.tools.produce import synthetic_timed
 from flink_job.stages.publish import SNAPSHOT_FILE
 from flink_job.kafka.topics import Follower, end_offsets, read_all
-from tests.helpers import Truth, cancel_if_running, follow_stats, job_args, latest_by_id, submitted, session_cluster
+from tests.integration.conftest import Jobs
+from tests.helpers import PROJECT, Truth, follow_stats, job_args, latest_by_id, session_cluster
 
 pytestmark = pytest.mark.integration
-PROJECT = Path(__file__).resolve().parent.parent
 REST_PORT = 18381  # test_cluster.py uses 18081/16123, test_faults.py 18281/16323
 RPC_PORT = 16423
 
@@ -43,7 +43,7 @@ def item_events(syn: SyntheticConfig) -> Counter[str]:
 
 @pytest.mark.parametrize("mode", ["process", "thread"])
 def test_upgrade_from_a_savepoint_keeps_what_was_learned(
-    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path, mode: str
+    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path, mode: str, jobs: Jobs
 ) -> None:
     """In thread mode the savepoint holds the stage's first snapshot and every call since (flink_job.flink.stage_log):
     the restore replays them under the old settings, then takes the new ones."""
@@ -59,7 +59,7 @@ def test_upgrade_from_a_savepoint_keeps_what_was_learned(
     stats = Follower(cfg.kafka.bootstrap, cfg.kafka.stats_topic)
     (tmp_path / "v1").mkdir()
     (tmp_path / "v2").mkdir()
-    job_id = submitted(cluster, job_args(cfg, tmp_path / "v1"))
+    job_id = jobs.submit(cluster, job_args(cfg, tmp_path / "v1"))
     resumed = None
     try:
         follow_stats(cluster, job_id, stats, lambda seen: seen[-1]["received"] >= truth_a.received)
@@ -80,7 +80,7 @@ def test_upgrade_from_a_savepoint_keeps_what_was_learned(
         )
         # New events for a few users, and a re-delivery of old ones that only the restored state can drop.
         send([*synthetic_timed(after), *old[:200]], cfg.kafka.bootstrap, cfg.kafka.input_topic)
-        resumed = submitted(cluster, job_args(upgraded, tmp_path / "v2"), savepoint=savepoint)  # no -n
+        resumed = jobs.submit(cluster, job_args(upgraded, tmp_path / "v2"), savepoint=savepoint)  # no -n
         received = truth_a.received + truth_b.received
         last = follow_stats(cluster, resumed, stats, lambda seen: seen[-1]["received"] >= received)[-1]
         # Counters restored and continued; offsets and de-duplication restored: nothing read or trained twice.
@@ -120,6 +120,3 @@ def test_upgrade_from_a_savepoint_keeps_what_was_learned(
         assert cluster.cancel(resumed) == "CANCELED"
     finally:
         stats.close()
-        for jid in (job_id, resumed):
-            if jid:
-                cancel_if_running(cluster, jid)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from model.prequential import Prequential, in_sample
 
-ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k"
+from tests.helpers import ML100K
 NAN = math.nan
 
 

@@ -38,7 +38,7 @@ import yaml
 from deploy.kafka import job_topics
 from flink_job.config import JobConfig
 
-PROJECT = Path(__file__).resolve().parent.parent
+from tests.helpers import PROJECT
 K8S = PROJECT / "deploy" / "k8s"
 DOCKERFILE = PROJECT / "deploy" / "docker" / "Dockerfile"
 SCHEMAS = K8S / "schemas"

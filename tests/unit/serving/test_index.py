@@ -11,8 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flink_job.serving.index import EmbeddingIndex, ServingConfig, example_record
-from tests.test_serving import DIM, Changelog, _hostile_embeddings
+from flink_job.serving.index import EmbeddingIndex, ServingConfig
+from flink_job.serving.records import example_record
+from tests.embeddings import DIM, Changelog, hostile_embeddings
 
 
 def _index(**config: int) -> EmbeddingIndex:
@@ -31,7 +32,7 @@ def test_every_hostile_record_is_skipped_counted_and_changes_nothing() -> None:
     ix = _index()
     ix.apply([(k.encode(), v) for k, v in Changelog().records])
     before = (ix.item_ids(), ix.user_ids(), ix.item("i1")[0], ix.user_version("u1"), ix.stats()["item_step"])  # type: ignore[index]
-    hostile = _hostile_embeddings(keyless=True)
+    hostile = hostile_embeddings(keyless=True)
     ix.apply(hostile)
     assert ix.counts["malformed"] == len(hostile) + 1 and "internal" not in ix.malformed_reasons
     assert (ix.item_ids(), ix.user_ids(), ix.item("i1")[0], ix.user_version("u1"), ix.stats()["item_step"]) == before  # type: ignore[index]

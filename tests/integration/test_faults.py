@@ -36,23 +36,21 @@ from flink_job.tools.generate import SyntheticConfig, generate
 from flink_job.kafka.produce import Pacing, send
 from flink_job.tools.produce import synthetic_timed
 from flink_job.kafka.topics import Follower, read_all
-from tests.helpers import (
+from tests.integration.conftest import Jobs
+from tests.helpers import (PROJECT, 
     locked_broker,
     session_cluster,
     Truth,
     assert_reconciled,
-    cancel_if_running,
     finite,
     follow_stats,
     fresh_topics,
     job_args,
     latest_by_id,
-    submitted,
 )
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
-PROJECT = Path(__file__).resolve().parent.parent
 REST_PORT = 18281  # test_cluster.py uses 18081/16123, test_upgrade.py 18381/16423
 RPC_PORT = 16323
 KILLS = 3
@@ -198,7 +196,7 @@ def stream(n_events: int, seed: int) -> tuple[SyntheticConfig, Truth]:
     return syn, truth
 
 
-def run_with_kills(cluster: SessionCluster, cfg: JobConfig, tmp_path: Path, seed: int, rate: float,
+def run_with_kills(cluster: SessionCluster, jobs: Jobs, cfg: JobConfig, tmp_path: Path, seed: int, rate: float,
                    kill: Callable[[], list[int]], after_kill: Callable[[], Any] = lambda: None) -> None:
     """Runs the job on a 100,000-record stream produced at ``rate``; ``KILLS`` times, at seeded random points of
     the stream (and only after the previous kill was recovered from), calls ``kill`` and then ``after_kill``; then
@@ -208,7 +206,7 @@ def run_with_kills(cluster: SessionCluster, cfg: JobConfig, tmp_path: Path, seed
     points = sorted(rng.uniform(0.1, 0.8) for _ in range(KILLS))  # shares of the stream the trainer has received
     producer = Producer(syn, cfg.kafka.bootstrap, cfg.kafka.input_topic, rate)
     progress = Progress(cfg)
-    job_id = submitted(cluster, job_args(cfg, tmp_path))
+    job_id = jobs.submit(cluster, job_args(cfg, tmp_path))
     try:
         producer.start()
         for n, point in enumerate(points, 1):
@@ -227,19 +225,18 @@ def run_with_kills(cluster: SessionCluster, cfg: JobConfig, tmp_path: Path, seed
         assert cluster.job_status(job_id) == "RUNNING"
     finally:
         progress.close()
-        cancel_if_running(cluster, job_id)
 
 
 def test_taskmanager_killed_three_times_exactly_once(
-    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path
+    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path, jobs: Jobs
 ) -> None:
     cfg = topics("faults-tm", overrides=EXACTLY_ONCE)
-    run_with_kills(cluster, cfg, tmp_path, seed=61, rate=2_000, kill=cluster.kill_taskmanager,
+    run_with_kills(cluster, jobs, cfg, tmp_path, seed=61, rate=2_000, kill=cluster.kill_taskmanager,
                    after_kill=cluster.start_taskmanager)
 
 
 def test_python_worker_killed_three_times_exactly_once(
-    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path
+    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path, jobs: Jobs
 ) -> None:
     # Process mode: thread mode has no worker process, its Python dies with the TaskManager (the test above).
     cfg = topics("faults-worker", overrides=[*EXACTLY_ONCE, "flink.python_execution_mode=process"])
@@ -247,11 +244,11 @@ def test_python_worker_killed_three_times_exactly_once(
     # kill. The kills fall at 22%, 75% and 78% of the stream, each after the job recovered from the one before;
     # in one CI run a 40 s stream (2,500 records/s) had ended before the second kill and the third went unnoticed.
     # At 700 records/s it lasts 143 s.
-    run_with_kills(cluster, cfg, tmp_path, seed=62, rate=700, kill=cluster.kill_python_workers)
+    run_with_kills(cluster, jobs, cfg, tmp_path, seed=62, rate=700, kill=cluster.kill_python_workers)
 
 
 def test_broker_down_30_seconds_mid_stream(
-    cluster: SessionCluster, own_broker: Broker, tmp_path: Path
+    cluster: SessionCluster, own_broker: Broker, tmp_path: Path, jobs: Jobs
 ) -> None:
     """The broker stops for 30 s while the stream is produced and the job runs: the job rides it out (its Kafka
     clients retry, failed checkpoints or a restart are both fine) and the committed output reconciles exactly."""
@@ -259,7 +256,7 @@ def test_broker_down_30_seconds_mid_stream(
     syn, truth = stream(40_000, seed=63)
     producer = Producer(syn, cfg.kafka.bootstrap, cfg.kafka.input_topic, 1_000)  # it buffers through the outage
     progress = Progress(cfg)
-    job_id = submitted(cluster, job_args(cfg, tmp_path))
+    job_id = jobs.submit(cluster, job_args(cfg, tmp_path))
     try:
         producer.start()
         progress.wait_for(truth.received // 5)
@@ -277,7 +274,6 @@ def test_broker_down_30_seconds_mid_stream(
         assert_reconciled(cfg, truth)
     finally:
         progress.close()
-        cancel_if_running(cluster, job_id)
 
 
 def last_stable_offsets(cfg: JobConfig, topics: list[str]) -> dict[str, tuple[int, int]]:
@@ -294,7 +290,7 @@ def last_stable_offsets(cfg: JobConfig, topics: list[str]) -> dict[str, tuple[in
 
 
 def test_down_longer_than_the_transaction_timeout(
-    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path
+    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path, jobs: Jobs
 ) -> None:
     """The TaskManager dies with a transaction open and nothing runs the job for longer than the 10 s transaction
     timeout. Readers with ``read_committed`` are stuck at the open transaction only until the broker aborts it
@@ -305,7 +301,7 @@ def test_down_longer_than_the_transaction_timeout(
     out_topics = [cfg.kafka.embeddings_topic, cfg.kafka.stats_topic]
     producer = Producer(syn, cfg.kafka.bootstrap, cfg.kafka.input_topic, 1_000)
     progress = Progress(cfg)
-    job_id = submitted(cluster, job_args(cfg, tmp_path))
+    job_id = jobs.submit(cluster, job_args(cfg, tmp_path))
     try:
         producer.start()
         progress.wait_for(truth.received // 4)
@@ -349,11 +345,10 @@ def test_down_longer_than_the_transaction_timeout(
         assert_reconciled(cfg, truth)
     finally:
         progress.close()
-        cancel_if_running(cluster, job_id)
 
 
 def test_nan_batches_are_skipped_and_never_published(
-    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path
+    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path, jobs: Jobs
 ) -> None:
     """Every 4th batch gets a NaN loss: it is skipped (stats ``skipped: true``, ``skipped_batches`` counted), the
     job keeps running and trains the batches after it, and every published vector and bias is finite. The events of
@@ -364,7 +359,7 @@ def test_nan_batches_are_skipped_and_never_published(
     truth = Truth.of(list(generate(syn)))
     send(synthetic_timed(syn), cfg.kafka.bootstrap, cfg.kafka.input_topic, total=syn.n_events)
     stats_follower = Follower(cfg.kafka.bootstrap, cfg.kafka.stats_topic)
-    job_id = submitted(cluster, job_args(cfg, tmp_path))
+    job_id = jobs.submit(cluster, job_args(cfg, tmp_path))
     try:
         stats = follow_stats(cluster, job_id, stats_follower, lambda seen: seen[-1]["received"] >= truth.received)
         assert cluster.job_status(job_id) == "RUNNING"
@@ -391,4 +386,3 @@ def test_nan_batches_are_skipped_and_never_published(
         assert stats[-1]["trained"] + stats[-1]["dead_lettered"] == truth.received
     finally:
         stats_follower.close()
-        cancel_if_running(cluster, job_id)
