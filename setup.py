@@ -18,7 +18,9 @@ setup(
     name="streamrec",
     version="0.1.0",
     description="Streaming recommender embeddings: PyFlink job, online PyTorch trainer, Kafka in and out",
-    python_requires=">=3.11,<3.12",
+    # 3.12: apache-flink 2.2.1 and everything it pins (apache-beam 2.61.0, pemja 0.5.7, pyarrow, pandas), torch,
+    # numpy and the other pins all ship cp312 wheels. The image (deploy/docker/Dockerfile) stays on 3.11.
+    python_requires=">=3.11,<3.13",
     packages=find_packages(include=["flink_job", "flink_job.*", "model", "model.*", "deploy", "deploy.*"]),
     install_requires=[
         FLINK,

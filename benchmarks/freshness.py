@@ -1,5 +1,6 @@
-"""Freshness, as PROTOCOL.md defines it: for each input event, the time from its append to the input topic to the
-moment a consumer of the embeddings topic can read an embedding of the event's user that includes it.
+"""Freshness, as the benchmark protocol (../shared/PROTOCOL.md, outside this repository) defines it: for each input
+event, the time from its append to the input topic to the moment a consumer of the embeddings topic can read an
+embedding of the event's user that includes it.
 
     python -m benchmarks.freshness --rate 10000 --seconds 60 [--delivery exactly_once] [--set KEY=VALUE ...]
 

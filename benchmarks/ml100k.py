@@ -3,7 +3,7 @@
 All three read the same stream (``u.data`` stable-sorted by timestamp) and are scored by the same
 ``model.prequential.Prequential``, as ../shared/PROTOCOL.md says: River and popularity event by event, the project's
 model in micro-batches (test the batch, then train on it). Predicted ratings are clipped to [1, 5]; River is also
-reported unclipped, the rule under which PROTOCOL.md's reference figures were taken (RMSE 0.9485, MAE 0.7497).
+reported unclipped, the rule under which the protocol's reference figures were taken (RMSE 0.9485, MAE 0.7497).
 
     python -m benchmarks.ml100k --data ../shared/datasets/ml-100k [--batch-size 4096] [--seed 0]
 
@@ -236,7 +236,7 @@ def river_model(seed: int = 73) -> Any:
 
 def run_river(stream: Stream, k: int = 10, seed: int = 73, clip: bool = True) -> Result:
     """River's BiasedMF, test-then-train one event at a time; ``clip=False`` takes the rating error of its raw
-    predictions, as PROTOCOL.md's reference figures do."""
+    predictions, as the protocol's reference figures do."""
     scorer = RiverScorer(river_model(seed))
     ev = Prequential(k=k) if clip else Prequential(k=k, rating_min=-math.inf, rating_max=math.inf)
     positive = stream.positive

@@ -1,5 +1,6 @@
-"""End-to-end throughput, as PROTOCOL.md defines it: a pre-filled input topic, the job on the local mini-cluster,
-the clock from the first chunk the trainer receives to the last batch reflected in the output.
+"""End-to-end throughput, as the benchmark protocol (../shared/PROTOCOL.md, outside this repository) defines it: a
+pre-filled input topic, the job on the local mini-cluster, the clock from the first chunk the trainer receives to the
+last batch reflected in the output.
 
     python -m benchmarks.throughput --events 1000000 [--set batch.size=8192] [--reuse]
 

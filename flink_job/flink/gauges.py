@@ -1,11 +1,9 @@
-"""Integer gauges that the training stage sets, rather than callables that Flink calls.
+"""Integer gauges the training stage sets, rather than callables Flink calls.
 
-A PyFlink gauge is a Python callable that Flink's metric threads call whenever metrics are fetched (the REST API
-fetches them for every job-details request). In thread mode that call enters the embedded interpreter from a
-thread pemja does not own, and after a cancelled task closed the interpreter it crashed the TaskManager JVM
-(SIGSEGV in ``take_gil``; ``BENCHMARKS.md``). So in thread mode the value lives in the JVM: PyFlink's embedded
-``distribution`` is a Java gauge holding the last value it was given. In process mode the worker reports the
-value of a plain Python callable, as before.
+A PyFlink gauge is a callable that Flink's metric threads call; in thread mode that enters the embedded interpreter
+from a thread pemja does not own, which can crash the TaskManager once a cancelled task has closed it. So in thread
+mode the value lives in the JVM (an embedded ``distribution`` keeps the last value given); in process mode the
+worker reports a plain Python callable.
 """
 from __future__ import annotations
 

@@ -1,10 +1,9 @@
 """The JVM half of the pipeline, as Flink SQL: Kafka source, de-duplication and chunking.
 
-Per-record work stays in the JVM, at several times the speed of a Python call per record (see PROTOCOL.md): the
+Per-record work stays in the JVM, several times faster than a Python call per record: the
 Kafka source reads raw payloads, ``EVENT_KEY`` (the job's one Java function, ``flink_job/flink/jvm``) extracts the two
 ids that de-duplication keys on in one pass, a ``ROW_NUMBER`` de-duplication keeps the first record of each
-``(user_id, event_id)``,
-and a processing-time tumbling window gathers the survivors into chunks (``ARRAY_AGG``) per user shard. Python
+``(user_id, event_id)``, and a processing-time tumbling window gathers the survivors into chunks (``ARRAY_AGG``) per user shard. Python
 sees one row per chunk, not one call per record.
 
 Each chunk line is ``"<partition>,<offset>,<payload>"``, so the Python side keeps the original bytes

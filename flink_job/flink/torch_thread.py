@@ -1,17 +1,11 @@
-"""Runs the training stage's torch work on one Python thread of its own, for PyFlink's thread mode.
+"""Runs the training stage's torch work on a Python thread of its own, for PyFlink's thread mode.
 
-In thread mode PyFlink runs Python inside the TaskManager's JVM through pemja, on the task thread, under a thread
-state that pemja creates itself. CPython's "GIL state" for that OS thread still names the interpreter's main thread
-state, so every ``PyGILState_Ensure`` there (pybind11's ``gil_scoped_acquire``, which torch takes when it imports,
-and whenever a tensor gives up its Python object) tries to take the GIL from under the task thread, which holds it:
-the job hangs (gdb: ``take_gil`` under ``pybind11::gil_scoped_acquire``; BENCHMARKS.md). A thread started by
-``threading`` has its own, consistent thread state, so torch works there. ``TorchThread`` is that thread: the task
-thread hands it a call and waits for the result, and no torch object ever crosses back (the stage's outputs are
-strings, numbers and NumPy arrays it owns).
-
-Python's cyclic garbage collector runs on whichever thread happens to allocate; collecting a tensor on the task
-thread would hang just the same, so while a ``TorchThread`` runs, automatic collection is off and the thread
-collects after its calls instead.
+In thread mode Python runs on the JVM's task thread under a thread state pemja made, while CPython's "GIL state" for
+that thread names another one; torch takes the GIL state (pybind11's ``gil_scoped_acquire``) on import and whenever
+a tensor is released, and there it deadlocks. A ``threading`` thread has a consistent thread state, so
+``TorchThread`` runs every torch call there and hands back only strings, numbers and NumPy arrays.
+``import_off_thread`` imports torch (and what imports it) there too. While it runs, the cyclic collector is off and
+the thread collects after its calls, so that no tensor is collected on the task thread.
 """
 from __future__ import annotations
 

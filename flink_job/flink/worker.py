@@ -3,7 +3,7 @@
 In PyFlink's process mode the JVM operator waits for the end of every bundle before it goes on, so any fixed wait
 of the worker at a bundle's end sits on the job's critical path. Beam times each bundle with a sampling thread that
 sleeps in periods growing from 2 ms to 200 ms, and the end of every bundle joins that thread: it waits for the
-sampler's current sleep to end, about a tenth of the bundle (measured in BENCHMARKS.md).
+sampler's current sleep to end, about a tenth of the bundle.
 
 ``tune()`` caps the sampler's sleep at ``SAMPLING_PERIOD_MS``. It must run in the worker before its first bundle. A
 local run calls it before submitting, since the worker is then a thread pool of the submitting process (PyFlink's

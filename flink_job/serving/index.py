@@ -4,8 +4,10 @@ The topic is a changelog keyed ``"<kind>:<id>"``; the index reads it as a table:
 with the highest ``version`` (a re-delivered or out-of-order record with a lower or equal version is ignored), and a
 tombstone (null value) removes the id. Item vectors live in one contiguous float32 matrix with an id -> row map, so
 the top-N of a user is one matrix-vector product and an ``argpartition``. The score is the model's: ``b_i + p_u . q_i``
-(``model/mf.py``). Every answer names the versions it was computed from.
+(``model/mf.py``). Every answer names the versions it was computed from. Records are validated by
+``flink_job.serving.records``.
 
+>>> from flink_job.serving.records import example_record
 >>> ix = EmbeddingIndex("unused:9092", "unused")   # no consumer until start(): fed by hand here
 >>> ix.apply([(b"item:a", example_record("item", "a", 1, [1.0, 0.0], bias=0.5, events=3)),
 ...           (b"item:b", example_record("item", "b", 1, [0.0, 1.0], events=9)),
@@ -32,16 +34,16 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-import orjson
+
+from flink_job.serving.records import Malformed, Record, parse_key, parse_record
 
 log = logging.getLogger(__name__)
 
 ISOLATION_LEVELS = ("read_committed", "read_uncommitted")
 RawRecord = tuple[bytes | None, bytes | None]  # (key, value); value None is a tombstone
-INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -80,30 +82,6 @@ class ServingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"config: serving.{name} must be a finite number > 0, got {value!r}")
-
-
-class Malformed(ValueError):
-    """A record the index skips: ``reason`` is one of a few names (the metric label), ``detail`` says what."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-
-
-class _Record(NamedTuple):
-    """A validated embedding record."""
-
-    kind: str
-    id: str
-    version: int
-    step: int
-    bias: float
-    vector: np.ndarray
-    events: int
-    seen: tuple[str, ...] | None
-    event_ts: int
-    partition: int
-    offset: int
 
 
 @dataclass(frozen=True, slots=True)  # slots: a million of them cost a third less
@@ -475,12 +453,12 @@ class EmbeddingIndex:
     def _apply_one(self, key: bytes | None, value: bytes | None) -> None:
         if value is None:
             try:
-                kind, ident = self._parse_key(key, required=True)
+                kind, ident = parse_key(key, True, self.config.max_id_length)
             except Malformed as ex:
                 raise Malformed("tombstone", str(ex)) from None
             self._remove(kind, ident)
             return
-        rec = self._parse(key, value)  # validated in full before anything changes
+        rec = parse_record(key, value, self.config, self._dim)  # validated in full before anything changes
         if rec.kind == "user":
             self._apply_user(rec)
         else:
@@ -490,7 +468,7 @@ class EmbeddingIndex:
         self._removed.pop((rec.kind, rec.id), None)
         self.counts["applied"] += 1
 
-    def _apply_user(self, rec: _Record) -> None:
+    def _apply_user(self, rec: Record) -> None:
         old = self._users.get(rec.id)
         if self._stale("user", rec.id, rec.version, None if old is None else old.version):
             return
@@ -501,7 +479,7 @@ class EmbeddingIndex:
                                           rec.events, rec.partition, rec.offset)
         self._users.move_to_end(rec.id)
 
-    def _apply_item(self, rec: _Record) -> None:
+    def _apply_item(self, rec: Record) -> None:
         items = self._items if self._items is not None else _Items(len(rec.vector), limit=self.config.max_items)
         self._items = items
         r = items.row_of.get(rec.id)
@@ -551,77 +529,6 @@ class EmbeddingIndex:
         while len(self._removed) > self.config.max_removed:
             self._removed.popitem(last=False)
             self.counts["forgotten"] += 1
-
-    # ---- validating records ----
-
-    def _parse_key(self, key: bytes | None, required: bool) -> tuple[str, str]:
-        if key is None:
-            if required:
-                raise Malformed("key", "no key")
-            return "", ""
-        try:
-            text = key.decode("utf-8")
-        except UnicodeDecodeError:
-            raise Malformed("key", "not UTF-8") from None
-        kind, sep, ident = text.partition(":")
-        if not sep or kind not in ("user", "item"):
-            raise Malformed("key", f"not '<user|item>:<id>': {text[:100]!r}")
-        self._check_id(ident, "key")
-        return kind, ident
-
-    def _check_id(self, ident: object, reason: str) -> None:
-        if not isinstance(ident, str) or not 0 < len(ident) <= self.config.max_id_length:
-            shown = repr(ident)[:100]
-            raise Malformed(reason, f"id must be a string of 1..{self.config.max_id_length} characters, got {shown}")
-
-    def _parse(self, key: bytes | None, value: bytes) -> _Record:
-        key_kind, key_id = self._parse_key(key, required=False)
-        try:
-            rec = orjson.loads(value)
-        except orjson.JSONDecodeError as ex:
-            raise Malformed("json", str(ex)[:200]) from None
-        if not isinstance(rec, dict):
-            raise Malformed("json", f"the value is a {type(rec).__name__}, not an object")
-        kind, ident = rec.get("kind"), rec.get("id")
-        if not isinstance(kind, str) or kind not in ("user", "item"):
-            raise Malformed("kind", f"kind must be 'user' or 'item', got {repr(kind)[:100]}")
-        self._check_id(ident, "id")
-        assert isinstance(ident, str)
-        if key is not None and (key_kind, key_id) != (kind, ident):
-            raise Malformed("key", f"the key {key_kind}:{key_id[:100]} does not match the value's {kind}:{ident[:100]}")
-        seen = rec.get("seen")
-        return _Record(
-            kind, ident,
-            version=_integer(rec, "version", None, 0, INT64_MAX),
-            step=_integer(rec, "step", None, -1, INT64_MAX),
-            bias=_number(rec.get("bias"), "bias", self.config.max_abs_value),
-            vector=self._vector(rec.get("vector")),
-            events=_integer(rec, "events", 0, 0, INT64_MAX),
-            seen=None if seen is None else self._seen(seen),
-            event_ts=_integer(rec, "event_ts", -1, -INT64_MAX - 1, INT64_MAX),
-            partition=_integer(rec, "partition", -1, -1, 2**31 - 1),
-            offset=_integer(rec, "offset", -1, -1, INT64_MAX),
-        )
-
-    def _vector(self, values: object) -> np.ndarray:
-        dim = self._dim
-        if not isinstance(values, list) or not 0 < len(values) <= self.config.max_dim:
-            raise Malformed("vector", f"must be a list of 1..{self.config.max_dim} numbers, got {repr(values)[:100]}")
-        if dim is not None and len(values) != dim:
-            raise Malformed("vector", f"has {len(values)} values, expected {dim}")
-        if not all(type(v) is float or type(v) is int for v in values):
-            raise Malformed("vector", "holds a value that is not a number")
-        vec = np.array(values, np.float64)
-        if not np.isfinite(vec).all() or float(np.abs(vec).max()) > self.config.max_abs_value:
-            raise Malformed("vector", f"holds a value that is not finite or beyond +-{self.config.max_abs_value:g}")
-        return vec.astype(np.float32)
-
-    def _seen(self, seen: object) -> tuple[str, ...]:
-        limit = self.config.max_id_length
-        if (not isinstance(seen, list) or len(seen) > self.config.max_seen
-                or not all(isinstance(s, str) and len(s) <= limit for s in seen)):
-            raise Malformed("seen", f"must be a list of at most {self.config.max_seen} ids, got {repr(seen)[:100]}")
-        return tuple(dict.fromkeys(seen))  # a tuple: far smaller than a set, and only iterated
 
     # ---- reading ----
 
@@ -741,20 +648,6 @@ class EmbeddingIndex:
             }
 
 
-def _integer(rec: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int:
-    """An integer field in ``lo..hi`` (a bool, float or string is not one); ``default`` when absent, if allowed."""
-    value = rec.get(name, default)
-    if type(value) is not int or not lo <= value <= hi:
-        raise Malformed(name, f"must be an integer in {lo}..{hi}, got {repr(value)[:100]}")
-    return value
-
-
-def _number(value: object, name: str, limit: float) -> float:
-    if type(value) not in (int, float) or not abs(float(value)) <= limit:  # type: ignore[arg-type]
-        raise Malformed(name, f"must be a number within +-{limit:g}, got {repr(value)[:100]}")
-    return float(value)  # type: ignore[arg-type]
-
-
 def _top(scores: np.ndarray, n: int, it: _Items) -> list[Scored]:
     """The ``n`` best finite scores (M,), best first."""
     k = min(n, int(np.isfinite(scores).sum()))
@@ -769,10 +662,3 @@ def _top(scores: np.ndarray, n: int, it: _Items) -> list[Scored]:
 def _check_n(n: int) -> None:
     if not 1 <= n <= 10_000:
         raise ValueError(f"serving: n must be in 1..10000, got {n}")
-
-
-def example_record(kind: str, ident: str, version: int, vector: list[float], bias: float = 0.0, step: int = 1,
-         **extra: Any) -> bytes:
-    """A hand-made embedding record value in the job's format (``flink_job.stages.publish``), for examples and tests."""
-    return orjson.dumps({"kind": kind, "id": ident, "version": version, "step": step, "bias": bias,
-                         "vector": vector, "event_ts": 0, "produced_ms": 0, **extra})
