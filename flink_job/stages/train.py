@@ -5,15 +5,14 @@ that moved. It is plain Python, tested without a JVM; its Flink shell is ``flink
 """
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 import time
 from pathlib import Path
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import orjson
 
 from model.arrays import Array
 
@@ -26,41 +25,11 @@ from flink_job.stages.near_dups import NearDuplicates
 from flink_job.stages.parse import DeadLetter, EventBatch, ParseRules, parse_lines, line_position
 from flink_job.stages.publish import DirtyRows, Drift, encode_records, write_snapshot
 from flink_job.stages.calls import CHUNK, TIMER, Call
+from flink_job.stages.train_output import STAGE, Counters, Output, skipped_dead_letters, stats_record
 from model.mf import BatchStats, OnlineBiasedMF
 from model.prequential import Prequential
 
 log = logging.getLogger(__name__)
-STAGE = "train"
-
-
-@dataclass
-class Counters:
-    received: int = 0  # lines that reached Python (after de-duplication)
-    dead_lettered: int = 0
-    near_duplicates: int = 0  # distinct events that repeat a user, item and action within the window
-    trained: int = 0
-    batches: int = 0
-    published: int = 0
-    skipped_batches: int = 0
-    expired: int = 0  # ids the model forgot after their TTL; published as tombstones
-    evicted: int = 0  # ids the model evicted at its row cap (model.max_rows); published as tombstones
-
-
-@dataclass
-class Output:
-    """What one call produced: embedding records, dead letters and one stats record per batch trained."""
-
-    embeddings: list[tuple[str, str | None]] = field(default_factory=list)  # a None value is a tombstone
-    dead_letters: list[DeadLetter] = field(default_factory=list)
-    stats: list[str] = field(default_factory=list)
-    trained: int = 0
-    near_duplicates: int = 0
-    batches: int = 0
-    skipped_batches: int = 0  # batches the model refused (non-finite loss or gradient) and rolled back
-    batch_sizes: list[int] = field(default_factory=list)
-    train_ms: list[float] = field(default_factory=list)
-    losses: list[tuple[float, float]] = field(default_factory=list)  # (rating MSE, implicit loss) per batch
-    publish_lag_ms: int | None = None  # from the first change waiting for a publish to that publish
 
 
 STATE_VERSION = 1
@@ -340,13 +309,7 @@ class TrainStage:
         self.counters.dead_lettered += len(batch)
         log.warning("train: batch %d skipped (%d events dead-lettered): non-finite loss or gradient, rows rolled back",
                     self.counters.batches, len(batch))
-        for n in range(len(batch)):
-            event = {"event_id": batch.event_ids[n], "user_id": batch.users[n], "item_id": batch.items[n],
-                     "action": ACTIONS[batch.actions[n]], "value": float(batch.values[n]), "ts": int(batch.ts[n])}
-            out.dead_letters.append(DeadLetter(
-                "non_finite_batch", STAGE, orjson.dumps(event).decode(), int(batch.partitions[n]),
-                int(batch.offsets[n]), f"batch {self.counters.batches} skipped by the model's guard",
-            ))
+        out.dead_letters.extend(skipped_dead_letters(batch, self.counters.batches))
 
     def _evaluate(self, batch: EventBatch) -> dict[str, float] | None:
         """The batch's prequential figures against the model as it is before training on the batch."""
@@ -381,31 +344,8 @@ class TrainStage:
                                 stats.item_rows[stats.item_rows > 0])
 
     def _stats(self, kind: str, **fields: Any) -> str:
-        """One job-stats record: what happened (a batch or a publish) and the cumulative counters."""
-        c = self.counters
-        return orjson.dumps(
-            {
-                "kind": kind,
-                **{k: round(v, 3) if isinstance(v, float) else v for k, v in fields.items()},
-                "batch": c.batches,
-                "step": self.model.step,
-                "received": c.received,
-                "dead_lettered": c.dead_lettered,
-                "near_duplicates": c.near_duplicates,
-                "clean": self.cleaner.counts,
-                "trained": c.trained,
-                "published": c.published,
-                "skipped_batches": c.skipped_batches,
-                "expired": c.expired,
-                "evicted": c.evicted,
-                "prequential": self.quality.summary() if self.quality else None,
-                "known_users": len(self.model.users),
-                "known_items": len(self.model.items),
-                "first_chunk_ms": self.first_chunk_ms,
-                "replayed_calls": self.replayed_calls,
-                "at_ms": _now_ms(),
-            }
-        ).decode()
+        return stats_record(kind, fields, self.counters, self.model, self.cleaner.counts,
+                            self.quality.summary() if self.quality else None, self.first_chunk_ms, self.replayed_calls)
 
     def _publish(self, out: Output, users: Array | None = None,
                  items: Array | None = None) -> tuple[int, int]:
@@ -465,8 +405,19 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+# Modules of the stages before they moved into flink_job.stages: a checkpoint or savepoint taken before names its
+# classes (the pending batch's EventBatch) by these paths.
+_MOVED_MODULES = {f"flink_job.{m}": f"flink_job.stages.{m}"
+                  for m in ("parse", "lateness", "near_dups", "clean", "users", "batch", "publish", "train")}
+
+
+class _StateUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(_MOVED_MODULES.get(module, module), name)
+
+
 def _load_state(data: bytes) -> dict[str, Any]:
-    state: dict[str, Any] = pickle.loads(data)
+    state: dict[str, Any] = _StateUnpickler(io.BytesIO(data)).load()
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"train: state version {state.get('version')} is not {STATE_VERSION}")
     return state

@@ -218,3 +218,22 @@ def test_late_events_do_not_depend_on_how_the_input_is_chunked() -> None:
     expected = [i for i, line in enumerate(lines) if f'"ts":{1_700_000_000_000 + i - 3 * 3600 * 1000},' in line]
     assert len(expected) > 150
     assert all(v == expected for v in verdicts)
+
+
+def test_a_state_saved_before_the_stages_moved_restores(monkeypatch) -> None:
+    """Checkpoints and savepoints taken before the stages moved into flink_job.stages name the pending batch's class
+    flink_job.parse.EventBatch; the stage restores them all the same."""
+    import sys
+
+    from flink_job.stages import parse
+
+    stage = TrainStage(JobConfig.load(overrides=["batch.size=1000"]))
+    stage.on_chunk(_lines(10), NOW)
+    assert stage.batcher.pending  # a partial batch, so the state holds an EventBatch
+    monkeypatch.setitem(sys.modules, "flink_job.parse", parse)
+    monkeypatch.setattr(parse.EventBatch, "__module__", "flink_job.parse")
+    old = stage.state_bytes()
+    monkeypatch.undo()
+    assert b"flink_job.parse" in old and b"flink_job.stages.parse" not in old and "flink_job.parse" not in sys.modules
+    restored = TrainStage.from_bytes(stage.cfg, old)
+    assert same_state(restored.state_bytes(), stage.state_bytes())
