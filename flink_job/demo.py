@@ -1,8 +1,9 @@
 """The run command: local Kafka, a synthetic stream, the job on a mini-cluster, then a summary.
 
-    python -m flink_job.demo [--events 200000] [--duplicates 0.02] [--malformed 0.01] [--port 9092]
+    python -m flink_job.demo [--events 200000] [--duplicates 0.02] [--malformed 0.01] [--port 9092] [--keep]
 
-Starts a broker if none is running on the port (and stops it afterwards), recreates the job's topics, produces a
+Starts a broker if none is running on the port (and stops it afterwards, also on an error, Ctrl-C or SIGTERM,
+unless --keep; a broker found running is left running), recreates the job's topics, produces a
 seeded synthetic stream, runs the job until it has consumed the stream, and prints what happened.
 """
 from __future__ import annotations
@@ -48,15 +49,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--port", type=int, default=9092)
     p.add_argument("--partitions", type=int, default=2)
+    p.add_argument("--keep", action="store_true",
+                   help="leave the broker this run started running afterwards (default: stop it, even on error)")
     p.add_argument("--config", default=None, help="job YAML config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     broker = Broker(args.port, args.port + 1)
-    started_broker = broker.running_pid() is None
-    broker.start()
-    try:
+    with broker.running(keep=args.keep):
         cfg = JobConfig.load(args.config, [f"kafka.bootstrap={broker.bootstrap}", *args.overrides])
         reset_topics(broker.bootstrap, cfg, args.partitions)
         syn = SyntheticConfig(n_events=args.events, seed=args.seed, duplicate_rate=args.duplicates,
@@ -99,9 +100,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"top 10 items for {user} (user version {rec.user_version}, {rec.excluded_seen} seen items left out):")
         for scored in rec.items:
             print(f"  {scored.id:>8}  {scored.score:+.3f}  v{scored.version}")
-    finally:
-        if started_broker:
-            broker.stop()
 
 
 if __name__ == "__main__":
