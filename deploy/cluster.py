@@ -597,8 +597,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rpc-port", type=int, default=6123, help="JobManager RPC port")
     p.add_argument("--run-dir", type=Path, default=RUN_DIR)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("start", help="start a JobManager and a TaskManager and leave them running after this command "
-                   "returns, until `stop` (if they do not come up, or on Ctrl-C or SIGTERM meanwhile, they are stopped)")
+    start_help = ("start a JobManager and a TaskManager and leave them running after this command returns, until "
+                  "`stop` (if they do not come up, or on Ctrl-C or SIGTERM meanwhile, they are stopped)")
+    sub.add_parser("start", help=start_help, description=start_help)
     sub.add_parser("stop", help="stop the cluster's daemons and every process started for it")
     sub.add_parser("status")
     s = sub.add_parser("submit", help="submit the job; arguments after -- go to python -m flink_job")
