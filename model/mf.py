@@ -1,11 +1,14 @@
 """Online biased matrix factorisation in micro-batches: ratings by squared error, implicit feedback by a ranking loss.
 
 The ranking score of item ``i`` for user ``u`` is ``c_i + p_u . q_i`` (``c`` the ranking bias); a predicted rating
-is ``mean + b_u + b_i + p_u . q_i``. Implicit events (and, weighted, ratings) train the ranking side with BPR or a
-sampled softmax with log Q correction, against uniform, popularity (``count ** 0.75``) or in-batch negatives.
-Gradients are written out by hand (``model.objectives``) and applied with row-wise Adagrad or Adam to the rows a
-batch touched. Around that: id admission with a shared fallback row, expiry of idle ids with recycled rows, a
-replay reservoir, a proximal pull toward published rows, and a guard that skips a batch with non-finite numbers.
+is ``mean + b_u + b_i + p_u . q_i``. This module is the core: the two tables (``model.tables``), the update step with
+its guard that rolls back a batch with non-finite numbers, and inference. The rest are parts it composes, each with
+its own state and its own part of the snapshot (``model.serialise``):
+
+- ``model.lifecycle``: which ids hold rows (admission, eviction at the row cap, expiry);
+- ``model.ranking_loss``: the implicit objective (BPR or sampled softmax) and its negatives;
+- ``model.ranking_extras``: the history and popularity terms and co-occurrence;
+- ``model.batch`` and ``model.replay``: the batch on the device, replayed events mixed in.
 
 >>> m = OnlineBiasedMF(ModelConfig(dim=8, seed=1))
 >>> import numpy as np

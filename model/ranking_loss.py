@@ -8,6 +8,7 @@ date with each trained batch) or from the batch's own items. The gradients thems
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,7 +136,7 @@ class RankingLoss:
             live = np.flatnonzero(items.live_mask())
             self.sampler.set(live, self._weights(live))
 
-    def _weights(self, rows: Rows) -> np.ndarray[tuple[int], np.dtype[np.float64]]:
+    def _weights(self, rows: Rows) -> np.ndarray[Any, Any]:
         if self.config.negatives == "popularity":
             counts = self.item_table.events[torch.from_numpy(rows).to(self.device)].cpu().numpy()
             return np.power(counts.astype(np.float64), self.config.popularity_power)
