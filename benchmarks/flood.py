@@ -116,7 +116,6 @@ def run_job(cfg: JobConfig, args: argparse.Namespace) -> tuple[list[dict[str, fl
 
     export_job_jars()
     broker = Broker(args.port, args.port + 1, PROJECT_ROOT / ".run" / "bench-flood-kafka")
-    broker.start()
     run = time.strftime("%H%M%S")
     topic = f"flood.input.{args.ids}.{args.seed}"
     cfg = JobConfig.load(overrides=[
@@ -125,7 +124,7 @@ def run_job(cfg: JobConfig, args: argparse.Namespace) -> tuple[list[dict[str, fl
         f"kafka.stats_topic=flood.{run}.stats", f"kafka.group_id=flood-{run}", *args.overrides,
     ])
     samples: list[dict[str, float]] = []
-    try:
+    with broker.running(keep=args.keep):  # stopped however this ends, unless --keep
         topics = job_topics(cfg)
         create_topics(broker.bootstrap, {topic: topics.pop(topic)}, 2)
         create_topics(broker.bootstrap, topics)
@@ -167,8 +166,6 @@ def run_job(cfg: JobConfig, args: argparse.Namespace) -> tuple[list[dict[str, fl
             "live_item_keys": sum(live for k, live in latest.items() if k and k.startswith(b"item:")),
         }
         return samples, topic_figures
-    finally:
-        broker.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--port", type=int, default=19592)
+    p.add_argument("--keep", action="store_true", help="job mode: leave the broker this run started running "
+                   "afterwards (default: stop it, even on error)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--out", type=Path, default=None, help="append the result as a JSON line to this file")
     args = p.parse_args(argv)

@@ -1,8 +1,7 @@
-"""Freshness, as the benchmark protocol (../shared/PROTOCOL.md, outside this repository) defines it: for each input
-event, the time from its append to the input topic to the moment a consumer of the embeddings topic can read an
-embedding of the event's user that includes it.
+"""Freshness, as PROTOCOL.md defines it: for each input event, the time from its append to the input topic to the
+moment a consumer of the embeddings topic can read an embedding of the event's user that includes it.
 
-    python -m benchmarks.freshness --rate 10000 --seconds 60 [--delivery exactly_once] [--set KEY=VALUE ...]
+    python -m benchmarks.freshness --rate 10000 --seconds 60 [--delivery exactly_once] [--set KEY=VALUE ...] [--keep]
 
 The input topic stamps records with the broker's append time (``LogAppendTime``); a consumer thread follows the
 embeddings topic (read_committed in exactly-once mode) and notes the wall-clock time it reads each user record,
@@ -101,28 +100,10 @@ def input_events(bootstrap: str, topic: str) -> list[tuple[int, int, str, float]
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rate", type=float, default=10_000, help="offered load, events per second")
-    p.add_argument("--seconds", type=float, default=60)
-    p.add_argument("--warmup", type=float, default=10, help="seconds of input left out of the figures")
-    p.add_argument("--delivery", choices=["at_least_once", "exactly_once"], default="at_least_once")
-    p.add_argument("--port", type=int, default=19492)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--out", type=Path, default=None, help="append the result as a JSON line to this file")
-    p.add_argument("--keep", action="store_true", help="leave the broker running when done")
-    p.add_argument("--latencies-out", type=Path, default=None,
-                   help="write the result with every latency (latencies_ms) as JSON, for python -m flink_job.tools.report")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    export_job_jars()
-    broker = Broker(args.port, args.port + 1, PROJECT_ROOT / ".run" / "bench-kafka")
-    with broker.running(keep=args.keep):
-        measure(broker, args)
-
-
-def measure(broker: Broker, args: argparse.Namespace) -> None:
+def measure(broker: Broker, args: argparse.Namespace) -> tuple[list[tuple[int, int, str, float]], Reflections,
+                                                                JobConfig, int, float]:
+    """Runs the job on fresh topics at the offered rate; the input events, what the follower saw, the config, the
+    events sent and the achieved rate."""
     run = f"fresh.{time.strftime('%H%M%S')}"
     cfg = JobConfig.load(overrides=[
         f"kafka.bootstrap={broker.bootstrap}", f"kafka.input_topic={run}.events", f"kafka.group_id={run}",
@@ -139,23 +120,48 @@ def measure(broker: Broker, args: argparse.Namespace) -> None:
     syn = SyntheticConfig(n_events=n_events, seed=11, events_per_second=args.rate)
     reflections = Reflections(broker.bootstrap, cfg.kafka.embeddings_topic, args.delivery == "exactly_once")
     reflections.thread.start()
-    with LocalJob(cfg, scratch_checkpoints=True) as job:
-        while not job.status().endswith("RUNNING"):
-            time.sleep(0.5)
-        time.sleep(5)  # operators deployed and the Python worker up before the first event
-        records = list(synthetic_timed(syn))  # generated beforehand: the producer only paces and sends
-        began = time.monotonic()
-        sent = send(records, broker.bootstrap, cfg.kafka.input_topic, Pacing(rate=args.rate), total=n_events)
-        achieved = sent / (time.monotonic() - began)
-        events = input_events(broker.bootstrap, cfg.kafka.input_topic)
-        # Done when nothing new was published for longer than a checkpoint interval (exactly-once commits then).
-        quiet_s, last, last_change = cfg.flink.checkpoint_interval_ms / 1000 + 3, -1, time.time()
-        while time.time() - last_change < quiet_s:
-            if reflections.records != last:
-                last, last_change = reflections.records, time.time()
-            time.sleep(0.5)
-    reflections.stop.set()
-    reflections.thread.join()
+    try:  # the follower's thread ends before the broker stops, also on an error
+        with LocalJob(cfg, scratch_checkpoints=True) as job:
+            while not job.status().endswith("RUNNING"):
+                time.sleep(0.5)
+            time.sleep(5)  # operators deployed and the Python worker up before the first event
+            records = list(synthetic_timed(syn))  # generated beforehand: the producer only paces and sends
+            began = time.monotonic()
+            sent = send(records, broker.bootstrap, cfg.kafka.input_topic, Pacing(rate=args.rate), total=n_events)
+            achieved = sent / (time.monotonic() - began)
+            events = input_events(broker.bootstrap, cfg.kafka.input_topic)
+            # Done when nothing new was published for longer than a checkpoint interval (exactly-once commits then).
+            quiet_s, last, last_change = cfg.flink.checkpoint_interval_ms / 1000 + 3, -1, time.time()
+            while time.time() - last_change < quiet_s:
+                if reflections.records != last:
+                    last, last_change = reflections.records, time.time()
+                time.sleep(0.5)
+    finally:
+        reflections.stop.set()
+        reflections.thread.join()
+    return events, reflections, cfg, sent, achieved
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rate", type=float, default=10_000, help="offered load, events per second")
+    p.add_argument("--seconds", type=float, default=60)
+    p.add_argument("--warmup", type=float, default=10, help="seconds of input left out of the figures")
+    p.add_argument("--delivery", choices=["at_least_once", "exactly_once"], default="at_least_once")
+    p.add_argument("--port", type=int, default=19492)
+    p.add_argument("--keep", action="store_true",
+                   help="leave the broker this run started running afterwards (default: stop it, even on error)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--out", type=Path, default=None, help="append the result as a JSON line to this file")
+    p.add_argument("--latencies-out", type=Path, default=None,
+                   help="write the result with every latency (latencies_ms) as JSON, for python -m flink_job.tools.report")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    export_job_jars()
+    broker = Broker(args.port, args.port + 1, PROJECT_ROOT / ".run" / "bench-kafka")
+    with broker.running(keep=args.keep):
+        events, reflections, cfg, sent, achieved = measure(broker, args)
     result, latencies_ms = summarise(events, reflections, args, cfg, sent)
     result["achieved_events_per_s"] = round(achieved)
     print(json.dumps(result, indent=2))

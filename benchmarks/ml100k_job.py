@@ -1,9 +1,10 @@
 """ML-100K through the real job: the stream goes into Kafka, the job on the local mini-cluster evaluates every
-micro-batch before training on it (the prequential protocol of ../shared/PROTOCOL.md, outside this repository), and
-its own figures are printed beside River's ``reco.BiasedMF`` and popularity, computed in this process on the same
-stream.
+micro-batch before training on it (PROTOCOL.md's prequential protocol), and its own figures are printed beside
+River's ``reco.BiasedMF`` and popularity, computed in this process on the same stream.
 
     python -m benchmarks.ml100k_job --data ../shared/datasets/ml-100k [--batch-size 1] [--profile ml100k_served]
+
+The broker it starts is stopped when it ends (also on an error, Ctrl-C or SIGTERM) unless ``--keep``.
 
 The defaults are the configuration that meets issue 4's goals (RMSE <= 0.93, HR@10 >= 0.15): one event per
 micro-batch with the ml100k_served profile (about 6 minutes on 2 cores).
@@ -33,16 +34,16 @@ log = logging.getLogger("benchmarks.ml100k_job")
 
 def run_job(data: Path, batch_size: int, profile: str, port: int, extra: list[str],
             keep: bool = False) -> tuple[dict[str, Any], float]:
-    """The job's final prequential summary and its processing seconds (first chunk to last batch); the broker is
-    stopped afterwards unless ``keep``."""
+    """The job's final prequential summary and its processing seconds (first chunk to last batch); the broker it
+    starts is stopped afterwards unless ``keep``."""
     export_job_jars()
     broker = Broker(port, port + 1, PROJECT_ROOT / ".run" / "bench-kafka")
     with broker.running(keep=keep):
         return _run_job(broker, data, batch_size, profile, extra)
 
 
-def _run_job(broker: Broker, data: Path, batch_size: int, profile: str,
-             extra: list[str]) -> tuple[dict[str, Any], float]:
+def _run_job(broker: Broker, data: Path, batch_size: int, profile: str, extra: list[str]
+             ) -> tuple[dict[str, Any], float]:
     run = f"ml100k.{time.strftime('%H%M%S')}"
     model = [f"model.{k}={v}" for k, v in PROFILES.get(profile, {}).items()]
     cfg = JobConfig.load(overrides=[
@@ -68,12 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--profile", default="ml100k_served", choices=["", *PROFILES])
     p.add_argument("--port", type=int, default=19492)
-    p.add_argument("--keep", action="store_true", help="leave the broker running when done")
+    p.add_argument("--keep", action="store_true",
+                   help="leave the broker this run started running afterwards (default: stop it, even on error)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    summary, seconds = run_job(args.data, args.batch_size, args.profile, args.port, args.overrides, args.keep)
+    summary, seconds = run_job(args.data, args.batch_size, args.profile, args.port, args.overrides,
+                               args.keep)
     stream = load_stream(args.data)
     job = Result(f"streamrec job (batch {args.batch_size}, profile {args.profile or 'defaults'})", summary, seconds, seconds)
     print(table([job, run_river(stream), run_popularity(stream)]))

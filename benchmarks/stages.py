@@ -4,7 +4,8 @@ topic, timed from submission to the end of the bounded input (start-up included,
 
     python -m benchmarks.stages --topic bench.input.1000000.7.2 --port 19492
 
-Run ``benchmarks.throughput --reuse`` first: it pre-fills the topic and leaves its broker running.
+Run ``benchmarks.throughput --keep`` first: it pre-fills the topic and leaves its broker running (stop it after
+with ``python -m deploy.kafka stop --port 19492 --run-dir .run/bench-kafka``). This command starts no broker.
 """
 from __future__ import annotations
 

@@ -1,11 +1,10 @@
-"""End-to-end throughput, as the benchmark protocol (../shared/PROTOCOL.md, outside this repository) defines it: a
-pre-filled input topic, the job on the local mini-cluster, the clock from the first chunk the trainer receives to the
-last batch reflected in the output.
+"""End-to-end throughput, as PROTOCOL.md defines it: a pre-filled input topic, the job on the local mini-cluster,
+the clock from the first chunk the trainer receives to the last batch reflected in the output.
 
-    python -m benchmarks.throughput --events 1000000 [--set batch.size=8192] [--reuse]
+    python -m benchmarks.throughput --events 1000000 [--set batch.size=8192] [--keep]
 
-Start-up (submission to first chunk) is reported apart. ``--reuse`` keeps the broker's data between runs so the
-1M-event input is produced once.
+Start-up (submission to first chunk) is reported apart. The broker this run starts is stopped when it ends; its
+data stays, so the 1M-event input is produced once. ``--keep`` leaves the broker running (for benchmarks.stages).
 """
 from __future__ import annotations
 
@@ -39,7 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--malformed", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--port", type=int, default=19492)
-    p.add_argument("--reuse", action="store_true", help="keep the broker (left running) and its pre-filled topic between runs")
+    p.add_argument("--keep", "--reuse", dest="keep", action="store_true",
+                   help="leave the broker this run started running afterwards, with its pre-filled topic "
+                   "(default: stop it, even on error; a broker found running is left running)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--out", type=Path, default=None, help="append the result as a JSON line to this file")
     args = p.parse_args(argv)
@@ -47,7 +48,6 @@ def main(argv: list[str] | None = None) -> None:
 
     export_job_jars()
     broker = Broker(args.port, args.port + 1, PROJECT_ROOT / ".run" / "bench-kafka")
-    broker.start()
     run = time.strftime("%H%M%S")
     syn = SyntheticConfig(n_events=args.events, seed=args.seed, duplicate_rate=args.duplicates,
                           malformed_rate=args.malformed)
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         f"kafka.embeddings_topic=bench.{run}.embeddings", f"kafka.dead_letter_topic=bench.{run}.dead-letters",
         f"kafka.stats_topic=bench.{run}.stats", f"kafka.group_id=bench-{run}", *args.overrides,
     ])
-    try:
+    with broker.running(keep=args.keep):  # stopped however this ends, unless --keep
         topics = job_topics(cfg)
         create_topics(broker.bootstrap, {input_topic: topics.pop(input_topic)}, args.partitions)
         create_topics(broker.bootstrap, topics)
@@ -102,9 +102,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.out:
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-    finally:
-        if not args.reuse:
-            broker.stop()
 
 
 if __name__ == "__main__":

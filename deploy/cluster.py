@@ -1,6 +1,6 @@
 """A standalone Flink session cluster made from the pip-installed PyFlink, configured and logging under ``.run``.
 
-    python -m deploy.cluster start [--port 8081]
+    python -m deploy.cluster start [--port 8081]     # leaves the cluster running, in the background, until `stop`
     python -m deploy.cluster submit [--savepoint PATH] -- --config job.yaml --set batch.size=1024
     python -m deploy.cluster status | cancel JOBID | stop-savepoint JOBID [--dir DIR] | stop
 
@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from deploy.jars import CONNECTOR_JAR_ENV, UDF_JAR_ENV, connector_jar, flink_home, udf_jar
+from deploy.kafka import signals_as_exit
 from flink_job.secrets import redacted_args, write_private
 
 log = logging.getLogger(__name__)
@@ -586,8 +587,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rpc-port", type=int, default=6123, help="JobManager RPC port")
     p.add_argument("--run-dir", type=Path, default=RUN_DIR)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("start")
-    sub.add_parser("stop")
+    start_help = ("start a JobManager and a TaskManager and leave them running after this command returns, until "
+                  "`stop` (if they do not come up, or on Ctrl-C or SIGTERM meanwhile, they are stopped)")
+    sub.add_parser("start", help=start_help, description=start_help)
+    sub.add_parser("stop", help="stop the cluster's daemons and every process started for it")
     sub.add_parser("status")
     s = sub.add_parser("submit", help="submit the job; arguments after -- go to python -m flink_job")
     s.add_argument("--savepoint", default=None, help="resume from this savepoint")
@@ -606,7 +609,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cluster = SessionCluster(args.port, args.rpc_port, args.run_dir)
     if args.command == "start":
-        cluster.start()
+        with signals_as_exit():  # SIGTERM while waiting for the TaskManager: start() stops what it started
+            cluster.start()
     elif args.command == "stop":
         cluster.stop()
     elif args.command == "status":

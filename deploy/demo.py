@@ -1,8 +1,9 @@
 """The run command: local Kafka, a synthetic stream, the job on a mini-cluster, then a summary.
 
-    python -m deploy.demo [--events 200000] [--duplicates 0.02] [--malformed 0.01] [--port 9092]
+    python -m deploy.demo [--events 200000] [--duplicates 0.02] [--malformed 0.01] [--port 9092] [--keep]
 
-Starts a broker if none is running on the port (and stops it afterwards unless --keep), recreates the job's topics, produces a
+Starts a broker if none is running on the port (and stops it afterwards, also on an error, Ctrl-C or SIGTERM,
+unless --keep; a broker found running is left running), recreates the job's topics, produces a
 seeded synthetic stream, runs the job until it has consumed the stream, and prints what happened.
 """
 from __future__ import annotations
@@ -50,8 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--port", type=int, default=9092)
     p.add_argument("--partitions", type=int, default=2)
+    p.add_argument("--keep", action="store_true",
+                   help="leave the broker this run started running afterwards (default: stop it, even on error)")
     p.add_argument("--config", default=None, help="job YAML config")
-    p.add_argument("--keep", action="store_true", help="leave the broker running when done")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

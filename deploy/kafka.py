@@ -1,14 +1,16 @@
 """A single-node KRaft Kafka broker on 127.0.0.1, run from the Maven-fetched jars, data under ``.run/kafka``.
 
-    python -m deploy.kafka start [--port 9092]
+    python -m deploy.kafka start [--port 9092]     # leaves the broker running, in the background, until `stop`
     python -m deploy.kafka create-topics [--partitions 2]
-    python -m deploy.kafka status | stop
+    python -m deploy.kafka status | stop [--run-dir DIR]
+
+Commands that need a broker only while they run use ``with broker.running(keep=...)``: it stops the broker when
+the command ends, on an error, Ctrl-C or SIGTERM too, unless asked to keep it.
 """
 from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import logging
 import os
 import shutil
@@ -19,8 +21,10 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 from deploy.jars import kafka_classpath
 from flink_job.secrets import write_private
@@ -162,21 +166,6 @@ class Broker:
         self.stop()
         raise TimeoutError(f"kafka: broker did not answer on {self.bootstrap} within {timeout_s}s")
 
-    @contextlib.contextmanager
-    def running(self, keep: bool = False) -> Iterator[Broker]:
-        """The broker up for the block; stopped when it ends (also on an exception or Ctrl-C) if this call started
-        it, unless ``keep``. One that was already running is left running."""
-        started = self.running_pid() is None
-        self.start()
-        try:
-            yield self
-        finally:
-            if started and not keep:
-                self.stop()
-            elif started:
-                log.info("kafka: broker kept running on %s (pid %s); stop it with python -m deploy.kafka stop",
-                         self.bootstrap, self.running_pid())
-
     def _answers(self) -> bool:
         from confluent_kafka.admin import AdminClient
 
@@ -199,6 +188,47 @@ class Broker:
             os.killpg(pid, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
         log.info("kafka: broker stopped")
+
+    @contextmanager
+    def running(self, keep: bool = False, timeout_s: float = 60.0) -> Iterator[Broker]:
+        """``with broker.running(keep=args.keep):`` the broker is up inside the block and stopped when the block
+        ends: normally, on an exception, on Ctrl-C and on SIGTERM/SIGHUP. Kept running with ``keep``; a broker
+        that was already running is someone else's (a ``start``, a kept run) and is left as it was found."""
+        ours = self.running_pid() is None
+        with signals_as_exit():
+            try:
+                self.start(timeout_s)
+                yield self
+            finally:
+                if not ours:
+                    log.info("kafka: leaving the broker on %s running, as it was found", self.bootstrap)
+                elif keep:
+                    log.info("kafka: keeping the broker on %s; stop it with python -m deploy.kafka stop --port %d "
+                             "--run-dir %s", self.bootstrap, self.port, self.run_dir)
+                else:
+                    self.stop()
+
+
+@contextmanager
+def signals_as_exit() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise SystemExit inside the block, so that its ``finally`` clauses run (Python's default
+    for them is to die at once, leaving background brokers behind). Outside the main thread: nothing to do, since
+    only the main thread receives signals."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_on(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, exit_on) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _reap(pid: int) -> None:
@@ -247,14 +277,17 @@ def main(argv: list[str] | None = None) -> None:
     from flink_job.config import JobConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["start", "stop", "status", "create-topics"])
+    p.add_argument("command", choices=["start", "stop", "status", "create-topics"],
+                   help="start: starts the broker and leaves it running after this command returns, until `stop`")
     p.add_argument("--port", type=int, default=9092)
     p.add_argument("--controller-port", type=int, default=9093)
+    p.add_argument("--run-dir", type=Path, default=RUN_DIR,
+                   help="the broker's data and pid file (a benchmark's kept broker: .run/bench-kafka)")
     p.add_argument("--partitions", type=int, default=2, help="partitions of the input topic")
     p.add_argument("--config", type=Path, default=None, help="job config naming the topics")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    broker = Broker(args.port, args.controller_port)
+    broker = Broker(args.port, args.controller_port, args.run_dir.resolve())
     if args.command == "start":
         broker.start()
     elif args.command == "stop":

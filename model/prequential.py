@@ -132,71 +132,12 @@ class Prequential:
             )
         ratings = np.asarray(ratings, np.float64)  # (B,)
         positive = np.asarray(positive, bool)  # (B,)
-
-        # 1. Rating error, one call for the rated events.
         rated = np.flatnonzero(np.isfinite(ratings))  # (R,)
-        sq_err = abs_err = 0.0
-        if len(rated):
-            pred = np.asarray(scorer.predict_ratings([users[j] for j in rated], [items[j] for j in rated]), np.float64)
-            if pred.shape != (len(rated),):
-                raise ValueError(f"prequential: predict_ratings returned shape {pred.shape}, expected ({len(rated)},)")
-            err: npt.NDArray[np.float64] = ratings[rated] - np.clip(pred, self.rating_min, self.rating_max)  # (R,)
-            sq_err, abs_err = float(np.dot(err, err)), float(np.abs(err).sum())
-
-        # 2. Candidate growth: the candidate count right after each event's item appeared.
-        index, item_last = self._item_index, self._item_last
-        item_idx = np.empty(n, np.int64)  # (B,)
-        avail = np.empty(n, np.int64)  # (B,)
-        for j, item in enumerate(items):
-            c = index.get(item)
-            if c is None:
-                c = index[item] = len(self._items)
-                self._items.append(item)
-                item_last.append(0)
-            item_last[c] = self.events + j
-            item_idx[j] = c
-            avail[j] = len(self._items)
-
-        # 3. One score_items call for the distinct sampled users with positives, over every candidate.
+        sq_err, abs_err = self._rating_error(scorer, users, items, ratings, rated)
+        item_idx, avail = self._add_candidates(items)
         sampled = [self._is_sampled(u) for u in users]
-        ranked_users: dict[str, int] = {}
-        for j in np.flatnonzero(positive):
-            if sampled[j]:
-                ranked_users.setdefault(users[j], len(ranked_users))
-        scores = np.zeros((0, 0))
-        if ranked_users:
-            scores = np.asarray(scorer.score_items(list(ranked_users), self._items))  # (U, I)
-            if scores.shape != (len(ranked_users), len(self._items)):
-                raise ValueError(
-                    f"prequential: score_items returned shape {scores.shape}, "
-                    f"expected ({len(ranked_users)}, {len(self._items)})"
-                )
-
-        # 4. Rank event by event; seen sets advance in batch order.
-        hits = 0
-        ndcg = 0.0
-        n_pos = 0
-        for j in range(n):
-            if not sampled[j]:
-                continue
-            user = users[j]
-            entry = self._seen.get(user)
-            if entry is None:
-                entry = self._seen[user] = (len(self._seen_users), set())
-                self._seen_users.append(user)
-                self._user_last.append(0)
-            number, seen = entry
-            self._user_last[number] = self.events + j
-            i = int(item_idx[j])
-            if positive[j]:
-                rank = _rank(scores[ranked_users[users[j]], : avail[j]], i, seen)
-                n_pos += 1
-                if rank < self.k:
-                    hits += 1
-                    ndcg += 1.0 / math.log2(rank + 2)
-            if i not in seen:
-                seen.add(i)
-                self._seen_log.extend((number, i))
+        ranked_users, scores = self._scores(scorer, users, positive, sampled)
+        hits, ndcg, n_pos = self._rank_events(users, positive, sampled, item_idx, avail, ranked_users, scores)
 
         self.events += n
         self.rated += len(rated)
@@ -219,6 +160,85 @@ class Prequential:
             "hr": hits / n_pos if n_pos else math.nan,
             "ndcg": ndcg / n_pos if n_pos else math.nan,
         }
+
+    def _rating_error(self, scorer: Scorer, users: Sequence[str], items: Sequence[str],
+                      ratings: npt.NDArray[np.float64], rated: npt.NDArray[np.int64]) -> tuple[float, float]:
+        """Summed squared and absolute error of the rated events, one predict_ratings call for them."""
+        if not len(rated):
+            return 0.0, 0.0
+        pred = np.asarray(scorer.predict_ratings([users[j] for j in rated], [items[j] for j in rated]), np.float64)
+        if pred.shape != (len(rated),):
+            raise ValueError(f"prequential: predict_ratings returned shape {pred.shape}, expected ({len(rated)},)")
+        err: npt.NDArray[np.float64] = ratings[rated] - np.clip(pred, self.rating_min, self.rating_max)  # (R,)
+        return float(np.dot(err, err)), float(np.abs(err).sum())
+
+    def _add_candidates(self, items: Sequence[str]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Candidate growth: each event's candidate index (B,) and the candidate count right after its item
+        appeared (B,)."""
+        index, item_last = self._item_index, self._item_last
+        n = len(items)
+        item_idx = np.empty(n, np.int64)  # (B,)
+        avail = np.empty(n, np.int64)  # (B,)
+        for j, item in enumerate(items):
+            c = index.get(item)
+            if c is None:
+                c = index[item] = len(self._items)
+                self._items.append(item)
+                item_last.append(0)
+            item_last[c] = self.events + j
+            item_idx[j] = c
+            avail[j] = len(self._items)
+        return item_idx, avail
+
+    def _scores(self, scorer: Scorer, users: Sequence[str], positive: npt.NDArray[np.bool_], sampled: list[bool]
+                ) -> tuple[dict[str, int], npt.NDArray[Any]]:
+        """One score_items call for the distinct sampled users with positives, over every candidate: their score
+        rows and the scores (U, I)."""
+        ranked_users: dict[str, int] = {}
+        for j in np.flatnonzero(positive):
+            if sampled[j]:
+                ranked_users.setdefault(users[j], len(ranked_users))
+        scores = np.zeros((0, 0))
+        if ranked_users:
+            scores = np.asarray(scorer.score_items(list(ranked_users), self._items))  # (U, I)
+            if scores.shape != (len(ranked_users), len(self._items)):
+                raise ValueError(
+                    f"prequential: score_items returned shape {scores.shape}, "
+                    f"expected ({len(ranked_users)}, {len(self._items)})"
+                )
+        return ranked_users, scores
+
+    def _rank_events(
+        self, users: Sequence[str], positive: npt.NDArray[np.bool_], sampled: list[bool],
+        item_idx: npt.NDArray[np.int64], avail: npt.NDArray[np.int64], ranked_users: dict[str, int],
+        scores: npt.NDArray[Any],
+    ) -> tuple[int, float, int]:
+        """Ranks event by event (hits, summed NDCG, positives ranked); seen sets advance in batch order."""
+        hits = 0
+        ndcg = 0.0
+        n_pos = 0
+        for j in range(len(users)):
+            if not sampled[j]:
+                continue
+            user = users[j]
+            entry = self._seen.get(user)
+            if entry is None:
+                entry = self._seen[user] = (len(self._seen_users), set())
+                self._seen_users.append(user)
+                self._user_last.append(0)
+            number, seen = entry
+            self._user_last[number] = self.events + j
+            i = int(item_idx[j])
+            if positive[j]:
+                rank = _rank(scores[ranked_users[users[j]], : avail[j]], i, seen)
+                n_pos += 1
+                if rank < self.k:
+                    hits += 1
+                    ndcg += 1.0 / math.log2(rank + 2)
+            if i not in seen:
+                seen.add(i)
+                self._seen_log.extend((number, i))
+        return hits, ndcg, n_pos
 
     def _bound(self) -> None:
         """Keeps the candidates and the seen pairs and users within their caps (see the class docstring)."""

@@ -69,3 +69,23 @@ class Reservoir:
             r.columns[k][:n] = v[:n]
         r.seen = seen if n == min(seen, size) else n
         return r
+
+
+def mix_in(reservoir: Reservoir, rng: np.random.Generator, real: dict[str, np.ndarray[Any, Any]], ratio: float,
+           generations: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
+    """``real`` (a batch's columns) followed by ``ratio`` replayed events per real one, and how many were replayed:
+    those whose rows were recycled since (their generation, ``generations`` of users and items, moved) are left out."""
+    k = int(round(ratio * len(real["user"])))
+    if not k or not len(reservoir):
+        return real, 0
+    past = reservoir.sample(rng, k)
+    ok = (generations[0][past["user"]] == past["user_gen"]) & (generations[1][past["item"]] == past["item_gen"])
+    return {name: np.concatenate([col, past[name][ok]]) for name, col in real.items()}, int(ok.sum())
+
+
+def offer(reservoir: Reservoir, rng: np.random.Generator, real: dict[str, np.ndarray[Any, Any]],
+          generations: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]) -> None:
+    """Offers a trained batch's events to the reservoir, with the generations of their rows."""
+    if not reservoir.size:
+        return
+    reservoir.add(rng, {**real, "user_gen": generations[0][real["user"]], "item_gen": generations[1][real["item"]]})

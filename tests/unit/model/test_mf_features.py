@@ -11,6 +11,9 @@ from flink_job.stages.parse import parse_lines
 from model.config import ModelConfig
 from model.idmap import FALLBACK_ROW
 from model.mf import OnlineBiasedMF
+from model.serialise import load_pickle
+from tests.helpers import PROJECT
+from tests.model_seams import poison_next_batch
 
 R = 4  # rating action code
 V = 0  # view
@@ -50,7 +53,7 @@ def test_sightings_are_bounded_and_forget_the_least_recently_seen() -> None:
     _learn(m, ["a"], ["x"])
     _learn(m, ["b"], ["x"])
     _learn(m, ["c"], ["x"])  # a is forgotten: capacity 2
-    assert len(m.user_sightings) == 2
+    assert len(m.lifecycle.user_sightings) == 2
     _learn(m, ["a", "c"], ["x", "x"])
     assert "a" not in m.users and "c" in m.users
 
@@ -111,7 +114,7 @@ def test_at_the_row_cap_the_least_recently_used_id_is_evicted() -> None:
     assert m.drain_evicted() == ([], [])
     stats = _learn(m, ["e"], ["x"])
     assert "b" not in m.users and all(u in m.users for u in "acde") and len(m.users) == 4
-    assert m.drain_evicted() == (["b"], []) and m.evictions == [1, 0] and m.drain_evicted() == ([], [])
+    assert m.drain_evicted() == (["b"], []) and m.lifecycle.evictions == [1, 0] and m.drain_evicted() == ([], [])
     assert m.users.size == 5 and stats.event_user_rows[0] != FALLBACK_ROW  # e took b's row: no growth
     assert m.event_counts("user", stats.event_user_rows).tolist() == [1]  # and starts from zero
 
@@ -124,9 +127,9 @@ def test_rows_and_allocation_stay_bounded_after_many_distinct_ids() -> None:
     for idmap, table, kind in ((m.users, m.user_table, 0), (m.items, m.item_table, 1)):
         assert len(idmap) <= cap and idmap.size <= cap + 1 and table.params.shape[0] <= cap + 1
         assert len(idmap.state()["free"]) + len(idmap) + 1 == idmap.size
-        assert m.evictions[kind] == 2_000 - len(idmap)
+        assert m.lifecycle.evictions[kind] == 2_000 - len(idmap)
     users, items = m.drain_evicted()
-    assert len(users) == m.evictions[0] and len(set(users)) == len(users)
+    assert len(users) == m.lifecycle.evictions[0] and len(set(users)) == len(users)
     assert "u124-15" in m.users and "u0-0" not in m.users  # the newest stay, the oldest went
 
 
@@ -142,12 +145,12 @@ def test_eviction_restores_exactly_and_evicts_alike_after_a_restore() -> None:
     m = OnlineBiasedMF(cfg)
     for t in range(10):
         _learn(m, [f"u{t}-{k % 12}" for k in range(24)], [f"i{k % 40}" for k in range(24)])
-    assert m.evictions[0] > 0
+    assert m.lifecycle.evictions[0] > 0
     copy = OnlineBiasedMF.from_bytes(m.state_bytes())
     for model in (m, copy):
         for t in range(10, 20):
             _learn(model, [f"u{t}-{k % 12}" for k in range(24)], [f"i{k % 40}" for k in range(24)])
-    assert m.drain_evicted() == copy.drain_evicted() and m.evictions == copy.evictions
+    assert m.drain_evicted() == copy.drain_evicted() and m.lifecycle.evictions == copy.lifecycle.evictions
     assert m.users.state() == copy.users.state()
     assert torch.equal(m.user_table.params, copy.user_table.params)
     assert np.array_equal(m.user_table.last_used, copy.user_table.last_used)
@@ -161,11 +164,6 @@ def test_the_defaults_bound_every_table() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- 3. objectives
-
-
-
-
-
 
 
 @pytest.mark.parametrize("loss,negatives", [("bpr", "uniform"), ("bpr", "popularity"), ("bpr", "in_batch"),
@@ -226,8 +224,6 @@ def test_replayed_events_train_but_are_not_counted() -> None:
     assert m.event_counts("user", rows).tolist() == [1, 1, 1]
 
 
-
-
 def test_proximal_penalty_pulls_toward_the_published_rows() -> None:
     moved = {}
     for strength in (0.0, 50.0):
@@ -247,7 +243,7 @@ def test_a_nan_batch_is_skipped_and_rolled_back() -> None:
     before = {t: (getattr(m, t).params.clone(), getattr(m, t).acc.clone(), getattr(m, t).updates.clone())
               for t in ("user_table", "item_table")}
     events = m.event_counts("user", np.array([1, 2])).tolist()
-    m.poison_next_batch()
+    poison_next_batch(m)
     stats = _learn(m, ["a", "b"], ["y", "x"])
     assert stats.skipped and m.skipped_batches == 1 and m.step == 1
     for t, (params, acc, updates) in before.items():
@@ -286,10 +282,7 @@ def test_round_trip_with_every_feature_on_continues_bit_identically() -> None:
     assert a.state_bytes() == restored.state_bytes()
 
 
-
-
 # ---------------------------------------------------------------------------------------------- ranking extras
-
 
 
 def test_replay_weight_scales_the_replayed_events_only() -> None:
@@ -372,5 +365,28 @@ def test_round_trip_keeps_the_stored_history_term() -> None:
         rows = np.flatnonzero((a.users if kind == "user" else a.items).live_mask())
         for x, y in zip(a.vectors(kind, rows), restored.vectors(kind, rows), strict=True):
             np.testing.assert_array_equal(x, y)
-    np.testing.assert_array_equal(a.user_context[: a.users.size].numpy(),
-                                  restored.user_context[: restored.users.size].numpy())
+    np.testing.assert_array_equal(a.extras.user_context[: a.users.size].numpy(),
+                                  restored.extras.user_context[: restored.users.size].numpy())
+
+
+def _same(a: object, b: object) -> bool:
+    """Deep equality of unpickled states (arrays by value, NaN equal to NaN)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return bool(np.array_equal(a, b, equal_nan=np.asarray(a).dtype.kind == "f"))
+    return a == b
+
+
+def test_a_state_written_before_the_model_was_split_restores_every_part() -> None:
+    """tests/data/model_state_v4.pkl was written by the single-class model (commit 1ea0916) with every part on: row
+    cap, admission, expiry, history, popularity, co-occurrence, replay, proximal anchors, popularity negatives and
+    Adam. Loaded, it must write back the same content, key for key, and go on training."""
+    old = (PROJECT / "tests" / "data" / "model_state_v4.pkl").read_bytes()
+    m = OnlineBiasedMF.from_bytes(old)
+    assert m.lifecycle.evictions == [24, 0] and len(m.users) == 10 and m.step == 12
+    assert _same(load_pickle(m.state_bytes()), load_pickle(old))
+    stats = m.learn_many(["u1", "new"], ["i1", "i2"], np.array([R, V]), np.array([4.0, 1.0]), ts=np.array([1_200] * 2))
+    assert not stats.skipped and m.step == 13

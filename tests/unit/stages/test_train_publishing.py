@@ -9,6 +9,7 @@ import pytest
 from flink_job.config import JobConfig
 from flink_job.stages.publish import SNAPSHOT_FILE, DirtyRows
 from flink_job.stages.train import TrainStage
+from tests.model_seams import poison_next_batch
 
 
 def _lines(n: int, users: int = 5, items: int = 7, start: int = 0) -> list[str]:
@@ -149,7 +150,7 @@ def test_a_poisoned_batch_is_skipped_dead_lettered_and_never_published() -> None
     stage = TrainStage(JobConfig.load(overrides=["batch.size=12", "publish.interval_ms=0"]))
     stage.on_chunk(_rated(12), now_ms=1_000)
     vectors_before = stage.model.vectors("user", np.array([stage.model.users.get("u0")]))[0]
-    stage.model.poison_next_batch()
+    poison_next_batch(stage.model)
     out = stage.on_chunk(_rated(12, start=12), now_ms=2_000)
     batch = [orjson.loads(r) for r in out.stats if orjson.loads(r)["kind"] == "batch"][0]
     assert batch["skipped"] and stage.counters.skipped_batches == 1
