@@ -39,6 +39,9 @@ ACTION_CODES = {a: n for n, a in enumerate(ACTIONS)}
 RATING = RATING_CODE
 STAGE = "parse"
 MAX_TS_MS = 10**14  # year 5138: anything above is not a millisecond timestamp
+# Deepest nesting a record may have: the JVM's JSON parser (Jackson's StreamReadConstraints, EVENT_KEY) refuses
+# deeper records, so the parser does too; otherwise the two would disagree on whether the record has an identity.
+MAX_DEPTH = 1_000
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # integer ids: the range EVENT_KEY reads as a JVM long
 
 
@@ -386,6 +389,9 @@ def parse_lines(
             if len(payload) > rules.max_record_chars:
                 dead.append(DeadLetter("record_too_large", STAGE, payload, part, off, str(len(payload))))
                 continue
+            if len(payload) > MAX_DEPTH and nesting_depth(payload) > MAX_DEPTH:  # short records cannot be too deep
+                dead.append(DeadLetter("too_deep", STAGE, payload, part, off, f"more than {MAX_DEPTH} levels"))
+                continue
             # Cheap test for an ambiguous identity (an id member named twice, or any escape, which a name may hide
             # behind: one memchr, where looking for "\u" costs 10x more); such a record takes the slow path, which
             # applies the exact rule on the decoded names.
@@ -477,3 +483,19 @@ def parse_event(raw: bytes | str) -> Event:
     context = {k: v for k, v in orjson.loads(text).items() if k in CONTEXT_FIELDS}
     return Event(batch.event_ids[0], batch.users[0], batch.items[0], ACTIONS[int(batch.actions[0])],
                  float(batch.values[0]), int(batch.ts[0]), context)
+
+
+def nesting_depth(payload: str) -> int:
+    """How deep a JSON text nests objects and arrays, brackets inside strings not counted.
+
+    >>> nesting_depth('{"a": [1, {"b": "[[["}]}')
+    3
+    """
+    depth = deepest = 0
+    for c in _STRINGS.sub("", payload):
+        if c in "{[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "}]":
+            depth -= 1
+    return deepest

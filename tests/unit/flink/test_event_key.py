@@ -91,7 +91,10 @@ AGREEMENT: list[tuple[str, str, str]] = [
     ("C1 control character", f'{{"event_id":"e1","user_id":"u\u009b",{EVENT}}}', "control_chars_in_user_id"),
     ("not UTF-8", f'{{"event_id":"e1","user_id":"u1\ufffd",{EVENT}}}', "invalid_utf8_in_user_id"),
     ("lone surrogate", rf'{{"event_id":"e\ud800","user_id":"u1",{EVENT}}}', "invalid_json"),
-    ("nested 1,100 deep", f'{{"event_id":"e1","user_id":"u1","x":{"[" * 1100}{"]" * 1100},{EVENT}}}', "invalid_json"),
+    ("nested 1,100 deep", f'{{"event_id":"e1","user_id":"u1","x":{"[" * 1100}{"]" * 1100},{EVENT}}}', "too_deep"),
+    # The limit, 1,000 levels with the event's own object, is the same on both sides.
+    ("nested 1,000 deep", f'{{"event_id":"e1","user_id":"u1","x":{"[" * 999}{"]" * 999},{EVENT}}}', "keep"),
+    ("nested 1,001 deep", f'{{"event_id":"e1","user_id":"u1","x":{"[" * 1000}{"]" * 1000},{EVENT}}}', "too_deep"),
 ]
 
 

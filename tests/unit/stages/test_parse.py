@@ -79,7 +79,7 @@ BAD = [
     ("bad_dwell_ms", with_(dwell_ms=3.5e38)),
     ("bad_type_user_id", with_(user_id=2**63)),
     ("bad_type_event_id", with_(event_id=-(2**63) - 1)),
-    ("invalid_json", '{"a":' * 5000 + "1" + "}" * 5000),  # deeper than any decoder follows
+    ("too_deep", '{"a":' * 5000 + "1" + "}" * 5000),  # deeper than the JVM's parser (and so this one) follows
     ("invalid_utf8_in_user_id", with_(user_id="u\ufffd")),
     ("bad_type_user_id", with_(user_id=[{"nested": ["junk", {"deeper": None}]}])),
     ("not_an_object", "null"),
