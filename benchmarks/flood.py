@@ -1,5 +1,5 @@
 """Memory under a flood of new ids: two million distinct random user ids (one event each) among normal traffic, with
-the default configuration, and what the defaults bound (README, "Bounded memory").
+the default configuration, and what the defaults bound (docs/model.md, "Ids and bounded memory").
 
     python -m benchmarks.flood --mode stage [--ids 2000000]     # TrainStage fed chunks in this process
     python -m benchmarks.flood --mode job [--ids 2000000]       # the real job on the local mini-cluster

@@ -1,4 +1,4 @@
-"""Freshness, as PROTOCOL.md defines it: for each input event, the time from its append to the input topic to the
+"""Freshness, as docs/evaluation.md defines it: for each input event, the time from its append to the input topic to the
 moment a consumer of the embeddings topic can read an embedding of the event's user that includes it.
 
     python -m benchmarks.freshness --rate 10000 --seconds 60 [--delivery exactly_once] [--set KEY=VALUE ...] [--keep]

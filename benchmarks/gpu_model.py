@@ -1,7 +1,7 @@
 """Model-level GPU benchmark: ``OnlineBiasedMF.learn_many`` samples/s and the ML-100K prequential run, CUDA against CPU.
 
-    python -m benchmarks.gpu_model --data ../shared/datasets/ml-100k [--devices cuda,cpu] [--out results.json]
-    python -m benchmarks.gpu_model --devices cpu --quick --data ../shared/datasets/ml-100k   # a smoke test
+    python -m benchmarks.gpu_model --data ML100K_DIR [--devices cuda,cpu] [--out results.json]
+    python -m benchmarks.gpu_model --devices cpu --quick --data ML100K_DIR   # a smoke test
 
 Imports only ``model/`` and ``benchmarks.ml100k`` (NumPy, PyTorch, tqdm; River only if asked for there, never here),
 so it runs on a machine without the job's packages (no PyFlink, orjson, msgspec, Kafka client).

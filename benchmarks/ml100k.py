@@ -1,11 +1,11 @@
 """Prequential quality on MovieLens 100K, side by side: River's BiasedMF, popularity and this project's model.
 
 All three read the same stream (``u.data`` stable-sorted by timestamp) and are scored by the same
-``model.prequential.Prequential``, as ../shared/PROTOCOL.md says: River and popularity event by event, the project's
+``model.prequential.Prequential``, as docs/evaluation.md says: River and popularity event by event, the project's
 model in micro-batches (test the batch, then train on it). Predicted ratings are clipped to [1, 5]; River is also
 reported unclipped, the rule under which the protocol's reference figures were taken (RMSE 0.9485, MAE 0.7497).
 
-    python -m benchmarks.ml100k --data ../shared/datasets/ml-100k [--batch-size 4096] [--seed 0]
+    python -m benchmarks.ml100k --data ML100K_DIR [--batch-size 4096] [--seed 0]
 
 ``events/s`` counts only the system's own work (rating predictions and training), not the ranking evaluation.
 """
@@ -312,7 +312,7 @@ def overrides(settings: Sequence[str]) -> dict[str, Any]:
 
 
 def table(results: Sequence[Result]) -> str:
-    """The Markdown table of PROTOCOL.md."""
+    """The side-by-side table, in the layout of the reference figures (docs/evaluation.md)."""
 
     def fmt(x: float) -> str:
         return "–" if np.isnan(x) else f"{x:.4f}"
@@ -359,7 +359,7 @@ def main() -> None:
     results = []
     if "river" not in skip:
         results.append(run_river(stream))
-        results.append(run_river(stream, clip=False))  # the rule of PROTOCOL.md's reference figures
+        results.append(run_river(stream, clip=False))  # the rule of docs/evaluation.md's reference figures
     if "popularity" not in skip:
         results.append(run_popularity(stream))
     if "model" not in skip:

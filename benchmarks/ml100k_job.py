@@ -1,8 +1,8 @@
 """ML-100K through the real job: the stream goes into Kafka, the job on the local mini-cluster evaluates every
-micro-batch before training on it (PROTOCOL.md's prequential protocol), and its own figures are printed beside
+micro-batch before training on it (docs/evaluation.md's prequential protocol), and its own figures are printed beside
 River's ``reco.BiasedMF`` and popularity, computed in this process on the same stream.
 
-    python -m benchmarks.ml100k_job --data ../shared/datasets/ml-100k [--batch-size 1] [--profile ml100k_served]
+    python -m benchmarks.ml100k_job --data ML100K_DIR [--batch-size 1] [--profile ml100k_served]
 
 The broker it starts is stopped when it ends (also on an error, Ctrl-C or SIGTERM) unless ``--keep``.
 

@@ -1,4 +1,4 @@
-"""End-to-end throughput, as PROTOCOL.md defines it: a pre-filled input topic, the job on the local mini-cluster,
+"""End-to-end throughput, as docs/evaluation.md defines it: a pre-filled input topic, the job on the local mini-cluster,
 the clock from the first chunk the trainer receives to the last batch reflected in the output.
 
     python -m benchmarks.throughput --events 1000000 [--set batch.size=8192] [--keep]

@@ -51,7 +51,7 @@ class KafkaConfig:
     group_id: str = "streamrec-job"
     start_from: str = "earliest"  # earliest | latest | committed
     # Extra Kafka client settings for every source and sink (security.protocol, sasl.*, ssl.*); secrets only as
-    # ${env:NAME} or ${file:PATH} references (README, "Kafka security").
+    # ${env:NAME} or ${file:PATH} references (docs/operations.md, "Kafka security").
     client_properties: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -107,8 +107,8 @@ DELIVERY_MODES = ("at_least_once", "exactly_once")
 @dataclass(frozen=True)
 class PublishConfig:
     interval_ms: int = 250  # touched users are coalesced and published at most this often (0: after every batch)
-    # Touched items likewise. Every batch moves nearly every item (its sampled negatives), so each item publish
-    # sends the whole item table: at 250 ms items were over half of all records. Freshness is a user's record.
+    # Touched items likewise, less often: every batch moves nearly every item (its sampled negatives), so an item
+    # publish sends most of the item table, while freshness is measured on users' records.
     item_interval_ms: int = 1000
     # A touched id whose vector moved by more than this (relative L2 change since its last publish) is published
     # after the batch that moved it instead of waiting for the interval; 0: off (the interval alone decides).
@@ -118,7 +118,7 @@ class PublishConfig:
     # exactly_once: Kafka transactions committed with each checkpoint; consumers read committed.
     delivery: str = "at_least_once"
     # Kafka transaction timeout for exactly_once: must not exceed the broker's transaction.max.timeout.ms (15 min by
-    # default) and must outlast the longest outage to recover from (README, "Delivery guarantees").
+    # default) and must outlast the longest outage to recover from (docs/operations.md, "Delivery guarantees").
     transaction_timeout_ms: int = 15 * 60 * 1000
     snapshot_dir: str = ""  # also write every table as NumPy files with an id index here (local runs); empty: off
     snapshot_interval_ms: int = 60_000
@@ -263,15 +263,13 @@ class FlinkConfig:
     restore_from: str = ""  # a checkpoint (chk-N directory) or savepoint to start from; empty: start fresh
     # A model pre-trained in batch (python -m model.warm_start --out FILE): a job without restored state starts from it.
     initial_model: str = ""
-    # "thread" (Python inside the TaskManager's JVM: no worker, no bundles, fresher output and ahead of the walking
-    # skeleton in BENCHMARKS.md; torch runs on a thread of its own, flink_job.flink.torch_thread; state is a snapshot and
-    # a call log, flink_job.flink.stage_log) or "process" (a Python worker fed in bundles). The embedded interpreter finds
-    # the venv through python.pythonpath (flink_job.flink.topology, deploy/cluster.py, deploy/k8s).
+    # "thread" (Python inside the TaskManager's JVM: no worker process, no bundles, fresher output; torch runs on a
+    # thread of its own, flink_job.flink.torch_thread; state is a snapshot and a call log, flink_job.flink.stage_log)
+    # or "process" (a Python worker fed in bundles). The embedded interpreter finds the venv through
+    # python.pythonpath (flink_job.flink.topology, deploy/cluster.py, deploy/k8s). Figures: BENCHMARKS.md.
     python_execution_mode: str = "thread"
     # Python results reach the JVM, and the stage's state is serialised into Flink state, at the end of each bundle:
-    # shorter bundles mean fresher output and more state writes. 50 ms: freshness p99 895-1,036 ms at 10,000
-    # events/s against 1.04-1.3 s with 100 ms, for about 5% of throughput (1-27% in adjacent pairs on a noisy
-    # machine); 1 s bundles gain about 20% over 100 ms and add a second (BENCHMARKS.md).
+    # shorter bundles mean fresher output and more state writes (the trade-off measured: BENCHMARKS.md).
     bundle_time_ms: int = 50
     # After a failure the job restarts from its last checkpoint, waiting 1 s, then twice as long after each further
     # failure up to the maximum; a job that ran an hour without failing starts again from the initial wait.

@@ -61,14 +61,14 @@ class ModelConfig:
     lr_schedule: str = "constant"  # constant | warmup_constant | warmup_rsqrt (by trained batches)
     warmup_steps: int = 100
     inner_steps: int = 1  # optimisation passes over each micro-batch
-    # Bounded memory (README, "Bounded memory"): each of these is on by default, so that no stream of new ids can
+    # Bounded memory (docs/model.md, "Ids and bounded memory"): each of these is on by default, so that no stream of new ids can
     # grow the job without limit.
     # Row cap: a table holds at most max_rows ids; a batch whose new ids would pass it first evicts the least
     # recently used ids (by batch, never the batch's own), which the job publishes as tombstones. Why 2^18: the whole
     # training stage is one pickled state value, written every few seconds and copied by each checkpoint, so its
     # worst case must sit well inside the task heap of the shipped 3 GB TaskManager (deploy/cluster.py). A row is
     # about 4 dim + 70 bytes of state with Adagrad (about 200 at dim 32), so both tables at 2^18 rows are about 100 MB of
-    # state, and the cleaner's and the evaluator's per-id memory is capped at the same count (README). Raise it with
+    # state, and the cleaner's and the evaluator's per-id memory is capped at the same count (docs/model.md). Raise it with
     # the TaskManager's memory.
     max_rows: int = 262_144
     # Id admission: an id gets its own row from its admit_after-th sighting; before that it shares the table's

@@ -1,4 +1,4 @@
-"""Prequential (test-then-train) quality of a recommender on a stream of micro-batches, as ../shared/PROTOCOL.md says.
+"""Prequential (test-then-train) quality of a recommender on a stream of micro-batches, as docs/evaluation.md says.
 
 Each batch is tested against the model as it is, before the model trains on it: one ``predict_ratings`` call for the
 batch's rated events and one ``score_items`` call for the distinct (sampled) users with positives, over every item

@@ -6,7 +6,7 @@ Reads either a delimited file of ``user item rating [ts]`` rows (tab, comma or s
 ``OnlineBiasedMF.file_bytes()``: the model's whole state as a NumPy ``.npz`` archive, which the job reads without
 pickle (``model.portable``), so a file from elsewhere cannot run code in it.
 
-    python -m model.warm_start --input ../shared/datasets/ml-100k/u.data --out state.npz [--epochs 1] [--set dim=32]
+    python -m model.warm_start --input ML100K_DIR/u.data --out state.npz [--epochs 1] [--set dim=32]
 
 >>> import tempfile, os
 >>> path = os.path.join(tempfile.mkdtemp(), "log.tsv")

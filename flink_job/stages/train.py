@@ -68,7 +68,7 @@ class TrainStage:
         self.batcher = MicroBatcher(cfg.batch.size)
         self.watermarks = Watermarks(cfg.clean.out_of_orderness_ms, cfg.clean.allowed_lateness_ms,
                                      cfg.clean.max_future_ms)
-        # Per-id memory outside the model is capped at the model's row cap (README, "Bounded memory").
+        # Per-id memory outside the model is capped at the model's row cap (docs/model.md, "Ids and bounded memory").
         self.near_duplicates = NearDuplicates(cfg.clean.near_duplicate_window_ms, cfg.model.max_rows)
         self.cleaner = Cleaner(cfg.clean, cfg.model.max_rows)
         self.counters = Counters()

@@ -1,7 +1,7 @@
 """The producer command: writes a synthetic stream or a MovieLens file into the input topic, with a progress bar.
 
     python -m flink_job.tools.produce synthetic --events 100000 --duplicates 0.05 --malformed 0.01 --late 0.01
-    python -m flink_job.tools.produce movielens ../shared/datasets/ml-100k/u.data --speed 3600 --rate 5000
+    python -m flink_job.tools.produce movielens ML100K_DIR/u.data --speed 3600 --rate 5000
 
 ``--rate`` caps the events per second sent; ``--speed`` replays in event time scaled by that factor
 (3600: one hour of the file per second). Without either, records are sent as fast as the broker takes them.
