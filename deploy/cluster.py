@@ -12,53 +12,33 @@ own run dir and ports, so a development cluster and a test cluster can run side 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from deploy.cluster_conf import PROJECT, RUN_DIR
+from deploy.cluster_rest import ClusterRest, RestError
 from deploy.jars import CONNECTOR_JAR_ENV, UDF_JAR_ENV, connector_jar, flink_home, udf_jar
 from deploy.kafka import signals_as_exit
+from deploy.processes import alive, cmdline, kill_all, parent_map, port_open, send_signal
 from flink_job.secrets import redacted_args, write_private
 
 log = logging.getLogger(__name__)
-PROJECT = Path(__file__).resolve().parent.parent
-RUN_DIR = PROJECT / ".run" / "flink-cluster"
+
 # The Python packages the job needs on the TaskManagers; shipped with --pyFiles as one zip.
 SOURCES = ("flink_job", "model")  # the job imports nothing from deploy
 IDENT = "streamrec"  # FLINK_IDENT_STRING: names the pid and log files of the daemons
-ENDED = ("FINISHED", "CANCELED", "FAILED")
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flink's nested YAML as ``dotted.key: value`` pairs, which Flink 2.x reads just the same.
-
-    >>> flatten({"rest": {"address": "localhost", "port": 8081}, "parallelism.default": 1})
-    {'rest.address': 'localhost', 'rest.port': 8081, 'parallelism.default': 1}
-    """
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def parse_job_id(output: str) -> str:
@@ -73,123 +53,15 @@ def parse_job_id(output: str) -> str:
     return m.group(1)
 
 
-class RestError(RuntimeError):
-    """Flink's REST API answered with an HTTP error."""
-
-
 @dataclass(frozen=True)
-class SessionCluster:
-    rest_port: int = 8081
-    rpc_port: int = 6123  # the JobManager's RPC port; the TaskManager's ports are chosen by the OS
-    run_dir: Path = RUN_DIR
-    slots: int = 4
-    jobmanager_memory: str = "1g"
-    # Managed memory (40 % of Flink memory) is where the Python workers' memory is budgeted in process mode.
-    taskmanager_memory: str = "3g"
-    python: str = field(default=sys.executable)  # the venv's python, not resolved: it must keep the venv
-    # More Flink settings on top of ``settings()``, e.g. shorter heartbeats so that a killed TaskManager is noticed
-    # in seconds rather than after the default 50 s heartbeat timeout (the fault-tolerance tests).
-    extra_settings: dict[str, Any] = field(default_factory=dict, hash=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "run_dir", Path(self.run_dir).absolute())  # it ends up in URIs and env vars
-
-    @property
-    def conf_dir(self) -> Path:
-        return self.run_dir / "conf"
-
-    @property
-    def lib_dir(self) -> Path:
-        return self.run_dir / "lib"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.run_dir / "log"
-
-    @property
-    def worker_launcher(self) -> Path:
-        """The workers' ``python.executable``: the venv's python running the worker through ``flink_job.flink.worker``,
-        which tunes it first (see that module). The shipped code is on the workers' path when they start."""
-        return self.run_dir / "python-worker"
-
-    @property
-    def rest_url(self) -> str:
-        return f"http://127.0.0.1:{self.rest_port}"
-
-    def settings(self) -> dict[str, Any]:
-        """What differs from PyFlink's shipped config: loopback only, our ports, small memory, the venv's python."""
-        return {
-            "jobmanager.rpc.address": "127.0.0.1",
-            "jobmanager.rpc.port": self.rpc_port,
-            "jobmanager.bind-host": "127.0.0.1",
-            "taskmanager.bind-host": "127.0.0.1",
-            "taskmanager.host": "127.0.0.1",
-            "rest.address": "127.0.0.1",
-            "rest.bind-address": "127.0.0.1",
-            "rest.port": self.rest_port,
-            "jobmanager.memory.process.size": self.jobmanager_memory,
-            "taskmanager.memory.process.size": self.taskmanager_memory,
-            "taskmanager.memory.managed.fraction": 0.4,
-            "taskmanager.numberOfTaskSlots": self.slots,
-            "parallelism.default": 1,
-            "python.executable": str(self.worker_launcher),
-            "python.client.executable": self.python,
-            # Thread mode: pemja starts the interpreter behind ``self.python`` inside the TaskManager with that
-            # interpreter's default sys.path, which lacks the venv's packages.
-            "python.pythonpath": self.site_packages(),
-            "env.log.dir": str(self.log_dir),
-            "env.pid.dir": str(self.run_dir),
-            "io.tmp.dirs": str(self.run_dir / "tmp"),
-            "execution.checkpointing.dir": (self.run_dir / "checkpoints").as_uri(),
-            "execution.checkpointing.savepoint-dir": (self.run_dir / "savepoints").as_uri(),
-            **self.extra_settings,
-        }
-
-    def write_conf(self) -> None:
-        """A fresh copy of PyFlink's conf/ with ``settings()`` applied; the installed conf/ stays as it is."""
-        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # logs, conf and checkpoints: the owner's only
-        shutil.rmtree(self.conf_dir, ignore_errors=True)
-        shutil.copytree(flink_home() / "conf", self.conf_dir)
-        conf_file = self.conf_dir / "config.yaml"
-        conf = flatten(yaml.safe_load(conf_file.read_text()) or {})
-        conf.update(self.settings())
-        # Clients, JobManager and TaskManager leave their scratch files in the run dir rather than in /tmp.
-        tmpdir = f"-Djava.io.tmpdir={self.run_dir / 'tmp'}"
-        conf["env.java.opts.all"] = f"{conf.get('env.java.opts.all', '')} {tmpdir}".strip()
-        # Settings reach the daemons through this file, never as -D options on their command lines; Flink hides
-        # the values of its secret keys (password, secret, token, ...) when it logs the file.
-        write_private(conf_file, yaml.safe_dump(conf, sort_keys=True, width=10_000))
-        # lib/ as shipped plus opt/flink-python: the JobManager and TaskManagers need the Python operators on
-        # their own class path (Flink's advice for clusters running Python jobs); symlinks, not copies.
-        shutil.rmtree(self.lib_dir, ignore_errors=True)
-        self.lib_dir.mkdir(parents=True)
-        for jar in [*(flink_home() / "lib").glob("*.jar"), *(flink_home() / "opt").glob("flink-python-*.jar")]:
-            (self.lib_dir / jar.name).symlink_to(jar)
-        (self.conf_dir / "masters").write_text(f"127.0.0.1:{self.rest_port}\n")
-        (self.conf_dir / "workers").write_text("127.0.0.1\n")
-        for sub in (self.log_dir, self.run_dir / "tmp"):
-            sub.mkdir(parents=True, exist_ok=True)
-        # Flink also runs python.executable for other things (-c "import pyflink ..."): only the worker is wrapped.
-        self.worker_launcher.write_text(
-            "#!/bin/sh\n"
-            'if [ "$1" = "-m" ] && [ "$2" = "pyflink.fn_execution.beam.beam_boot" ]; then\n'
-            f'  exec "{self.python}" -m flink_job.flink.worker "$@"\n'
-            "fi\n"
-            f'exec "{self.python}" "$@"\n'
-        )
-        self.worker_launcher.chmod(0o755)
+class SessionCluster(ClusterRest):
+    """A cluster of ``ClusterConf``: started, stopped and fed jobs here, its jobs watched through ``ClusterRest``."""
 
     def _env(self) -> dict[str, str]:
         inherited = ("FLINK_HOME", "FLINK_LOG_DIR", "FLINK_PID_DIR", "FLINK_OPT_DIR", "FLINK_PLUGINS_DIR")
         env = {k: v for k, v in os.environ.items() if k not in inherited}  # ours, not another install's
         env.update(FLINK_CONF_DIR=str(self.conf_dir), FLINK_LIB_DIR=str(self.lib_dir), FLINK_IDENT_STRING=IDENT)
         return env
-
-    def site_packages(self) -> str:
-        """The venv's package directories, as a path list."""
-        out = subprocess.run([self.python, "-c", "import site; print('\\n'.join(site.getsitepackages()))"],
-                             check=True, capture_output=True, text=True, timeout=60).stdout
-        return os.pathsep.join(out.splitlines())
 
     def _script(self, name: str, *args: str, timeout_s: float = 120.0,
                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -210,7 +82,7 @@ class SessionCluster:
         pids = []
         for pid_file in self.run_dir.glob(f"flink-{IDENT}-*.pid"):
             for line in pid_file.read_text().split():
-                if line.isdigit() and _alive(int(line)):
+                if line.isdigit() and alive(int(line)):
                     pids.append(int(line))
         return pids
 
@@ -235,7 +107,7 @@ class SessionCluster:
         pid_file = self.run_dir / f"flink-{IDENT}-taskexecutor.pid"
         if not pid_file.exists():
             return []
-        return [int(p) for p in pid_file.read_text().split() if p.isdigit() and _alive(int(p))]
+        return [int(p) for p in pid_file.read_text().split() if p.isdigit() and alive(int(p))]
 
     def taskmanager_ids(self) -> set[str]:
         """The TaskManagers the JobManager has registered (a killed one stays until its heartbeat times out)."""
@@ -247,7 +119,7 @@ class SessionCluster:
         The Python workers the TaskManager started are not signalled: as after a real crash, they exit when their
         connection to it breaks (none was left behind in the tests; ``stop()`` ends any that linger).
         """
-        return _kill(self.taskmanager_pids(), "TaskManager", f" (pid file in {self.run_dir})", timeout_s)
+        return kill_all(self.taskmanager_pids(), "TaskManager", f" (pid file in {self.run_dir})", timeout_s)
 
     def start_taskmanager(self, timeout_s: float = 120.0) -> str:
         """Starts one more TaskManager (``bin/taskmanager.sh start``); returns its id once it has registered."""
@@ -265,20 +137,20 @@ class SessionCluster:
     def python_worker_pids(self) -> list[int]:
         """The Python worker processes of the live TaskManagers (process mode): descendants of a TaskManager JVM
         running ``pyflink.fn_execution`` (the ``beam_boot`` launcher and the worker it starts)."""
-        parents = _parent_map()
+        parents = parent_map()
         tms = set(self.taskmanager_pids())
         found = []
         for pid, ppid in parents.items():
             ancestor = ppid
             while ancestor > 1 and ancestor not in tms:
                 ancestor = parents.get(ancestor, 0)
-            if ancestor in tms and b"pyflink.fn_execution" in _cmdline(pid):
+            if ancestor in tms and b"pyflink.fn_execution" in cmdline(pid):
                 found.append(pid)
         return sorted(found)
 
     def kill_python_workers(self, timeout_s: float = 10.0) -> list[int]:
         """``kill -9`` the TaskManagers' Python workers (the TaskManager itself keeps running); returns their pids."""
-        return _kill(self.python_worker_pids(), "Python worker", " of a live TaskManager", timeout_s)
+        return kill_all(self.python_worker_pids(), "Python worker", " of a live TaskManager", timeout_s)
 
     def start(self, timeout_s: float = 120.0) -> None:
         """Starts one JobManager and one TaskManager and waits until the TaskManager has registered."""
@@ -287,7 +159,7 @@ class SessionCluster:
             self.wait_ready(timeout_s)
             return
         for port in (self.rest_port, self.rpc_port):
-            if _port_open(port):
+            if port_open(port):
                 raise RuntimeError(f"cluster: port {port} is taken by another process; pick other ports")
         self.write_conf()
         self._script("start-cluster.sh")
@@ -327,10 +199,10 @@ class SessionCluster:
         left = self.processes()
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in left:
-                _signal(pid, sig)
+                send_signal(pid, sig)
             while left and time.monotonic() < deadline:
                 time.sleep(0.2)
-                left = [p for p in left if _alive(p)]
+                left = [p for p in left if alive(p)]
             if not left:
                 break
             log.warning("cluster: processes %s outlived %s", left, sig.name)
@@ -414,171 +286,6 @@ class SessionCluster:
         write_private(path, yaml.safe_dump(config_tree(config, args.overrides)))
         return ["--config", str(path)]
 
-    def rest(self, method: str, path: str, body: dict[str, Any] | None = None, timeout_s: float = 10.0) -> Any:
-        """One call of Flink's REST API; JSON in and out."""
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"{self.rest_url}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as ex:
-            detail = ex.read().decode(errors="replace")[:2000]
-            raise RestError(f"cluster: {method} {path} answered {ex.code}: {detail}") from ex
-        return json.loads(raw) if raw else {}
-
-    def jobs(self) -> list[dict[str, Any]]:
-        jobs: list[dict[str, Any]] = self.rest("GET", "/jobs/overview")["jobs"]
-        return jobs
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        info: dict[str, Any] = self.rest("GET", f"/jobs/{job_id}")
-        return info
-
-    def job_status(self, job_id: str) -> str:
-        """``CREATED``, ``RUNNING``, ``FAILED``, ``CANCELED``, ``FINISHED`` ..."""
-        return str(self.job(job_id)["state"])
-
-    def wait_running(self, job_id: str, timeout_s: float = 120.0) -> None:
-        """Waits until the job and all of its tasks run (the Python workers have started)."""
-        deadline = time.monotonic() + timeout_s
-        info: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            info = self.job(job_id)
-            if info["state"] in ENDED:
-                raise RuntimeError(
-                    f"cluster: job {job_id} ended as {info['state']}: {self.exception(job_id)}; "
-                    f"logs in {self.log_dir}"
-                )
-            if info["state"] == "RUNNING" and all(v["status"] == "RUNNING" for v in info["vertices"]):
-                return
-            time.sleep(1.0)
-        states = {v["name"][:40]: v["status"] for v in info.get("vertices", [])}
-        raise TimeoutError(f"cluster: job {job_id} not running after {timeout_s}s: {info.get('state')} {states}")
-
-    def wait_ended(self, job_id: str, timeout_s: float = 60.0) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            state = self.job_status(job_id)
-            if state in ENDED:
-                return state
-            time.sleep(0.5)
-        raise TimeoutError(f"cluster: job {job_id} still {self.job_status(job_id)} after {timeout_s}s")
-
-    def exception(self, job_id: str) -> str:
-        """The root cause of the job's latest failure, if any."""
-        try:
-            info = self.rest("GET", f"/jobs/{job_id}/exceptions")
-        except RuntimeError as ex:
-            return str(ex)
-        root = (info.get("exceptionHistory") or {}).get("entries") or []
-        return str(root[0].get("stacktrace", ""))[:4000] if root else "none recorded"
-
-    def cancel(self, job_id: str, wait_s: float = 60.0) -> str:
-        """Cancels without a savepoint; returns the final state."""
-        self.rest("PATCH", f"/jobs/{job_id}?mode=cancel")
-        state = self.wait_ended(job_id, wait_s)
-        log.info("cluster: job %s %s", job_id, state)
-        return state
-
-    def checkpoints(self, job_id: str) -> dict[str, Any]:
-        """The job's checkpoint statistics: ``counts`` (completed, failed, ...) and ``latest`` (completed, restored)."""
-        info: dict[str, Any] = self.rest("GET", f"/jobs/{job_id}/checkpoints")
-        return info
-
-    def completed_checkpoint(self, job_id: str) -> int:
-        """The id of the job's latest completed checkpoint, 0 if none yet."""
-        latest = (self.checkpoints(job_id).get("latest") or {}).get("completed") or {}
-        return int(latest.get("id", 0))
-
-    def stop_with_savepoint(self, job_id: str, directory: str | Path | None = None, timeout_s: float = 120.0) -> str:
-        """Takes a savepoint and stops the job (no drain, as for an upgrade); returns the savepoint's path.
-
-        The REST form of ``flink stop --savepointPath DIR JOBID``; resume with ``submit(..., savepoint=path)``.
-        """
-        body: dict[str, Any] = {"drain": False}
-        if directory is not None:
-            has_scheme = re.match(r"[a-z][a-z0-9+.-]*:", str(directory)) is not None
-            body["targetDirectory"] = str(directory) if has_scheme else Path(directory).resolve().as_uri()
-        trigger = self.rest("POST", f"/jobs/{job_id}/stop", body)["request-id"]
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            info = self.rest("GET", f"/jobs/{job_id}/savepoints/{trigger}")
-            if info["status"]["id"] == "COMPLETED":
-                op = info.get("operation") or {}
-                if "failure-cause" in op:
-                    cause = op["failure-cause"].get("stack-trace", op["failure-cause"])
-                    raise RuntimeError(f"cluster: savepoint of job {job_id} failed: {str(cause)[:4000]}")
-                path = str(op["location"])
-                # The savepoint request completes a moment before the job leaves RUNNING; callers that resubmit
-                # or cancel next need the job ended.
-                state = self.wait_ended(job_id, max(deadline - time.monotonic(), 10.0))
-                log.info("cluster: job %s %s with savepoint %s", job_id, state, path)
-                return path
-            time.sleep(0.5)
-        raise TimeoutError(f"cluster: savepoint of job {job_id} not done after {timeout_s}s")
-
-
-def _kill(pids: list[int], what: str, where: str, timeout_s: float) -> list[int]:
-    """``kill -9`` of ``pids`` (processes of kind ``what``), once all are gone; an empty list is an error."""
-    if not pids:
-        raise RuntimeError(f"cluster: no live {what}{where} to kill")
-    for pid in pids:
-        _signal(pid, signal.SIGKILL)
-    _wait_gone(pids, timeout_s)
-    log.info("cluster: killed %s(s) %s", what, pids)
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    try:  # a zombie still answers kill(0) but is gone for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _wait_gone(pids: list[int], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while any(_alive(p) for p in pids):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"cluster: processes {[p for p in pids if _alive(p)]} outlived SIGKILL")
-        time.sleep(0.05)
-
-
-def _parent_map() -> dict[int, int]:
-    """pid -> parent pid of every process we can see."""
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                out[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    return out
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def main(argv: list[str] | None = None) -> None:

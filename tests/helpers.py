@@ -20,7 +20,8 @@ import orjson
 import pytest
 import yaml
 
-from deploy.cluster import ENDED, SessionCluster
+from deploy.cluster import SessionCluster
+from deploy.cluster_rest import ENDED
 from deploy.kafka import Broker
 from flink_job.config import JobConfig
 from flink_job.kafka.produce import Record

@@ -29,7 +29,8 @@ import orjson
 
 from flink_job.config import JobConfig
 from flink_job.serving.http import BoundedHTTPServer, HeadHandler, HttpLimits
-from flink_job.serving.index import ISOLATION_LEVELS, EmbeddingIndex, ServingConfig
+from flink_job.serving.config import ISOLATION_LEVELS, ServingConfig
+from flink_job.serving.index import EmbeddingIndex
 
 log = logging.getLogger(__name__)
 MAX_N = 1_000

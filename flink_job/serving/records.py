@@ -8,7 +8,7 @@ import numpy as np
 import orjson
 
 if TYPE_CHECKING:
-    from flink_job.serving.index import ServingConfig
+    from flink_job.serving.config import ServingConfig
 
 INT64_MAX = 2**63 - 1
 

@@ -20,7 +20,8 @@ from flink_job.kafka.produce import send
 from flink_job.serving import recommend
 from flink_job.serving.recommend import RecommendServer
 from flink_job.flink.runner import LocalJob
-from flink_job.serving.index import EmbeddingIndex, ServingConfig
+from flink_job.serving.config import ServingConfig
+from flink_job.serving.index import EmbeddingIndex
 from flink_job.serving.records import example_record
 from flink_job.kafka.topics import end_offsets
 

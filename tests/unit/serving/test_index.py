@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flink_job.serving.index import EmbeddingIndex, ServingConfig
+from flink_job.serving.config import ServingConfig
+from flink_job.serving.index import EmbeddingIndex
 from flink_job.serving.records import example_record
 from tests.embeddings import DIM, Changelog, hostile_embeddings
 
