@@ -65,3 +65,12 @@ def test_stage_settings_are_nested_and_old_flat_records_map_into_them() -> None:
     restored = JobConfig.load().with_stage_settings(old_record).model
     assert (restored.optimizer.lr, restored.optimizer.name, restored.ids.ttl_ms) == (0.5, "sgd", 7)
     assert restored.ids.max_rows == cfg.model.ids.max_rows
+
+
+def test_a_written_configuration_loads_back_the_same(tmp_path) -> None:
+    """The runner hands its child process ``to_dict()`` as YAML: the nested model sections must load back."""
+    import yaml
+    cfg = JobConfig.load(overrides=["model.optimizer.name=adam", "model.extras.history_size=3", "model.seed=4"])
+    f = tmp_path / "job.yaml"
+    f.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert JobConfig.load(f) == cfg
