@@ -28,7 +28,7 @@ import orjson
 import yaml  # type: ignore[import-untyped, unused-ignore]  # stubs only where types-PyYAML is installed
 
 from model.arrays import Array
-from model.config import ModelConfig
+from model.config import ModelConfig, canonical_path
 from model.mf import RATING_CODE, OnlineBiasedMF
 
 log = logging.getLogger(__name__)
@@ -90,11 +90,14 @@ def main(argv: list[str] | None = None) -> None:
     settings: dict[str, Any] = {}
     for item in args.set:
         key, _, raw = item.partition("=")
-        *section, name = key.split(".")
+        value = yaml.safe_load(raw)
+        *section, name = canonical_path(key, value) if "." not in key else tuple(key.split("."))
         target = settings
         for part in section:
             target = target.setdefault(part, {})
-        target[name] = yaml.safe_load(raw)
+        if not isinstance(target, dict):
+            raise SystemExit(f"warm start: {'.'.join(section)} is a value, not a section: {item!r}")
+        target[name] = value
     try:
         model = OnlineBiasedMF(ModelConfig.from_dict(settings))
     except (TypeError, ValueError) as ex:
