@@ -8,7 +8,7 @@ the default configuration, and what the defaults bound (docs/model.md, "Ids and 
 state and the tombstones as the flood goes. ``job`` produces the same stream into Kafka (``benchmarks.throughput``'s
 broker and producer), runs the job with the defaults and records the TaskManager JVM's RSS (thread mode: the stage
 lives in it), the largest checkpoint and, at the end, the records and live keys of the embeddings topic.
-``--set model.max_rows=100000000`` lifts the caps, for the picture without them.
+``--set model.ids.max_rows=100000000`` lifts the caps, for the picture without them.
 """
 from __future__ import annotations
 
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = JobConfig.load(overrides=args.overrides)
     m = cfg.model
-    bound = {"max_rows": m.max_rows, "ttl_ms": m.ttl_ms, "admit_after": m.admit_after,
+    bound = {"max_rows": m.ids.max_rows, "ttl_ms": m.ids.ttl_ms, "admit_after": m.ids.admit_after,
              "bytes_per_row": 4 * (m.dim + 2) + 12 + 3 * 8 + 1 + 3 * 8}
     result: dict[str, object] = {"date": time.strftime("%Y-%m-%d"), "mode": args.mode, "ids": args.ids,
                                  "regular_share": args.regular, "overrides": args.overrides, "bound": bound}

@@ -16,13 +16,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from flink_job.config import JobConfig
 from model.config import ModelConfig
 from model.mf import RATING_CODE, OnlineBiasedMF, pick_device
 from model.prequential import Prequential, Scorer
@@ -287,28 +288,35 @@ def run_model(stream: Stream, config: ModelConfig = ModelConfig(), batch_size: i
 # of 8 past events per event at a fifth of the weight (approximates more passes over the stream).
 PROFILES: dict[str, dict[str, Any]] = {
     "ml100k_served": {
-        "optimizer": "sgd", "lr": 0.1, "rating_bias_lr": 0.5, "init_std": 0.05, "l2": 0.01,
-        "replay_size": 100_000, "replay_ratio": 8.0, "replay_weight": 0.2,
-        "history_size": 20, "history_weight": 2.0, "popularity_weight": 0.5,
+        "init_std": 0.05,
+        "optimizer": {"name": "sgd", "lr": 0.1, "rating_bias_lr": 0.5, "l2": 0.01},
+        "stability": {"replay_size": 100_000, "replay_ratio": 8.0, "replay_weight": 0.2},
+        "extras": {"history_size": 20, "history_weight": 2.0, "popularity_weight": 0.5},
     },
     "ml100k": {
-        "lr": 0.1, "rating_bias_lr": 2.0, "inner_steps": 2, "history_size": 100, "history_weight": 0.0,
-        "cooccurrence_weight": 10.0, "popularity_weight": 0.5,
+        "optimizer": {"lr": 0.1, "rating_bias_lr": 2.0, "inner_steps": 2},
+        "extras": {"history_size": 100, "history_weight": 0.0, "cooccurrence_weight": 10.0, "popularity_weight": 0.5},
     },
 }
 
 
-def overrides(settings: Sequence[str]) -> dict[str, Any]:
-    """``model.key=value`` strings as ModelConfig fields, each value converted to its field's type."""
-    types = {f.name: type(getattr(ModelConfig(), f.name)) for f in fields(ModelConfig)}
-    out: dict[str, Any] = {}
-    for item in settings:
-        key, sep, value = item.partition("=")
-        name = key.removeprefix("model.")
-        if not sep or name not in types:
-            raise SystemExit(f"ml100k: --set wants model.<ModelConfig field>=<value>, got {item!r}")
-        out[name] = types[name](value)
-    return out
+def model_config(seed: int, profile: str, settings: Sequence[str]) -> ModelConfig:
+    """The model settings: defaults, ``seed``, the profile, then ``model.key=value`` strings as the job's
+    ``--set`` reads them (dotted into sections, or the older flat keys)."""
+    items = [f"model.seed={seed}", *_dotted("model", PROFILES.get(profile, {}))]
+    items += [s if s.startswith("model.") else f"model.{s}" for s in settings]
+    try:
+        return JobConfig.load(overrides=items).model
+    except ValueError as ex:
+        raise SystemExit(f"ml100k: --set: {ex}") from None
+
+
+def _dotted(prefix: str, tree: dict[str, Any]) -> Iterator[str]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _dotted(f"{prefix}.{key}", value)
+        else:
+            yield f"{prefix}.{key}={value}"
 
 
 def table(results: Sequence[Result]) -> str:
@@ -341,7 +349,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the project's model (ModelConfig.seed)")
     p.add_argument("--limit", type=int, default=0, help="only the first N events of the stream (0: all)")
     p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
-                   help="a ModelConfig override, repeatable (e.g. --set model.lr=0.1); --profile applies first")
+                   help="a model setting, repeatable (e.g. --set model.optimizer.lr=0.1; older flat keys "
+                   "such as model.lr also work); --profile applies first")
     p.add_argument("--profile", default="", choices=["", *PROFILES], help="a named set of ModelConfig overrides")
     p.add_argument("--skip", default="", help="comma-separated systems to leave out: river, popularity, model")
     args = p.parse_args()
@@ -354,8 +363,7 @@ def main() -> None:
         stream = stream.head(args.limit)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     log.info("ml100k: %d events, %d positives", len(stream), int(stream.positive.sum()))
-    config = replace(ModelConfig(), seed=args.seed, **PROFILES.get(args.profile, {}))
-    config = replace(config, **overrides(args.set))
+    config = model_config(args.seed, args.profile, args.set)
     results = []
     if "river" not in skip:
         results.append(run_river(stream))

@@ -42,13 +42,13 @@ def to_device(train: dict[str, np.ndarray[Any, Any]], n_real: int, cfg: ModelCon
     is_rating = act == rating_code
     rating_idx = np.flatnonzero(is_rating)
     implicit_w = np.where(is_rating, 0.0, w).astype(np.float32)
-    if cfg.rating_implicit_weight > 0:
-        implicit_w[is_rating & (val >= cfg.rating_implicit_min)] = cfg.rating_implicit_weight
+    if cfg.objective.rating_implicit_weight > 0:
+        implicit_w[is_rating & (val >= cfg.objective.rating_implicit_min)] = cfg.objective.rating_implicit_weight
     rating_w = None
-    if cfg.replay_weight != 1.0 and len(act) > n_real:
-        implicit_w[n_real:] *= cfg.replay_weight
+    if cfg.stability.replay_weight != 1.0 and len(act) > n_real:
+        implicit_w[n_real:] *= cfg.stability.replay_weight
         entry_w = np.ones(len(act), np.float32)
-        entry_w[n_real:] = cfg.replay_weight
+        entry_w[n_real:] = cfg.stability.replay_weight
         rating_w = torch.from_numpy(entry_w[rating_idx]).to(device)
     implicit_idx = np.flatnonzero(implicit_w > 0)
     return TrainBatch(

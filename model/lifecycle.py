@@ -7,9 +7,9 @@ what else it keeps per row, and the ids that lost their rows wait in ``drain_exp
 job to publish tombstones.
 
 >>> import torch
->>> from model.config import ModelConfig
+>>> from model.config import IdsConfig, ModelConfig
 >>> tables = tuple(EmbeddingTable(2, 0.1, torch.device("cpu"), torch.Generator()) for _ in range(2))
->>> ids = IdLifecycle(ModelConfig(max_rows=2), tables, lambda kind, rows: None)
+>>> ids = IdLifecycle(ModelConfig(ids=IdsConfig(max_rows=2)), tables, lambda kind, rows: None)
 >>> event_u, event_i = ids.admit(["a", "b"], ["x", "x"], None)
 >>> event_u.tolist(), event_i.tolist(), len(ids.users)
 ([1, 2], [1, 1], 2)
@@ -39,8 +39,8 @@ class IdLifecycle:
         self.on_release = on_release  # (kind, rows): clears the owner's per-row state of freed rows
         self.users = IdMap()
         self.items = IdMap()
-        self.user_sightings = Sightings(config.admit_capacity)
-        self.item_sightings = Sightings(config.admit_capacity)
+        self.user_sightings = Sightings(config.ids.admit_capacity)
+        self.item_sightings = Sightings(config.ids.admit_capacity)
         self.clock_ms = 0  # newest event time seen
         self.sweep_cursor = [1, 1]  # next row to check for expiry, users and items
         self.expired: tuple[list[str], list[str]] = ([], [])  # ids expired since the last drain_expired
@@ -59,8 +59,8 @@ class IdLifecycle:
             self.clock_ms = max(self.clock_ms, int(times.max()))
         self._make_room(0, users)
         self._make_room(1, items)
-        event_u = self.users.rows(users, self.user_sightings, cfg.admit_after, cfg.max_rows)  # (B,)
-        event_i = self.items.rows(items, self.item_sightings, cfg.admit_after, cfg.max_rows)  # (B,)
+        event_u = self.users.rows(users, self.user_sightings, cfg.ids.admit_after, cfg.ids.max_rows)  # (B,)
+        event_i = self.items.rows(items, self.item_sightings, cfg.ids.admit_after, cfg.ids.max_rows)  # (B,)
         return event_u, event_i
 
     def touch(self, event_u: Rows, event_i: Rows, times: np.ndarray[Any, Any] | None, batch: int) -> None:
@@ -75,14 +75,14 @@ class IdLifecycle:
     def expire(self) -> None:
         """Checks the next ``sweep_rows`` rows of each table for ids idle longer than ``ttl_ms`` (event time)."""
         cfg = self.config
-        if not cfg.ttl_ms:
+        if not cfg.ids.ttl_ms:
             return
-        cutoff = self.clock_ms - cfg.ttl_ms
+        cutoff = self.clock_ms - cfg.ids.ttl_ms
         for k in (0, 1):
             span = self.idmap(k).size - 1
             if span <= 0:
                 continue
-            n = min(cfg.sweep_rows, span)
+            n = min(cfg.ids.sweep_rows, span)
             rows = 1 + (self.sweep_cursor[k] - 1 + np.arange(n)) % span  # (n,) wraps past the last row
             self.sweep_cursor[k] = int(1 + (self.sweep_cursor[k] - 1 + n) % span)
             old = rows[self.tables[k].last_seen[rows] < cutoff]
@@ -93,7 +93,7 @@ class IdLifecycle:
         """Evicts the least recently used ids of table ``kind`` (0 users, 1 items) when the batch's new ids would
         take it past ``max_rows``; the ids of the batch itself stay. One scan frees room for at least 1/64 of the
         cap, so a flood of new ids costs a table scan per cap/64 new ids, not per batch."""
-        cap = self.config.max_rows
+        cap = self.config.ids.max_rows
         idmap = self.idmap(kind)
         if len(idmap) + len(ids) <= cap:  # room for every id of the batch: the usual case, no look-ups
             return

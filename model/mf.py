@@ -84,19 +84,19 @@ class OnlineBiasedMF:
         torch.set_num_threads(cfg.threads)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
-        anchored = cfg.proximal > 0
-        rows = cfg.max_rows + 1  # the ids' rows and the fallback row
-        self.user_table = EmbeddingTable(cfg.dim, cfg.init_std, self.device, self.generator, cfg.optimizer, anchored,
-                                         rows)
-        self.item_table = EmbeddingTable(cfg.dim, cfg.init_std, self.device, self.generator, cfg.optimizer, anchored,
-                                         rows)
+        anchored = cfg.stability.proximal > 0
+        rows = cfg.ids.max_rows + 1  # the ids' rows and the fallback row
+        self.user_table = EmbeddingTable(cfg.dim, cfg.init_std, self.device, self.generator, cfg.optimizer.name,
+                                         anchored, rows)
+        self.item_table = EmbeddingTable(cfg.dim, cfg.init_std, self.device, self.generator, cfg.optimizer.name,
+                                         anchored, rows)
         self.lifecycle = IdLifecycle(cfg, (self.user_table, self.item_table), self._released)
         self.extras = RankingExtras(cfg, self.device, self.user_table, self.item_table)
         self.grow()
         for t in (self.user_table, self.item_table):
             t.params[FALLBACK_ROW] = 0.0  # an untrained fallback predicts the mean and scores 0
         self.ranking = RankingLoss(cfg, self.device, self.item_table, self.rng, self.extras.train_user_vectors)
-        self.reservoir = Reservoir(cfg.replay_size)
+        self.reservoir = Reservoir(cfg.stability.replay_size)
         self.rating_sum = 0.0
         self.rating_count = 0
         self.step = 0  # batches trained
@@ -152,7 +152,8 @@ class OnlineBiasedMF:
         w = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)
         real: dict[str, np.ndarray[Any, Any]] = {"user": event_u, "item": event_i, "action": act, "value": val,
                                                  "weight": w}
-        train, replayed = replay.mix_in(self.reservoir, self.rng, real, self.config.replay_ratio, self._generations())
+        ratio = self.config.stability.replay_ratio
+        train, replayed = replay.mix_in(self.reservoir, self.rng, real, ratio, self._generations())
         batch = to_device(train, n, self.config, self.device, self.rating_code)
         self.batches_seen += 1
         is_rating = act == self.rating_code
@@ -197,28 +198,29 @@ class OnlineBiasedMF:
 
     def _lr(self) -> float:
         cfg = self.config
-        s, warm = self.step + 1, cfg.warmup_steps
-        if cfg.lr_schedule == "warmup_constant":
-            return cfg.lr * min(1.0, s / warm)
-        if cfg.lr_schedule == "warmup_rsqrt":
-            return cfg.lr * min(s / warm, math.sqrt(warm / s))
-        return cfg.lr
+        s, warm = self.step + 1, cfg.optimizer.warmup_steps
+        if cfg.optimizer.lr_schedule == "warmup_constant":
+            return cfg.optimizer.lr * min(1.0, s / warm)
+        if cfg.optimizer.lr_schedule == "warmup_rsqrt":
+            return cfg.optimizer.lr * min(s / warm, math.sqrt(warm / s))
+        return cfg.optimizer.lr
 
     def _train(self, b: TrainBatch) -> tuple[tuple[float, float], Rows, Rows] | None:
         """``inner_steps`` passes over the batch: the losses of the first and the rows moved; None (and every row
         rolled back) if a number was not finite."""
         cfg = self.config
-        how = Step(self._lr(), cfg.optimizer, cfg.l2, cfg.clip_norm, cfg.proximal, cfg.adam_beta1, cfg.adam_beta2,
-                   group_lr=(1.0, cfg.rank_bias_lr, cfg.rating_bias_lr))
-        # The configured fault (model.inject_nan_every) stays in production config: the integration fault test
-        # reaches a model inside a TaskManager only through the job's configuration.
-        fault = cfg.inject_nan_every > 0 and self.batches_seen % cfg.inject_nan_every == 0
+        opt = cfg.optimizer
+        how = Step(self._lr(), opt.name, opt.l2, opt.clip_norm, cfg.stability.proximal, opt.adam_beta1, opt.adam_beta2,
+                   group_lr=(1.0, opt.rank_bias_lr, opt.rating_bias_lr))
+        # A test seam (model.testing.inject_nan_every): the integration fault test reaches a model inside a
+        # TaskManager only through the job's configuration.
+        fault = cfg.testing.inject_nan_every > 0 and self.batches_seen % cfg.testing.inject_nan_every == 0
         saved_u: list[Saved] = []
         saved_i: list[Saved] = []
         user_rows: list[torch.Tensor] = []
         item_rows: list[torch.Tensor] = []
         losses = (0.0, 0.0)
-        for k in range(cfg.inner_steps):
+        for k in range(cfg.optimizer.inner_steps):
             done = self._pass(b, how, fault, saved_u, saved_i)
             if done is None:
                 self.user_table.restore(saved_u)

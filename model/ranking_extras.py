@@ -6,9 +6,9 @@ rows per user); an item's ranking bias adds ``popularity_weight`` times the log 
 default setting; all are kept per table row, grown with the tables and cleared when a row is recycled.
 
 >>> import torch
->>> from model.config import ModelConfig
+>>> from model.config import ExtrasConfig, ModelConfig
 >>> from model.tables import EmbeddingTable
->>> cfg = ModelConfig(dim=2, history_size=2)
+>>> cfg = ModelConfig(dim=2, extras=ExtrasConfig(history_size=2))
 >>> users, items = (EmbeddingTable(2, 0.1, torch.device("cpu"), torch.Generator()) for _ in range(2))
 >>> x = RankingExtras(cfg, torch.device("cpu"), users, items)
 >>> x.grow(3, 3)
@@ -43,25 +43,25 @@ class RankingExtras:
         # Each user's last items (a ring of item rows, FALLBACK_ROW when empty) and each item's log decayed event
         # count, in units where an event at stream position n weighs 2 ** (n / halflife); the common offset cancels
         # out of every ranking.
-        self.history = np.zeros((0, cfg.history_size), np.int64)  # (users, K)
+        self.history = np.zeros((0, cfg.extras.history_size), np.int64)  # (users, K)
         self.history_next = np.zeros(0, np.int64)  # (users,) events written to each ring
         self.pop_log = np.zeros(0, np.float64)  # (items,) -inf: no event yet
         # The history term of each user's ranking vector as of the user's last trained batch: what is published and
         # what score_items ranks by, so a server holding the published rows ranks exactly as the evaluator does.
         self.user_context = torch.zeros(0, cfg.dim if self.history_on else 0, device=device)  # (users, D)
         self.events_counted = 0
-        cap = cfg.cooccurrence_capacity if cfg.cooccurrence_weight and cfg.history_size else 0
+        cap = cfg.extras.cooccurrence_capacity if cfg.extras.cooccurrence_weight and cfg.extras.history_size else 0
         self.cooccurrence = np.zeros((cap, cap), np.float32)  # (C, C) events of both items in one user's window
 
     @property
     def history_on(self) -> bool:
-        return bool(self.config.history_size and self.config.history_weight)
+        return bool(self.config.extras.history_size and self.config.extras.history_weight)
 
     def grow(self, users: int, items: int) -> None:
         """Room for ``users`` user rows and ``items`` item rows (the tables' capacities)."""
         if len(self.history_next) < users:
             grow = users - len(self.history_next)
-            self.history = np.concatenate([self.history, np.zeros((grow, self.config.history_size), np.int64)])
+            self.history = np.concatenate([self.history, np.zeros((grow, self.config.extras.history_size), np.int64)])
             self.history_next = np.concatenate([self.history_next, np.zeros(grow, np.int64)])
         if self.user_context.shape[1] and len(self.user_context) < users:
             grown = torch.zeros(users, self.config.dim, device=self.device)
@@ -86,7 +86,7 @@ class RankingExtras:
         p = self.user_table.weight[rows]
         if not self.history_on:
             return p
-        return p + self.config.history_weight * self.history_mean(rows)
+        return p + self.config.extras.history_weight * self.history_mean(rows)
 
     def user_vectors(self, rows: torch.Tensor) -> torch.Tensor:
         """(N, D) the published ranking vectors of user ``rows`` (N,): ``p_u`` plus ``history_weight`` times the
@@ -97,7 +97,7 @@ class RankingExtras:
         p = self.user_table.weight[rows]
         if not self.history_on:
             return p
-        return p + self.config.history_weight * self.user_context[rows]
+        return p + self.config.extras.history_weight * self.user_context[rows]
 
     def ranking_bias(self, rows: torch.Tensor) -> torch.Tensor:
         """(N,) the published ranking bias of item ``rows``: ``c_i`` plus ``popularity_weight`` times the log of the
@@ -109,25 +109,26 @@ class RankingExtras:
         of 1e-3 after 10^4 half-lives; past that a stream needs a rebase of the frame (not done here)."""
         c = self.item_table.bias[rows]
         cfg = self.config
-        if not cfg.popularity_weight:
+        if not cfg.extras.popularity_weight:
             return c
         pop = self.pop_log[rows.cpu().numpy()]
         pop = np.where(np.isfinite(pop), pop, POP_FLOOR)
-        return (c.double() + cfg.popularity_weight * torch.from_numpy(pop).to(self.device)).to(c.dtype)
+        return (c.double() + cfg.extras.popularity_weight * torch.from_numpy(pop).to(self.device)).to(c.dtype)
 
     def add_similarity(self, scores: torch.Tensor, users: torch.Tensor, items: torch.Tensor) -> None:
         """Adds the co-occurrence term to ``scores`` (U, I) in place (nothing when it is off)."""
         if self.cooccurrence.shape[0]:
-            scores += self.config.cooccurrence_weight * torch.from_numpy(
+            scores += self.config.extras.cooccurrence_weight * torch.from_numpy(
                 self._item_similarity(users.cpu().numpy(), items.cpu().numpy())).to(self.device, scores.dtype)
 
     def _item_similarity(self, users: Rows, items: Rows) -> np.ndarray[Any, Any]:
         """(U, I) mean cosine similarity (by co-occurrence) of each item to each user's latest items."""
         cfg, co = self.config, self.cooccurrence
         cap = co.shape[0]
-        k = min(cfg.cooccurrence_recent, cfg.history_size)
+        k = min(cfg.extras.cooccurrence_recent, cfg.extras.history_size)
         written = self.history_next[users]  # (U,)
-        back = (written[:, None] - 1 - np.arange(k)[None, :]) % cfg.history_size  # (U, k) ring slots, newest first
+        # (U, k) ring slots, newest first
+        back = (written[:, None] - 1 - np.arange(k)[None, :]) % cfg.extras.history_size
         recent = self.history[users[:, None], back]  # (U, k)
         recent[(np.arange(k)[None, :] >= written[:, None]) | (recent >= cap)] = FALLBACK_ROW
         norm = np.sqrt(np.diagonal(co)) + 1e-9  # (C,)
@@ -143,7 +144,7 @@ class RankingExtras:
     def remember(self, event_u: Rows, event_i: Rows) -> None:
         """Adds a trained batch to the users' recent items and the items' decayed counts, in event order."""
         cfg = self.config
-        if cfg.history_size:
+        if cfg.extras.history_size:
             co, cap = self.cooccurrence, self.cooccurrence.shape[0]
             for u, i in zip(event_u.tolist(), event_i.tolist(), strict=True):
                 if u != FALLBACK_ROW and i != FALLBACK_ROW:
@@ -153,11 +154,11 @@ class RankingExtras:
                         co[i, past] += 1.0
                         co[past, i] += 1.0
                         co[i, i] += 1.0
-                    self.history[u, self.history_next[u] % cfg.history_size] = i
+                    self.history[u, self.history_next[u] % cfg.extras.history_size] = i
                     self.history_next[u] += 1
         n = len(event_i)
-        if cfg.popularity_weight and n:
-            pos = (self.events_counted + 1 + np.arange(n)) / cfg.popularity_halflife * math.log(2.0)  # (B,)
+        if cfg.extras.popularity_weight and n:
+            pos = (self.events_counted + 1 + np.arange(n)) / cfg.extras.popularity_halflife * math.log(2.0)  # (B,)
             own = event_i != FALLBACK_ROW
             np.logaddexp.at(self.pop_log, event_i[own], pos[own])
         self.events_counted += n

@@ -37,12 +37,12 @@ class RankingLoss:
 
     def grads(self, b: TrainBatch, gu: Grads, gi: Grads) -> float:
         """Appends the implicit entries' gradients of users to ``gu`` and of items to ``gi``; returns the loss."""
-        if self.config.implicit_loss == "bpr":
+        if self.config.objective.implicit_loss == "bpr":
             return self._bpr(b, gu, gi)
         return self._softmax(b, gu, gi)
 
     def _bpr(self, b: TrainBatch, gu: Grads, gi: Grads) -> float:
-        k = self.config.implicit_negatives
+        k = self.config.objective.implicit_negatives
         it = self.item_table
         u, i = b.u[b.implicit_idx], b.i[b.implicit_idx]  # (M,)
         m = len(i)
@@ -61,14 +61,15 @@ class RankingLoss:
         it = self.item_table
         bu, bi = b.u[b.implicit_idx], b.i[b.implicit_idx]  # (M,)
         m = len(bi)
-        if cfg.negatives == "in_batch":
-            neg = bi if m <= cfg.shared_negatives else self.negatives(bi, cfg.shared_negatives)  # (K,)
+        if cfg.objective.negatives == "in_batch":
+            shared = cfg.objective.shared_negatives
+            neg = bi if m <= shared else self.negatives(bi, shared)  # (K,)
             # The negatives are the batch's own items, so an item is drawn in proportion to its count in the batch.
             uniq, inv, counts = torch.unique(bi, return_inverse=True, return_counts=True)  # sorted (Q,)
             logq = torch.log(counts.to(torch.float32) / m)  # (Q,)
             logq_pos, logq_neg = logq[inv], logq[torch.searchsorted(uniq, neg)]  # (M,), (K,)
         else:
-            neg = self.negatives(bi, cfg.shared_negatives)
+            neg = self.negatives(bi, cfg.objective.shared_negatives)
             if not len(neg):
                 return 0.0
             logq_pos, logq_neg = self._log_q(bi, neg)
@@ -83,7 +84,7 @@ class RankingLoss:
 
     def _log_q(self, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log sampling probabilities of the positives (M,) and the sampler's negatives (K,)."""
-        if self.config.negatives == "popularity":
+        if self.config.objective.negatives == "popularity":
             floor = 1.0 / max(self.sampler.total, 1e-12)  # an item not counted yet weighs as one event
             logq_pos = torch.from_numpy(np.log(np.maximum(
                 self.sampler.probability(pos.cpu().numpy()), floor))).to(self.device, torch.float32)
@@ -97,10 +98,10 @@ class RankingLoss:
         """``size`` negative item rows: from the batch's positives (in_batch), uniform over the items held, or in
         proportion to the weighted sampler's weights."""
         cfg = self.config
-        if cfg.negatives == "in_batch":
+        if cfg.objective.negatives == "in_batch":
             pick = torch.from_numpy(self.rng.integers(0, len(positives), size)).to(self.device)
             return positives[pick]
-        if cfg.negatives == "uniform":
+        if cfg.objective.negatives == "uniform":
             return torch.from_numpy(self.sampler.sample_uniform(self.rng, size)).to(self.device)
         return torch.from_numpy(self.sampler.sample(self.rng, size)).to(self.device)
 
@@ -110,7 +111,7 @@ class RankingLoss:
         """Room for ``items`` item rows; items new to the sampler weigh as one event, so they can be negatives
         already in their first batch."""
         self.sampler.resize(items)
-        if self.config.negatives == "in_batch":
+        if self.config.objective.negatives == "in_batch":
             return
         rows = np.unique(event_i)
         rows = rows[(rows != FALLBACK_ROW) & (self.sampler.weight[rows] == 0)]
@@ -118,7 +119,7 @@ class RankingLoss:
 
     def update(self, event_i: Rows) -> None:
         """New weights for the items of a batch (their event counts changed)."""
-        if self.config.negatives == "in_batch":
+        if self.config.objective.negatives == "in_batch":
             return
         rows = np.unique(event_i)
         rows = rows[rows != FALLBACK_ROW]
@@ -132,12 +133,12 @@ class RankingLoss:
         """A sampler built anew from the items held (after a restore under other sampling settings)."""
         self.sampler = WeightedSampler()
         self.sampler.resize(items.size)
-        if self.config.negatives != "in_batch":
+        if self.config.objective.negatives != "in_batch":
             live = np.flatnonzero(items.live_mask())
             self.sampler.set(live, self._weights(live))
 
     def _weights(self, rows: Rows) -> np.ndarray[Any, Any]:
-        if self.config.negatives == "popularity":
+        if self.config.objective.negatives == "popularity":
             counts = self.item_table.events[torch.from_numpy(rows).to(self.device)].cpu().numpy()
-            return np.power(counts.astype(np.float64), self.config.popularity_power)
+            return np.power(counts.astype(np.float64), self.config.objective.popularity_power)
         return np.ones(len(rows))

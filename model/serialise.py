@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
-from dataclasses import fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -33,7 +32,7 @@ def state_bytes(m: OnlineBiasedMF) -> bytes:
     return pickle.dumps(
         {
             "version": STATE_VERSION,
-            "config": {f.name: getattr(m.config, f.name) for f in fields(m.config)},
+            "config": m.config.to_flat(),  # the flat keys of format 4
             **m.lifecycle.state(),
             "user_table": m.user_table.state(),
             "item_table": m.item_table.state(),
@@ -78,22 +77,23 @@ def from_state(cls: type[M], state: dict[str, Any], config: ModelConfig | None) 
     and the new settings apply from then on."""
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"model: state version {state.get('version')} is not {STATE_VERSION}")
-    old = ModelConfig(**state["config"])
+    old = ModelConfig.from_dict(state["config"])
     m = cls(config or old)
     m.lifecycle.load(state)
     m.user_table.load(state["user_table"])
     m.item_table.load(state["item_table"])
-    if m.config.optimizer != old.optimizer:  # the other optimiser's state means nothing to this one
+    if m.config.optimizer.name != old.optimizer.name:  # the other optimiser's state means nothing to this one
         for t in (m.user_table, m.item_table):
             t.acc.zero_()
             t.steps.zero_()
     _load_scalars(m, state["scalars"])
     m.grow()  # the per-row extras must cover every loaded row before they are filled
     m.extras.load(state.get("extras"), m.users.size)
-    m.reservoir = Reservoir.from_state(m.config.replay_size, state["reservoir"])
+    m.reservoir = Reservoir.from_state(m.config.stability.replay_size, state["reservoir"])
     m.generator.set_state(torch.from_numpy(state["torch_rng"]))
     m.rng.bit_generator.state = state["np_rng"]
-    if (m.config.negatives, m.config.popularity_power) == (old.negatives, old.popularity_power):
+    if (m.config.objective.negatives, m.config.objective.popularity_power) == (
+            old.objective.negatives, old.objective.popularity_power):
         m.ranking.sampler = WeightedSampler.from_state(state["sampler"])
     else:
         m.ranking.rebuild(m.items)

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
 import yaml  # type: ignore[import-untyped, unused-ignore]  # stubs only where types-PyYAML is installed
 
 from model.arrays import Array
-from model.config import ModelConfig
+from model.config import ModelConfig, canonical_path
 from model.mf import RATING_CODE, OnlineBiasedMF
 
 log = logging.getLogger(__name__)
@@ -82,17 +83,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="where to write the model state (.npz)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a ModelConfig field")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model setting below model., e.g. optimizer.lr=0.1 (older flat keys such as lr also work)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    known = {f.name for f in fields(ModelConfig)}
-    settings = {}
+    settings: dict[str, Any] = {}
     for item in args.set:
         key, _, raw = item.partition("=")
-        if key not in known:
-            raise SystemExit(f"warm start: unknown model setting {key!r} (known: {', '.join(sorted(known))})")
-        settings[key] = yaml.safe_load(raw)
-    model = OnlineBiasedMF(ModelConfig(**settings))
+        value = yaml.safe_load(raw)
+        *section, name = canonical_path(key, value) if "." not in key else tuple(key.split("."))
+        target = settings
+        for part in section:
+            target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise SystemExit(f"warm start: {'.'.join(section)} is a value, not a section: {item!r}")
+        target[name] = value
+    try:
+        model = OnlineBiasedMF(ModelConfig.from_dict(settings))
+    except (TypeError, ValueError) as ex:
+        raise SystemExit(f"warm start: {ex}") from None
     data = read_log(args.input)
     batches = warm_start(model, data, args.epochs, args.batch_size)
     Path(args.out).write_bytes(model.file_bytes())

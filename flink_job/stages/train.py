@@ -69,8 +69,8 @@ class TrainStage:
         self.watermarks = Watermarks(cfg.clean.out_of_orderness_ms, cfg.clean.allowed_lateness_ms,
                                      cfg.clean.max_future_ms)
         # Per-id memory outside the model is capped at the model's row cap (docs/model.md, "Ids and bounded memory").
-        self.near_duplicates = NearDuplicates(cfg.clean.near_duplicate_window_ms, cfg.model.max_rows)
-        self.cleaner = Cleaner(cfg.clean, cfg.model.max_rows)
+        self.near_duplicates = NearDuplicates(cfg.clean.near_duplicate_window_ms, cfg.model.ids.max_rows)
+        self.cleaner = Cleaner(cfg.clean, cfg.model.ids.max_rows)
         self.counters = Counters()
         self.dirty_users = DirtyRows()
         self.dirty_items = DirtyRows()
@@ -83,7 +83,7 @@ class TrainStage:
         self.dirty_since_ms = 0  # when the oldest change not yet published was made (0: none waiting)
         self.quality = (
             Prequential(cfg.eval.k, cfg.model.rating_min, cfg.model.rating_max, cfg.eval.user_sample,
-                        max_items=cfg.model.max_rows, max_seen=cfg.model.max_rows)
+                        max_items=cfg.model.ids.max_rows, max_seen=cfg.model.ids.max_rows)
             if cfg.eval.enabled else None
         )
         # (A,) whether each action code is a positive for ranking; ratings are judged by value instead.

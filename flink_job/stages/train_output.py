@@ -25,7 +25,7 @@ class Counters:
     published: int = 0
     skipped_batches: int = 0
     expired: int = 0  # ids the model forgot after their TTL; published as tombstones
-    evicted: int = 0  # ids the model evicted at its row cap (model.max_rows); published as tombstones
+    evicted: int = 0  # ids the model evicted at its row cap (model.ids.max_rows); published as tombstones
 
 
 @dataclass

@@ -354,7 +354,7 @@ def test_nan_batches_are_skipped_and_never_published(
     job keeps running and trains the batches after it, and every published vector and bias is finite. The events of
     a skipped batch are not trained but dead-lettered (``non_finite_batch``): the users' ``events`` counters add up to
     the valid events minus those, and trained + dead-lettered still equals what reached the trainer."""
-    cfg = topics("faults-nan", overrides=["model.inject_nan_every=4", "batch.size=512"])
+    cfg = topics("faults-nan", overrides=["model.testing.inject_nan_every=4", "batch.size=512"])
     syn = SyntheticConfig(n_users=300, n_items=200, n_events=12_000, seed=65)
     truth = Truth.of(list(generate(syn)))
     send(synthetic_timed(syn), cfg.kafka.bootstrap, cfg.kafka.input_topic, total=syn.n_events)

@@ -83,9 +83,9 @@ def test_a_duplicated_event_is_trained_once(topics) -> None:
 
 
 def test_expired_ids_reach_the_compacted_topic_as_tombstones(topics) -> None:
-    """Users idle longer than ``model.ttl_ms`` (event time) leave the model and the changelog: a null value."""
+    """Users idle longer than ``model.ids.ttl_ms`` (event time) leave the model and the changelog: a null value."""
     day = 24 * 3600 * 1000
-    cfg = topics("expiry", overrides=["batch.size=16", "publish.interval_ms=0", f"model.ttl_ms={day}",
+    cfg = topics("expiry", overrides=["batch.size=16", "publish.interval_ms=0", f"model.ids.ttl_ms={day}",
                                       "clean.out_of_orderness_ms=0"])
     now = 1_700_000_000_000
     base = now - 3 * day

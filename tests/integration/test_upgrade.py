@@ -74,7 +74,8 @@ def test_upgrade_from_a_savepoint_keeps_what_was_learned(
         snapshots = tmp_path / "snapshots"
         upgraded = dataclasses.replace(
             cfg,
-            model=dataclasses.replace(cfg.model, lr=0.02, proximal=0.1),
+            model=dataclasses.replace(cfg.model, optimizer=dataclasses.replace(cfg.model.optimizer, lr=0.02),
+                                      stability=dataclasses.replace(cfg.model.stability, proximal=0.1)),
             publish=dataclasses.replace(cfg.publish, interval_ms=500, snapshot_dir=str(snapshots),
                                         snapshot_interval_ms=1),
         )

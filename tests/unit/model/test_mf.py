@@ -8,7 +8,7 @@ import torch
 
 from flink_job.tools.generate import SyntheticConfig, generate
 from flink_job.stages.parse import parse_lines
-from model.config import ModelConfig
+from model.config import ModelConfig, ObjectiveConfig, OptimizerConfig
 from model.mf import OnlineBiasedMF, pick_device
 
 
@@ -53,7 +53,8 @@ def test_implicit_ranking_beats_popularity_on_planted_preferences() -> None:
 
 @pytest.mark.parametrize("optimizer", ["adagrad", "adam", "sgd"])
 def test_only_touched_rows_change(optimizer: str) -> None:
-    m = OnlineBiasedMF(ModelConfig(dim=4, seed=3, rating_implicit_weight=0, optimizer=optimizer, clip_norm=1.0))
+    m = OnlineBiasedMF(ModelConfig(dim=4, seed=3, objective=ObjectiveConfig(rating_implicit_weight=0),
+                                   optimizer=OptimizerConfig(name=optimizer, clip_norm=1.0)))
     m.learn_many(["a", "b", "c"], ["x", "y", "z"], np.array([4, 4, 4]), np.array([3.0, 4.0, 5.0]))
     before = {k: getattr(t, k)[:4].clone() for t in (m.user_table, m.item_table) for k in ("params", "acc", "moment")}
     before_u, before_i = m.user_table.params[:4].clone(), m.item_table.params[:4].clone()
@@ -109,7 +110,7 @@ def test_state_bytes_are_plain_bytes() -> None:
 
 def test_event_counters_count_each_trained_event_once_and_not_negatives() -> None:
     batch = _stream(3_000)
-    m = OnlineBiasedMF(ModelConfig(dim=8, implicit_negatives=4, seed=3))
+    m = OnlineBiasedMF(ModelConfig(dim=8, seed=3, objective=ObjectiveConfig(implicit_negatives=4)))
     for start in range(0, len(batch), 500):
         b = batch.slice(start, start + 500)
         m.learn_many(b.users, b.items, b.actions, b.values)

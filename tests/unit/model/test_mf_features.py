@@ -8,7 +8,8 @@ import torch
 
 from flink_job.tools.generate import SyntheticConfig, generate
 from flink_job.stages.parse import parse_lines
-from model.config import ModelConfig
+from model.config import (ExtrasConfig, IdsConfig, ModelConfig, ObjectiveConfig, OptimizerConfig, SeamsConfig,
+                          StabilityConfig)
 from model.idmap import FALLBACK_ROW
 from model.mf import OnlineBiasedMF
 from model.serialise import load_pickle
@@ -35,7 +36,7 @@ def _learn(m: OnlineBiasedMF, users: list[str], items: list[str], action: int = 
 # ------------------------------------------------------------------------------------------------ 1. admission
 
 def test_ids_share_the_fallback_row_until_their_admit_after_th_sighting() -> None:
-    m = OnlineBiasedMF(ModelConfig(dim=4, admit_after=3, seed=1))
+    m = OnlineBiasedMF(ModelConfig(dim=4, seed=1, ids=IdsConfig(admit_after=3)))
     fallback_before = m.user_table.params[FALLBACK_ROW].clone()
     s1 = _learn(m, ["a", "b"], ["x", "x"])
     assert s1.event_user_rows.tolist() == [FALLBACK_ROW, FALLBACK_ROW] and "a" not in m.users
@@ -49,7 +50,7 @@ def test_ids_share_the_fallback_row_until_their_admit_after_th_sighting() -> Non
 
 
 def test_sightings_are_bounded_and_forget_the_least_recently_seen() -> None:
-    m = OnlineBiasedMF(ModelConfig(dim=4, admit_after=2, admit_capacity=2))
+    m = OnlineBiasedMF(ModelConfig(dim=4, ids=IdsConfig(admit_after=2, admit_capacity=2)))
     _learn(m, ["a"], ["x"])
     _learn(m, ["b"], ["x"])
     _learn(m, ["c"], ["x"])  # a is forgotten: capacity 2
@@ -59,7 +60,7 @@ def test_sightings_are_bounded_and_forget_the_least_recently_seen() -> None:
 
 
 def test_memory_report_counts_bytes_per_admitted_id() -> None:
-    m = OnlineBiasedMF(ModelConfig(dim=8, optimizer="adam"))
+    m = OnlineBiasedMF(ModelConfig(dim=8, optimizer=OptimizerConfig(name="adam")))
     _learn(m, [f"u{k}" for k in range(100)], [f"i{k % 10}" for k in range(100)])
     rep = m.memory_report()
     assert rep["user"]["ids"] == 100 and rep["item"]["ids"] == 10
@@ -71,7 +72,7 @@ def test_memory_report_counts_bytes_per_admitted_id() -> None:
 # -------------------------------------------------------------------------------------------------- 2. expiry
 
 def test_idle_ids_expire_and_their_rows_are_recycled_without_collisions() -> None:
-    m = OnlineBiasedMF(ModelConfig(dim=4, ttl_ms=1000, sweep_rows=64))
+    m = OnlineBiasedMF(ModelConfig(dim=4, ids=IdsConfig(ttl_ms=1000, sweep_rows=64)))
     _learn(m, ["a", "b", "c"], ["x", "y", "z"], ts=[0, 0, 0])
     row_a = m.users.get("a")
     _learn(m, ["b"], ["y"], ts=[1500])  # a and c idle for 1500 ms > ttl
@@ -90,7 +91,7 @@ def test_idle_ids_expire_and_their_rows_are_recycled_without_collisions() -> Non
 
 
 def test_expiry_sweep_is_amortised() -> None:
-    m = OnlineBiasedMF(ModelConfig(dim=4, ttl_ms=10, sweep_rows=2))
+    m = OnlineBiasedMF(ModelConfig(dim=4, ids=IdsConfig(ttl_ms=10, sweep_rows=2)))
     _learn(m, [f"u{k}" for k in range(6)], ["x"] * 6, ts=[0] * 6)
     _learn(m, ["u0"], ["x"], ts=[100])  # everyone but u0 is idle, but only 2 rows are checked per batch
     assert len(m.users) >= 6 - 2
@@ -100,14 +101,14 @@ def test_expiry_sweep_is_amortised() -> None:
 
 
 def test_memory_stays_bounded_on_an_endless_stream_of_new_ids() -> None:
-    m = OnlineBiasedMF(ModelConfig(dim=4, ttl_ms=50, sweep_rows=256))
+    m = OnlineBiasedMF(ModelConfig(dim=4, ids=IdsConfig(ttl_ms=50, sweep_rows=256)))
     for t in range(200):
         _learn(m, [f"u{t}-{k}" for k in range(10)], [f"i{t}-{k}" for k in range(10)], ts=[t * 10] * 10)
     assert m.users.size < 200 and m.items.size < 200  # 2,000 ids went through each table
 
 
 def test_at_the_row_cap_the_least_recently_used_id_is_evicted() -> None:
-    m = OnlineBiasedMF(ModelConfig(dim=4, max_rows=4, ttl_ms=0))
+    m = OnlineBiasedMF(ModelConfig(dim=4, ids=IdsConfig(max_rows=4, ttl_ms=0)))
     for user in ("a", "b", "c", "d"):
         _learn(m, [user], ["x"])
     _learn(m, ["a"], ["x"])  # a is used again: b is now the least recently used
@@ -121,7 +122,7 @@ def test_at_the_row_cap_the_least_recently_used_id_is_evicted() -> None:
 
 def test_rows_and_allocation_stay_bounded_after_many_distinct_ids() -> None:
     cap = 64
-    m = OnlineBiasedMF(ModelConfig(dim=4, max_rows=cap, ttl_ms=0))
+    m = OnlineBiasedMF(ModelConfig(dim=4, ids=IdsConfig(max_rows=cap, ttl_ms=0)))
     for t in range(125):  # 2,000 distinct users and items, 16 per batch
         _learn(m, [f"u{t}-{k}" for k in range(16)], [f"i{t}-{k}" for k in range(16)])
     for idmap, table, kind in ((m.users, m.user_table, 0), (m.items, m.item_table, 1)):
@@ -134,14 +135,14 @@ def test_rows_and_allocation_stay_bounded_after_many_distinct_ids() -> None:
 
 
 def test_a_batch_with_more_new_ids_than_the_cap_admits_only_up_to_it() -> None:
-    m = OnlineBiasedMF(ModelConfig(dim=4, max_rows=4, ttl_ms=0))
+    m = OnlineBiasedMF(ModelConfig(dim=4, ids=IdsConfig(max_rows=4, ttl_ms=0)))
     stats = _learn(m, [f"u{k}" for k in range(10)], ["x"] * 10)
     assert len(m.users) == 4 and (stats.event_user_rows == FALLBACK_ROW).sum() == 6
     assert not stats.skipped
 
 
 def test_eviction_restores_exactly_and_evicts_alike_after_a_restore() -> None:
-    cfg = ModelConfig(dim=4, max_rows=32, ttl_ms=0, seed=3)
+    cfg = ModelConfig(dim=4, seed=3, ids=IdsConfig(max_rows=32, ttl_ms=0))
     m = OnlineBiasedMF(cfg)
     for t in range(10):
         _learn(m, [f"u{t}-{k % 12}" for k in range(24)], [f"i{k % 40}" for k in range(24)])
@@ -158,9 +159,9 @@ def test_eviction_restores_exactly_and_evicts_alike_after_a_restore() -> None:
 
 def test_the_defaults_bound_every_table() -> None:
     cfg = ModelConfig()
-    assert cfg.max_rows > 0 and cfg.ttl_ms > 0 and cfg.admit_capacity > 0
+    assert cfg.ids.max_rows > 0 and cfg.ids.ttl_ms > 0 and cfg.ids.admit_capacity > 0
     with pytest.raises(ValueError, match="max_rows must be positive"):
-        ModelConfig(max_rows=0)
+        ModelConfig(ids=IdsConfig(max_rows=0))
 
 
 # ---------------------------------------------------------------------------------------------- 3. objectives
@@ -172,7 +173,7 @@ def test_the_defaults_bound_every_table() -> None:
 def test_every_objective_learns_a_planted_structure(loss: str, negatives: str) -> None:
     batch = _stream(30_000, seed=6)
     train, test = batch.slice(0, 25_000), batch.slice(25_000, len(batch))
-    m = OnlineBiasedMF(ModelConfig(dim=16, seed=2, implicit_loss=loss, negatives=negatives))
+    m = OnlineBiasedMF(ModelConfig(dim=16, seed=2, objective=ObjectiveConfig(implicit_loss=loss, negatives=negatives)))
     for s in range(0, len(train), 512):
         b = train.slice(s, s + 512)
         m.learn_many(b.users, b.items, b.actions, b.values)
@@ -191,7 +192,8 @@ def test_every_objective_learns_a_planted_structure(loss: str, negatives: str) -
 # -------------------------------------------------------------------------------------------- 4. optimisers
 
 def test_clip_norm_bounds_each_row_step() -> None:
-    m = OnlineBiasedMF(ModelConfig(dim=4, optimizer="sgd", lr=1.0, clip_norm=0.1, l2=0.0, rating_implicit_weight=0))
+    m = OnlineBiasedMF(ModelConfig(dim=4, optimizer=OptimizerConfig(name="sgd", lr=1.0, clip_norm=0.1, l2=0.0),
+                                   objective=ObjectiveConfig(rating_implicit_weight=0)))
     _learn(m, ["a"], ["x"], value=5.0)
     before = m.user_table.params[1].clone()
     _learn(m, ["a"] * 50, ["x"] * 50, value=1.0)  # a large summed gradient
@@ -201,7 +203,7 @@ def test_clip_norm_bounds_each_row_step() -> None:
 def test_lr_schedules() -> None:
     lrs = {}
     for schedule in ("constant", "warmup_constant", "warmup_rsqrt"):
-        m = OnlineBiasedMF(ModelConfig(lr=1.0, lr_schedule=schedule, warmup_steps=4))
+        m = OnlineBiasedMF(ModelConfig(optimizer=OptimizerConfig(lr=1.0, lr_schedule=schedule, warmup_steps=4)))
         seq = []
         for _ in range(16):
             seq.append(m._lr())
@@ -215,7 +217,7 @@ def test_lr_schedules() -> None:
 # ---------------------------------------------------------------------------------------------- 5. stability
 
 def test_replayed_events_train_but_are_not_counted() -> None:
-    m = OnlineBiasedMF(ModelConfig(dim=4, replay_size=8, replay_ratio=2.0, seed=3))
+    m = OnlineBiasedMF(ModelConfig(dim=4, seed=3, stability=StabilityConfig(replay_size=8, replay_ratio=2.0)))
     _learn(m, ["a", "b"], ["x", "y"])
     stats = _learn(m, ["c"], ["z"])
     assert stats.replayed == 2 and m.reservoir.seen == 3
@@ -227,7 +229,9 @@ def test_replayed_events_train_but_are_not_counted() -> None:
 def test_proximal_penalty_pulls_toward_the_published_rows() -> None:
     moved = {}
     for strength in (0.0, 50.0):
-        m = OnlineBiasedMF(ModelConfig(dim=4, proximal=strength, rating_implicit_weight=0, optimizer="sgd", lr=0.01))
+        m = OnlineBiasedMF(ModelConfig(dim=4, stability=StabilityConfig(proximal=strength),
+                                       objective=ObjectiveConfig(rating_implicit_weight=0),
+                                       optimizer=OptimizerConfig(name="sgd", lr=0.01)))
         _learn(m, ["a"], ["x"], value=5.0)
         m.mark_published("user", np.array([m.users.get("a")]))
         anchor = m.user_table.params[1].clone()
@@ -238,7 +242,7 @@ def test_proximal_penalty_pulls_toward_the_published_rows() -> None:
 
 
 def test_a_nan_batch_is_skipped_and_rolled_back() -> None:
-    m = OnlineBiasedMF(ModelConfig(dim=4, inner_steps=2, seed=4))
+    m = OnlineBiasedMF(ModelConfig(dim=4, seed=4, optimizer=OptimizerConfig(inner_steps=2)))
     _learn(m, ["a", "b"], ["x", "y"], action=V, value=1.0)
     before = {t: (getattr(m, t).params.clone(), getattr(m, t).acc.clone(), getattr(m, t).updates.clone())
               for t in ("user_table", "item_table")}
@@ -255,7 +259,9 @@ def test_a_nan_batch_is_skipped_and_rolled_back() -> None:
 
 
 def test_inject_nan_every_and_overflow_never_reach_the_tables() -> None:
-    m = OnlineBiasedMF(ModelConfig(dim=4, inject_nan_every=3, optimizer="sgd", lr=1e30, rating_implicit_weight=0))
+    m = OnlineBiasedMF(ModelConfig(dim=4, testing=SeamsConfig(inject_nan_every=3),
+                                   optimizer=OptimizerConfig(name="sgd", lr=1e30),
+                                   objective=ObjectiveConfig(rating_implicit_weight=0)))
     for k in range(6):
         _learn(m, ["a"], ["x"], value=5.0)
     assert m.skipped_batches >= 2  # every third, plus any step that overflowed
@@ -265,9 +271,11 @@ def test_inject_nan_every_and_overflow_never_reach_the_tables() -> None:
 # ---------------------------------------------------------------------------------------------- state, warm start
 
 def test_round_trip_with_every_feature_on_continues_bit_identically() -> None:
-    cfg = ModelConfig(dim=8, seed=4, admit_after=2, ttl_ms=20_000, sweep_rows=16, replay_size=500, replay_ratio=0.5,
-                      proximal=0.1, optimizer="adam", implicit_loss="sampled_softmax", negatives="popularity",
-                      inner_steps=2, clip_norm=1.0, lr_schedule="warmup_rsqrt", warmup_steps=3)
+    cfg = ModelConfig(dim=8, seed=4, ids=IdsConfig(admit_after=2, ttl_ms=20_000, sweep_rows=16),
+                      stability=StabilityConfig(replay_size=500, replay_ratio=0.5, proximal=0.1),
+                      optimizer=OptimizerConfig(name="adam", inner_steps=2, clip_norm=1.0, lr_schedule="warmup_rsqrt",
+                                                warmup_steps=3),
+                      objective=ObjectiveConfig(implicit_loss="sampled_softmax", negatives="popularity"))
     batch = _stream(6_000, users=300, items=150)
     a = OnlineBiasedMF(cfg)
     for s in range(0, 3_000, 500):
@@ -288,15 +296,17 @@ def test_round_trip_with_every_feature_on_continues_bit_identically() -> None:
 def test_replay_weight_scales_the_replayed_events_only() -> None:
     moved = {}
     for weight in (1.0, 0.0):
-        m = OnlineBiasedMF(ModelConfig(dim=4, optimizer="sgd", lr=0.1, replay_size=10, replay_ratio=1.0,
-                                       replay_weight=weight, rating_implicit_weight=0, l2=0.0, seed=1))
+        m = OnlineBiasedMF(ModelConfig(dim=4, seed=1, optimizer=OptimizerConfig(name="sgd", lr=0.1, l2=0.0),
+                                       stability=StabilityConfig(replay_size=10, replay_ratio=1.0,
+                                                                  replay_weight=weight),
+                                       objective=ObjectiveConfig(rating_implicit_weight=0)))
         _learn(m, ["a"], ["x"], value=5.0)
         before = m.user_table.params[m.users.get("a")].clone()
         _learn(m, ["b"], ["y"], value=1.0)  # replays a's event
         moved[weight] = float((m.user_table.params[m.users.get("a")] - before).norm())
     assert moved[1.0] > 0 and moved[0.0] == 0.0
     with pytest.raises(ValueError, match="replay_weight"):
-        ModelConfig(replay_weight=-1.0)
+        ModelConfig(stability=StabilityConfig(replay_weight=-1.0))
 
 
 def _server_scores(m: OnlineBiasedMF, users: list[str], items: list[str]) -> np.ndarray:
@@ -307,9 +317,11 @@ def _server_scores(m: OnlineBiasedMF, users: list[str], items: list[str]) -> np.
 
 
 def test_published_rows_reproduce_score_items_with_history_and_popularity() -> None:
-    cfg = ModelConfig(dim=8, seed=6, history_size=5, history_weight=2.0, popularity_weight=0.5,
-                      popularity_halflife=500.0, optimizer="sgd", lr=0.1, replay_size=1000, replay_ratio=2.0,
-                      replay_weight=0.2)
+    cfg = ModelConfig(dim=8, seed=6,
+                      extras=ExtrasConfig(history_size=5, history_weight=2.0, popularity_weight=0.5,
+                                          popularity_halflife=500.0),
+                      optimizer=OptimizerConfig(name="sgd", lr=0.1),
+                      stability=StabilityConfig(replay_size=1000, replay_ratio=2.0, replay_weight=0.2))
     batch = _stream(4_000, users=60, items=40)
     m = OnlineBiasedMF(cfg)
     published_u: dict[str, np.ndarray] = {}
@@ -337,7 +349,7 @@ def test_published_rows_reproduce_score_items_with_history_and_popularity() -> N
 
 
 def test_rows_a_batch_does_not_move_keep_their_published_values() -> None:
-    m = OnlineBiasedMF(ModelConfig(dim=4, seed=2, history_size=4, popularity_weight=1.0))
+    m = OnlineBiasedMF(ModelConfig(dim=4, seed=2, extras=ExtrasConfig(history_size=4, popularity_weight=1.0)))
     _learn(m, ["a", "a", "b"], ["x", "y", "z"])
     ua, bx = m.vectors("user", m.users.rows(["a"]))[0], m.vectors("item", m.items.rows(["x"]))
     st = _learn(m, ["b", "c"], ["y", "z"], action=R)  # moves y (a's history) but not a, and x only as a negative
@@ -348,7 +360,7 @@ def test_rows_a_batch_does_not_move_keep_their_published_values() -> None:
 
 
 def test_round_trip_keeps_the_stored_history_term() -> None:
-    cfg = ModelConfig(dim=4, seed=3, history_size=6, popularity_weight=0.5)
+    cfg = ModelConfig(dim=4, seed=3, extras=ExtrasConfig(history_size=6, popularity_weight=0.5))
     batch = _stream(2_000, users=40, items=30)
     a = OnlineBiasedMF(cfg)
     for s in range(0, 1_000, 100):

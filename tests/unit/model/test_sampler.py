@@ -2,7 +2,7 @@
 from __future__ import annotations
 import numpy as np
 import pytest
-from model.config import ModelConfig
+from model.config import ModelConfig, ObjectiveConfig
 from model.mf import OnlineBiasedMF
 
 
@@ -19,7 +19,7 @@ def _learn(m: OnlineBiasedMF, users: list[str], items: list[str], action: int = 
 
 
 def test_popularity_negatives_follow_count_to_the_power() -> None:
-    m = OnlineBiasedMF(ModelConfig(dim=4, negatives="popularity", popularity_power=0.75))
+    m = OnlineBiasedMF(ModelConfig(dim=4, objective=ObjectiveConfig(negatives="popularity", popularity_power=0.75)))
     _learn(m, ["u"] * 17, ["a"] * 16 + ["b"], action=V, value=1.0)  # a: 16 events, b: 1
     draws = m.items.ids(m.ranking.sampler.sample(np.random.default_rng(0), 20_000))
     share_a = draws.count("a") / len(draws)

@@ -28,3 +28,16 @@ def test_pretrain_then_stream_and_the_cli_writes_a_loadable_state(tmp_path: Path
     ev = read_log(jl)
     assert ev.users == ["u2", "u1"] and ev.actions.tolist() == [4, 1]
 
+
+
+def test_the_cli_takes_sectioned_and_old_flat_settings(tmp_path: Path) -> None:
+    import pytest
+    log = tmp_path / "u.data"
+    log.write_text("".join(f"{k % 7}\t{k % 5}\t{1 + k % 5}\t{k}\n" for k in range(50)))
+    out = tmp_path / "state.bin"
+    warm_start_main(["--input", str(log), "--out", str(out), "--set", "dim=4", "--set", "optimizer=sgd",
+                     "--set", "optimizer.lr=0.2", "--set", "ids.max_rows=64"])
+    cfg = OnlineBiasedMF.from_file_bytes(out.read_bytes()).config
+    assert (cfg.dim, cfg.optimizer.name, cfg.optimizer.lr, cfg.ids.max_rows) == (4, "sgd", 0.2, 64)
+    with pytest.raises(SystemExit, match="warm start: config: unknown key 'model.optimizer.lrate'"):
+        warm_start_main(["--input", str(log), "--out", str(out), "--set", "optimizer.lrate=1"])

@@ -173,8 +173,8 @@ def test_a_snapshot_and_the_replayed_calls_since_rebuild_the_stage_exactly() -> 
 def test_an_upgrade_replays_the_logged_calls_under_the_settings_they_ran_with() -> None:
     """A restore with changed model settings (tests/test_upgrade.py's upgrade) rebuilds the stage that made the
     published outputs, then takes the new settings: what a snapshot taken after the last call would have given."""
-    old = JobConfig.load(overrides=["batch.size=200", "model.lr=0.05"])
-    new = JobConfig.load(overrides=["batch.size=200", "model.lr=0.02", "model.proximal=0.1"])
+    old = JobConfig.load(overrides=["batch.size=200", "model.optimizer.lr=0.05"])
+    new = JobConfig.load(overrides=["batch.size=200", "model.optimizer.lr=0.02", "model.stability.proximal=0.1"])
     lines = _synthetic_lines(2_000)
     calls: list = [("chunk", NOW + 100 * n, lines[s:s + 250]) for n, s in enumerate(range(0, 2_000, 250))]
     early = TrainStage(old)
@@ -185,7 +185,8 @@ def test_an_upgrade_replays_the_logged_calls_under_the_settings_they_ran_with() 
     expected = TrainStage.from_bytes(new, original.state_bytes())
 
     rebuilt = TrainStage.restore(new, early.state_bytes(), calls[1:])
-    assert rebuilt.model.config.lr == 0.02 and rebuilt.model.config.proximal == 0.1 and rebuilt.replayed_calls == 7
+    ran = rebuilt.model.config
+    assert ran.optimizer.lr == 0.02 and ran.stability.proximal == 0.1 and rebuilt.replayed_calls == 7
     assert same_state(rebuilt.state_bytes(), expected.state_bytes())
     # Replayed under the new settings, the calls would train other rows than the ones published.
     naive = TrainStage.from_bytes(new, early.state_bytes())
@@ -197,8 +198,9 @@ def test_an_upgrade_replays_the_logged_calls_under_the_settings_they_ran_with() 
 def test_restored_stage_takes_the_new_configuration() -> None:
     old = TrainStage(JobConfig.load(overrides=["batch.size=100"]))
     old.on_chunk(_synthetic_lines(250), now_ms=NOW)
-    new = TrainStage.from_bytes(JobConfig.load(overrides=["batch.size=1000", "model.lr=0.01"]), old.state_bytes())
-    assert new.batcher.size == 1000 and new.model.config.lr == 0.01
+    new_cfg = JobConfig.load(overrides=["batch.size=1000", "model.optimizer.lr=0.01"])
+    new = TrainStage.from_bytes(new_cfg, old.state_bytes())
+    assert new.batcher.size == 1000 and new.model.config.optimizer.lr == 0.01
     assert new.batcher.pending == old.batcher.pending == 50 and new.counters == old.counters
     with pytest.raises(ValueError, match="state version"):
         TrainStage.from_bytes(JobConfig(), pickle.dumps({"version": -1}))
@@ -237,3 +239,23 @@ def test_a_state_saved_before_the_stages_moved_restores(monkeypatch) -> None:
     assert b"flink_job.parse" in old and b"flink_job.stages.parse" not in old and "flink_job.parse" not in sys.modules
     restored = TrainStage.from_bytes(stage.cfg, old)
     assert same_state(restored.state_bytes(), stage.state_bytes())
+
+
+def test_a_snapshot_with_the_flat_model_settings_of_older_versions_replays_under_them() -> None:
+    """Snapshots written before the model sections recorded flat model keys (``{"lr": 0.05, "optimizer": ...}``);
+    a restore must read them as the nested settings they became, or the replay would run under the new ones."""
+    old = JobConfig.load(overrides=["batch.size=200", "model.optimizer.lr=0.05", "model.optimizer.name=sgd"])
+    new = JobConfig.load(overrides=["batch.size=200", "model.optimizer.lr=0.02", "model.stability.proximal=0.1"])
+    lines = _synthetic_lines(1_000)
+    calls: list = [("chunk", NOW + 100 * n, lines[s:s + 250]) for n, s in enumerate(range(0, 1_000, 250))]
+    early = TrainStage(old)
+    early.call(calls[0])
+    state = pickle.loads(early.state_bytes())
+    state["settings"]["model"] = early.model.config.to_flat()  # as the previous version recorded it
+    assert state["settings"]["model"]["lr"] == 0.05 and state["settings"]["model"]["optimizer"] == "sgd"
+    flat_snapshot = pickle.dumps(state)
+    assert new.with_stage_settings(state["settings"]).model == old.model
+
+    rebuilt = TrainStage.restore(new, flat_snapshot, calls[1:])
+    expected = TrainStage.restore(new, early.state_bytes(), calls[1:])  # the nested record of this version
+    assert rebuilt.model.config == new.model and same_state(rebuilt.state_bytes(), expected.state_bytes())

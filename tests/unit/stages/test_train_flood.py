@@ -22,7 +22,7 @@ def _flood(n: int, start: int = 0, items: int = 5) -> list[str]:
 
 def _stage(cap: int = 32) -> TrainStage:
     return TrainStage(JobConfig.load(overrides=[
-        "batch.size=16", "publish.interval_ms=0", "publish.item_interval_ms=0", f"model.max_rows={cap}",
+        "batch.size=16", "publish.interval_ms=0", "publish.item_interval_ms=0", f"model.ids.max_rows={cap}",
         "eval.user_sample=1.0", "clean.near_duplicate_window_ms=1000",
     ]))
 

@@ -133,7 +133,7 @@ def test_each_batch_is_evaluated_before_it_trains() -> None:
 def test_expired_ids_are_published_as_tombstones_and_never_as_vectors() -> None:
     day = 24 * 3600 * 1000
     stage = TrainStage(JobConfig.load(overrides=[
-        "batch.size=12", "publish.interval_ms=0", f"model.ttl_ms={day}", "clean.out_of_orderness_ms=0",
+        "batch.size=12", "publish.interval_ms=0", f"model.ids.ttl_ms={day}", "clean.out_of_orderness_ms=0",
     ]))
     stage.on_chunk(_rated(12, users=4), now_ms=1_000)
     # Two days later only u0's events arrive; the other users fall out of the model.
@@ -168,7 +168,7 @@ def test_a_poisoned_batch_is_skipped_dead_lettered_and_never_published() -> None
 
 
 def test_ids_not_admitted_yet_are_not_published() -> None:
-    stage = TrainStage(JobConfig.load(overrides=["batch.size=8", "publish.interval_ms=0", "model.admit_after=2"]))
+    stage = TrainStage(JobConfig.load(overrides=["batch.size=8", "publish.interval_ms=0", "model.ids.admit_after=2"]))
     lines = [f'0,{k},{{"event_id":"a{k}","user_id":"u{k}","item_id":"i0","action":"click","ts":{k}}}'
              for k in range(8)]  # eight users seen once each: none admitted; i0 seen 8 times: admitted
     recs = _published(stage.on_chunk(lines, now_ms=1_000))
@@ -184,7 +184,7 @@ def test_a_warm_started_model_continues_on_the_stream(tmp_path) -> None:
     state = tmp_path / "state.bin"
     warm_start(["--input", str(history), "--out", str(state), "--epochs", "2"])
     # The history is from 1997: under the default TTL (30 days of event time) the stream would expire all of it.
-    stage = TrainStage(JobConfig.load(overrides=["batch.size=12", f"flink.initial_model={state}", "model.ttl_ms=0"]))
+    stage = TrainStage(JobConfig.load(overrides=["batch.size=12", f"flink.initial_model={state}", "model.ids.ttl_ms=0"]))
     pretrained = stage.model.step
     assert pretrained > 0 and len(stage.model.users) == 6 and len(stage.model.items) == 9
     stage.on_chunk(_rated(12), now_ms=1_000)
