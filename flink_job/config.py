@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-import yaml  # type: ignore[import-untyped, unused-ignore]  # stubs only where types-PyYAML is installed
 
 from flink_job import secrets
+from flink_job.config_tree import build_section, config_tree, replace_known
 from flink_job.schema import ACTIONS, FLOAT32_MAX, MISSING_POLICIES, NUMERIC_FIELDS, OUTLIER_POLICIES
-from model.config import SECTIONS as MODEL_SECTIONS
-from model.config import ModelConfig, canonical_path, nest
+from model.config import ModelConfig, nest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -267,7 +266,7 @@ class FlinkConfig:
     # "thread" (Python inside the TaskManager's JVM: no worker process, no bundles, fresher output; torch runs on a
     # thread of its own, flink_job.flink.torch_thread; state is a snapshot and a call log, flink_job.flink.stage_log)
     # or "process" (a Python worker fed in bundles). The embedded interpreter finds the venv through
-    # python.pythonpath (flink_job.flink.topology, deploy/cluster.py, deploy/k8s). Figures: BENCHMARKS.md.
+    # python.pythonpath (flink_job.flink.topology, deploy/cluster_conf.py, deploy/k8s). Figures: BENCHMARKS.md.
     python_execution_mode: str = "thread"
     # Python results reach the JVM, and the stage's state is serialised into Flink state, at the end of each bundle:
     # shorter bundles mean fresher output and more state writes (the trade-off measured: BENCHMARKS.md).
@@ -345,7 +344,7 @@ class JobConfig:
         for section, values in tree.items():
             if section not in sections:
                 raise ValueError(f"config: unknown section {section!r} (known: {', '.join(sections)})")
-            built[section] = _build_section(get_type_hints(cls)[section], section, values)
+            built[section] = build_section(get_type_hints(cls)[section], section, values)
         return cls(**built)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -369,93 +368,5 @@ class JobConfig:
         sections = {}
         for name in STAGE_SECTIONS:
             recorded = settings.get(name, {})
-            sections[name] = _replace_known(getattr(self, name), nest(recorded) if name == "model" else recorded)
+            sections[name] = replace_known(getattr(self, name), nest(recorded) if name == "model" else recorded)
         return dataclasses.replace(self, **sections)
-
-
-def config_tree(path: str | Path | None, overrides: list[str]) -> dict[str, dict[str, Any]]:
-    """The YAML file's sections (if any) with ``section.key=value`` overrides applied, not yet validated. A model
-    key may be dotted into its sub-section (``model.optimizer.lr``) or be a flat key of older versions (``model.lr``);
-    both land in the same place, so the later setting wins whichever form each used.
-
-    >>> config_tree(None, ["batch.size=7", "flink.options={a: 1}", "model.lr=0.1", "model.ids.max_rows=8"])
-    {'batch': {'size': 7}, 'flink': {'options': {'a': 1}}, 'model': {'optimizer': {'lr': 0.1}, 'ids': {'max_rows': 8}}}
-    """
-    tree: dict[str, dict[str, Any]] = {}
-    if path:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config: {path} must hold a mapping of sections, got {type(loaded).__name__}")
-        for section, values in loaded.items():
-            section_values = tree.setdefault(section, {})
-            for key, value in dict(values or {}).items():
-                _put(section_values, section, [key], value)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not sep or not dot:
-            raise ValueError(f"config: override must look like section.key=value, got {key.strip()!r}=...")
-        _put(tree.setdefault(section, {}), section, name.split("."), yaml.safe_load(raw))
-    return tree
-
-
-def _put(values: dict[str, Any], section: str, path: list[str], value: Any) -> None:
-    """Set ``section.<path>`` to ``value``; model keys go to their sub-section, whose mappings merge key by key."""
-    if section == "model" and len(path) == 1:
-        path = list(canonical_path(path[0], value))
-        if len(path) == 1 and path[0] in MODEL_SECTIONS:  # a whole sub-section: merged, not replaced
-            for key, sub in value.items():
-                _put(values, section, [path[0], str(key)], sub)
-            return
-    node = values
-    for i, part in enumerate(path[:-1]):
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            where = ".".join([section, *path[: i + 1]])
-            raise ValueError(f"config: {where} is a value, not a section, so {section}.{'.'.join(path)} cannot be set")
-    node[path[-1]] = value
-
-
-def _build_section(section_type: Any, where: str, values: Any) -> Any:
-    """``section_type`` of ``values``, each converted to its field's type; nested sections are built alike."""
-    if not isinstance(values, dict):
-        raise ValueError(f"config: {where} must be a mapping of settings, got {values!r}")
-    known = {f.name: f for f in dataclasses.fields(section_type)}
-    hints = get_type_hints(section_type)
-    kwargs = {}
-    for name, value in values.items():
-        if name not in known:
-            raise ValueError(f"config: unknown key '{where}.{name}' ({where} has: {', '.join(known)})")
-        if dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = _build_section(hints[name], f"{where}.{name}", value)
-        else:
-            kwargs[name] = _coerce(f"{where}.{name}", value, hints[name])
-    return section_type(**kwargs)
-
-
-def _replace_known(section: Any, values: dict[str, Any]) -> Any:
-    """``section`` with the keys of ``values`` it knows replaced, nested sections alike; the others left out."""
-    changes = {}
-    for f in dataclasses.fields(section):
-        if f.name not in values:
-            continue
-        current, value = getattr(section, f.name), values[f.name]
-        if dataclasses.is_dataclass(current):
-            if isinstance(value, dict):
-                changes[f.name] = _replace_known(current, value)
-        else:
-            changes[f.name] = value
-    return dataclasses.replace(section, **changes)
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    try:
-        if hint is bool:
-            if isinstance(value, str):
-                return value.lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if hint in (int, float, str):
-            return hint(value)
-    except (TypeError, ValueError) as ex:
-        raise ValueError(f"config: {key} expects {hint.__name__}, got {value!r}") from ex
-    return value

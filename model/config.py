@@ -115,7 +115,7 @@ class IdsConfig:
     # Row cap: a table holds at most max_rows ids; a batch whose new ids would pass it first evicts the least
     # recently used ids (by batch, never the batch's own), published as tombstones. The whole training stage is one
     # state value copied by each checkpoint, so its worst case must sit well inside the shipped TaskManager's task
-    # heap (deploy/cluster.py); the cleaner's and the evaluator's per-id memory is capped at the same count. Raise
+    # heap (deploy/cluster_conf.py); the cleaner's and the evaluator's per-id memory is capped at the same count. Raise
     # it with the TaskManager's memory.
     max_rows: int = 262_144
     # Id admission: an id gets its own row from its admit_after-th sighting; before that it shares the table's

@@ -12,10 +12,9 @@ class ServingConfig:
     """Bounds of the index: what a record may hold and how many ids it keeps, and when it counts as behind.
 
     The caps bound memory whatever the topic holds: an id beyond ``max_users``/``max_items`` evicts the least recently
-    updated one of its kind, and ``max_removed`` bounds the memory of removed (tombstoned or evicted) ids. Measured
-    with tracemalloc at dim 32: a user about 0.55 KB plus 70 bytes per ``seen`` id (1.9 KB with 20), an item about
-    0.43 KB (``4 * dim`` bytes of it the vector), a remembered removed id 0.22 KB; so about 2.6 GB at most with the
-    defaults and 20 ``seen`` ids per user.
+    updated one of its kind, and ``max_removed`` bounds the memory of removed (tombstoned or evicted) ids (what that
+    comes to with the defaults: docs/serving.md). The default caps sit above the model's default row cap
+    (``model.ids.max_rows``), so with the defaults serving never evicts an id the model still holds.
     """
 
     max_users: int = 1_000_000
