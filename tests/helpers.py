@@ -270,3 +270,15 @@ def same_state(a: object, b: object) -> bool:
     if isinstance(a, np.ndarray):
         return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
     return bool(a == b) or (a != a and b != b)  # NaN equals NaN here
+
+
+NOW = 1_700_000_000_000  # the processing time of the unit tests' flood streams
+
+
+def flood_lines(n: int, start: int = 0, items: int = 5) -> list[str]:
+    """``n`` chunk lines of events, each of a new user, on a few items, one second apart in event time."""
+    return [
+        f'0,{k},{{"event_id":"e{k}","user_id":"flood{k}","item_id":"i{k % items}","action":"click",'
+        f'"ts":{NOW - 10**7 + 1000 * k}}}'
+        for k in range(start, start + n)
+    ]

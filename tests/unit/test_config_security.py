@@ -3,18 +3,14 @@ files, never from the config itself, and never show in logs, dumps, errors or th
 from __future__ import annotations
 
 import logging
-import secrets as secrets_module
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from deploy.kafka import Broker
 from flink_job.flink import sql
 from flink_job.config import JobConfig, KafkaConfig
-from tests.helpers import locked_broker
 
 SECRET = "pa\"ss\\wörd-7f3a"  # quotes and backslashes must survive the JAAS line
 
@@ -185,40 +181,3 @@ def test_an_untranslatable_login_module_is_named_without_its_secret(monkeypatch:
     with pytest.raises(ValueError, match="com.example.Custom has no librdkafka translation") as err:
         k.librdkafka_properties()
     assert "7f3a" not in str(err.value)
-
-
-# --- against a real broker that demands SASL -------------------------------------------------------------------
-
-SASL_USER = "streamrec"
-
-
-@pytest.fixture(scope="module")
-def sasl_broker() -> Iterator[tuple[Broker, str]]:
-    """A KRaft broker with a SASL_PLAINTEXT/PLAIN listener (port + 2) and one user with a fresh random password
-    (quotes and backslashes included, as the JAAS lines on both sides must carry them)."""
-    password = f'{secrets_module.token_urlsafe(12)}"\\x'
-    with locked_broker(19692, 4, "test-kafka-sasl", sasl_users=((SASL_USER, password),)) as broker:
-        yield broker, password
-
-
-SASL_PROPERTIES = ('kafka.client_properties={security.protocol: SASL_PLAINTEXT, sasl.mechanism: PLAIN, '
-                   'sasl.username: "${env:SASL_TEST_USER}", sasl.password: "${env:SASL_TEST_PASSWORD}"}')
-
-
-
-
-
-
-def _session_cmdlines(session: int) -> dict[int, bytes]:
-    """The command lines of every live process in session ``session`` (a JobProcess and all it started)."""
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) == session:
-                    out[int(entry.name)] = (entry / "cmdline").read_bytes()
-            except (OSError, IndexError, ValueError):
-                continue
-    return out
-
-

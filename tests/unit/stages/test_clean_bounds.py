@@ -3,24 +3,15 @@ from __future__ import annotations
 from flink_job.stages.clean import Cleaner
 from flink_job.config import CleanConfig
 from flink_job.stages.parse import parse_lines
+from tests.helpers import NOW, flood_lines
 
 
-NOW = 1_700_000_000_000
-
-
-def _flood(n: int, start: int = 0, items: int = 5) -> list[str]:
-    """``n`` events, each of a new user, on a few items, one second apart in event time."""
-    return [
-        f'0,{k},{{"event_id":"e{k}","user_id":"flood{k}","item_id":"i{k % items}","action":"click",'
-        f'"ts":{NOW - 10**7 + 1000 * k}}}'
-        for k in range(start, start + n)
-    ]
 
 
 def test_the_cleaner_holds_at_most_max_users_and_evicts_the_least_recent() -> None:
     cleaner = Cleaner(CleanConfig(), max_users=10)
     for s in range(0, 100, 5):
-        batch, _ = parse_lines(_flood(5, s), now_ms=NOW)
+        batch, _ = parse_lines(flood_lines(5, s), now_ms=NOW)
         cleaner.apply(batch)
     users = cleaner.users
     assert len(users) == 10 and len(users.ids) <= 10 and cleaner.counts["users_evicted"] == 90
@@ -30,9 +21,9 @@ def test_the_cleaner_holds_at_most_max_users_and_evicts_the_least_recent() -> No
 
 def test_a_user_met_again_is_not_evicted_by_the_batch_that_meets_it() -> None:
     cleaner = Cleaner(CleanConfig(), max_users=3)
-    batch, _ = parse_lines(_flood(3), now_ms=NOW)
+    batch, _ = parse_lines(flood_lines(3), now_ms=NOW)
     cleaner.apply(batch)
-    again, _ = parse_lines([_flood(1, 0)[0].replace('"e0"', '"x0"'), *_flood(1, 3)], now_ms=NOW)
+    again, _ = parse_lines([flood_lines(1, 0)[0].replace('"e0"', '"x0"'), *flood_lines(1, 3)], now_ms=NOW)
     cleaner.apply(again)  # flood0 (oldest event time) is in the batch: flood1 goes instead
     assert "flood0" in cleaner.users and "flood1" not in cleaner.users and len(cleaner.users) == 3
 

@@ -6,18 +6,8 @@ import orjson
 
 from flink_job.config import JobConfig
 from flink_job.stages.train import TrainStage
-from tests.helpers import same_state
+from tests.helpers import NOW, flood_lines, same_state
 
-NOW = 1_700_000_000_000
-
-
-def _flood(n: int, start: int = 0, items: int = 5) -> list[str]:
-    """``n`` events, each of a new user, on a few items, one second apart in event time."""
-    return [
-        f'0,{k},{{"event_id":"e{k}","user_id":"flood{k}","item_id":"i{k % items}","action":"click",'
-        f'"ts":{NOW - 10**7 + 1000 * k}}}'
-        for k in range(start, start + n)
-    ]
 
 
 def _stage(cap: int = 32) -> TrainStage:
@@ -29,7 +19,7 @@ def _stage(cap: int = 32) -> TrainStage:
 
 def test_a_flood_of_new_users_stays_within_the_caps_and_evicted_users_go_out_as_tombstones() -> None:
     stage = _stage(cap=32)
-    outs = [stage.on_chunk(_flood(50, s), now_ms=NOW + s) for s in range(0, 400, 50)]
+    outs = [stage.on_chunk(flood_lines(50, s), now_ms=NOW + s) for s in range(0, 400, 50)]
     records = [(k, v) for o in outs for k, v in o.embeddings]
     tombstones = [k for k, v in records if v is None]
     assert stage.counters.trained == 400 and stage.counters.evicted == len(tombstones) == 400 - 32
@@ -47,12 +37,12 @@ def test_a_flood_of_new_users_stays_within_the_caps_and_evicted_users_go_out_as_
 def test_a_stage_restored_after_evictions_goes_on_exactly_as_the_original() -> None:
     cfg_stage = _stage(cap=24)
     for s in range(0, 200, 40):
-        cfg_stage.on_chunk(_flood(40, s), now_ms=NOW + s)
+        cfg_stage.on_chunk(flood_lines(40, s), now_ms=NOW + s)
     assert cfg_stage.counters.evicted > 0
     restored = TrainStage.from_bytes(cfg_stage.cfg, cfg_stage.state_bytes())
     assert same_state(restored.state_bytes(), cfg_stage.state_bytes())
     for s in range(200, 400, 40):
-        a, b = cfg_stage.on_chunk(_flood(40, s), now_ms=NOW + s), restored.on_chunk(_flood(40, s), now_ms=NOW + s)
+        a, b = cfg_stage.on_chunk(flood_lines(40, s), now_ms=NOW + s), restored.on_chunk(flood_lines(40, s), now_ms=NOW + s)
         assert [k for k, v in a.embeddings if v is None] == [k for k, v in b.embeddings if v is None]
         assert [k for k, _ in a.embeddings] == [k for k, _ in b.embeddings]
     assert same_state(restored.state_bytes(), cfg_stage.state_bytes())
