@@ -5,7 +5,6 @@ from collections.abc import Iterator
 from pathlib import Path
 import pytest
 from deploy.kafka import Broker
-from flink_job.config import JobConfig
 from flink_job.tools.generate import SyntheticConfig, generate
 from flink_job.kafka.produce import send
 from flink_job.tools.produce import synthetic_timed
@@ -13,21 +12,6 @@ from flink_job.flink.runner import LocalJob
 from flink_job.kafka.topics import read_all
 from tests.helpers import PROJECT, Truth, fresh_topics, job_args, locked_broker
 
-
-
-SECRET = "pa\"ss\\wörd-7f3a"  # quotes and backslashes must survive the JAAS line
-
-
-@pytest.fixture
-def cfg(monkeypatch: pytest.MonkeyPatch) -> JobConfig:
-    monkeypatch.setenv("TEST_KAFKA_USER", "svc-streamrec")
-    monkeypatch.setenv("TEST_KAFKA_PASSWORD", SECRET)
-    return JobConfig.load(overrides=[
-        "kafka.bootstrap=127.0.0.1:1",
-        'kafka.client_properties={security.protocol: SASL_PLAINTEXT, sasl.mechanism: SCRAM-SHA-256, '
-        'sasl.username: "${env:TEST_KAFKA_USER}", sasl.password: "${env:TEST_KAFKA_PASSWORD}", '
-        'ssl.truststore.location: /etc/ca.jks, ssl.ca.location: /etc/ca.pem, client.dns.lookup: use_all_dns_ips}',
-    ])
 
 SASL_USER = "streamrec"
 

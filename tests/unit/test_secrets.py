@@ -2,42 +2,12 @@
 command lines (flink_job.secrets)."""
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 
 import pytest
 
 from flink_job.config import JobConfig
-from model.warm_start import main as warm_start
-
-
-class _RunsCode:
-    """Unpickling this runs a shell command that leaves a marker file: what a hostile 'model file' would do."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return os.system, (f"touch {self.marker}",)
-
-
-def _trained(tmp_path: Path) -> Path:
-    history = tmp_path / "u.data"
-    history.write_text("".join(f"{1 + k % 6}\t{1 + k % 9}\t{1 + k % 5}\t{880000000 + k}\n" for k in range(300)))
-    out = tmp_path / "state.npz"
-    warm_start(["--input", str(history), "--out", str(out), "--epochs", "2", "--set", "dim=8"])
-    return out
-
-
-
-
-
-
-
-
-
-
 
 
 def _mode(path: Path) -> int:
