@@ -213,15 +213,16 @@ class SessionCluster(ClusterRest):
 
     # --- jobs ---
 
-    def package_sources(self) -> Path:
+    def package_sources(self, packages: Sequence[str] = SOURCES) -> Path:
         """The project's Python packages as one zip: Flink unpacks it on each TaskManager and puts it on PYTHONPATH.
 
         Shipping the project directory itself would ship .venv and .run as well.
         """
-        target = self.run_dir / "streamrec-src.zip"
+        extra = "".join(f"-{p}" for p in packages if p not in SOURCES)  # a zip per set of packages
+        target = self.run_dir / f"streamrec-src{extra}.zip"
         partial = target.with_suffix(f".{os.getpid()}.partial")  # two submissions at once must not mix files
         with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
-            for package in SOURCES:
+            for package in packages:
                 for path in sorted((PROJECT / package).rglob("*.py")):
                     zf.write(path, path.relative_to(PROJECT).as_posix())
         partial.replace(target)
@@ -229,14 +230,16 @@ class SessionCluster(ClusterRest):
 
     def submit(self, job_args: list[str], detached: bool = True, savepoint: str | None = None,
                allow_non_restored: bool = False, archives: Sequence[str] = (), pyexec: str | None = None,
-               timeout_s: float = 300.0) -> str:
-        """Submits ``python -m flink_job <job_args>`` with ``flink run``; returns the job id.
+               timeout_s: float = 300.0, entry: str = "flink_job", packages: Sequence[str] = SOURCES) -> str:
+        """Submits ``python -m <entry> <job_args>`` (``python -m flink_job``) with ``flink run``; returns the job id.
 
         ``detached=False`` waits (up to ``timeout_s``) for the job to end, which a streaming job does not do.
         ``archives``: ``-pyarch`` entries, ``path.zip`` or ``path.zip#dir``; Flink extracts each into the Python
         workers' working directory (under ``dir``), so the job reaches their files by relative paths, e.g. a
         warm-start model as ``flink.initial_model=dir/state.npz``, or a whole venv with ``pyexec`` (the workers'
         interpreter, default this cluster's ``worker_launcher``) pointing into it, e.g. ``venv/bin/python``.
+        ``entry`` and ``packages``: another job module and the project packages shipped for it, ``SOURCES`` first
+        (the fault tests submit a job of their own from ``tests``).
 
         The client runs from the project directory, so it resolves the connector jar and default paths there;
         the job's own config puts that jar into ``pipeline.jars``, which ``flink run`` ships with the job.
@@ -244,7 +247,7 @@ class SessionCluster(ClusterRest):
         cmd = ["run"]
         if detached:
             cmd.append("-d")
-        cmd += ["-m", f"127.0.0.1:{self.rest_port}", "-pym", "flink_job", "-pyfs", str(self.package_sources()),
+        cmd += ["-m", f"127.0.0.1:{self.rest_port}", "-pym", entry, "-pyfs", str(self.package_sources(packages)),
                 "-pyexec", pyexec or str(self.worker_launcher), "-pyclientexec", self.python]
         if archives:
             cmd += ["-pyarch", ",".join(archives)]

@@ -9,7 +9,7 @@ from typing import Any, get_type_hints
 import yaml  # type: ignore[import-untyped, unused-ignore]  # stubs only where types-PyYAML is installed
 
 from model.config import SECTIONS as MODEL_SECTIONS
-from model.config import canonical_path
+from model.config import RETIRED, canonical_path
 
 
 def config_tree(path: str | Path | None, overrides: list[str]) -> dict[str, dict[str, Any]]:
@@ -40,6 +40,8 @@ def config_tree(path: str | Path | None, overrides: list[str]) -> dict[str, dict
 
 def _put(values: dict[str, Any], section: str, path: list[str], value: Any) -> None:
     """Set ``section.<path>`` to ``value``; model keys go to their sub-section, whose mappings merge key by key."""
+    if section == "model" and path[0] in RETIRED:
+        raise ValueError(f"config: model.{'.'.join(path)} is no longer a setting: {RETIRED[path[0]]}")
     if section == "model" and len(path) == 1:
         path = list(canonical_path(path[0], value))
         if len(path) == 1 and path[0] in MODEL_SECTIONS:  # a whole sub-section: merged, not replaced

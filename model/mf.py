@@ -21,7 +21,6 @@ its own state and its own part of the snapshot (``model.serialise``):
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -212,16 +211,13 @@ class OnlineBiasedMF:
         opt = cfg.optimizer
         how = Step(self._lr(), opt.name, opt.l2, opt.clip_norm, cfg.stability.proximal, opt.adam_beta1, opt.adam_beta2,
                    group_lr=(1.0, opt.rank_bias_lr, opt.rating_bias_lr))
-        # A test seam (model.testing.inject_nan_every): the integration fault test reaches a model inside a
-        # TaskManager only through the job's configuration.
-        fault = cfg.testing.inject_nan_every > 0 and self.batches_seen % cfg.testing.inject_nan_every == 0
         saved_u: list[Saved] = []
         saved_i: list[Saved] = []
         user_rows: list[torch.Tensor] = []
         item_rows: list[torch.Tensor] = []
         losses = (0.0, 0.0)
         for k in range(cfg.optimizer.inner_steps):
-            done = self._pass(b, how, fault, saved_u, saved_i)
+            done = self._pass(b, how, saved_u, saved_i)
             if done is None:
                 self.user_table.restore(saved_u)
                 self.item_table.restore(saved_i)
@@ -233,13 +229,11 @@ class OnlineBiasedMF:
         return losses, _distinct(user_rows), _distinct(item_rows)
 
     def _pass(
-        self, b: TrainBatch, how: Step, fault: bool, saved_u: list[Saved], saved_i: list[Saved],
+        self, b: TrainBatch, how: Step, saved_u: list[Saved], saved_i: list[Saved],
     ) -> tuple[float, float, torch.Tensor, torch.Tensor] | None:
         """One optimisation pass over the batch; None (and nothing changed) if a number was not finite."""
         ut, it = self.user_table, self.item_table
         rating_loss, implicit_loss, gu, gi = self._gradients(b)
-        if fault:
-            rating_loss = implicit_loss = float("nan")
         # A non-finite gradient under a finite loss shows in the rows it moved, checked after the step below (and
         # rolled back like this): checking every gradient tensor first cost 10% of the step.
         if not (math.isfinite(rating_loss) and math.isfinite(implicit_loss)):
@@ -347,28 +341,6 @@ class OnlineBiasedMF:
         """(N,) biases of rating predictions (``mean + b_u + b_i + p_u . q_i``)."""
         idx = torch.from_numpy(np.asarray(rows, np.int64)).to(self.device)
         return self._table(kind).rating_bias[idx].cpu().numpy()
-
-    def memory_report(self) -> dict[str, dict[str, float]]:
-        """Bytes per admitted id of each table: rows (parameters, optimiser state, counters, anchor) at the table's
-        allocated capacity, plus the id map; and the shared structures (sampler, reservoir, sightings)."""
-        out: dict[str, dict[str, float]] = {}
-        ids = self.lifecycle
-        for kind, idmap, table, seen in (("user", ids.users, self.user_table, ids.user_sightings),
-                                         ("item", ids.items, self.item_table, ids.item_sightings)):
-            table_bytes = table.bytes_per_row() * table.params.shape[0]
-            map_bytes = idmap.nbytes()
-            held = max(len(idmap), 1)
-            out[kind] = {
-                "ids": len(idmap), "capacity": table.params.shape[0], "row_bytes": table.bytes_per_row(),
-                "table_bytes": table_bytes, "idmap_bytes": map_bytes, "bytes_per_id": (table_bytes + map_bytes) / held,
-                "pending_ids": len(seen), "pending_bytes": len(pickle.dumps(seen.counts)),
-            }
-        sampler = self.ranking.sampler
-        out["shared"] = {
-            "sampler_bytes": sampler.weight.nbytes + sampler.tree.nbytes,
-            "reservoir_bytes": sum(c.nbytes for c in self.reservoir.columns.values()),
-        }
-        return out
 
     # ------------------------------------------------------------------------------------- publishing, expiry
 

@@ -97,8 +97,8 @@ def trained(stats: list[dict[str, Any]]) -> int:
     return sum(s["events"] for s in stats if s["kind"] == "batch")
 
 
-def submitted(cluster: SessionCluster, args: list[str], savepoint: str | None = None) -> str:
-    job_id = cluster.submit(args, savepoint=savepoint)
+def submitted(cluster: SessionCluster, args: list[str], savepoint: str | None = None, **submit: Any) -> str:
+    job_id = cluster.submit(args, savepoint=savepoint, **submit)
     cluster.wait_running(job_id)
     return job_id
 

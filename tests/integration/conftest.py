@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,9 +26,11 @@ class Jobs:
     def __init__(self) -> None:
         self._started: list[Callable[[], None]] = []
 
-    def submit(self, cluster: SessionCluster, job_args: list[str], savepoint: str | None = None) -> str:
-        """``flink run`` on ``cluster``, waiting until the job runs; returns its id."""
-        job_id = submitted(cluster, job_args, savepoint=savepoint)
+    def submit(self, cluster: SessionCluster, job_args: list[str], savepoint: str | None = None,
+               **submit: Any) -> str:
+        """``flink run`` on ``cluster``, waiting until the job runs; returns its id. ``submit``: more arguments of
+        ``SessionCluster.submit`` (another job module, say)."""
+        job_id = submitted(cluster, job_args, savepoint=savepoint, **submit)
         self._started.append(lambda: cancel_if_running(cluster, job_id))
         return job_id
 

@@ -11,7 +11,8 @@ counter equal to its number of valid events, so no event was lost or trained twi
 - the Kafka broker stopped for 30 s mid-stream (a broker of this module's own);
 - the job down longer than the Kafka transaction timeout: the broker aborts the open transaction, so
   ``read_committed`` readers are not stuck, and the restored job re-produces what was aborted;
-- NaN losses injected every few batches: skipped, counted, and never a non-finite vector published.
+- NaN losses injected every few batches (``tests.faulty_job``): skipped, counted, and never a non-finite vector
+  published.
 """
 from __future__ import annotations
 
@@ -29,13 +30,14 @@ import pytest
 from confluent_kafka import IsolationLevel, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from deploy.cluster import SessionCluster
+from deploy.cluster import SOURCES, SessionCluster
 from deploy.kafka import Broker
 from flink_job.config import JobConfig
 from flink_job.tools.generate import SyntheticConfig, generate
 from flink_job.kafka.produce import Pacing, send
 from flink_job.tools.produce import synthetic_timed
 from flink_job.kafka.topics import Follower, read_all
+from tests.faulty_job import NAN_EVERY
 from tests.integration.conftest import Jobs
 from tests.helpers import (PROJECT, 
     locked_broker,
@@ -350,16 +352,16 @@ def test_down_longer_than_the_transaction_timeout(
 def test_nan_batches_are_skipped_and_never_published(
     cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path, jobs: Jobs
 ) -> None:
-    """Every 4th batch gets a NaN loss: it is skipped (stats ``skipped: true``, ``skipped_batches`` counted), the
+    """Every 4th batch gets a NaN loss (the job of ``tests.faulty_job``): it is skipped (stats ``skipped: true``, ``skipped_batches`` counted), the
     job keeps running and trains the batches after it, and every published vector and bias is finite. The events of
     a skipped batch are not trained but dead-lettered (``non_finite_batch``): the users' ``events`` counters add up to
     the valid events minus those, and trained + dead-lettered still equals what reached the trainer."""
-    cfg = topics("faults-nan", overrides=["model.testing.inject_nan_every=4", "batch.size=512"])
+    cfg = topics("faults-nan", overrides=["batch.size=512"])
     syn = SyntheticConfig(n_users=300, n_items=200, n_events=12_000, seed=65)
     truth = Truth.of(list(generate(syn)))
     send(synthetic_timed(syn), cfg.kafka.bootstrap, cfg.kafka.input_topic, total=syn.n_events)
     stats_follower = Follower(cfg.kafka.bootstrap, cfg.kafka.stats_topic)
-    job_id = jobs.submit(cluster, job_args(cfg, tmp_path))
+    job_id = jobs.submit(cluster, job_args(cfg, tmp_path), entry="tests.faulty_job", packages=(*SOURCES, "tests"))
     try:
         stats = follow_stats(cluster, job_id, stats_follower, lambda seen: seen[-1]["received"] >= truth.received)
         assert cluster.job_status(job_id) == "RUNNING"
@@ -367,7 +369,7 @@ def test_nan_batches_are_skipped_and_never_published(
         batches = [s for s in stats if s["kind"] == "batch"]
         skipped = [s for s in batches if s["skipped"]]
         assert skipped and stats[-1]["skipped_batches"] == len(skipped)
-        assert all(b["batch"] % 4 == 0 for b in skipped)
+        assert all(b["batch"] % NAN_EVERY == 0 for b in skipped)
         first = batches.index(skipped[0])
         later = [b for b in batches[first + 1:] if not b["skipped"]]
         assert later and later[-1]["step"] > skipped[0]["step"], "no batch trained after a skipped one"

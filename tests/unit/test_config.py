@@ -23,10 +23,10 @@ def test_model_settings_nest_in_yaml_dotted_overrides_and_the_environment(tmp_pa
     f = tmp_path / "job.yaml"
     f.write_text("model:\n  dim: 8\n  optimizer: {lr: 0.1, name: adam}\n  ids:\n    max_rows: 64\n")
     monkeypatch.setenv("STREAMREC__MODEL__OBJECTIVE__NEGATIVES", "in_batch")
-    cfg = JobConfig.load(f, ["model.optimizer.lr=0.3", "model.testing.inject_nan_every=5"])
+    cfg = JobConfig.load(f, ["model.optimizer.lr=0.3", "model.stability.replay_size=5"])
     m = cfg.model
     assert (m.dim, m.optimizer.lr, m.optimizer.name, m.ids.max_rows) == (8, 0.3, "adam", 64)
-    assert m.objective.negatives == "in_batch" and m.testing.inject_nan_every == 5
+    assert m.objective.negatives == "in_batch" and m.stability.replay_size == 5
     assert isinstance(m.optimizer.lr, float) and isinstance(m.ids.max_rows, int)
 
 
@@ -34,9 +34,9 @@ def test_old_flat_model_keys_still_load_and_the_later_setting_wins(tmp_path) -> 
     """Existing files and overrides use ``model.lr``; each lands where its nested key does, so precedence holds
     whichever form each layer used."""
     f = tmp_path / "old.yaml"
-    f.write_text("model:\n  lr: 0.2\n  optimizer: sgd\n  max_rows: 32\n  inject_nan_every: 2\n")
+    f.write_text("model:\n  lr: 0.2\n  optimizer: sgd\n  max_rows: 32\n  ttl_ms: 9\n")
     m = JobConfig.load(f).model
-    assert (m.optimizer.lr, m.optimizer.name, m.ids.max_rows, m.testing.inject_nan_every) == (0.2, "sgd", 32, 2)
+    assert (m.optimizer.lr, m.optimizer.name, m.ids.max_rows, m.ids.ttl_ms) == (0.2, "sgd", 32, 9)
     assert JobConfig.load(f, ["model.optimizer.lr=0.4"]).model.optimizer.lr == 0.4
     nested = tmp_path / "new.yaml"
     nested.write_text("model:\n  optimizer: {lr: 0.2, name: adam}\n")
@@ -57,11 +57,26 @@ def test_unknown_or_misplaced_model_keys_fail_naming_the_known_ones() -> None:
         JobConfig.load(overrides=["model.dim=3", "model.dim.x=1"])
 
 
+def test_a_configuration_that_sets_the_retired_test_seam_fails_saying_why(tmp_path) -> None:
+    """``model.testing.inject_nan_every`` was a test seam: a configuration asking for NaN batches gets none, so it
+    fails rather than run without them, in every form the key could be written."""
+    seam = "model.testing.inject_nan_every is no longer a setting: it was a test seam"
+    with pytest.raises(ValueError, match=seam):
+        JobConfig.load(overrides=["model.testing.inject_nan_every=4"])
+    with pytest.raises(ValueError, match="model.inject_nan_every is no longer a setting"):
+        JobConfig.load(overrides=["model.inject_nan_every=4"])
+    f = tmp_path / "old.yaml"
+    f.write_text("model:\n  testing: {inject_nan_every: 0}\n")
+    with pytest.raises(ValueError, match="model.testing is no longer a setting: it was a test seam"):
+        JobConfig.load(f)
+
+
 def test_stage_settings_are_nested_and_old_flat_records_map_into_them() -> None:
     cfg = JobConfig.load(overrides=["model.optimizer.lr=0.3"])
     recorded = cfg.stage_settings()
     assert recorded["model"]["optimizer"]["lr"] == 0.3
-    old_record = {**recorded, "model": {"lr": 0.5, "optimizer": "sgd", "ttl_ms": 7, "retired_key": 1}}
+    old_record = {**recorded, "model": {"lr": 0.5, "optimizer": "sgd", "ttl_ms": 7, "retired_key": 1,
+                                         "inject_nan_every": 4}}
     restored = JobConfig.load().with_stage_settings(old_record).model
     assert (restored.optimizer.lr, restored.optimizer.name, restored.ids.ttl_ms) == (0.5, "sgd", 7)
     assert restored.ids.max_rows == cfg.model.ids.max_rows

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from model.config import (FLAT_KEYS, SECTIONS, ExtrasConfig, IdsConfig, ModelConfig, ObjectiveConfig,
-                          OptimizerConfig, SeamsConfig, StabilityConfig)
+                          OptimizerConfig, StabilityConfig)
 
 
 @pytest.mark.parametrize("build, message", [
@@ -19,7 +19,6 @@ from model.config import (FLAT_KEYS, SECTIONS, ExtrasConfig, IdsConfig, ModelCon
     (lambda: ExtrasConfig(cooccurrence_capacity=0), "config: model.extras.cooccurrence_capacity must be positive"),
     (lambda: IdsConfig(max_rows=0), "config: model.ids.max_rows must be positive, got 0"),
     (lambda: StabilityConfig(replay_weight=-1.0), "config: model.stability.replay_weight must be >= 0, got -1.0"),
-    (lambda: SeamsConfig(inject_nan_every=-2), "config: model.testing.inject_nan_every must be >= 0, got -2"),
     (lambda: ModelConfig(device="tpu"), "config: model.device must be one of auto, cpu, cuda, got 'tpu'"),
     (lambda: ModelConfig(rating_min=5.0, rating_max=1.0), "config: model.rating_min must be below model.rating_max"),
 ])
@@ -33,13 +32,11 @@ def test_every_old_flat_key_maps_to_one_field_of_a_section() -> None:
     sectioned = {(s, f.name) for s, t in SECTIONS.items() for f in dataclasses.fields(t)}
     assert set(FLAT_KEYS.values()) == sectioned and len(FLAT_KEYS) == len(sectioned)
     assert FLAT_KEYS["optimizer"] == ("optimizer", "name") and FLAT_KEYS["lr"] == ("optimizer", "lr")
-    assert FLAT_KEYS["inject_nan_every"] == ("testing", "inject_nan_every")
     assert FLAT_KEYS["max_rows"] == ("ids", "max_rows") and FLAT_KEYS["replay_size"] == ("stability", "replay_size")
 
 
 def test_flat_and_nested_settings_round_trip() -> None:
-    cfg = ModelConfig(dim=8, optimizer=OptimizerConfig(name="adam", lr=0.2), ids=IdsConfig(ttl_ms=0),
-                      testing=SeamsConfig(inject_nan_every=3))
+    cfg = ModelConfig(dim=8, optimizer=OptimizerConfig(name="adam", lr=0.2), ids=IdsConfig(ttl_ms=0))
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     flat = cfg.to_flat()
     assert flat["optimizer"] == "adam" and flat["lr"] == 0.2 and flat["ttl_ms"] == 0 and flat["dim"] == 8
@@ -48,3 +45,12 @@ def test_flat_and_nested_settings_round_trip() -> None:
         ModelConfig.from_dict({"optimizer": {"lrr": 1}})
     with pytest.raises(ValueError, match=r"unknown key 'model.nope' \(model has: dim, .*optimizer.lr"):
         ModelConfig.from_dict({"nope": 1})
+
+
+def test_settings_recorded_with_the_retired_test_seam_still_load() -> None:
+    """Model states and stage snapshots of older versions recorded ``testing.inject_nan_every`` (nested) or
+    ``inject_nan_every`` (flat): it is dropped, the rest is kept."""
+    flat = {**ModelConfig(dim=8).to_flat(), "inject_nan_every": 0}
+    assert ModelConfig.from_dict(flat) == ModelConfig(dim=8)
+    nested = {**ModelConfig(dim=8).to_dict(), "testing": {"inject_nan_every": 4}}
+    assert ModelConfig.from_dict(nested) == ModelConfig(dim=8)

@@ -1,0 +1,3 @@
+from tests.faulty_job import main
+
+main()
