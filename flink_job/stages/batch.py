@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from flink_job.stages.parse import EventBatch
 
@@ -23,6 +24,14 @@ class MicroBatcher:
         self.size = size
         self._parts: list[EventBatch] = []
         self.pending = 0
+
+    def state(self) -> dict[str, Any]:
+        """The pending events (the batch size comes from the configuration)."""
+        return {"parts": self._parts, "pending": self.pending}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self._parts = state.get("parts", self._parts)
+        self.pending = state.get("pending", self.pending)
 
     def add(self, batch: EventBatch) -> None:
         if len(batch):

@@ -25,6 +25,8 @@ future would make every real event after it late for a day, and the checkpoint w
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from flink_job.stages.parse import DeadLetter, EventBatch
@@ -40,6 +42,13 @@ class Watermarks:
         self.allowed_lateness_ms = allowed_lateness_ms
         self.max_ahead_ms = max_ahead_ms
         self.max_ts: dict[int, int] = {}  # partition -> newest event time seen, at most now + max_ahead_ms
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (the settings come from the configuration)."""
+        return {"max_ts": self.max_ts}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.max_ts = state.get("max_ts", self.max_ts)
 
     def watermark(self, now_ms: int | None = None) -> int | None:
         """The watermark; with ``now_ms``, as the next ``split`` at that time will read it."""

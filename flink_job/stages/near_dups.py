@@ -14,6 +14,7 @@ mean the same thing. They are counted as de-duplicated, not dead-lettered: nothi
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,15 @@ class NearDuplicates:
         # plain dict finds its first key by scanning past the deleted ones, slow when dropping the oldest per event.
         self.last: OrderedDict[tuple[str, str, int], int] = OrderedDict()
         self.newest_ts = 0
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (the settings come from the configuration)."""
+        return {"last": self.last, "newest_ts": self.newest_ts}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """``state`` written by an older version may lack a key added since: that part starts empty."""
+        self.last = state.get("last", self.last)
+        self.newest_ts = state.get("newest_ts", self.newest_ts)
 
     def filter(self, batch: EventBatch) -> tuple[EventBatch, int]:
         """``(events kept, how many were near-duplicates)``; events are judged in input order."""

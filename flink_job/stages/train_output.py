@@ -2,6 +2,7 @@
 the dead letters of a batch the model refused."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,15 @@ class Counters:
     skipped_batches: int = 0
     expired: int = 0  # ids the model forgot after their TTL; published as tombstones
     evicted: int = 0  # ids the model evicted at its row cap (model.ids.max_rows); published as tombstones
+
+    def state(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def load_state(self, state: dict[str, int]) -> None:
+        """``state`` written by an older version may lack a counter added since: it stays 0."""
+        for name in dataclasses.fields(self):
+            if name.name in state:
+                setattr(self, name.name, state[name.name])
 
 
 @dataclass

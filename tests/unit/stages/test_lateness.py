@@ -46,12 +46,12 @@ def test_the_watermark_never_runs_ahead_of_processing_time_plus_the_margin() -> 
 def test_a_restored_state_that_ran_a_day_ahead_is_brought_back_when_read() -> None:
     cfg = JobConfig.load(overrides=["batch.size=10"])
     old = TrainStage(cfg)
-    old.watermarks.max_ts = {0: NOW + DAY, 1: NOW + DAY}  # written by a version that let one event move it
+    old.admission.watermarks.max_ts = {0: NOW + DAY, 1: NOW + DAY}  # written by a version that let one event move it
     stage = TrainStage.from_bytes(cfg, old.state_bytes())
     real = [line(n, NOW - 10 * MINUTE + n * 1000, partition=n % 2) for n in range(20)]
     out = stage.on_chunk(real, now_ms=NOW)
     assert out.dead_letters == [] and out.trained == 20
-    assert max(stage.watermarks.max_ts.values()) <= NOW + cfg.clean.max_future_ms
+    assert max(stage.admission.watermarks.max_ts.values()) <= NOW + cfg.clean.max_future_ms
 
 
 def test_the_margin_follows_processing_time() -> None:

@@ -30,7 +30,7 @@ def test_a_flood_of_new_users_stays_within_the_caps_and_evicted_users_go_out_as_
     assert len(held) == 32 and {k for k, v in last.items() if k.startswith("user:") and v is not None} == held
     assert len(stage.cleaner.users) <= 32 and stage.cleaner.counts["users_evicted"] >= 400 - 32 - 16
     assert stage.quality is not None and len(stage.quality._seen_users) <= 32
-    assert len(stage.near_duplicates.last) <= 32
+    assert len(stage.admission.near_duplicates.last) <= 32
     assert orjson.loads(outs[-1].stats[-1])["evicted"] == stage.counters.evicted
 
 

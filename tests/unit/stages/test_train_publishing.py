@@ -58,7 +58,7 @@ def test_items_wait_for_their_own_longer_interval_users_do_not() -> None:
     assert not _published(stage.on_chunk(_lines(10, start=500), now_ms=3_050))
     assert stage.next_deadline_ms() == 3_100  # the users' deadline comes first
     assert {k.split(":")[0] for k in _published(stage.on_time(now_ms=3_100))} == {"user"}
-    assert stage.next_deadline_ms() == 4_000 and len(stage.dirty_items) and not len(stage.dirty_users)
+    assert stage.next_deadline_ms() == 4_000 and len(stage.publisher.dirty_items) and not len(stage.publisher.dirty_users)
 
 
 def test_tolerance_publishes_moved_rows_before_the_interval() -> None:
@@ -66,13 +66,13 @@ def test_tolerance_publishes_moved_rows_before_the_interval() -> None:
     lazy = TrainStage(JobConfig.load(overrides=overrides))
     eager = TrainStage(JobConfig.load(overrides=[*overrides, "publish.tolerance=0.01"]))
     for stage in (lazy, eager):
-        stage.last_publish_ms = stage.last_item_publish_ms = 1_000  # the intervals have not passed below
+        stage.publisher.last_publish_ms = stage.publisher.last_item_publish_ms = 1_000  # the intervals have not passed below
     assert _published(lazy.on_chunk(_lines(20), now_ms=2_000)) == {}
     first = _published(eager.on_chunk(_lines(20), now_ms=2_000))
     assert "user:u0" in first and "item:i0" in first  # never published: moved by definition
     # A huge tolerance: the same rows, moved a little again, wait for the interval.
     stage = TrainStage(JobConfig.load(overrides=[*overrides, "publish.tolerance=1000"]))
-    stage.last_publish_ms = stage.last_item_publish_ms = 1_000
+    stage.publisher.last_publish_ms = stage.publisher.last_item_publish_ms = 1_000
     stage.on_chunk(_lines(20), now_ms=2_000)
     assert _published(stage.on_chunk(_lines(20, start=20), now_ms=3_000)) == {}
     assert stage.unpublished

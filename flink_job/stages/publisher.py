@@ -1,0 +1,154 @@
+"""Publishing: which model rows go out when, as embedding records (``flink_job.stages.publish``).
+
+``Publisher`` keeps the rows a batch moved until their interval passes (users and items apart), publishes at once a
+row that moved by more than ``publish.tolerance``, sends tombstones for ids the model expired or evicted, and writes
+the file snapshot. It owns the dirty rows and the publish clocks and their part of the training stage's snapshot;
+the model is passed in, as the stage holds it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flink_job.config import PublishConfig
+from flink_job.stages.parse import EventBatch
+from flink_job.stages.publish import DirtyRows, Drift, encode_records, write_snapshot
+from flink_job.stages.train_output import Output
+from model.arrays import Array
+from model.mf import BatchStats, OnlineBiasedMF
+
+CLOCKS = ("last_publish_ms", "last_item_publish_ms", "last_snapshot_ms", "dirty_since_ms")
+_NO_ROWS = np.zeros(0, np.int64)
+
+
+class Publisher:
+    def __init__(self, cfg: PublishConfig, recent_items_of: Callable[[list[str]], list[list[str]]]) -> None:
+        """``recent_items_of``: each user's recent items, which a user record carries (the cleaner keeps them)."""
+        self.cfg = cfg
+        self.recent_items_of = recent_items_of
+        self.dirty_users = DirtyRows()
+        self.dirty_items = DirtyRows()
+        # Not checkpointed: after a restore every touched row counts as moved once, which only publishes it early.
+        self.drift_users = Drift()
+        self.drift_items = Drift()
+        self.last_publish_ms = 0  # of users
+        self.last_item_publish_ms = 0
+        self.last_snapshot_ms = 0
+        self.dirty_since_ms = 0  # when the oldest change not yet published was made (0: none waiting)
+
+    def state(self) -> dict[str, Any]:
+        return {"dirty_users": self.dirty_users.state(), "dirty_items": self.dirty_items.state(),
+                **{name: getattr(self, name) for name in CLOCKS}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """A clock that ``state`` (of an older version) lacks keeps its start value."""
+        self.dirty_users = DirtyRows.from_state(state["dirty_users"])
+        self.dirty_items = DirtyRows.from_state(state["dirty_items"])
+        for name in CLOCKS:
+            setattr(self, name, state.get(name, getattr(self, name)))
+
+    @property
+    def unpublished(self) -> bool:
+        return len(self.dirty_users) > 0 or len(self.dirty_items) > 0
+
+    def deadlines(self) -> tuple[int | None, int | None]:
+        """When the touched users and the touched items are next due for publishing (None: none touched)."""
+        return (self.last_publish_ms + self.cfg.interval_ms if len(self.dirty_users) else None,
+                self.last_item_publish_ms + self.cfg.item_interval_ms if len(self.dirty_items) else None)
+
+    def touch(self, stats: BatchStats, batch: EventBatch, now_ms: int) -> None:
+        """Marks the rows a batch moved for publishing; row 0, the shared vector of ids not admitted yet, is no id's
+        own and is not published."""
+        if not self.unpublished:
+            self.dirty_since_ms = now_ms
+        own = stats.event_user_rows > 0
+        self.dirty_users.touch(stats.event_user_rows[own], batch.ts[own], batch.partitions[own], batch.offsets[own])
+        self.dirty_users.touch(stats.user_rows[stats.user_rows > 0])  # users of replayed events moved too
+        own = stats.event_item_rows > 0
+        self.dirty_items.touch(stats.event_item_rows[own], batch.ts[own])
+        self.dirty_items.touch(stats.item_rows[stats.item_rows > 0])  # sampled negatives moved too
+
+    def tombstones(self, out: Output, model: OnlineBiasedMF) -> dict[str, int]:
+        """Tombstones for the ids the model evicted or expired since the last call: how many of each."""
+        gone: dict[str, int] = {}
+        for counter, (users, items) in (("evicted", model.drain_evicted()), ("expired", model.drain_expired())):
+            out.embeddings.extend((f"user:{u}", None) for u in users)
+            out.embeddings.extend((f"item:{i}", None) for i in items)
+            gone[counter] = len(users) + len(items)
+        return gone
+
+    def publish_due(self, out: Output, now_ms: int, model: OnlineBiasedMF) -> int | None:
+        """Publishes the touched users and the touched items whose intervals have passed: how many, None if
+        neither was due."""
+        users, items = (due is not None and now_ms >= due for due in self.deadlines())
+        if not (users or items):
+            return None
+        n_users, n_items = self.publish(out, model, None if users else _NO_ROWS, None if items else _NO_ROWS)
+        if self.dirty_since_ms:
+            out.publish_lag_ms = now_ms - self.dirty_since_ms
+        self.dirty_since_ms = now_ms if self.unpublished else 0
+        if users:
+            self.last_publish_ms = now_ms
+        if n_items:  # items left out by publish.max_records stay due
+            self.last_item_publish_ms = now_ms
+        return n_users + n_items
+
+    def publish_moved(self, out: Output, model: OnlineBiasedMF, stats: BatchStats) -> int:
+        """Publishes at once the rows a batch moved by more than ``publish.tolerance`` since their last publish
+        (off at tolerance 0): how many."""
+        tolerance = self.cfg.tolerance
+        if tolerance <= 0:
+            return 0
+        users = np.unique(stats.event_user_rows[stats.event_user_rows > 0])
+        items = np.unique(stats.item_rows[stats.item_rows > 0])
+        moved_users = users[self.drift_users.moved(users, model.vectors("user", users)[0], tolerance)]
+        moved_items = items[self.drift_items.moved(items, model.vectors("item", items)[0], tolerance)]
+        if len(moved_users) or len(moved_items):
+            return sum(self.publish(out, model, moved_users, moved_items))
+        return 0
+
+    def publish(self, out: Output, model: OnlineBiasedMF, users: Array | None = None,
+                items: Array | None = None) -> tuple[int, int]:
+        """Encodes the rows touched since they were last published (of ``users``/``items`` if given), once each,
+        at most ``publish.max_records`` of them: users first, the rest stay pending for the next publish.
+        Returns how many users and items it published.
+
+        A record's ``version`` is the model step it was published at, so it grows per id even across an expiry
+        and a re-admission (which restart the row's update count)."""
+        cap = self.cfg.max_records
+        rows, ts, parts, offs = self.dirty_users.drain(cap, users)
+        n = self._encode("user", out, model, rows, ts, parts, offs)
+        if cap and n >= cap:
+            return n, 0
+        irows, its, _, _ = self.dirty_items.drain(cap - n if cap else 0, items)
+        return n, self._encode("item", out, model, irows, its)
+
+    def _encode(self, kind: str, out: Output, model: OnlineBiasedMF, rows: Array, ts: Array,
+                parts: Array | None = None, offs: Array | None = None) -> int:
+        ids = (model.users if kind == "user" else model.items).ids(rows)
+        live = np.array([bool(k) for k in ids], bool)  # a row freed by expiry since it was touched has no id
+        if not live.all():
+            rows, ts, ids = rows[live], ts[live], [k for k in ids if k]
+            parts, offs = (None, None) if parts is None or offs is None else (parts[live], offs[live])
+        if not len(rows):
+            return 0
+        vectors, biases, updates = model.vectors(kind, rows)
+        seen = self.recent_items_of(ids) if kind == "user" else None
+        out.embeddings.extend(
+            encode_records(kind, ids, vectors, biases, updates, model.step, ts, parts, offs,
+                           model.event_counts(kind, rows), seen)
+        )
+        model.mark_published(kind, rows)
+        if self.cfg.tolerance > 0:
+            (self.drift_users if kind == "user" else self.drift_items).published(rows, vectors)
+        return len(rows)
+
+    def maybe_snapshot(self, now_ms: int, model: OnlineBiasedMF) -> None:
+        """The file sink: every table as NumPy arrays with an id index, replaced atomically."""
+        cfg = self.cfg
+        if cfg.snapshot_dir and now_ms - self.last_snapshot_ms >= cfg.snapshot_interval_ms:
+            write_snapshot(Path(cfg.snapshot_dir), model)
+            self.last_snapshot_ms = now_ms
