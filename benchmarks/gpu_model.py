@@ -186,7 +186,7 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", default="", help="comma-separated, in run order (default: cuda,cpu where CUDA is seen)")
     p.add_argument("--device", default="", help="alias of --devices")
@@ -209,15 +209,53 @@ def main() -> None:
     p.add_argument("--deadline", type=float, default=290.0, help="seconds for the whole run; later points are skipped")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
     p.add_argument("--out", default="", help="JSON results file (rewritten after every measurement)")
-    args = p.parse_args()
-    t_start = time.perf_counter()
+    args = p.parse_args(argv)
     if args.quick:
         args.batches, args.dims, args.users, args.items, args.events = "256,1024", "8,16", 20_000, 2_000, 8192
         args.warmup, args.min_batches, args.time_box, args.ml_limit = 1, 2, 0.3, args.ml_limit or 5_000
+    return args
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """The points to measure, in order: GPU grid (fast), ML-100K on every device, then the CPU grid (slowest;
+    time-boxed per point)."""
     devices = [d for d in (args.devices or args.device or ("cuda,cpu" if torch.cuda.is_available() else "cpu")).split(",") if d]
     batches = [int(b) for b in args.batches.split(",")]
     dims = [int(d) for d in args.dims.split(",")]
     threads = [int(t) for t in args.cpu_threads.split(",")]
+    points: list[tuple[str, Any]] = []
+    for dev in devices:
+        if dev != "cpu":
+            points += [("train", (dev, d, b, 1)) for d in dims for b in batches]
+    if args.data:
+        points += [("ml100k", (dev, b)) for b in (int(x) for x in args.ml_batches.split(",")) for dev in devices]
+    if "cpu" in devices:
+        points += [("train", ("cpu", d, b, t)) for t in threads for d in dims for b in batches]
+    return points
+
+
+def measure(kind: str, point: Any, stream: Stream, args: argparse.Namespace) -> dict[str, Any]:
+    """One point's figures; a failed point (out of memory, say) gives its error and must not lose the others."""
+    try:
+        if kind == "train":
+            dev, d, b, t = point
+            return train_point(stream, dev, d, b, args, t)
+        dev, b = point
+        return ml100k_point(args.data, dev, b, args.ml_limit, args.seed)
+    except Exception as e:
+        traceback.print_exc()
+        return {**_point_fields(kind, point), "error": f"{type(e).__name__}: {e}"[:200]}
+
+
+def _point_fields(kind: str, point: Any) -> dict[str, Any]:
+    if kind == "train":
+        return {"device": point[0], "dim": point[1], "batch": point[2]}
+    return {"device": point[0], "batch": point[1]}
+
+
+def main() -> None:
+    args = parse_args()
+    t_start = time.perf_counter()
     results: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, "-m", "benchmarks.gpu_model", *sys.argv[1:]]),
                                "env": environment(), "args": vars(args), "train": [], "ml100k": []}
     print(json.dumps(results["env"]), flush=True)
@@ -227,51 +265,26 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
 
-    def over() -> bool:
-        return time.perf_counter() - t_start > args.deadline
-
+    points = plan(args)
     t0 = time.perf_counter()
+    batches = [int(b) for b in args.batches.split(",")]
     stream = Stream(max(args.events, 2 * max(batches)), args.users, args.items, args.user_zipf, args.item_zipf, args.seed)
     results["stream"] = {"events": len(stream), "distinct_users": stream.distinct_users,
                          "distinct_items": stream.distinct_items, "build_s": round(time.perf_counter() - t0, 2)}
     print(json.dumps(results["stream"]), flush=True)
-
-    # Order: GPU grid (fast), ML-100K on every device, then the CPU grid (slowest; time-boxed per point).
-    plan: list[tuple[str, Any]] = []
-    for dev in devices:
-        if dev != "cpu":
-            plan += [("train", (dev, d, b, 1)) for d in dims for b in batches]
-    if args.data:
-        plan += [("ml100k", (dev, b)) for b in (int(x) for x in args.ml_batches.split(",")) for dev in devices]
-    if "cpu" in devices:
-        plan += [("train", ("cpu", d, b, t)) for t in threads for d in dims for b in batches]
-    for kind, point in plan:
-        if over():
-            entry = ({"device": point[0], "dim": point[1], "batch": point[2]} if kind == "train"
-                     else {"device": point[0], "batch": point[1]})
-            entry["skipped"] = "deadline"
+    for kind, point in points:
+        if time.perf_counter() - t_start > args.deadline:
+            entry = {**_point_fields(kind, point), "skipped": "deadline"}
             results[kind].append(entry)
             print(kind, json.dumps(entry), flush=True)
             continue
-        try:
-            if kind == "train":
-                dev, d, b, t = point
-                entry = train_point(stream, dev, d, b, args, t)
-            else:
-                dev, b = point
-                entry = ml100k_point(args.data, dev, b, args.ml_limit, args.seed)
-        except Exception as e:  # one failed point (out of memory, say) must not lose the others
-            traceback.print_exc()
-            entry = ({"device": point[0], "dim": point[1], "batch": point[2]} if kind == "train"
-                     else {"device": point[0], "batch": point[1]})
-            entry["error"] = f"{type(e).__name__}: {e}"[:200]
+        entry = measure(kind, point, stream, args)
         results[kind].append(entry)
         print(kind, json.dumps(entry), f"t={time.perf_counter() - t_start:.1f}s", flush=True)
         save()
     save()
     print(markdown(results), flush=True)
     print(f"total {time.perf_counter() - t_start:.1f} s", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -15,6 +15,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,13 +25,13 @@ from flink_job.config import PROJECT_ROOT, JobConfig
 from flink_job.tools.generate import SyntheticConfig
 from flink_job.kafka.produce import send
 from flink_job.tools.produce import synthetic_timed
-from flink_job.flink.runner import LocalJob
+from flink_job.flink.runner import LocalJob, RunResult
 from flink_job.kafka.topics import end_offsets
 
 log = logging.getLogger("benchmarks.throughput")
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--events", type=int, default=1_000_000)
     p.add_argument("--partitions", type=int, default=2)
@@ -43,7 +44,11 @@ def main(argv: list[str] | None = None) -> None:
                    "(default: stop it, even on error; a broker found running is left running)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--out", type=Path, default=None, help="append the result as a JSON line to this file")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     export_job_jars()
@@ -68,41 +73,45 @@ def main(argv: list[str] | None = None) -> None:
 
         with LocalJob(cfg, scratch_checkpoints=True) as job:
             result = job.wait_idle(idle_s=5.0, timeout_s=1800, min_received=int(n_input * (1 - 2 * args.duplicates)))
-        last = result.last
-        processing_s = result.last_batch_s - result.first_chunk_s
-        # Second half of the run, after JIT warm-up: input events per second, scaling the records that reached the
-        # trainer by the input/received ratio (duplicates never reach it).
-        mid_ms = (result.first_chunk_s + processing_s / 2) * 1000
-        mid = next(s for s in result.stats if s["at_ms"] >= mid_ms)
-        steady = (last["received"] - mid["received"]) * n_input / last["received"] / ((last["at_ms"] - mid["at_ms"]) / 1000)
-        row = {
-            "date": time.strftime("%Y-%m-%d"),
-            "events": n_input,
-            "events_per_s": round(n_input / processing_s),
-            "processing_s": round(processing_s, 2),
-            "second_half_events_per_s": round(steady),
-            "startup_s": round(result.first_chunk_s - result.submitted_at, 2),
-            "trained": last["trained"],
-            "dead_lettered": last["dead_lettered"],
-            "deduplicated": n_input - last["received"] + last["near_duplicates"],
-            "batches": last["batch"],
-            "embeddings_published": last["published"],
-            "batch_size": cfg.batch.size,
-            "parallelism": cfg.flink.parallelism,
-            "python_mode": cfg.flink.python_execution_mode,
-            "partitions": args.partitions,
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "cpus": os.cpu_count(),
-            "machine": platform.machine(),
-            "overrides": args.overrides,
-            "train_ms_total": round(sum(s.get("train_ms", 0) for s in result.stats)),
-            "publish_ms_total": round(sum(s.get("publish_ms", 0) for s in result.stats)),
-        }
+        row = summary(result, n_input, cfg, args)
         print(json.dumps(row, indent=2))
         if args.out:
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
+
+def summary(result: RunResult, n_input: int, cfg: JobConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The run's row: ``result`` is what ``LocalJob.wait_idle`` saw."""
+    last = result.last
+    processing_s = result.last_batch_s - result.first_chunk_s
+    # Second half of the run, after JIT warm-up: input events per second, scaling the records that reached the
+    # trainer by the input/received ratio (duplicates never reach it).
+    mid_ms = (result.first_chunk_s + processing_s / 2) * 1000
+    mid = next(s for s in result.stats if s["at_ms"] >= mid_ms)
+    steady = (last["received"] - mid["received"]) * n_input / last["received"] / ((last["at_ms"] - mid["at_ms"]) / 1000)
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "events": n_input,
+        "events_per_s": round(n_input / processing_s),
+        "processing_s": round(processing_s, 2),
+        "second_half_events_per_s": round(steady),
+        "startup_s": round(result.first_chunk_s - result.submitted_at, 2),
+        "trained": last["trained"],
+        "dead_lettered": last["dead_lettered"],
+        "deduplicated": n_input - last["received"] + last["near_duplicates"],
+        "batches": last["batch"],
+        "embeddings_published": last["published"],
+        "batch_size": cfg.batch.size,
+        "parallelism": cfg.flink.parallelism,
+        "python_mode": cfg.flink.python_execution_mode,
+        "partitions": args.partitions,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "overrides": args.overrides,
+        "train_ms_total": round(sum(s.get("train_ms", 0) for s in result.stats)),
+        "publish_ms_total": round(sum(s.get("publish_ms", 0) for s in result.stats)),
+    }
 
 if __name__ == "__main__":
     main()
