@@ -19,7 +19,9 @@ setup(
     version="0.1.0",
     description="Streaming recommender embeddings: PyFlink job, online PyTorch trainer, Kafka in and out",
     # 3.12: apache-flink 2.2.1 and everything it pins (apache-beam 2.61.0, pemja 0.5.7, pyarrow, pandas), torch,
-    # numpy and the other pins all ship cp312 wheels. The image (deploy/docker/Dockerfile) stays on 3.11.
+    # numpy and the other pins all ship cp312 wheels; the unit suite and the mini-cluster job tests pass on 3.12.1.
+    # 3.13: apache-flink 2.2.1 requires apache-beam<=2.61.0, and beam ships cp313 wheels from 2.69.0 only. The
+    # image stays on 3.11.
     python_requires=">=3.11,<3.13",
     packages=find_packages(include=["flink_job", "flink_job.*", "model", "model.*", "deploy", "deploy.*"]),
     install_requires=[
