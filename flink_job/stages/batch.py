@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from flink_job.stages.parse import EventBatch
+from flink_job.stages.events import EventBatch
 
 
 class MicroBatcher:

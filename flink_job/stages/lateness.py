@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flink_job.stages.parse import DeadLetter, EventBatch
+from flink_job.stages.events import DeadLetter, EventBatch
 
 STAGE = "lateness"
 

@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from flink_job.stages.parse import EventBatch
+from flink_job.stages.events import EventBatch
 
 
 class NearDuplicates:

@@ -251,3 +251,43 @@ def _resized(a: Array, cap: int, fill: int = 0) -> Array:
     out = np.full((cap, *a.shape[1:]), fill, a.dtype)
     out[: len(a)] = a
     return out
+
+
+def shifted_group_max(values: Array, group: Array, first: Array) -> Array:
+    """(M,) the maximum of the earlier ``values`` of the same group (grouped, in order), the minimum int64 for the
+    first of each group.
+
+    >>> shifted_group_max(np.array([5, 3, 9, 2, 1]), np.array([0, 0, 0, 1, 1]), np.array([1, 0, 0, 1, 0], bool)).tolist()[1:]
+    [5, 5, -9223372036854775808, 2]
+    """
+    lowest = np.iinfo(np.int64).min
+    out = np.full(len(values), lowest, np.int64)
+    if not len(values):
+        return out
+    lo = int(values.min())
+    span = int(values.max()) - lo + 1
+    if int(group[-1]) * span < 2**62:  # groups stacked on one axis, each above the last: one running maximum
+        key = (values - lo) + group * span
+        run = np.maximum.accumulate(key) - group * span + lo  # (M,) running maximum within each group
+    else:  # event times too far apart to stack: a plain loop
+        run = values.copy()
+        for k in range(1, len(values)):
+            if not first[k] and run[k - 1] > run[k]:
+                run[k] = run[k - 1]
+    out[1:] = np.where(first[1:], lowest, run[:-1])
+    return out
+
+
+def table_from_lists(users: dict[str, list[Any]], n_actions: int, recent: int) -> dict[str, Any]:
+    """Per-user state written as ``{user: [last_ts, events, action_counts, recent_items, dwell_sum, dwell_n,
+    price_sum, price_n]}`` (before the columns), as ``UserTable.state()``."""
+    table = UserTable(n_actions, recent)
+    for user, (last_ts, events, actions, items, dwell_sum, dwell_n, price_sum, price_n) in users.items():
+        row = table.rows([user])
+        table.push_items(np.repeat(row, len(items)), items)
+        r = int(row[0])
+        for name, value in (("last_ts", last_ts), ("events", events), ("dwell_sum", dwell_sum),
+                            ("dwell_n", dwell_n), ("price_sum", price_sum), ("price_n", price_n)):
+            table.cols[name][r] = value
+        table.action_counts[r] = actions
+    return table.state()
