@@ -82,12 +82,26 @@ class Ring:
 def outlier_bounds(logs: Array, k: float) -> tuple[float, float] | None:
     """``(low, high)`` on the original scale, from the median and MAD of ``logs`` (log1p of accepted values), ``k``
     scaled deviations either side; None where the values have no spread to judge a value against."""
-    med = float(np.median(logs))
+    med = median(logs)
     dev = np.abs(logs - med)
-    scale = MAD_TO_STD * float(np.median(dev))
+    scale = MAD_TO_STD * median(dev)
     if scale == 0:  # more than half the values are equal: fall back to the mean absolute deviation
         scale = MEAN_AD_TO_STD * float(dev.mean())
     if scale == 0:
         return None  # all equal
     half = k * scale
     return math.expm1(med - half), math.expm1(min(med + half, 700.0))  # 700: expm1 overflows past ~709
+
+
+def median(v: Array) -> float:
+    """``np.median`` of a non-empty array without NaN, the same number at a quarter of the cost (it skips the NaN
+    check and the general reduction machinery).
+
+    >>> median(np.array([3.0, 1.0, 2.0])), median(np.array([4.0, 1.0, 2.0, 3.0]))
+    (2.0, 2.5)
+    """
+    k = len(v) // 2
+    if len(v) % 2:
+        return float(np.partition(v, k)[k])
+    p = np.partition(v, [k - 1, k])
+    return float((p[k - 1] + p[k]) / 2)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flink_job.stages.clean_stats import Moments, Ring, outlier_bounds
+from flink_job.stages.clean_stats import Moments, Ring, median, outlier_bounds
 
 
 @settings(max_examples=50, deadline=None)
@@ -39,3 +39,9 @@ def test_outlier_bounds_widen_with_the_spread_and_need_one() -> None:
     assert narrow is not None and wide is not None
     assert wide[0] < narrow[0] < 10.0 < narrow[1] < wide[1]
     assert outlier_bounds(np.full(10, 2.0), k=3.0) is None  # no spread
+
+
+@given(st.lists(st.floats(0, 50), min_size=1, max_size=40))
+def test_the_median_is_numpys(values: list[float]) -> None:
+    v = np.array(values, np.float64)
+    assert median(v) == float(np.median(v))
