@@ -68,6 +68,8 @@ BAD = [
     ("record_too_large", with_(category="x" * 70_000)),
     ("duplicate_keys", '{"event_id":"e1","event_id":"e2","user_id":"u1","item_id":"i1","action":"view","ts":5}'),
     ("duplicate_keys", with_(context={"user_id": "someone-else"})),
+    # three '_id"' but no item_id: the decoder rejects it, and the repeated name is still found
+    ("duplicate_keys", '{"event_id":"e1","user_id":"u1","user_id":"u2","action":"view","ts":5}'),
     ("future_ts", with_(ts=NOW + 2 * 24 * 3600 * 1000)),
     ("future_ts", with_(ts=NOW + 6 * 60 * 1000)),  # the default allows minutes, not a day
     ("duplicate_keys", with_()[:-1] + ', "user\\u005fid": "u2"}'),  # named again, with an escape
@@ -199,6 +201,12 @@ def test_integer_ids_are_their_decimal_strings() -> None:
                                f"0,2,{with_(item_id=2**63 - 1)}"], now_ms=NOW)
     assert dead == [] and batch.users == ["42", "42", "u1"] and batch.event_ids[0] == "0"
     assert batch.items[2] == str(2**63 - 1)
+
+
+def test_other_members_ending_in_id_leave_a_record_valid_unless_an_id_repeats() -> None:
+    lines = [f"0,0,{with_(session_id='s1')}", f"0,1,{with_(session_id='s1')[:-1]}, \"user_id\": \"u2\"}}"]
+    batch, dead = parse_lines(lines, now_ms=NOW)
+    assert batch.offsets.tolist() == [0] and [(d.reason, d.offset) for d in dead] == [("duplicate_keys", 1)]
 
 
 def test_a_mention_of_an_id_name_that_is_not_a_member_is_not_ambiguous() -> None:
