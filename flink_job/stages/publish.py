@@ -40,25 +40,26 @@ def encode_records(
     now = int(time.time() * 1000)
     out = []
     vecs = np.ascontiguousarray(vectors, np.float32)  # float32 serialises in its shortest form: half the bytes
-    # Columns as Python lists first: tolist() converts a column at once, where indexing makes a numpy scalar per
-    # field and record. Same numbers: tolist() widens a float32 exactly as float() does.
-    upd, bias, ets = updates.tolist(), biases.tolist(), event_ts.tolist()
-    evs = events.tolist() if events is not None else None
-    positions = (partitions.tolist(), offsets.tolist()) if partitions is not None and offsets is not None else None
-    dumps, option = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
-    for n, (key, vec) in enumerate(zip(ids, vecs)):
+    for n, key in enumerate(ids):
         rec: dict[str, Any] = {
-            "kind": kind, "id": key, "version": step, "step": step, "updates": int(upd[n]), "bias": float(bias[n]),
-            "vector": vec, "event_ts": int(ets[n]), "produced_ms": now,
+            "kind": kind,
+            "id": key,
+            "version": step,
+            "step": step,
+            "updates": int(updates[n]),
+            "bias": float(biases[n]),
+            "vector": vecs[n],
+            "event_ts": int(event_ts[n]),
+            "produced_ms": now,
         }
-        if evs is not None:
-            rec["events"] = int(evs[n])
-        if positions is not None:
-            rec["partition"] = int(positions[0][n])
-            rec["offset"] = int(positions[1][n])
+        if events is not None:
+            rec["events"] = int(events[n])
+        if partitions is not None and offsets is not None:
+            rec["partition"] = int(partitions[n])
+            rec["offset"] = int(offsets[n])
         if seen is not None:
             rec["seen"] = seen[n]
-        out.append((f"{kind}:{key}", dumps(rec, option=option).decode()))
+        out.append((f"{kind}:{key}", orjson.dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY).decode()))
     return out
 
 
