@@ -166,10 +166,10 @@ class UserTable:
         held = np.minimum(written, k)
         start = np.where(written > k, written % k, 0)
         slots = (start[:, None] + np.arange(k)[None, :]) % k  # (S, K) oldest first
-        codes = self.ring[rows[sel][:, None], slots]  # (S, K) EMPTY (-1) past a ring's held items
-        names = np.asarray([*self.item_ids, None], dtype=object)  # EMPTY reads the None at the end; cut off below
-        for j, recent, h in zip(sel.tolist(), names[codes].tolist(), held.tolist()):  # one gather, not one per user
-            out[j] = recent[:h]
+        codes = self.ring[rows[sel][:, None], slots]
+        names = np.asarray(self.item_ids, dtype=object)
+        for s, j in enumerate(sel.tolist()):
+            out[j] = names[codes[s, : held[s]]].tolist()
         return out
 
     def compact_items(self) -> None:
