@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from flink_job.stages.parse import EventBatch
+from flink_job.stages.events import EventBatch
 
 
 class MicroBatcher:

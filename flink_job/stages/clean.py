@@ -31,8 +31,6 @@ first evicts the users with the oldest newest event (counted in ``users_evicted`
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,8 +38,9 @@ import numpy as np
 from model.arrays import Array
 
 from flink_job.schema import ACTIONS, FEATURE_NAMES, N_FEATURES, NUMERIC_FIELDS  # noqa: F401 (FEATURE_NAMES: doctest)
-from flink_job.stages.parse import DeadLetter, EventBatch
-from flink_job.stages.users import UserTable, group_ranks
+from flink_job.stages.clean_stats import Moments, Ring, outlier_bounds
+from flink_job.stages.events import DeadLetter, EventBatch
+from flink_job.stages.users import UserTable, group_ranks, shifted_group_max, table_from_lists
 from model.idmap import least_recently_used
 
 if TYPE_CHECKING:
@@ -57,72 +56,10 @@ COUNTERS: tuple[str, ...] = (
     "users_expired", "users_evicted",
 )
 Z_LIMIT = 5.0
-MAD_TO_STD = 1.4826  # the MAD of a normal distribution times this is its standard deviation
-MEAN_AD_TO_STD = 1.2533  # sqrt(pi / 2): the same for the mean absolute deviation, used when the MAD is 0
 MS_PER_DAY = 86_400_000
 EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday; Monday is day 0
 SWEEP_MIN_EVENTS = 1024
 EVICT_SHARE = 64  # at the user cap, one eviction scan frees room for at least 1/64 of the cap
-
-
-@dataclass
-class Moments:
-    """Count, mean and sum of squared deviations, merged a batch at a time (Chan et al.'s parallel Welford)."""
-
-    n: int = 0
-    mean: float = 0.0
-    m2: float = 0.0
-
-    def add(self, x: Array) -> None:
-        nb = len(x)
-        if not nb:
-            return
-        mean_b = float(x.mean())
-        m2_b = float(np.square(x - mean_b).sum())
-        n = self.n + nb
-        delta = mean_b - self.mean
-        self.mean += delta * nb / n
-        self.m2 += m2_b + delta * delta * self.n * nb / n
-        self.n = n
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / self.n) if self.n > 1 else 0.0
-
-
-class Ring:
-    """The last ``size`` values added, in a fixed numpy buffer."""
-
-    def __init__(self, size: int) -> None:
-        self.values = np.zeros(size, np.float64)
-        self.pos = 0
-        self.filled = 0
-
-    def add(self, x: Array) -> None:
-        size = len(self.values)
-        if len(x) >= size:
-            self.values[:] = x[len(x) - size:]
-            self.pos, self.filled = 0, size
-            return
-        end = self.pos + len(x)
-        if end <= size:
-            self.values[self.pos:end] = x
-        else:
-            split = size - self.pos
-            self.values[self.pos:] = x[:split]
-            self.values[:end - size] = x[split:]
-        self.pos = end % size
-        self.filled = min(size, self.filled + len(x))
-
-    def current(self) -> Array:
-        """The values held, in no particular order (until full, they sit at the front)."""
-        return self.values[:self.filled]
-
-    def ordered(self) -> Array:
-        """The values held, oldest first."""
-        if self.filled < len(self.values):
-            return self.values[:self.filled].copy()
-        return np.concatenate([self.values[self.pos:], self.values[:self.pos]])
 
 
 class Cleaner:
@@ -158,7 +95,7 @@ class Cleaner:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         users = state["users"]
         if isinstance(users, dict) and "ids" not in users:  # written before the columns: {user: [fields]}
-            users = _table_from_lists(users, self.cfg.recent_items)
+            users = table_from_lists(users, len(ACTIONS), self.cfg.recent_items)
         self.users = UserTable.from_state(users, len(ACTIONS), self.cfg.recent_items)
         self.newest_ts, self.since_sweep = state["newest_ts"], state["since_sweep"]
         for f in NUMERIC_FIELDS:
@@ -294,7 +231,7 @@ class Cleaner:
         fresh = table.events[srows[starts]] == 0  # (G,) new, reset or never trained: no previous event
         base = np.where(fresh, sts[starts], table.last_ts[srows[starts]])  # (G,) newest event time before the batch
         # Newest event time before each event: the user's base, then the running maximum within the batch.
-        newest_before = np.maximum(base[group], _shifted_group_max(sts, group, first))  # (M,)
+        newest_before = np.maximum(base[group], shifted_group_max(sts, group, first))  # (M,)
         gaps = np.zeros(len(ts), np.int64)
         gaps[order] = np.where(sts > newest_before, sts - newest_before, 0)
 
@@ -366,20 +303,11 @@ class Cleaner:
         np.add.at(count, srows[seen], 1)
 
     def _bounds(self, name: str) -> tuple[float, float] | None:
-        """``(low, high)`` on the original scale, from the median and MAD of log1p over the accepted values."""
+        """``(low, high)`` on the original scale from the accepted values before the batch; None: no bound."""
         ring = self.rings[name]
         if self.outliers[name] == "off" or ring.filled < max(1, self.cfg.outlier_warmup):
             return None
-        v = ring.current()
-        med = float(np.median(v))
-        dev = np.abs(v - med)
-        scale = MAD_TO_STD * float(np.median(dev))
-        if scale == 0:  # more than half the values are equal: fall back to the mean absolute deviation
-            scale = MEAN_AD_TO_STD * float(dev.mean())
-        if scale == 0:
-            return None  # all equal: there is no spread to judge a value against
-        half = self.cfg.outlier_k * scale
-        return math.expm1(med - half), math.expm1(min(med + half, 700.0))  # 700: expm1 overflows past ~709
+        return outlier_bounds(ring.current(), self.cfg.outlier_k)
 
     @staticmethod
     def _reject(reason: Array, mask: Array, rules: list[tuple[str, str]], why: str, counter: str) -> None:
@@ -394,42 +322,3 @@ class Cleaner:
         lo, hi = bounds[name]
         return f"{name}={float(getattr(batch, name)[i]):g} outside [{max(lo, 0.0):.6g}, {hi:.6g}]"
 
-
-def _shifted_group_max(values: Array, group: Array, first: Array) -> Array:
-    """(M,) the maximum of the earlier ``values`` of the same group (grouped, in order), the minimum int64 for the
-    first of each group.
-
-    >>> _shifted_group_max(np.array([5, 3, 9, 2, 1]), np.array([0, 0, 0, 1, 1]), np.array([1, 0, 0, 1, 0], bool)).tolist()[1:]
-    [5, 5, -9223372036854775808, 2]
-    """
-    lowest = np.iinfo(np.int64).min
-    out = np.full(len(values), lowest, np.int64)
-    if not len(values):
-        return out
-    lo = int(values.min())
-    span = int(values.max()) - lo + 1
-    if int(group[-1]) * span < 2**62:  # groups stacked on one axis, each above the last: one running maximum
-        key = (values - lo) + group * span
-        run = np.maximum.accumulate(key) - group * span + lo  # (M,) running maximum within each group
-    else:  # event times too far apart to stack: a plain loop
-        run = values.copy()
-        for k in range(1, len(values)):
-            if not first[k] and run[k - 1] > run[k]:
-                run[k] = run[k - 1]
-    out[1:] = np.where(first[1:], lowest, run[:-1])
-    return out
-
-
-def _table_from_lists(users: dict[str, list[Any]], recent: int) -> dict[str, Any]:
-    """Per-user state written as ``{user: [last_ts, events, action_counts, recent_items, dwell_sum, dwell_n,
-    price_sum, price_n]}`` (before the columns), as ``UserTable.state()``."""
-    table = UserTable(len(ACTIONS), recent)
-    for user, (last_ts, events, actions, items, dwell_sum, dwell_n, price_sum, price_n) in users.items():
-        row = table.rows([user])
-        table.push_items(np.repeat(row, len(items)), items)
-        r = int(row[0])
-        for name, value in (("last_ts", last_ts), ("events", events), ("dwell_sum", dwell_sum),
-                            ("dwell_n", dwell_n), ("price_sum", price_sum), ("price_n", price_n)):
-            table.cols[name][r] = value
-        table.action_counts[r] = actions
-    return table.state()

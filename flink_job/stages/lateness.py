@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from flink_job.stages.parse import DeadLetter, EventBatch
+from flink_job.stages.events import DeadLetter, EventBatch
 
 STAGE = "lateness"
 

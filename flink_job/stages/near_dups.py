@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from flink_job.stages.parse import EventBatch
+from flink_job.stages.events import EventBatch
 
 
 class NearDuplicates:

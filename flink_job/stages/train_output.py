@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from flink_job.schema import ACTIONS
-from flink_job.stages.parse import DeadLetter, EventBatch
+from flink_job.stages.events import DeadLetter, EventBatch
 from model.mf import OnlineBiasedMF
 
 STAGE = "train"

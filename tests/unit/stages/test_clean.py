@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 
 
 from flink_job.schema import FEATURE_NAMES
-from flink_job.stages.clean import COUNTERS, Cleaner, Moments
+from flink_job.stages.clean import COUNTERS, Cleaner
 from flink_job.config import CleanConfig, JobConfig
-from flink_job.stages.parse import EventBatch, parse_lines
+from flink_job.stages.events import EventBatch
+from flink_job.stages.parse import parse_lines
 
 NOW = 2_000_000_000_000
 T0 = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC, a Tuesday
@@ -168,19 +169,6 @@ def test_normalised_features_converge_to_mean_zero_and_unit_variance() -> None:
     assert np.abs(zs.mean(axis=0)).max() < 0.05
     assert np.abs(zs.std(axis=0) - 1.0).max() < 0.05
     assert np.abs(zs).max() <= 5.0
-
-
-@settings(max_examples=50, deadline=None)
-@given(st.lists(st.lists(st.floats(-1e3, 1e3), max_size=20), max_size=8))
-def test_batched_moments_equal_those_of_the_whole_stream(batches: list[list[float]]) -> None:
-    m = Moments()
-    for b in batches:
-        m.add(np.array(b, np.float64))
-    whole = np.array([x for b in batches for x in b], np.float64)
-    assert m.n == len(whole)
-    if len(whole):
-        assert m.mean == pytest.approx(whole.mean(), abs=1e-9)
-        assert m.std == pytest.approx(whole.std() if len(whole) > 1 else 0.0, rel=1e-6, abs=1e-6)
 
 
 def test_hour_and_day_of_week_of_a_known_timestamp() -> None:

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flink_job.schema import ACTIONS
-from flink_job.stages.parse import EventBatch, ParseRules, _Bad, _event, parse_lines
+from flink_job.stages.parse import ParseRules, parse_lines
+from flink_job.stages.parse_rules import Rejected, judge_record
 
 NOW = 1_800_000_000_000
 GOOD = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "action": "rating", "value": 4.0, "ts": 1_700_000_000_000}
@@ -67,6 +68,8 @@ BAD = [
     ("record_too_large", with_(category="x" * 70_000)),
     ("duplicate_keys", '{"event_id":"e1","event_id":"e2","user_id":"u1","item_id":"i1","action":"view","ts":5}'),
     ("duplicate_keys", with_(context={"user_id": "someone-else"})),
+    # three '_id"' but no item_id: the decoder rejects it, and the repeated name is still found
+    ("duplicate_keys", '{"event_id":"e1","user_id":"u1","user_id":"u2","action":"view","ts":5}'),
     ("future_ts", with_(ts=NOW + 2 * 24 * 3600 * 1000)),
     ("future_ts", with_(ts=NOW + 6 * 60 * 1000)),  # the default allows minutes, not a day
     ("duplicate_keys", with_()[:-1] + ', "user\\u005fid": "u2"}'),  # named again, with an escape
@@ -140,21 +143,9 @@ def test_context_fields_are_carried_nan_or_none_when_absent_or_null() -> None:
                                                        ("price", -math.inf, "bad_price")])
 def test_non_finite_context_numbers_are_bad(name: str, value: float, reason: str) -> None:
     # orjson never produces these; the slow path checks anyway, for records decoded some other way.
-    with pytest.raises(_Bad) as bad:
-        _event({**GOOD, name: value}, ParseRules(), NOW)
+    with pytest.raises(Rejected) as bad:
+        judge_record({**GOOD, name: value}, ParseRules(), NOW)
     assert bad.value.reason == reason
-
-
-def test_concat_slice_and_select_carry_the_context_columns() -> None:
-    a, _ = parse_lines([f"0,0,{with_(dwell_ms=1, category='x')}", f"0,1,{with_(price=2.0)}"], now_ms=NOW)
-    b, _ = parse_lines([f"0,2,{with_(dwell_ms=3, price=4.0, category='y')}"], now_ms=NOW)
-    both = EventBatch.concat([a, b])
-    assert np.array_equal(both.dwell_ms, [1.0, np.nan, 3.0], equal_nan=True)
-    assert both.categories == ["x", None, "y"]
-    picked = both.select(np.array([2, 0]))
-    assert picked.price.tolist()[0] == 4.0 and picked.categories == ["y", "x"] and picked.offsets.tolist() == [2, 0]
-    part = both.slice(1, 3)
-    assert part.categories == [None, "y"] and part.price.tolist()[1] == 4.0 and len(part.features) == 0
 
 
 def test_unicode_ids_and_context_that_mentions_field_names_are_valid() -> None:
@@ -184,7 +175,7 @@ def test_an_exception_while_judging_a_record_dead_letters_that_record(monkeypatc
     def broken(d: object, rules: ParseRules, now_ms: int) -> tuple:
         raise ZeroDivisionError("a bug the data found")
 
-    monkeypatch.setattr(parse, "_event", broken)
+    monkeypatch.setattr(parse, "judge_record", broken)
     slow = with_(user_id=7)  # an integer id takes the slow path
     batch, dead = parse_lines([f"0,1,{slow}", f"0,2,{with_()}"], now_ms=NOW)
     assert [(d.reason, d.offset, d.payload, d.stage) for d in dead] == [("internal_error", 1, slow, "parse")]
@@ -212,17 +203,16 @@ def test_integer_ids_are_their_decimal_strings() -> None:
     assert batch.items[2] == str(2**63 - 1)
 
 
+def test_other_members_ending_in_id_leave_a_record_valid_unless_an_id_repeats() -> None:
+    lines = [f"0,0,{with_(session_id='s1')}", f"0,1,{with_(session_id='s1')[:-1]}, \"user_id\": \"u2\"}}"]
+    batch, dead = parse_lines(lines, now_ms=NOW)
+    assert batch.offsets.tolist() == [0] and [(d.reason, d.offset) for d in dead] == [("duplicate_keys", 1)]
+
+
 def test_a_mention_of_an_id_name_that_is_not_a_member_is_not_ambiguous() -> None:
     payloads = [with_(category="event_id"), with_(note='"user_id": "x"'), with_(note="\u0075")]
     batch, dead = parse_lines([f"0,{n},{p}" for n, p in enumerate(payloads)], now_ms=NOW)
     assert dead == [] and len(batch) == 3
-
-
-def test_dead_letters_with_lone_surrogates_still_serialise() -> None:
-    from flink_job.stages.parse import DeadLetter
-
-    text = DeadLetter("invalid_json", "parse", "{\ud800}", 0, 1).to_json()
-    assert json.loads(text)["payload"] == "{\\ud800}"
 
 
 def test_there_are_at_least_forty_kinds_of_bad_records() -> None:

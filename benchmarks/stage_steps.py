@@ -1,0 +1,78 @@
+"""Where the training stage's time goes, offline: CPU µs per event of each step of ``TrainStage.on_chunk`` at the
+default configuration, on generator events like the throughput benchmark's (seed 7, 2% duplicates, 1% malformed).
+
+    python -m benchmarks.stage_steps [--events 200000] [--chunk 2000]
+
+Each step is timed by wrapping it (a few calls per chunk, so the wrappers cost nothing measurable) with
+``time.process_time``: CPU time, which a shared machine's other processes inflate less than the wall clock. The first
+20,000 events warm the stage up and are not counted; chunks are 100 ms apart in processing time.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import flink_job.stages.train as train
+from flink_job.config import JobConfig
+from flink_job.stages.train import TrainStage
+from flink_job.tools.generate import SyntheticConfig, generate
+from model.mf import OnlineBiasedMF
+
+WARM_UP = 20_000
+STEPS: list[tuple[Any, str, str]] = [  # (owner, attribute, label) in the order the stage runs them
+    (train, "parse_lines", "parse"),
+    (train.Watermarks, "split", "lateness"),
+    (train.NearDuplicates, "filter", "near-duplicates"),
+    (train.Cleaner, "apply", "clean"),
+    (TrainStage, "_evaluate", "evaluation"),
+    (OnlineBiasedMF, "learn_many", "model learn_many"),
+    (TrainStage, "_touch", "touch dirty rows"),
+    (TrainStage, "_maybe_publish", "publish (all)"),
+    (train, "encode_records", "  of which encode_records"),
+    (TrainStage, "_stats", "stats records"),
+]
+
+
+def _timed(spent: dict[str, float], fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[label] += time.process_time() - start
+    return wrapper
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=int, default=200_000)
+    p.add_argument("--chunk", type=int, default=2000)
+    args = p.parse_args()
+    syn = SyntheticConfig(n_events=args.events, seed=7, duplicate_rate=0.02, malformed_rate=0.01)
+    lines = [f"{n % 2},{n},{r.payload.decode()}" for n, r in enumerate(generate(syn))]
+    spent: dict[str, float] = defaultdict(float)
+    for owner, name, label in STEPS:
+        setattr(owner, name, _timed(spent, getattr(owner, name), label))
+    stage = TrainStage(JobConfig.load())
+    base = int(time.time() * 1000)
+    chunks = [(i, lines[i:i + args.chunk]) for i in range(0, len(lines), args.chunk)]
+    for i, chunk in chunks:
+        if i == WARM_UP:
+            spent.clear()
+            start = time.process_time()
+        stage.on_chunk(chunk, base + i // args.chunk * 100)
+    stage.on_time(base + 10**9)
+    total = time.process_time() - start
+    n = len(lines) - WARM_UP
+    print(f"| step | CPU µs per event ({n:,} events, chunks of {args.chunk}) |\n|---|---|")
+    for _, _, label in STEPS:
+        print(f"| {label} | {spent[label] / n * 1e6:.2f} |")
+    timed = sum(v for k, v in spent.items() if not k.startswith(" "))
+    print(f"| everything else | {(total - timed) / n * 1e6:.2f} |\n| on_chunk in all | {total / n * 1e6:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
