@@ -53,8 +53,8 @@ def _run_job(broker: Broker, data: Path, batch_size: int, profile: str, extra: l
         "eval.log_every_batches=500", *model, *extra,
     ])
     create_topics(broker.bootstrap, job_topics(cfg), 1)
-    sent = send(movielens_records(data / "u.data" if data.is_dir() else data), broker.bootstrap,
-                cfg.kafka.input_topic)
+    sent = send(movielens_records(data, rating_min=cfg.model.rating_min, rating_max=cfg.model.rating_max),
+                broker.bootstrap, cfg.kafka.input_topic)
     with LocalJob(cfg, scratch_checkpoints=True) as job:
         result = job.wait_idle(idle_s=5.0, timeout_s=1800, min_received=sent)
     last = result.last
