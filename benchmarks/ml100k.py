@@ -274,7 +274,8 @@ def run_model(stream: Stream, config: ModelConfig = ModelConfig(), batch_size: i
         users, items, ratings = stream.users[s], stream.items[s], stream.ratings[s]
         ev.evaluate(scorer, users, items, ratings, positive[s])
         t0 = time.perf_counter()
-        model.learn_many(users, items, actions=np.full(len(users), RATING_CODE), values=ratings)
+        model.learn_many(users, items, actions=np.full(len(users), RATING_CODE), values=ratings,
+                         categories=stream.categories[s] or None)
         model_s += time.perf_counter() - t0
     return Result("streamrec `OnlineBiasedMF`", ev.summary(), model_s + scorer.seconds, time.perf_counter() - start,
                   -(-len(stream) // batch_size))

@@ -1,7 +1,7 @@
 """Model settings by concern, kept apart from the modules that use them.
 
 ``ModelConfig`` holds the general settings and one frozen section per concern: ``optimizer``, ``objective``,
-``extras``, ``ids``, ``stability`` and ``testing``. Every field is a job configuration key
+``extras``, ``ids``, ``stability``, ``side`` and ``testing``. Every field is a job configuration key
 ``model.<section>.<key>`` (``model.<key>`` for the general ones); each section checks itself, so a bad value fails
 when the configuration is loaded, with the key and the value received. The flat keys of older configurations and
 recorded settings (``model.lr``) stay valid: ``FLAT_KEYS`` maps each to its place, derived from the fields.
@@ -149,6 +149,18 @@ class StabilityConfig:
 
 
 @dataclass(frozen=True)
+class SideConfig:
+    """How fresh rows start (``model.side_features``): ``item_init`` random | category (the mean row of the trained
+    items of the event's category, else of all trained items); ``user_init`` random | mean (the mean trained user
+    vector)."""
+    item_init: str = "random"
+    user_init: str = "random"
+
+    def __post_init__(self) -> None:
+        _check("model.side", self, {"item_init": ("random", "category"), "user_init": ("random", "mean")})
+
+
+@dataclass(frozen=True)
 class SeamsConfig:
     """Test seams, off by default and never needed in production: the fault tests reach them through the job
     configuration because the job runs in another process."""
@@ -172,6 +184,7 @@ class ModelConfig:
     extras: ExtrasConfig = field(default_factory=ExtrasConfig)
     ids: IdsConfig = field(default_factory=IdsConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
+    side: SideConfig = field(default_factory=SideConfig)
     testing: SeamsConfig = field(default_factory=SeamsConfig)
 
     def __post_init__(self) -> None:
@@ -210,9 +223,14 @@ class ModelConfig:
         nested = self.to_dict()
         flat = {k: v for k, v in nested.items() if k not in SECTIONS}
         flat.update({key: nested[section][name] for key, (section, name) in FLAT_KEYS.items()})
-        return flat
+        # Settings newer than format 4 are written only when set: a model that does not use them writes what the
+        # versions before them read (they reject unknown keys).
+        defaults = ModelConfig().to_dict()
+        return {k: v for k, v in flat.items()
+                if FLAT_KEYS.get(k, ("",))[0] not in NEWER_SECTIONS or v != defaults[FLAT_KEYS[k][0]][FLAT_KEYS[k][1]]}
 
 
+NEWER_SECTIONS = ("side",)  # sections added after the state format 4
 SECTIONS: dict[str, Any] = {f.name: f.default_factory for f in dataclasses.fields(ModelConfig)
                             if f.default_factory is not dataclasses.MISSING}
 # Flat key of older configurations -> its place now, e.g. "lr" -> ("optimizer", "lr").
