@@ -150,14 +150,15 @@ class StabilityConfig:
 
 @dataclass(frozen=True)
 class SideConfig:
-    """How fresh rows start (``model.side_features``): ``item_init`` random | category (the mean row of the trained
-    items of the event's category, else of all trained items); ``user_init`` random | mean (the mean trained user
-    vector)."""
+    """Cold ids (``model.side_features``): ``unknown_users`` popularity (a user without a row is ranked by the
+    items' event counts, as serving ranks a user it does not know) | fallback_row; ``item_init`` random | category
+    (a new item's row starts as the mean row of the trained items of the event's category, else of all items)."""
+    unknown_users: str = "popularity"
     item_init: str = "random"
-    user_init: str = "random"
 
     def __post_init__(self) -> None:
-        _check("model.side", self, {"item_init": ("random", "category"), "user_init": ("random", "mean")})
+        _check("model.side", self, {"unknown_users": ("popularity", "fallback_row"),
+                                    "item_init": ("random", "category")})
 
 
 @dataclass(frozen=True)

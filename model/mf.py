@@ -152,7 +152,6 @@ class OnlineBiasedMF:
         n = len(users)
         times = None if ts is None or not n else np.asarray(ts, np.int64)  # (B,)
         event_u, event_i = self._admit(users, items, times)
-        self.side.admit_users(self.user_table, event_u)
         self.side.admit_items(self.item_table, event_i, categories)
         act = np.asarray(actions, np.int64)
         val = np.asarray(values, np.float32)
@@ -310,11 +309,13 @@ class OnlineBiasedMF:
         return pred.clamp(self.config.rating_min, self.config.rating_max).cpu().numpy()
 
     def score_items(self, users: Sequence[str], items: Sequence[str]) -> np.ndarray[Any, Any]:
-        """(U, I) ranking scores of each candidate item for each user; unknown ids use the fallback rows."""
+        """(U, I) ranking scores of each candidate item for each user; unknown items use the fallback row, unknown
+        users are ranked by popularity (``model.side_features``)."""
         u = torch.from_numpy(self.users.lookup(users)).to(self.device)
         i = torch.from_numpy(self._candidate_rows(items)).to(self.device)
         scores = self.extras.user_vectors(u) @ self.item_table.weight[i].T + self.extras.ranking_bias(i)  # (U, I)
         self.extras.add_similarity(scores, u, i)
+        self.side.rank_unknown_users(scores, u, i, self.item_table)
         return np.asarray(scores.cpu().numpy())
 
     def _candidate_rows(self, items: Sequence[str]) -> Rows:

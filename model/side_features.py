@@ -1,12 +1,16 @@
-"""Side information for cold ids: a new item starts from its category's prototype, a new user from the mean user.
+"""Cold ids: a user the model holds no row for is ranked by popularity, and a new item may start from its
+category's prototype.
 
-A freshly admitted row is otherwise a small random vector with zero biases, which ranks a new item among the rest at
-random and ranks every item for a new user by noise. With ``model.side.item_init="category"`` a new item's whole row
-(vector, ranking bias, rating bias) starts as the mean of the trained items of its category (``category`` of the
-event; for MovieLens its genres), or of all trained items when its category has none yet, so it scores where items
-like it score, popularity included (the ranking bias carries it). With ``model.side.user_init="mean"`` a new user's
-vector starts as the mean of the trained users' vectors: it ranks as the average user does, by what is popular.
-Either is a row like any other, so the published rows and serving reproduce the scores with nothing more.
+A user not admitted yet (the fallback row) is ranked by the items' event counts (``model.side.unknown_users=
+"popularity"``, the default): exactly the answer serving gives a user it has no record of
+(``flink_job.serving.index``), so the evaluator measures what a new user is served, where the fallback row's
+``c_i`` alone ranked them by the ranking biases, which are not popularity.
+
+With ``model.side.item_init="category"`` a new item's whole row (vector, ranking bias, rating bias) starts as the
+mean of the trained items of its category (``category`` of the event; for MovieLens its genres), or of all trained
+items when its category has none yet, instead of a small random vector with zero biases. The row is a row like any
+other, so the published rows and serving reproduce its scores with nothing more. Off by default: on ML-100K it
+lowered HR@10 at batch 256 (BENCHMARKS.md, "Side features and cold start").
 
 >>> import torch
 >>> from model.tables import EmbeddingTable
@@ -53,18 +57,6 @@ class SideFeatures:
         """Item ``rows`` were recycled: their next holders' categories are not known yet."""
         self.item_category[rows] = NONE
 
-    def admit_users(self, table: EmbeddingTable, rows: Rows) -> None:
-        """Fresh user rows among ``rows`` (B,) start at the mean trained user vector (``user_init="mean"``)."""
-        if self.config.user_init != "mean":
-            return
-        fresh = _fresh(table, rows)
-        if not len(fresh):
-            return
-        trained = _trained(table)  # (R,)
-        if bool(trained.any()):
-            table.params[torch.from_numpy(fresh).to(table.device), : table.dim] = table.weight[: table.rows][
-                trained].mean(0)
-
     def admit_items(self, table: EmbeddingTable, rows: Rows, categories: Sequence[str | None] | None) -> None:
         """Notes the category of each event's item row (B,), then starts the fresh ones from their category's
         prototype (``item_init="category"``)."""
@@ -77,6 +69,15 @@ class SideFeatures:
         fresh = _fresh(table, rows)
         if len(fresh):
             table.params[torch.from_numpy(fresh).to(table.device)] = self._prototypes(table, fresh)
+
+    def rank_unknown_users(self, scores: torch.Tensor, user_rows: torch.Tensor, item_rows: torch.Tensor,
+                           table: EmbeddingTable) -> None:
+        """Scores (U, I) of the users on the fallback row (U,) become the candidates' (I,) event counts, in place."""
+        if self.config.unknown_users != "popularity":
+            return
+        unknown = user_rows == FALLBACK_ROW  # (U,)
+        if bool(unknown.any()):
+            scores[unknown] = table.events[item_rows].to(scores.dtype)[None, :]
 
     def _index(self, category: str | None) -> int:
         if not category:

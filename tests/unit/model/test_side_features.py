@@ -1,4 +1,5 @@
-"""Fresh rows from side information: a new item starts at its category's mean row, a new user at the mean user."""
+"""Cold ids: an unknown user is ranked by popularity, as serving ranks it; a new item may start at its category's
+mean row."""
 from __future__ import annotations
 
 import numpy as np
@@ -50,12 +51,16 @@ def test_without_the_setting_a_new_item_starts_random_and_its_category_is_still_
     assert m.side.item_category[m.items.lookup(["a3"])].tolist() == [m.side.vocab["A"]]
 
 
-def test_a_new_user_starts_at_the_mean_trained_user_vector() -> None:
-    m = _model(user_init="mean")
-    _warm(m)
-    mean = _row(m, "user", ["u1", "u2", "u3"])[:, :4].mean(0)
-    m.learn_many(["u9"], ["a1"], np.array([4]), np.array([4.0]))
-    np.testing.assert_allclose(_row(m, "user", ["u9"])[0, :4], mean, atol=1e-5)
+def test_a_user_without_a_row_is_ranked_by_the_items_event_counts_as_serving_ranks_it() -> None:
+    m = _model()
+    m.learn_many(["u1", "u2", "u2", "u3"], ["a", "b", "a", "a"], np.array([4] * 4), np.array([5.0, 4.0, 2.0, 3.0]))
+    scores = m.score_items(["nobody", "u1"], ["b", "a", "never"])
+    assert scores[0].tolist() == [1.0, 3.0, 0.0]  # events trained on: serving's answer for a user it does not know
+    assert scores[1].tolist() != [1.0, 3.0, 0.0]  # a known user: its own row
+    old = OnlineBiasedMF(ModelConfig(dim=4, seed=3, device="cpu", side=SideConfig(unknown_users="fallback_row")))
+    old.learn_many(["u1", "u2", "u2", "u3"], ["a", "b", "a", "a"], np.array([4] * 4), np.array([5.0, 4.0, 2.0, 3.0]))
+    fallback = old.score_items(["nobody"], ["b", "a"])[0]
+    np.testing.assert_allclose(fallback, old.item_table.bias[old.items.lookup(["b", "a"])].numpy())  # c_i only
 
 
 @pytest.mark.parametrize("portable", [False, True])
