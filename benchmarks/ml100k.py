@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from flink_job.config import JobConfig
-from flink_job.tools.movielens import item_genres, ratings_file, read_ratings
+from flink_job.tools.movielens import read_ratings
 from model.config import ModelConfig
 from model.mf import RATING_CODE, OnlineBiasedMF, pick_device
 from model.prequential import Prequential, Scorer
@@ -43,7 +43,6 @@ class Stream:
     items: list[str]  # (N,)
     ratings: Array  # (N,) float64
     times: Array  # (N,) int64 unix seconds
-    categories: list[str] = field(default_factory=list)  # (N,) the item's genres ("A|B"); empty: none known
 
     def __len__(self) -> int:
         return len(self.users)
@@ -54,7 +53,7 @@ class Stream:
         return self.ratings >= 4.0
 
     def head(self, n: int) -> Stream:
-        return Stream(self.users[:n], self.items[:n], self.ratings[:n], self.times[:n], self.categories[:n])
+        return Stream(self.users[:n], self.items[:n], self.ratings[:n], self.times[:n])
 
 
 @dataclass(frozen=True)
@@ -78,15 +77,13 @@ class Result:
 def load_stream(path: str | Path, rating_min: float = 1.0, rating_max: float = 5.0) -> Stream:
     """``u.data`` (user, item, rating, unix seconds; tab-separated) from the folder or file ``path``, stable-sorted by
     time so ties keep the file's line order; ratings as numbers on the scale ``[rating_min, rating_max]`` (half
-    stars stay half stars), each item's genres from ``u.item`` beside it as its category ("" without one)."""
+    stars stay half stars)."""
     rows = read_ratings(path, rating_min, rating_max)
-    genres = item_genres(ratings_file(path))
     return Stream(
         users=[r.user for r in rows],
         items=[r.item for r in rows],
         ratings=np.array([r.rating for r in rows], np.float64),
         times=np.array([r.ts for r in rows], np.int64),
-        categories=[genres.get(r.item, "") for r in rows],
     )
 
 
@@ -274,8 +271,7 @@ def run_model(stream: Stream, config: ModelConfig = ModelConfig(), batch_size: i
         users, items, ratings = stream.users[s], stream.items[s], stream.ratings[s]
         ev.evaluate(scorer, users, items, ratings, positive[s])
         t0 = time.perf_counter()
-        model.learn_many(users, items, actions=np.full(len(users), RATING_CODE), values=ratings,
-                         categories=stream.categories[s] or None)
+        model.learn_many(users, items, actions=np.full(len(users), RATING_CODE), values=ratings)
         model_s += time.perf_counter() - t0
     return Result("streamrec `OnlineBiasedMF`", ev.summary(), model_s + scorer.seconds, time.perf_counter() - start,
                   -(-len(stream) // batch_size))

@@ -1,7 +1,7 @@
 """Model settings by concern, kept apart from the modules that use them.
 
 ``ModelConfig`` holds the general settings and one frozen section per concern: ``optimizer``, ``objective``,
-``extras``, ``ids``, ``stability``, ``side`` and ``testing``. Every field is a job configuration key
+``extras``, ``ids``, ``stability``, ``cold`` and ``testing``. Every field is a job configuration key
 ``model.<section>.<key>`` (``model.<key>`` for the general ones); each section checks itself, so a bad value fails
 when the configuration is loaded, with the key and the value received. The flat keys of older configurations and
 recorded settings (``model.lr``) stay valid: ``FLAT_KEYS`` maps each to its place, derived from the fields.
@@ -149,16 +149,13 @@ class StabilityConfig:
 
 
 @dataclass(frozen=True)
-class SideConfig:
-    """Cold ids (``model.side_features``): ``unknown_users`` popularity (a user without a row is ranked by the
-    items' event counts, as serving ranks a user it does not know) | fallback_row; ``item_init`` random | category
-    (a new item's row starts as the mean row of the trained items of the event's category, else of all items)."""
+class ColdConfig:
+    """Cold ids (``model.unknown_users``): ``unknown_users`` popularity (a user without a row is ranked by the
+    items' event counts, as serving ranks a user it does not know) | fallback_row (by the shared fallback row)."""
     unknown_users: str = "popularity"
-    item_init: str = "random"
 
     def __post_init__(self) -> None:
-        _check("model.side", self, {"unknown_users": ("popularity", "fallback_row"),
-                                    "item_init": ("random", "category")})
+        _check("model.cold", self, {"unknown_users": ("popularity", "fallback_row")})
 
 
 @dataclass(frozen=True)
@@ -185,7 +182,7 @@ class ModelConfig:
     extras: ExtrasConfig = field(default_factory=ExtrasConfig)
     ids: IdsConfig = field(default_factory=IdsConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
-    side: SideConfig = field(default_factory=SideConfig)
+    cold: ColdConfig = field(default_factory=ColdConfig)
     testing: SeamsConfig = field(default_factory=SeamsConfig)
 
     def __post_init__(self) -> None:
@@ -231,7 +228,7 @@ class ModelConfig:
                 if FLAT_KEYS.get(k, ("",))[0] not in NEWER_SECTIONS or v != defaults[FLAT_KEYS[k][0]][FLAT_KEYS[k][1]]}
 
 
-NEWER_SECTIONS = ("side",)  # sections added after the state format 4
+NEWER_SECTIONS = ("cold",)  # sections added after the state format 4
 SECTIONS: dict[str, Any] = {f.name: f.default_factory for f in dataclasses.fields(ModelConfig)
                             if f.default_factory is not dataclasses.MISSING}
 # Flat key of older configurations -> its place now, e.g. "lr" -> ("optimizer", "lr").

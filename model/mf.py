@@ -39,8 +39,8 @@ from model.objectives import rating_grads
 from model.ranking_extras import RankingExtras
 from model.ranking_loss import Grads, RankingLoss
 from model.replay import Reservoir
-from model.side_features import SideFeatures
 from model.tables import EmbeddingTable, Saved, Step
+from model.unknown_users import rank_unknown_users
 
 # The model takes action codes, not names; the one code that is an explicit rating comes from the caller's
 # vocabulary (the job passes flink_job.schema.RATING_CODE). This default serves callers without one of their own.
@@ -93,7 +93,6 @@ class OnlineBiasedMF:
                                          anchored, rows)
         self.lifecycle = IdLifecycle(cfg, (self.user_table, self.item_table), self._released)
         self.extras = RankingExtras(cfg, self.device, self.user_table, self.item_table)
-        self.side = SideFeatures(cfg.side)
         self.grow()
         for t in (self.user_table, self.item_table):
             t.params[FALLBACK_ROW] = 0.0  # an untrained fallback predicts the mean and scores 0
@@ -125,34 +124,30 @@ class OnlineBiasedMF:
         self.user_table.ensure(self.users.size)
         self.item_table.ensure(self.items.size)
         self.extras.grow(self.user_table.params.shape[0], self.item_table.params.shape[0])
-        self.side.grow(self.item_table.params.shape[0])
 
     def _released(self, kind: int, rows: Rows) -> None:
         """Rows of table ``kind`` (0 users, 1 items) were recycled: what else is kept per row starts anew."""
         self.extras.forget(kind, rows)
         if kind == 1:
             self.ranking.release(rows)
-            self.side.forget(rows)
 
     # ----------------------------------------------------------------------------------------------- training
 
     def learn_many(
         self, users: Sequence[str], items: Sequence[str], actions: Array, values: Array,
-        weights: Array | None = None, ts: Array | None = None, categories: Sequence[str | None] | None = None,
+        weights: Array | None = None, ts: Array | None = None,
     ) -> BatchStats:
         """One update on a micro-batch. ``actions`` are codes (4 = rating); ``weights`` scale implicit events;
-        ``ts`` (B,) event times in ms drive expiry (without them nothing ages); ``categories`` (B,) each event's
-        item category, where new items start (``model.side_features``)."""
-        return self._learn(users, items, actions, values, weights, ts, count=True, categories=categories)
+        ``ts`` (B,) event times in ms drive expiry (without them nothing ages)."""
+        return self._learn(users, items, actions, values, weights, ts, count=True)
 
     def _learn(
         self, users: Sequence[str], items: Sequence[str], actions: Array, values: Array,
-        weights: Array | None, ts: Array | None, count: bool, categories: Sequence[str | None] | None = None,
+        weights: Array | None, ts: Array | None, count: bool,
     ) -> BatchStats:
         n = len(users)
         times = None if ts is None or not n else np.asarray(ts, np.int64)  # (B,)
         event_u, event_i = self._admit(users, items, times)
-        self.side.admit_items(self.item_table, event_i, categories)
         act = np.asarray(actions, np.int64)
         val = np.asarray(values, np.float32)
         w = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)
@@ -310,12 +305,12 @@ class OnlineBiasedMF:
 
     def score_items(self, users: Sequence[str], items: Sequence[str]) -> np.ndarray[Any, Any]:
         """(U, I) ranking scores of each candidate item for each user; unknown items use the fallback row, unknown
-        users are ranked by popularity (``model.side_features``)."""
+        users are ranked by popularity (``model.unknown_users``)."""
         u = torch.from_numpy(self.users.lookup(users)).to(self.device)
         i = torch.from_numpy(self._candidate_rows(items)).to(self.device)
         scores = self.extras.user_vectors(u) @ self.item_table.weight[i].T + self.extras.ranking_bias(i)  # (U, I)
         self.extras.add_similarity(scores, u, i)
-        self.side.rank_unknown_users(scores, u, i, self.item_table)
+        rank_unknown_users(scores, u, self.item_table.events[i], self.config.cold.unknown_users)
         return np.asarray(scores.cpu().numpy())
 
     def _candidate_rows(self, items: Sequence[str]) -> Rows:

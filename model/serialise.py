@@ -38,7 +38,6 @@ def state_bytes(m: OnlineBiasedMF) -> bytes:
             "item_table": m.item_table.state(),
             "sampler": m.ranking.sampler.state(),
             "reservoir": m.reservoir.state(),
-            **({"side": m.side.state(m.items.size)} if m.side.vocab else {}),  # only once categories were met
             # its own pickle: it shares no memo entries with the rest
             "extras": pickle.dumps(m.extras.state(m.users.size, m.items.size), pickle.HIGHEST_PROTOCOL),
             "scalars": {"events_counted": m.extras.events_counted, **{k: getattr(m, k) for k in CORE_SCALARS},
@@ -90,7 +89,6 @@ def from_state(cls: type[M], state: dict[str, Any], config: ModelConfig | None) 
     _load_scalars(m, state["scalars"])
     m.grow()  # the per-row extras must cover every loaded row before they are filled
     m.extras.load(state.get("extras"), m.users.size)
-    m.side.load(state.get("side"), m.item_table.params.shape[0])
     m.reservoir = Reservoir.from_state(m.config.stability.replay_size, state["reservoir"])
     m.generator.set_state(torch.from_numpy(state["torch_rng"]))
     m.rng.bit_generator.state = state["np_rng"]

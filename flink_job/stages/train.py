@@ -273,8 +273,7 @@ class TrainStage:
         quality = self._evaluate(batch)  # test, then train
         start = time.perf_counter()
         weights = self.action_weight[batch.actions] * batch.values  # (B,) used by implicit events only
-        stats = model.learn_many(batch.users, batch.items, batch.actions, batch.values, weights, batch.ts,
-                                 categories=batch.categories)
+        stats = model.learn_many(batch.users, batch.items, batch.actions, batch.values, weights, batch.ts)
         train_ms = (time.perf_counter() - start) * 1000
         out.batches += 1
         out.batch_sizes.append(len(batch))
