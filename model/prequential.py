@@ -187,19 +187,17 @@ class Prequential:
         n = len(items)
         item_idx = np.empty(n, np.int64)  # (B,)
         avail = np.empty(n, np.int64)  # (B,)
-        prior = np.empty(n, np.int64)  # (B,)
         for j, item in enumerate(items):
             c = index.get(item)
             if c is None:
                 c = index[item] = len(self._items)
                 self._items.append(item)
                 item_last.append(0)
-                self.cold.add_item()
             item_last[c] = self.events + j
             item_idx[j] = c
             avail[j] = len(self._items)
-            prior[j] = self.cold.item_event(c)
-        return item_idx, avail, prior
+        self.cold.grow_items(len(self._items))
+        return item_idx, avail, self.cold.item_events(item_idx)
 
     def _scores(self, scorer: Scorer, users: Sequence[str], positive: npt.NDArray[np.bool_], sampled: list[bool]
                 ) -> tuple[dict[str, int], npt.NDArray[Any]]:
