@@ -77,9 +77,11 @@ def main(argv: list[str] | None = None) -> None:
 
     summary, seconds = run_job(args.data, args.batch_size, args.profile, args.port, args.overrides,
                                args.keep)
-    stream = load_stream(args.data)
+    model = JobConfig.load(overrides=args.overrides).model  # the rating scale River and popularity read with
+    scale = (model.rating_min, model.rating_max)
+    stream = load_stream(args.data, *scale)
     job = Result(f"streamrec job (batch {args.batch_size}, profile {args.profile or 'defaults'})", summary, seconds, seconds)
-    print(table([job, run_river(stream), run_popularity(stream)]))
+    print(table([job, run_river(stream, scale=scale), run_popularity(stream)]))
 
 
 if __name__ == "__main__":
