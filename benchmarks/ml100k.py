@@ -2,7 +2,8 @@
 
 All three read the same stream (``u.data`` stable-sorted by timestamp) and are scored by the same
 ``model.prequential.Prequential``, as docs/evaluation.md says: River and popularity event by event, the project's
-model in micro-batches (test the batch, then train on it). Predicted ratings are clipped to [1, 5]; River is also
+model in micro-batches (test the batch, then train on it). Predicted ratings are clipped to the rating scale ([1, 5]
+unless ``--rating-min``/``--rating-max`` say otherwise: 0.5 for a half-star file); River is also
 reported unclipped, the rule under which the protocol's reference figures were taken (RMSE 0.9485, MAE 0.7497).
 
     python -m benchmarks.ml100k --data ML100K_DIR [--batch-size 4096] [--seed 0]
@@ -24,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from flink_job.config import JobConfig
+from flink_job.tools.movielens import read_ratings
 from model.config import ModelConfig
 from model.mf import RATING_CODE, OnlineBiasedMF, pick_device
 from model.prequential import Prequential, Scorer
@@ -72,24 +74,16 @@ class Result:
         return self.summary["events"] / self.model_seconds if self.model_seconds > 0 else float("nan")
 
 
-def load_stream(path: str | Path) -> Stream:
+def load_stream(path: str | Path, rating_min: float = 1.0, rating_max: float = 5.0) -> Stream:
     """``u.data`` (user, item, rating, unix seconds; tab-separated) from the folder or file ``path``, stable-sorted by
-    time so ties keep the file's line order."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "u.data"
-    if not p.is_file():
-        raise FileNotFoundError(f"ml100k: no u.data at {p}")
-    raw = np.loadtxt(p, dtype=np.int64, delimiter="\t", ndmin=2)  # (N, 4)
-    if raw.shape[1] != 4:
-        raise ValueError(f"ml100k: {p} must have 4 tab-separated columns, got {raw.shape[1]}")
-    order = np.argsort(raw[:, 3], kind="stable")
-    raw = raw[order]
+    time so ties keep the file's line order; ratings as numbers on the scale ``[rating_min, rating_max]`` (half
+    stars stay half stars)."""
+    rows = read_ratings(path, rating_min, rating_max)
     return Stream(
-        users=[str(u) for u in raw[:, 0]],
-        items=[str(i) for i in raw[:, 1]],
-        ratings=raw[:, 2].astype(np.float64),
-        times=raw[:, 3].copy(),
+        users=[r.user for r in rows],
+        items=[r.item for r in rows],
+        ratings=np.array([r.rating for r in rows], np.float64),
+        times=np.array([r.ts for r in rows], np.int64),
     )
 
 
@@ -235,11 +229,13 @@ def river_model(seed: int = 73) -> Any:
     )
 
 
-def run_river(stream: Stream, k: int = 10, seed: int = 73, clip: bool = True) -> Result:
-    """River's BiasedMF, test-then-train one event at a time; ``clip=False`` takes the rating error of its raw
-    predictions, as the protocol's reference figures do."""
+def run_river(stream: Stream, k: int = 10, seed: int = 73, clip: bool = True,
+              scale: tuple[float, float] = (1.0, 5.0)) -> Result:
+    """River's BiasedMF, test-then-train one event at a time; predictions clipped to the rating ``scale``, or with
+    ``clip=False`` the rating error of its raw predictions, as the protocol's reference figures take it."""
     scorer = RiverScorer(river_model(seed))
-    ev = Prequential(k=k) if clip else Prequential(k=k, rating_min=-math.inf, rating_max=math.inf)
+    lo, hi = scale if clip else (-math.inf, math.inf)
+    ev = Prequential(k=k, rating_min=lo, rating_max=hi)
     positive = stream.positive
     start = time.perf_counter()
     for j in tqdm(range(len(stream)), desc="river", disable=None, mininterval=1.0):
@@ -329,14 +325,17 @@ def table(results: Sequence[Result]) -> str:
         return "–" if np.isnan(x) else f"{x:.2f}"
 
     lines = [
-        "| system | RMSE | MAE | HR@10 | NDCG@10 | events/s | ms/batch | positives ranked | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| system | RMSE | MAE | HR@10 | NDCG@10 | HR@10 cold users (n) | HR@10 cold items (n) | events/s | ms/batch "
+        "| positives ranked | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s = r.summary
         rate = "–" if s["rated"] == 0 else f"{r.events_per_s:,.0f}"
         lines.append(
-            f"| {r.system} | {fmt(s['rmse'])} | {fmt(s['mae'])} | {fmt(s['hr'])} | {fmt(s['ndcg'])} | {rate} "
+            f"| {r.system} | {fmt(s['rmse'])} | {fmt(s['mae'])} | {fmt(s['hr'])} | {fmt(s['ndcg'])} "
+            f"| {fmt(s['hr_cold_users'])} ({s['positives_cold_users']:,}) "
+            f"| {fmt(s['hr_cold_items'])} ({s['positives_cold_items']:,}) | {rate} "
             f"| {fmt_ms(r.ms_per_batch)} | {s['positives']:,} | {r.wall_seconds:.1f} |"
         )
     return "\n".join(lines)
@@ -352,21 +351,25 @@ def main() -> None:
                    help="a model setting, repeatable (e.g. --set model.optimizer.lr=0.1; older flat keys "
                    "such as model.lr also work); --profile applies first")
     p.add_argument("--profile", default="", choices=["", *PROFILES], help="a named set of ModelConfig overrides")
+    p.add_argument("--rating-min", type=float, default=1.0, help="lowest rating of the file's scale (0.5: half stars)")
+    p.add_argument("--rating-max", type=float, default=5.0, help="highest rating of the file's scale")
     p.add_argument("--skip", default="", help="comma-separated systems to leave out: river, popularity, model")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.batch_size <= 0:
         raise SystemExit(f"ml100k: --batch-size must be positive, got {args.batch_size}")
 
-    stream = load_stream(args.data)
+    scale = (args.rating_min, args.rating_max)
+    stream = load_stream(args.data, *scale)
     if args.limit:
         stream = stream.head(args.limit)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     log.info("ml100k: %d events, %d positives", len(stream), int(stream.positive.sum()))
-    config = model_config(args.seed, args.profile, args.set)
+    config = model_config(args.seed, args.profile,
+                          [f"model.rating_min={scale[0]}", f"model.rating_max={scale[1]}", *args.set])
     results = []
     if "river" not in skip:
-        results.append(run_river(stream))
+        results.append(run_river(stream, scale=scale))
         results.append(run_river(stream, clip=False))  # the rule of docs/evaluation.md's reference figures
     if "popularity" not in skip:
         results.append(run_popularity(stream))
@@ -382,11 +385,11 @@ def main() -> None:
     print()
     print(
         f"stream: {len(stream):,} events of {args.data} (stable-sorted by time), ranking over every item seen so far "
-        f"minus the user's past items; predictions clipped to [1, 5] unless said otherwise. River {river_version} event by event "
+        f"minus the user's past items; predictions clipped to [{scale[0]:g}, {scale[1]:g}] unless said otherwise. River {river_version} event by event "
         f"(latent seed 73); popularity event by event; OnlineBiasedMF with ModelConfig defaults, seed {config.seed}, "
         f"profile {args.profile or 'none'}, overrides {args.set or 'none'}, "
         f"batch size {args.batch_size}, device {pick_device(config.device)}. events/s: the system's own predict "
-        f"and learn calls only."
+        f"and learn calls only. cold users / items: the positives of users / items in their first five interactions."
     )
 
 

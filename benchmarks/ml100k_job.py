@@ -53,8 +53,8 @@ def _run_job(broker: Broker, data: Path, batch_size: int, profile: str, extra: l
         "eval.log_every_batches=500", *model, *extra,
     ])
     create_topics(broker.bootstrap, job_topics(cfg), 1)
-    sent = send(movielens_records(data / "u.data" if data.is_dir() else data), broker.bootstrap,
-                cfg.kafka.input_topic)
+    sent = send(movielens_records(data, rating_min=cfg.model.rating_min, rating_max=cfg.model.rating_max),
+                broker.bootstrap, cfg.kafka.input_topic)
     with LocalJob(cfg, scratch_checkpoints=True) as job:
         result = job.wait_idle(idle_s=5.0, timeout_s=1800, min_received=sent)
     last = result.last
@@ -77,9 +77,11 @@ def main(argv: list[str] | None = None) -> None:
 
     summary, seconds = run_job(args.data, args.batch_size, args.profile, args.port, args.overrides,
                                args.keep)
-    stream = load_stream(args.data)
+    model = JobConfig.load(overrides=args.overrides).model  # the rating scale River and popularity read with
+    scale = (model.rating_min, model.rating_max)
+    stream = load_stream(args.data, *scale)
     job = Result(f"streamrec job (batch {args.batch_size}, profile {args.profile or 'defaults'})", summary, seconds, seconds)
-    print(table([job, run_river(stream), run_popularity(stream)]))
+    print(table([job, run_river(stream, scale=scale), run_popularity(stream)]))
 
 
 if __name__ == "__main__":

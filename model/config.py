@@ -1,7 +1,7 @@
 """Model settings by concern, kept apart from the modules that use them.
 
 ``ModelConfig`` holds the general settings and one frozen section per concern: ``optimizer``, ``objective``,
-``extras``, ``ids`` and ``stability``. Every field is a job configuration key
+``extras``, ``ids``, ``stability`` and ``cold``. Every field is a job configuration key
 ``model.<section>.<key>`` (``model.<key>`` for the general ones); each section checks itself, so a bad value fails
 when the configuration is loaded, with the key and the value received. The flat keys of older configurations and
 recorded settings (``model.lr``) stay valid: ``FLAT_KEYS`` maps each to its place, derived from the fields.
@@ -150,6 +150,16 @@ class StabilityConfig:
 
 
 @dataclass(frozen=True)
+class ColdConfig:
+    """Cold ids (``model.unknown_users``): ``unknown_users`` popularity (a user without a row is ranked by the
+    items' event counts, as serving ranks a user it does not know) | fallback_row (by the shared fallback row)."""
+    unknown_users: str = "popularity"
+
+    def __post_init__(self) -> None:
+        _check("model.cold", self, {"unknown_users": ("popularity", "fallback_row")})
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     dim: int = 32
     init_std: float = 0.05
@@ -163,6 +173,7 @@ class ModelConfig:
     extras: ExtrasConfig = field(default_factory=ExtrasConfig)
     ids: IdsConfig = field(default_factory=IdsConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
+    cold: ColdConfig = field(default_factory=ColdConfig)
 
     def __post_init__(self) -> None:
         _check("model", self, {"device": DEVICES}, positive=("dim", "threads", "init_std"))
@@ -201,7 +212,11 @@ class ModelConfig:
         nested = self.to_dict()
         flat = {k: v for k, v in nested.items() if k not in SECTIONS}
         flat.update({key: nested[section][name] for key, (section, name) in FLAT_KEYS.items()})
-        return flat
+        # Settings newer than format 4 are written only when set: a model that does not use them writes what the
+        # versions before them read (they reject unknown keys).
+        defaults = ModelConfig().to_dict()
+        return {k: v for k, v in flat.items()
+                if FLAT_KEYS.get(k, ("",))[0] not in NEWER_SECTIONS or v != defaults[FLAT_KEYS[k][0]][FLAT_KEYS[k][1]]}
 
 
 # Keys of older versions that are no longer settings -> why. A model state or stage snapshot that recorded them
@@ -210,6 +225,7 @@ RETIRED = {
     key: "it was a test seam; the fault test injects NaN batches itself (tests/faulty_job)"
     for key in ("testing", "inject_nan_every")  # the section and its flat alias
 }
+NEWER_SECTIONS = ("cold",)  # sections added after the state format 4
 SECTIONS: dict[str, Any] = {f.name: f.default_factory for f in dataclasses.fields(ModelConfig)
                             if f.default_factory is not dataclasses.MISSING}
 # Flat key of older configurations -> its place now, e.g. "lr" -> ("optimizer", "lr").

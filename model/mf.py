@@ -39,6 +39,7 @@ from model.ranking_extras import RankingExtras
 from model.ranking_loss import Grads, RankingLoss
 from model.replay import Reservoir
 from model.tables import EmbeddingTable, Saved, Step
+from model.unknown_users import rank_unknown_users
 
 # The model takes action codes, not names; the one code that is an explicit rating comes from the caller's
 # vocabulary (the job passes flink_job.schema.RATING_CODE). This default serves callers without one of their own.
@@ -297,11 +298,13 @@ class OnlineBiasedMF:
         return pred.clamp(self.config.rating_min, self.config.rating_max).cpu().numpy()
 
     def score_items(self, users: Sequence[str], items: Sequence[str]) -> np.ndarray[Any, Any]:
-        """(U, I) ranking scores of each candidate item for each user; unknown ids use the fallback rows."""
+        """(U, I) ranking scores of each candidate item for each user; unknown items use the fallback row, unknown
+        users are ranked by popularity (``model.unknown_users``)."""
         u = torch.from_numpy(self.users.lookup(users)).to(self.device)
         i = torch.from_numpy(self._candidate_rows(items)).to(self.device)
         scores = self.extras.user_vectors(u) @ self.item_table.weight[i].T + self.extras.ranking_bias(i)  # (U, I)
         self.extras.add_similarity(scores, u, i)
+        rank_unknown_users(scores, u, self.item_table.events[i], self.config.cold.unknown_users)
         return np.asarray(scores.cpu().numpy())
 
     def _candidate_rows(self, items: Sequence[str]) -> Rows:

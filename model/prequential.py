@@ -32,7 +32,9 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-STATE_VERSION = 3
+from model.cold_start import ColdStart
+
+STATE_VERSION = 4
 EVICT_SHARE = 8  # over a cap, one compaction frees room for 1/8 of it (it rewrites every seen set: amortised)
 
 
@@ -66,6 +68,9 @@ class Prequential:
     Memory is capped whatever the stream: at most ``max_items`` candidates (the least recently met go first; one
     that comes back is a new candidate) and at most ``max_seen`` remembered (user, item) pairs and users (the users
     least recently evaluated go first, with their seen items). The job passes the model's row cap for both.
+
+    The summary also has HR@k over the cold-start slices (``model.cold_start``): positives of users, and of items,
+    in their first five interactions.
     """
 
     def __init__(self, k: int = 10, rating_min: float = 1.0, rating_max: float = 5.0, user_sample: float = 1.0,
@@ -102,6 +107,7 @@ class Prequential:
         self.positives = 0  # positives of sampled users, all ranked
         self.hits = 0
         self.ndcg_sum = 0.0
+        self.cold = ColdStart()
 
     @property
     def candidates(self) -> Sequence[str]:
@@ -134,10 +140,11 @@ class Prequential:
         positive = np.asarray(positive, bool)  # (B,)
         rated = np.flatnonzero(np.isfinite(ratings))  # (R,)
         sq_err, abs_err = self._rating_error(scorer, users, items, ratings, rated)
-        item_idx, avail = self._add_candidates(items)
+        item_idx, avail, item_prior = self._add_candidates(items)
         sampled = [self._is_sampled(u) for u in users]
         ranked_users, scores = self._scores(scorer, users, positive, sampled)
-        hits, ndcg, n_pos = self._rank_events(users, positive, sampled, item_idx, avail, ranked_users, scores)
+        hits, ndcg, n_pos = self._rank_events(users, positive, sampled, (item_idx, avail, item_prior), ranked_users,
+                                              scores)
 
         self.events += n
         self.rated += len(rated)
@@ -172,9 +179,10 @@ class Prequential:
         err: npt.NDArray[np.float64] = ratings[rated] - np.clip(pred, self.rating_min, self.rating_max)  # (R,)
         return float(np.dot(err, err)), float(np.abs(err).sum())
 
-    def _add_candidates(self, items: Sequence[str]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """Candidate growth: each event's candidate index (B,) and the candidate count right after its item
-        appeared (B,)."""
+    def _add_candidates(self, items: Sequence[str]
+                        ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Candidate growth: each event's candidate index (B,), the candidate count right after its item appeared
+        (B,) and the item's events before it (B,)."""
         index, item_last = self._item_index, self._item_last
         n = len(items)
         item_idx = np.empty(n, np.int64)  # (B,)
@@ -188,7 +196,8 @@ class Prequential:
             item_last[c] = self.events + j
             item_idx[j] = c
             avail[j] = len(self._items)
-        return item_idx, avail
+        self.cold.grow_items(len(self._items))
+        return item_idx, avail, self.cold.item_events(item_idx)
 
     def _scores(self, scorer: Scorer, users: Sequence[str], positive: npt.NDArray[np.bool_], sampled: list[bool]
                 ) -> tuple[dict[str, int], npt.NDArray[Any]]:
@@ -210,10 +219,12 @@ class Prequential:
 
     def _rank_events(
         self, users: Sequence[str], positive: npt.NDArray[np.bool_], sampled: list[bool],
-        item_idx: npt.NDArray[np.int64], avail: npt.NDArray[np.int64], ranked_users: dict[str, int],
-        scores: npt.NDArray[Any],
+        events: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]],
+        ranked_users: dict[str, int], scores: npt.NDArray[Any],
     ) -> tuple[int, float, int]:
-        """Ranks event by event (hits, summed NDCG, positives ranked); seen sets advance in batch order."""
+        """Ranks event by event (hits, summed NDCG, positives ranked); seen sets advance in batch order.
+        ``events``: each event's candidate index, candidate count and item's prior events (``_add_candidates``)."""
+        item_idx, avail, item_prior = events
         hits = 0
         ndcg = 0.0
         n_pos = 0
@@ -226,12 +237,15 @@ class Prequential:
                 entry = self._seen[user] = (len(self._seen_users), set())
                 self._seen_users.append(user)
                 self._user_last.append(0)
+                self.cold.add_user()
             number, seen = entry
             self._user_last[number] = self.events + j
+            user_prior = self.cold.user_event(number)
             i = int(item_idx[j])
             if positive[j]:
                 rank = _rank(scores[ranked_users[users[j]], : avail[j]], i, seen)
                 n_pos += 1
+                self.cold.ranked(user_prior, int(item_prior[j]), rank < self.k)
                 if rank < self.k:
                     hits += 1
                     ndcg += 1.0 / math.log2(rank + 2)
@@ -278,6 +292,7 @@ class Prequential:
         self._user_last = array("q", np.asarray(self._user_last, np.int64)[~drop_users].tobytes())
         self._seen_log = array("q", new_log.tobytes())
         self._seen = _seen_sets(self._seen_users, self._seen_log)
+        self.cold.compact(~drop_items, ~drop_users)
 
     def summary(self) -> dict[str, float]:
         """Running figures over every batch so far; a mean over no events is NaN."""
@@ -290,6 +305,7 @@ class Prequential:
             "positives": self.positives,
             "events": self.events,
             "candidates": len(self._items),
+            **self.cold.summary(),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -309,10 +325,12 @@ class Prequential:
                 "events": self.events, "rated": self.rated, "sq_err": self.sq_err, "abs_err": self.abs_err,
                 "positives": self.positives, "hits": self.hits, "ndcg_sum": self.ndcg_sum,
             },
+            "cold": self.cold.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") not in (2, STATE_VERSION):  # 2: before the caps, without the recency arrays
+        # 2: before the caps, without the recency arrays; 3: before the cold-start slices
+        if state.get("version") not in (2, 3, STATE_VERSION):
             raise ValueError(f"prequential: state version {state.get('version')} is not {STATE_VERSION}")
         settings = (state["k"], state["rating_min"], state["rating_max"], state["user_sample"])
         if settings != (self.k, self.rating_min, self.rating_max, self.user_sample):
@@ -331,6 +349,7 @@ class Prequential:
         t = state["totals"]
         self.events, self.rated, self.positives, self.hits = t["events"], t["rated"], t["positives"], t["hits"]
         self.sq_err, self.abs_err, self.ndcg_sum = t["sq_err"], t["abs_err"], t["ndcg_sum"]
+        self.cold.load_state_dict(state.get("cold"), len(self._items), len(self._seen_users))
 
 
 def _seen_sets(users: list[str], log: array[int]) -> dict[str, tuple[int, set[int]]]:

@@ -43,7 +43,8 @@ DISTRIBUTION_METRICS = {"batch_size": "batchSize", "train_ms": "trainMs", "publi
 LOSS_GAUGES = ("rating", "implicit")  # gauges "<key>LossMicro"
 # Group "prequential": (gauge name, key in the quality summary, scale to an integer).
 QUALITY_GAUGES = (("rmseMicro", "rmse", 1e6), ("maeMicro", "mae", 1e6), ("hitRateMicro", "hr", 1e6),
-                  ("ndcgMicro", "ndcg", 1e6), ("rated", "rated", 1), ("positives", "positives", 1))
+                  ("ndcgMicro", "ndcg", 1e6), ("rated", "rated", 1), ("positives", "positives", 1),
+                  ("coldUserHitRateMicro", "hr_cold_users", 1e6), ("coldItemHitRateMicro", "hr_cold_items", 1e6))
 
 
 def make_train_function(cfg: JobConfig) -> TrainFunction:

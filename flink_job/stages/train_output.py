@@ -74,6 +74,8 @@ def stats_record(kind: str, fields: dict[str, Any], c: Counters, model: OnlineBi
             "expired": c.expired,
             "evicted": c.evicted,
             "prequential": prequential,
+            # the mean of the ratings trained on (None before the first): exact for half stars, a check of the scale
+            "rating_mean": model.global_mean if model.rating_count else None,
             "known_users": len(model.users),
             "known_items": len(model.items),
             "first_chunk_ms": first_chunk_ms,

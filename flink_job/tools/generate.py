@@ -1,6 +1,6 @@
 """Synthetic user-behaviour streams with a planted structure, drift, duplicates and malformed records.
 
-Users and items get latent vectors; each event picks a user, then an item by sampling from the softmax of the
+Users and items get latent vectors (and each item a category near its vector); each event picks a user, then an item by sampling from the softmax of the
 user's affinities (Gumbel-max, vectorised per block). Preference drift moves every user's vector from its first
 planted vector toward a second one as the stream advances. A seeded ``numpy`` generator makes every stream
 reproducible: the same config yields the same bytes.
@@ -24,6 +24,7 @@ from flink_job.schema import ACTIONS
 
 # How likely each action is, and the training weight an implicit action carries when produced.
 ACTION_PROBS = np.array([0.45, 0.25, 0.10, 0.05, 0.15])
+N_CATEGORIES = 20
 LATE_AFTER = 1_000  # no late events among the first ones: before a watermark exists nothing is late
 MALFORMED_KINDS: tuple[str, ...] = (
     "truncated_json", "missing_user_id", "unknown_action", "ts_not_a_number", "not_an_object", "empty_item_id",
@@ -67,6 +68,9 @@ class PlantedWorld:
         self.users_after = rng.normal(0.0, 1.0, (cfg.n_users, cfg.dim)) * np.sqrt(scale)  # (U, D)
         self.items = rng.normal(0.0, 1.0, (cfg.n_items, cfg.dim)) * np.sqrt(scale)  # (I, D)
         self.item_bias = rng.normal(0.0, 0.5, cfg.n_items)  # (I,)
+        # Categories that say something about an item: the nearest of N_CATEGORIES random directions to its
+        # planted vector (drawn last, so the draws above are those of streams made before categories).
+        self.item_category = np.argmax(self.items @ rng.normal(0.0, 1.0, (cfg.dim, N_CATEGORIES)), 1)  # (I,)
         # Zipf-like activity: a few users produce many events.
         activity = 1.0 / np.arange(1, cfg.n_users + 1) ** 0.8
         self.user_p = activity / activity.sum()
@@ -121,7 +125,7 @@ def generate(cfg: SyntheticConfig) -> Iterator[Record]:
             payload = (
                 f'{{"event_id":"{eid}","user_id":"{user}","item_id":"i{items[j]}","action":"{action}",'
                 f'"value":{value},"ts":{ts},"dwell_ms":{dwell[j]},"price":{price[j]},'
-                f'"category":"c{items[j] % 20}"}}'
+                f'"category":"c{world.item_category[items[j]]}"}}'
             ).encode()
             rec = Record(user.encode(), payload, "late" if late else "event", eid)
             if late:

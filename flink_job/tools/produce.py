@@ -13,34 +13,35 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
+
 from flink_job.kafka.produce import Pacing, Record, send
+from flink_job.tools.movielens import item_genres, ratings_file, read_ratings
 from flink_job.tools.generate import SyntheticConfig, generate
 
 log = logging.getLogger(__name__)
 
 
-def movielens_records(path: Path, id_prefix: str = "ml", repeat: int = 1) -> Iterator[tuple[Record, int]]:
-    """MovieLens ``user item rating unix_seconds`` lines as rating events, stably sorted by time.
+def movielens_records(path: Path, id_prefix: str = "ml", repeat: int = 1, rating_min: float = 1.0,
+                      rating_max: float = 5.0) -> Iterator[tuple[Record, int]]:
+    """MovieLens ``user item rating unix_seconds`` lines as rating events, stably sorted by time; the rating as the
+    number written (3.5 stays 3.5), checked against ``[rating_min, rating_max]``, and the movie's genres as the
+    event's ``category`` when ``u.item`` lies beside the file (``flink_job.tools.movielens``).
 
     Yields ``(record, ts_ms)``; ``repeat`` > 1 replays the file again with fresh event ids and shifted times.
     """
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines()):
-        parts = line.split("\t")
-        if len(parts) != 4:
-            raise ValueError(f"movielens: line {n + 1} of {path} has {len(parts)} fields, expected 4: {line!r}")
-        rows.append((int(parts[3]), n, parts[0], parts[1], float(parts[2])))
-    rows.sort(key=lambda r: (r[0], r[1]))  # stable: ties keep the file's order
-    span = rows[-1][0] - rows[0][0] + 1
+    rows = read_ratings(path, rating_min, rating_max)
+    genres = item_genres(ratings_file(path))
+    span = rows[-1].ts - rows[0].ts + 1
     for rep in range(repeat):
-        for ts, n, user, item, rating in rows:
-            ts_ms = (ts + rep * span) * 1000
-            eid = f"{id_prefix}{rep}-{n}"
-            payload = (
-                f'{{"event_id":"{eid}","user_id":"u{user}","item_id":"i{item}","action":"rating",'
-                f'"value":{rating},"ts":{ts_ms}}}'
-            ).encode()
-            yield Record(f"u{user}".encode(), payload, "event", eid), ts_ms
+        for r in rows:
+            ts_ms = (r.ts + rep * span) * 1000
+            eid = f"{id_prefix}{rep}-{r.line}"
+            event = {"event_id": eid, "user_id": f"u{r.user}", "item_id": f"i{r.item}", "action": "rating",
+                     "value": r.rating, "ts": ts_ms}
+            if r.item in genres:
+                event["category"] = genres[r.item]
+            yield Record(f"u{r.user}".encode(), orjson.dumps(event), "event", eid), ts_ms
 
 
 def synthetic_timed(cfg: SyntheticConfig) -> Iterator[tuple[Record, int]]:
@@ -74,11 +75,16 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("path", type=Path)
     m.add_argument("--repeat", type=int, default=1, help="replay the file N times with fresh event ids")
     m.add_argument("--id-prefix", default="ml")
+    m.add_argument("--rating-min", type=float, default=None,
+                   help="lowest rating of the file's scale (default: the job config's model.rating_min)")
+    m.add_argument("--rating-max", type=float, default=None,
+                   help="highest rating (default: model.rating_max); e.g. --rating-min 0.5 for half stars")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pacing = Pacing(rate=args.rate, speed=args.speed)
     # Security settings (SASL/SSL) from the job's configuration: STREAMREC__KAFKA__CLIENT_PROPERTIES or --config.
-    security = JobConfig.load(args.config).kafka.librdkafka_properties()
+    job_cfg = JobConfig.load(args.config)
+    security = job_cfg.kafka.librdkafka_properties()
     if args.source == "synthetic":
         cfg = SyntheticConfig(
             n_users=args.users, n_items=args.items, n_events=args.events, dim=args.dim, seed=args.seed,
@@ -87,8 +93,10 @@ def main(argv: list[str] | None = None) -> None:
         log.info("synthetic stream: seed %d, %d events", cfg.seed, cfg.n_events)
         n = send(synthetic_timed(cfg), args.bootstrap, args.topic, pacing, total=cfg.n_events, extra_config=security)
     else:
-        n = send(movielens_records(args.path, args.id_prefix, args.repeat), args.bootstrap, args.topic, pacing,
-                 extra_config=security)
+        lo = job_cfg.model.rating_min if args.rating_min is None else args.rating_min
+        hi = job_cfg.model.rating_max if args.rating_max is None else args.rating_max
+        n = send(movielens_records(args.path, args.id_prefix, args.repeat, lo, hi), args.bootstrap, args.topic,
+                 pacing, extra_config=security)
     log.info("sent %d records to %s", n, args.topic)
 
 
