@@ -58,12 +58,16 @@ class OptimizerConfig:
     clip_norm: float = 0.0  # per-row gradient norm bound; 0: off
     lr_schedule: str = "constant"  # constant | warmup_constant | warmup_rsqrt (by trained batches)
     warmup_steps: int = 100
-    inner_steps: int = 1  # optimisation passes over each micro-batch
+    inner_steps: int = 1  # optimisation passes over each sub-step
+    # A micro-batch is learned in event order in sub-steps of at most sub_batch events (0: one step), each tested
+    # before it trains (model.sequential), so later events of a batch are scored and trained after earlier ones.
+    sub_batch: int = 0
+    row_mean: bool = False  # a row's step follows the mean gradient of its entries in a sub-step, not their sum
 
     def __post_init__(self) -> None:
         _check("model.optimizer", self, {"name": OPTIMIZERS, "lr_schedule": LR_SCHEDULES},
                positive=("lr", "rank_bias_lr", "rating_bias_lr", "warmup_steps", "inner_steps"),
-               non_negative=("l2", "clip_norm"), unit=("adam_beta1", "adam_beta2"))
+               non_negative=("l2", "clip_norm", "sub_batch"), unit=("adam_beta1", "adam_beta2"))
 
 
 @dataclass(frozen=True)

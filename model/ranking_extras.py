@@ -173,6 +173,20 @@ class RankingExtras:
             idx = torch.from_numpy(rows).to(self.device)
             self.user_context[idx] = self.history_mean(idx)
 
+    def save(self, users: Rows, items: Rows) -> tuple[Any, ...]:
+        """What ``remember`` and ``refresh_context`` can change for these rows (not co-occurrence), for ``restore``:
+        a batch that fails in a later sub-step takes back what its earlier sub-steps counted."""
+        context = self.user_context[torch.from_numpy(users).to(self.device)].clone() if self.history_on else None
+        return (users, items, self.history[users].copy(), self.history_next[users].copy(), self.pop_log[items].copy(),
+                context, self.events_counted)
+
+    def restore(self, saved: tuple[Any, ...]) -> None:
+        users, items, history, history_next, pop_log, context, counted = saved
+        self.history[users], self.history_next[users], self.pop_log[items] = history, history_next, pop_log
+        if context is not None:
+            self.user_context[torch.from_numpy(users).to(self.device)] = context
+        self.events_counted = counted
+
     def forget(self, kind: int, rows: Rows) -> None:
         """Clears the extras of recycled rows: users (kind 0) lose their recent items, items (kind 1) their decayed
         count and co-occurrences (references to them in users' recent items stay until overwritten)."""

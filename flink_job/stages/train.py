@@ -26,8 +26,10 @@ from flink_job.stages.parse import DeadLetter, EventBatch, ParseRules, parse_lin
 from flink_job.stages.publish import DirtyRows, Drift, encode_records, write_snapshot
 from flink_job.stages.calls import CHUNK, TIMER, Call
 from flink_job.stages.train_output import STAGE, Counters, Output, skipped_dead_letters, stats_record
-from model.mf import BatchStats, OnlineBiasedMF
-from model.prequential import Prequential
+from model.batch import BatchStats
+from model.mf import OnlineBiasedMF
+from model.prequential import Prequential, combine
+from model.sequential import Evaluate
 
 log = logging.getLogger(__name__)
 
@@ -270,10 +272,13 @@ class TrainStage:
 
     def _train(self, batch: EventBatch, out: Output) -> None:
         model = self.model
-        quality = self._evaluate(batch)  # test, then train
+        figures: list[dict[str, float]] = []
         start = time.perf_counter()
         weights = self.action_weight[batch.actions] * batch.values  # (B,) used by implicit events only
-        stats = model.learn_many(batch.users, batch.items, batch.actions, batch.values, weights, batch.ts)
+        # Each sub-step of the batch is tested just before the model trains on it (test, then train).
+        stats = model.learn_many(batch.users, batch.items, batch.actions, batch.values, weights, batch.ts,
+                                 self._evaluate(batch, figures))
+        quality = {k: round(float(v), 5) for k, v in combine(figures).items()} if figures else None
         train_ms = (time.perf_counter() - start) * 1000
         out.batches += 1
         out.batch_sizes.append(len(batch))
@@ -311,16 +316,20 @@ class TrainStage:
                     self.counters.batches, len(batch))
         out.dead_letters.extend(skipped_dead_letters(batch, self.counters.batches))
 
-    def _evaluate(self, batch: EventBatch) -> dict[str, float] | None:
-        """The batch's prequential figures against the model as it is before training on the batch."""
-        if self.quality is None:
+    def _evaluate(self, batch: EventBatch, figures: list[dict[str, float]]) -> Evaluate | None:
+        """The test of a part of the batch against the model as it is, its figures added to ``figures``."""
+        quality = self.quality
+        if quality is None:
             return None
         is_rating = batch.actions == RATING_CODE
         ratings = np.where(is_rating, batch.values, np.nan)
         positive = np.where(is_rating, batch.values >= self.cfg.eval.positive_rating,
                             self.positive_action[batch.actions])
-        figures = self.quality.evaluate(self.model, batch.users, batch.items, ratings, positive)
-        return {k: round(float(v), 5) for k, v in figures.items()}
+
+        def evaluate(part: slice) -> None:
+            figures.append(quality.evaluate(self.model, batch.users[part], batch.items[part], ratings[part],
+                                            positive[part]))
+        return evaluate
 
     def _touch(self, stats: BatchStats, batch: EventBatch, out: Output) -> None:
         """Marks the rows the batch moved for publishing; row 0, the shared vector of ids not admitted yet, is no
