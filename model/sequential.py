@@ -14,8 +14,9 @@ per batch: id admission and lifecycle, the replay draw, the per-row event counts
 sub-step meets a non-finite number the whole batch is rolled back (its earlier sub-steps included), the rest of it
 is still evaluated, and the batch is reported skipped, as a one-step batch is.
 
->>> split(10, 4), split(3, 0)
-([0, 4, 8, 10], [0, 3])
+>>> rows = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+>>> split(rows, 4), split(rows[:3], 0), split(np.array([1, 2, 1, 3, 3]), 0, once=True)
+([0, 4, 8, 10], [0, 3], [0, 2, 4, 5])
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ import numpy as np
 import torch
 
 from model import replay
-from model.arrays import Array
+from model.arrays import Array, Rows
 from model.batch import BatchStats, to_device
+from model.idmap import FALLBACK_ROW
 from model.tables import Saved
 
 if TYPE_CHECKING:
@@ -37,11 +39,22 @@ Evaluate = Callable[[slice], None]  # tests the batch's events in the slice agai
 Columns = dict[str, np.ndarray[Any, Any]]
 
 
-def split(n: int, size: int) -> list[int]:
-    """Bounds of the sub-steps of an ``n``-event batch: every ``size`` events (0: one sub-step)."""
-    if size <= 0 or size >= n:
-        return [0, n]
-    return [*range(0, n, size), n]
+def split(users: Rows, size: int, once: bool = False) -> list[int]:
+    """Bounds of the sub-steps of a batch of events of user rows ``users`` (B,): every ``size`` events (0: no such
+    bound) and, when ``once``, before a user's second event in a sub-step (the fallback row excepted)."""
+    n = len(users)
+    if not once:
+        return [0, n] if size <= 0 or size >= n else [*range(0, n, size), n]
+    limit = size if size > 0 else n
+    bounds = [0]
+    held: set[int] = set()
+    for j, u in enumerate(users.tolist()):
+        if (u in held and u != FALLBACK_ROW) or j - bounds[-1] >= limit:
+            bounds.append(j)
+            held.clear()
+        held.add(u)
+    bounds.append(n)
+    return bounds
 
 
 def learn(model: OnlineBiasedMF, users: Sequence[str], items: Sequence[str], actions: Array, values: Array,
@@ -59,7 +72,8 @@ def learn(model: OnlineBiasedMF, users: Sequence[str], items: Sequence[str], act
                                     model.generations())
     model.batches_seen += 1
     is_rating = act == model.rating_code
-    bounds = split(n, model.config.optimizer.sub_batch)
+    opt = model.config.optimizer
+    bounds = split(event_u, opt.sub_batch, opt.user_once)
     trained = _steps(model, train, bounds, replayed, count, evaluate)
     ratings, implicit = int(is_rating.sum()), int((~is_rating).sum())
     if trained is None:
