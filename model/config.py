@@ -61,7 +61,7 @@ class OptimizerConfig:
     inner_steps: int = 1  # optimisation passes over each sub-step
     # A micro-batch is learned in event order in sub-steps of at most sub_batch events (0: one step), each tested
     # before it trains (model.sequential), so later events of a batch are scored and trained after earlier ones.
-    sub_batch: int = 1024
+    sub_batch: int = 2048
     user_once: bool = False  # a sub-step also ends before a user's second event in it: one step per user and event
     row_mean: bool = False  # a row's step follows the mean gradient of its entries in a sub-step, not their sum
 
