@@ -59,16 +59,19 @@ class OptimizerConfig:
     lr_schedule: str = "constant"  # constant | warmup_constant | warmup_rsqrt (by trained batches)
     warmup_steps: int = 100
     inner_steps: int = 1  # optimisation passes over each sub-step
-    # A micro-batch is learned in event order in sub-steps of at most sub_batch events (0: one step), each tested
-    # before it trains (model.sequential), so later events of a batch are scored and trained after earlier ones.
-    sub_batch: int = 2048
+    # A micro-batch is learned in event order in sub-steps of at most sub_batch events (0: no bound), each tested
+    # before it trains (model.sequential), so later events of a batch are scored and trained after earlier ones...
+    sub_batch: int = 0
+    # ...and a batch of n events takes about sub_step_budget / n sub-steps (model.sequential.step_size; 0: one): a full
+    # batch (4,096, at high traffic) two, a small one (at low traffic, when time is spare) nearly one per event.
+    sub_step_budget: int = 8192
     user_once: bool = False  # a sub-step also ends before a user's second event in it: one step per user and event
     row_mean: bool = False  # a row's step follows the mean gradient of its entries in a sub-step, not their sum
 
     def __post_init__(self) -> None:
         _check("model.optimizer", self, {"name": OPTIMIZERS, "lr_schedule": LR_SCHEDULES},
                positive=("lr", "rank_bias_lr", "rating_bias_lr", "warmup_steps", "inner_steps"),
-               non_negative=("l2", "clip_norm", "sub_batch"), unit=("adam_beta1", "adam_beta2"))
+               non_negative=("l2", "clip_norm", "sub_batch", "sub_step_budget"), unit=("adam_beta1", "adam_beta2"))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """How a micro-batch is learned: in event order, in sub-steps, each tested before it trains.
 
 The transport batch (the job's ``batch.size``) is what makes the job fast; it need not be the unit the model learns
-in. A batch is split into consecutive sub-steps of at most ``optimizer.sub_batch`` events, and for each, in order:
+in. A batch is split into consecutive sub-steps (``step_size``: about ``optimizer.sub_step_budget / n`` of them for
+an ``n``-event batch, each at most ``optimizer.sub_batch`` events), and for each, in order:
 
 1. ``evaluate(part)`` (the caller's prequential test, given the sub-step's slice of the batch) against the model as
    it is: trained on every earlier sub-step, on nothing of this one or later;
@@ -39,6 +40,19 @@ Evaluate = Callable[[slice], None]  # tests the batch's events in the slice agai
 Columns = dict[str, np.ndarray[Any, Any]]
 
 
+def step_size(n: int, sub_batch: int, budget: int) -> int:
+    """Events per sub-step of an ``n``-event batch: ``ceil(n^2 / budget)`` (about ``budget / n`` sub-steps; 0: one),
+    at most ``sub_batch`` (0: no bound). A batch closes full at high traffic and small (after ``batch.max_wait_ms``) at
+    low traffic, when the job has time to spare: so a small batch learns almost event by event, a full one in a few
+    sub-steps, and the sub-steps' cost per batch falls as the traffic rises.
+
+    >>> step_size(4096, 0, 8192), step_size(256, 0, 8192), step_size(1, 0, 8192), step_size(256, 4, 8192)
+    (2048, 8, 1, 4)
+    """
+    size = -(-n * n // budget) if budget > 0 else n
+    return max(1, min(size, sub_batch) if sub_batch > 0 else size)
+
+
 def split(users: Rows, size: int, once: bool = False) -> list[int]:
     """Bounds of the sub-steps of a batch of events of user rows ``users`` (B,): every ``size`` events (0: no such
     bound) and, when ``once``, before a user's second event in a sub-step (the fallback row excepted)."""
@@ -73,7 +87,7 @@ def learn(model: OnlineBiasedMF, users: Sequence[str], items: Sequence[str], act
     model.batches_seen += 1
     is_rating = act == model.rating_code
     opt = model.config.optimizer
-    bounds = split(event_u, opt.sub_batch, opt.user_once)
+    bounds = split(event_u, step_size(n, opt.sub_batch, opt.sub_step_budget), opt.user_once)
     trained = _steps(model, train, bounds, replayed, count, evaluate)
     ratings, implicit = int(is_rating.sum()), int((~is_rating).sum())
     if trained is None:

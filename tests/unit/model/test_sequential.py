@@ -7,14 +7,15 @@ import torch
 from model.config import ExtrasConfig, ModelConfig, OptimizerConfig
 from model.mf import OnlineBiasedMF
 from model.ranking_extras import RankingExtras
-from model.sequential import split
+from model.sequential import split, step_size
 from model.tables import EmbeddingTable, Step
 
 R = 4  # rating action code
 
 
-def _model(sub_batch: int, **optimizer: object) -> OnlineBiasedMF:
-    return OnlineBiasedMF(ModelConfig(dim=4, seed=3, optimizer=OptimizerConfig(sub_batch=sub_batch, **optimizer)))
+def _model(sub_batch: int) -> OnlineBiasedMF:
+    """Sub-steps of ``sub_batch`` events whatever the batch size (no budget)."""
+    return OnlineBiasedMF(ModelConfig(dim=4, seed=3, optimizer=OptimizerConfig(sub_batch=sub_batch, sub_step_budget=0)))
 
 
 def _ratings(n: int) -> np.ndarray:
@@ -81,6 +82,16 @@ def test_a_non_finite_sub_step_rolls_the_whole_batch_back_and_every_event_is_sti
     assert parts == [slice(0, 2), slice(2, 4)]
     assert torch.equal(m.user_table.params, before[0]) and torch.equal(m.item_table.params, before[1])
     assert np.array_equal(m.extras.history, before[2]) and m.global_mean == before[3]
+
+
+def test_small_batches_learn_in_smaller_sub_steps_than_full_ones() -> None:
+    assert [step_size(n, 0, 8192) for n in (1, 64, 256, 1024, 4096)] == [1, 1, 8, 128, 2048]
+    assert step_size(4096, 512, 8192) == 512 and step_size(4096, 0, 0) == 4096
+    m = OnlineBiasedMF(ModelConfig(dim=4, seed=3))  # the defaults: a 256-event batch in 32 sub-steps
+    parts: list[slice] = []
+    m.learn_many([f"u{k % 7}" for k in range(256)], [f"i{k % 11}" for k in range(256)], np.full(256, R),
+                 _ratings(256), evaluate=parts.append)
+    assert len(parts) == 32 and parts[0] == slice(0, 8) and parts[-1] == slice(248, 256)
 
 
 def test_sub_step_bounds() -> None:

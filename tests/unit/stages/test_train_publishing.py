@@ -119,7 +119,9 @@ def _rated(n: int, users: int = 4, items: int = 6, start: int = 0, ts0: int = 0)
 
 
 def test_each_batch_is_evaluated_before_it_trains() -> None:
-    stage = TrainStage(JobConfig.load(overrides=["batch.size=12", "eval.user_sample=1.0", "publish.interval_ms=0"]))
+    # One sub-step per batch (no sub-step budget), so that the whole first batch meets the untrained model.
+    stage = TrainStage(JobConfig.load(overrides=["batch.size=12", "eval.user_sample=1.0", "publish.interval_ms=0",
+                                                 "model.optimizer.sub_step_budget=0"]))
     out = stage.on_chunk(_rated(24), now_ms=1_000)
     batches = [orjson.loads(r) for r in out.stats if orjson.loads(r)["kind"] == "batch"]
     assert [b["quality"]["events"] for b in batches] == [12, 12]
