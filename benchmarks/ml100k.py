@@ -259,8 +259,23 @@ def run_popularity(stream: Stream, k: int = 10) -> Result:
     return Result("popularity", ev.summary(), pop.seconds, time.perf_counter() - start)
 
 
+class _Tester:
+    """The ``evaluate`` callback of one batch: tests a sub-step's slice of it, timing the test."""
+
+    def __init__(self, ev: Prequential, scorer: Scorer, batch: Stream, positive: Array) -> None:
+        self.ev, self.scorer, self.batch, self.positive = ev, scorer, batch, positive
+        self.seconds = 0.0
+
+    def __call__(self, part: slice) -> None:
+        t0 = time.perf_counter()
+        b = self.batch
+        self.ev.evaluate(self.scorer, b.users[part], b.items[part], b.ratings[part], self.positive[part])
+        self.seconds += time.perf_counter() - t0
+
+
 def run_model(stream: Stream, config: ModelConfig = ModelConfig(), batch_size: int = 4096, k: int = 10) -> Result:
-    """This project's ``OnlineBiasedMF`` in micro-batches: test the batch against the model as it is, then train."""
+    """This project's ``OnlineBiasedMF`` in micro-batches, each learned in sub-steps: every sub-step is tested against
+    the model as it is, then trained on (``model.sequential``)."""
     model = OnlineBiasedMF(config)
     scorer = _Timed(model)
     ev = Prequential(k=k, rating_min=config.rating_min, rating_max=config.rating_max)
@@ -268,11 +283,11 @@ def run_model(stream: Stream, config: ModelConfig = ModelConfig(), batch_size: i
     model_s = 0.0
     start = time.perf_counter()
     for s in tqdm(list(_batches(len(stream), batch_size)), desc="model", disable=None, mininterval=1.0):
-        users, items, ratings = stream.users[s], stream.items[s], stream.ratings[s]
-        ev.evaluate(scorer, users, items, ratings, positive[s])
+        batch = Stream(stream.users[s], stream.items[s], stream.ratings[s], stream.times[s])
+        test = _Tester(ev, scorer, batch, positive[s])
         t0 = time.perf_counter()
-        model.learn_many(users, items, actions=np.full(len(users), RATING_CODE), values=ratings)
-        model_s += time.perf_counter() - t0
+        model.learn_many(batch.users, batch.items, np.full(len(batch), RATING_CODE), batch.ratings, evaluate=test)
+        model_s += time.perf_counter() - t0 - test.seconds  # the test runs inside learn_many; it is not the model's
     return Result("streamrec `OnlineBiasedMF`", ev.summary(), model_s + scorer.seconds, time.perf_counter() - start,
                   -(-len(stream) // batch_size))
 

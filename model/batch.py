@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.arrays import Rows
 from model.config import ModelConfig
 
 
@@ -56,3 +57,18 @@ def to_device(train: dict[str, np.ndarray[Any, Any]], n_real: int, cfg: ModelCon
         torch.from_numpy(rating_idx).to(device), torch.from_numpy(val[rating_idx]).to(device), rating_w,
         torch.from_numpy(implicit_idx).to(device), torch.from_numpy(implicit_w[implicit_idx]).to(device),
     )
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    events: int
+    ratings: int
+    implicit: int
+    rating_loss: float  # mean squared error on the batch's ratings, before the update
+    bpr_loss: float  # mean implicit loss (BPR or sampled softmax) of the batch, before the update
+    user_rows: Rows  # (U,) rows moved (replayed events included)
+    item_rows: Rows  # (I,) rows moved, negatives and replayed events included
+    event_user_rows: Rows  # (B,) the row of each event's user (0: the fallback row of ids not admitted yet)
+    event_item_rows: Rows  # (B,) the row of each event's item
+    skipped: bool = False  # non-finite loss or gradient: nothing was trained, the touched rows were rolled back
+    replayed: int = 0  # past events replayed into this batch

@@ -52,19 +52,27 @@ class OptimizerConfig:
     name: str = field(default="adagrad", metadata={"flat": "optimizer"})
     lr: float = 0.05  # step size of the row-wise optimiser
     rank_bias_lr: float = 1.0  # step size multiplier of the ranking bias
-    rating_bias_lr: float = 1.0  # step size multiplier of the rating biases
+    rating_bias_lr: float = 4.0  # step size multiplier of the rating biases (few rows, many events each)
     l2: float = 1e-4  # L2 on the vectors of the rows a batch touches (once per row and step)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     clip_norm: float = 0.0  # per-row gradient norm bound; 0: off
     lr_schedule: str = "constant"  # constant | warmup_constant | warmup_rsqrt (by trained batches)
     warmup_steps: int = 100
-    inner_steps: int = 1  # optimisation passes over each micro-batch
+    inner_steps: int = 1  # optimisation passes over each sub-step
+    # A micro-batch is learned in event order in sub-steps of at most sub_batch events (0: no bound), each tested
+    # before it trains (model.sequential), so later events of a batch are scored and trained after earlier ones...
+    sub_batch: int = 0
+    # ...and a batch of n events takes about sub_step_budget / n sub-steps (model.sequential.step_size; 0: one): a full
+    # batch (4,096, at high traffic) two, a small one (at low traffic, when time is spare) nearly one per event.
+    sub_step_budget: int = 8192
+    user_once: bool = False  # a sub-step also ends before a user's second event in it: one step per user and event
+    row_mean: bool = False  # a row's step follows the mean gradient of its entries in a sub-step, not their sum
 
     def __post_init__(self) -> None:
         _check("model.optimizer", self, {"name": OPTIMIZERS, "lr_schedule": LR_SCHEDULES},
                positive=("lr", "rank_bias_lr", "rating_bias_lr", "warmup_steps", "inner_steps"),
-               non_negative=("l2", "clip_norm"), unit=("adam_beta1", "adam_beta2"))
+               non_negative=("l2", "clip_norm", "sub_batch", "sub_step_budget"), unit=("adam_beta1", "adam_beta2"))
 
 
 @dataclass(frozen=True)
@@ -95,9 +103,9 @@ class ExtrasConfig:
     within users' histories) between an item and the user's ``cooccurrence_recent`` latest items (0: off); not a dot
     product with published vectors, so a server needs the co-occurrence rows too. Items past row
     ``cooccurrence_capacity`` get no such term (the matrix is dense, capacity squared)."""
-    history_size: int = 0
-    history_weight: float = 1.0
-    popularity_weight: float = 0.0
+    history_size: int = 20
+    history_weight: float = 2.0
+    popularity_weight: float = 0.5
     popularity_halflife: float = 10_000.0
     cooccurrence_weight: float = 0.0
     cooccurrence_recent: int = 10

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from model import replay, serialise
+from model import replay, sequential, serialise
 from model.arrays import Array, Rows
-from model.batch import TrainBatch, to_device
+from model.batch import BatchStats, TrainBatch
 from model.config import ModelConfig
 from model.idmap import FALLBACK_ROW, IdMap
 from model.lifecycle import IdLifecycle
@@ -38,6 +37,7 @@ from model.objectives import rating_grads
 from model.ranking_extras import RankingExtras
 from model.ranking_loss import Grads, RankingLoss
 from model.replay import Reservoir
+from model.sequential import Evaluate
 from model.tables import EmbeddingTable, Saved, Step
 from model.unknown_users import rank_unknown_users
 
@@ -54,21 +54,6 @@ def pick_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(setting)
-
-
-@dataclass(frozen=True)
-class BatchStats:
-    events: int
-    ratings: int
-    implicit: int
-    rating_loss: float  # mean squared error on the batch's ratings, before the update
-    bpr_loss: float  # mean implicit loss (BPR or sampled softmax) of the batch, before the update
-    user_rows: Rows  # (U,) rows moved (replayed events included)
-    item_rows: Rows  # (I,) rows moved, negatives and replayed events included
-    event_user_rows: Rows  # (B,) the row of each event's user (0: the fallback row of ids not admitted yet)
-    event_item_rows: Rows  # (B,) the row of each event's item
-    skipped: bool = False  # non-finite loss or gradient: nothing was trained, the touched rows were rolled back
-    replayed: int = 0  # past events replayed into this batch
 
 
 class OnlineBiasedMF:
@@ -134,46 +119,16 @@ class OnlineBiasedMF:
 
     def learn_many(
         self, users: Sequence[str], items: Sequence[str], actions: Array, values: Array,
-        weights: Array | None = None, ts: Array | None = None,
+        weights: Array | None = None, ts: Array | None = None, evaluate: Evaluate | None = None,
     ) -> BatchStats:
-        """One update on a micro-batch. ``actions`` are codes (4 = rating); ``weights`` scale implicit events;
-        ``ts`` (B,) event times in ms drive expiry (without them nothing ages)."""
-        return self._learn(users, items, actions, values, weights, ts, count=True)
+        """Learns a micro-batch in event order, in sub-steps of ``optimizer.sub_batch`` events (``model.sequential``).
+        ``actions`` are codes (4 = rating); ``weights`` scale implicit events; ``ts`` (B,) event times in ms drive
+        expiry (without them nothing ages). ``evaluate(part)``, when given, is called with each sub-step's slice of
+        the batch just before the model trains on it (test, then train)."""
+        return sequential.learn(self, users, items, actions, values, weights, ts, True, evaluate)
 
-    def _learn(
-        self, users: Sequence[str], items: Sequence[str], actions: Array, values: Array,
-        weights: Array | None, ts: Array | None, count: bool,
-    ) -> BatchStats:
-        n = len(users)
-        times = None if ts is None or not n else np.asarray(ts, np.int64)  # (B,)
-        event_u, event_i = self._admit(users, items, times)
-        act = np.asarray(actions, np.int64)
-        val = np.asarray(values, np.float32)
-        w = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)
-        real: dict[str, np.ndarray[Any, Any]] = {"user": event_u, "item": event_i, "action": act, "value": val,
-                                                 "weight": w}
-        ratio = self.config.stability.replay_ratio
-        train, replayed = replay.mix_in(self.reservoir, self.rng, real, ratio, self._generations())
-        batch = to_device(train, n, self.config, self.device, self.rating_code)
-        self.batches_seen += 1
-        is_rating = act == self.rating_code
-        trained = self._train(batch)
-        if trained is None:
-            self.skipped_batches += 1
-            empty = np.zeros(0, np.int64)
-            return BatchStats(n, int(is_rating.sum()), int((~is_rating).sum()), float("nan"), float("nan"), empty,
-                              empty, event_u, event_i, True, replayed)
-        (rating_loss, implicit_loss), user_rows, item_rows = trained
-        if count:
-            self._count(real, val[is_rating])
-        self.ranking.update(event_i)
-        self.step += 1
-        self.lifecycle.expire()
-        return BatchStats(n, int(is_rating.sum()), int((~is_rating).sum()), rating_loss, implicit_loss, user_rows,
-                          item_rows, event_u, event_i, False, replayed)
-
-    def _admit(self, users: Sequence[str], items: Sequence[str], times: np.ndarray[Any, Any] | None
-               ) -> tuple[Rows, Rows]:
+    def admit(self, users: Sequence[str], items: Sequence[str], times: np.ndarray[Any, Any] | None
+              ) -> tuple[Rows, Rows]:
         """The rows of a batch's ids, admitting new ids and giving them rows everywhere."""
         event_u, event_i = self.lifecycle.admit(users, items, times)
         self.grow()
@@ -181,20 +136,22 @@ class OnlineBiasedMF:
         self.lifecycle.touch(event_u, event_i, times, self.batches_seen + 1)
         return event_u, event_i
 
-    def _generations(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    def generations(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
         return self.user_table.generation, self.item_table.generation
 
-    def _count(self, real: dict[str, np.ndarray[Any, Any]], ratings: np.ndarray[Any, Any]) -> None:
-        """A trained batch's real events count: in the rating mean, the per-row event counts, the ranking extras
-        and the replay reservoir (replayed events and pre-training epochs after the first do not)."""
+    def count_part(self, event_u: Rows, event_i: Rows, ratings: np.ndarray[Any, Any]) -> None:
+        """A trained sub-step's real events count in the rating mean and the ranking extras, so that the next
+        sub-step is scored with them (replayed events and pre-training epochs after the first do not count)."""
         self.rating_sum += float(ratings.sum())
         self.rating_count += len(ratings)
-        event_u, event_i = real["user"], real["item"]
-        self.user_table.count_events(torch.from_numpy(event_u).to(self.device))
-        self.item_table.count_events(torch.from_numpy(event_i).to(self.device))
         self.extras.remember(event_u, event_i)
         self.extras.refresh_context(event_u)
-        replay.offer(self.reservoir, self.rng, real, self._generations())
+
+    def count_batch(self, real: dict[str, np.ndarray[Any, Any]]) -> None:
+        """A trained batch's real events count in the per-row event counts and the replay reservoir."""
+        self.user_table.count_events(torch.from_numpy(real["user"]).to(self.device))
+        self.item_table.count_events(torch.from_numpy(real["item"]).to(self.device))
+        replay.offer(self.reservoir, self.rng, real, self.generations())
 
     def _lr(self) -> float:
         cfg = self.config
@@ -205,29 +162,30 @@ class OnlineBiasedMF:
             return cfg.optimizer.lr * min(s / warm, math.sqrt(warm / s))
         return cfg.optimizer.lr
 
-    def _train(self, b: TrainBatch) -> tuple[tuple[float, float], Rows, Rows] | None:
-        """``inner_steps`` passes over the batch: the losses of the first and the rows moved; None (and every row
-        rolled back) if a number was not finite."""
+    def step_settings(self) -> Step:
+        """How this batch moves rows."""
         cfg = self.config
         opt = cfg.optimizer
         how = Step(self._lr(), opt.name, opt.l2, opt.clip_norm, cfg.stability.proximal, opt.adam_beta1, opt.adam_beta2,
-                   group_lr=(1.0, opt.rank_bias_lr, opt.rating_bias_lr))
-        saved_u: list[Saved] = []
-        saved_i: list[Saved] = []
+                   group_lr=(1.0, opt.rank_bias_lr, opt.rating_bias_lr), row_mean=opt.row_mean)
+        return how
+
+    def train_part(self, b: TrainBatch, how: Step, saved: tuple[list[Saved], list[Saved]],
+                   ) -> tuple[tuple[float, float], list[torch.Tensor], list[torch.Tensor]] | None:
+        """``inner_steps`` passes over one sub-step: the losses of the first and the rows moved; None if a number
+        was not finite (the rows' earlier states are in ``saved``, for the caller to roll back)."""
         user_rows: list[torch.Tensor] = []
         item_rows: list[torch.Tensor] = []
         losses = (0.0, 0.0)
-        for k in range(cfg.optimizer.inner_steps):
-            done = self._pass(b, how, saved_u, saved_i)
+        for k in range(self.config.optimizer.inner_steps):
+            done = self._pass(b, how, saved[0], saved[1])
             if done is None:
-                self.user_table.restore(saved_u)
-                self.item_table.restore(saved_i)
                 return None
             if k == 0:
                 losses = done[0], done[1]
             user_rows.append(done[2])
             item_rows.append(done[3])
-        return losses, _distinct(user_rows), _distinct(item_rows)
+        return losses, user_rows, item_rows
 
     def _pass(
         self, b: TrainBatch, how: Step, saved_u: list[Saved], saved_i: list[Saved],
@@ -282,8 +240,8 @@ class OnlineBiasedMF:
         for epoch in range(epochs):
             for s in range(0, n, batch_size):
                 e = min(s + batch_size, n)
-                stats = self._learn(users[s:e], items[s:e], act[s:e], val[s:e], None if w is None else w[s:e],
-                                    None if t is None else t[s:e], count=epoch == 0)
+                stats = sequential.learn(self, users[s:e], items[s:e], act[s:e], val[s:e],
+                                         None if w is None else w[s:e], None if t is None else t[s:e], epoch == 0)
                 trained += not stats.skipped
         return trained
 
@@ -389,8 +347,3 @@ class OnlineBiasedMF:
         m.rating_code = rating_code
         return m
 
-
-def _distinct(rows: list[torch.Tensor]) -> Rows:
-    if not rows:
-        return np.zeros(0, np.int64)
-    return np.asarray(torch.unique(torch.cat(rows)).cpu().numpy(), np.int64)

@@ -154,19 +154,8 @@ class Prequential:
         self.hits += hits
         self.ndcg_sum += ndcg
         self._bound()
-        return {
-            "events": n,
-            "rated": len(rated),
-            "sq_err": sq_err,
-            "abs_err": abs_err,
-            "positives": n_pos,
-            "hits": hits,
-            "ndcg_sum": ndcg,
-            "rmse": math.sqrt(sq_err / len(rated)) if len(rated) else math.nan,
-            "mae": abs_err / len(rated) if len(rated) else math.nan,
-            "hr": hits / n_pos if n_pos else math.nan,
-            "ndcg": ndcg / n_pos if n_pos else math.nan,
-        }
+        return with_rates({"events": n, "rated": len(rated), "sq_err": sq_err, "abs_err": abs_err, "positives": n_pos,
+                           "hits": hits, "ndcg_sum": ndcg})
 
     def _rating_error(self, scorer: Scorer, users: Sequence[str], items: Sequence[str],
                       ratings: npt.NDArray[np.float64], rated: npt.NDArray[np.int64]) -> tuple[float, float]:
@@ -350,6 +339,31 @@ class Prequential:
         self.events, self.rated, self.positives, self.hits = t["events"], t["rated"], t["positives"], t["hits"]
         self.sq_err, self.abs_err, self.ndcg_sum = t["sq_err"], t["abs_err"], t["ndcg_sum"]
         self.cold.load_state_dict(state.get("cold"), len(self._items), len(self._seen_users))
+
+
+SUMS = ("events", "rated", "sq_err", "abs_err", "positives", "hits", "ndcg_sum")
+
+
+def with_rates(sums: dict[str, float]) -> dict[str, float]:
+    """The sums of ``evaluate`` with the figures they give: RMSE, MAE, HR and NDCG (NaN over no events)."""
+    rated, n_pos = sums["rated"], sums["positives"]
+    return {
+        **sums,
+        "rmse": math.sqrt(sums["sq_err"] / rated) if rated else math.nan,
+        "mae": sums["abs_err"] / rated if rated else math.nan,
+        "hr": sums["hits"] / n_pos if n_pos else math.nan,
+        "ndcg": sums["ndcg_sum"] / n_pos if n_pos else math.nan,
+    }
+
+
+def combine(parts: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The figures of one batch evaluated in parts (the model's sub-steps), as if ``evaluate`` had seen it whole.
+
+    >>> combine([{"events": 1, "rated": 1, "sq_err": 1.0, "abs_err": 1.0, "positives": 0, "hits": 0, "ndcg_sum": 0},
+    ...          {"events": 1, "rated": 1, "sq_err": 3.0, "abs_err": 1.0, "positives": 0, "hits": 0, "ndcg_sum": 0}])["rmse"]
+    1.4142135623730951
+    """
+    return with_rates({k: sum(p[k] for p in parts) for k in SUMS})
 
 
 def _seen_sets(users: list[str], log: array[int]) -> dict[str, tuple[int, set[int]]]:

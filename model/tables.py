@@ -41,6 +41,7 @@ class Step:
     beta2: float = 0.999
     eps: float = 1e-8
     group_lr: tuple[float, float, float] = (1.0, 1.0, 1.0)  # step size multipliers: vector, ranking bias, rating bias
+    row_mean: bool = False  # a row's gradient is the mean over its entries, not their sum
 
 
 # One saved copy of some rows, to undo a step: (rows, {attribute: saved rows}).
@@ -134,6 +135,8 @@ class EmbeddingTable:
             saved.append(self.save(rows))
         p = self.params[rows]  # (U, D + 2)
         g = torch.zeros_like(p).index_add_(0, inv, grad)  # (U, D + 2)
+        if how.row_mean:
+            g /= torch.bincount(inv, minlength=len(rows)).unsqueeze(1).to(g.dtype)
         if how.l2:
             g[:, : self.dim] += how.l2 * p[:, : self.dim]
         if how.proximal and self.anchor.shape[1]:

@@ -18,7 +18,8 @@ from flink_job.stages.parse import EventBatch
 from flink_job.stages.publish import DirtyRows, Drift, encode_records, write_snapshot
 from flink_job.stages.train_output import Output
 from model.arrays import Array
-from model.mf import BatchStats, OnlineBiasedMF
+from model.batch import BatchStats
+from model.mf import OnlineBiasedMF
 
 CLOCKS = ("last_publish_ms", "last_item_publish_ms", "last_snapshot_ms", "dirty_since_ms")
 _NO_ROWS = np.zeros(0, np.int64)

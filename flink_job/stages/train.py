@@ -25,8 +25,10 @@ from flink_job.stages.parse import EventBatch
 from flink_job.stages.publisher import Publisher
 from flink_job.stages.train_output import STAGE, Counters, Output, skipped_dead_letters, stats_record
 from flink_job.stages.train_state import STATE_VERSION, dump_state, load_state
-from model.mf import BatchStats, OnlineBiasedMF
-from model.prequential import Prequential
+from model.batch import BatchStats
+from model.mf import OnlineBiasedMF
+from model.prequential import Prequential, combine
+from model.sequential import Evaluate
 
 __all__ = ["STAGE", "STATE_VERSION", "Output", "TrainStage"]
 log = logging.getLogger(__name__)
@@ -184,10 +186,13 @@ class TrainStage:
 
     def _train(self, batch: EventBatch, out: Output) -> None:
         model = self.model
-        quality = self._evaluate(batch)  # test, then train
+        figures: list[dict[str, float]] = []
         start = time.perf_counter()
         weights = self.action_weight[batch.actions] * batch.values  # (B,) used by implicit events only
-        stats = model.learn_many(batch.users, batch.items, batch.actions, batch.values, weights, batch.ts)
+        # Each sub-step of the batch is tested just before the model trains on it (test, then train).
+        stats = model.learn_many(batch.users, batch.items, batch.actions, batch.values, weights, batch.ts,
+                                 self._evaluate(batch, figures))
+        quality = {k: round(float(v), 5) for k, v in combine(figures).items()} if figures else None
         train_ms = (time.perf_counter() - start) * 1000
         out.batches += 1
         out.batch_sizes.append(len(batch))
@@ -209,17 +214,6 @@ class TrainStage:
         )
         self._log_quality()
 
-    def _evaluate(self, batch: EventBatch) -> dict[str, float] | None:
-        """The batch's prequential figures against the model as it is before training on the batch."""
-        if self.quality is None:
-            return None
-        is_rating = batch.actions == RATING_CODE
-        ratings = np.where(is_rating, batch.values, np.nan)
-        positive = np.where(is_rating, batch.values >= self.cfg.eval.positive_rating,
-                            self.positive_action[batch.actions])
-        figures = self.quality.evaluate(self.model, batch.users, batch.items, ratings, positive)
-        return {k: round(float(v), 5) for k, v in figures.items()}
-
     def _log_quality(self) -> None:
         every = self.cfg.eval.log_every_batches
         if self.quality and every and self.counters.batches % every == 0:
@@ -238,6 +232,21 @@ class TrainStage:
         log.warning("train: batch %d skipped (%d events dead-lettered): non-finite loss or gradient, rows rolled back",
                     self.counters.batches, len(batch))
         out.dead_letters.extend(skipped_dead_letters(batch, self.counters.batches))
+
+    def _evaluate(self, batch: EventBatch, figures: list[dict[str, float]]) -> Evaluate | None:
+        """The test of a part of the batch against the model as it is, its figures added to ``figures``."""
+        quality = self.quality
+        if quality is None:
+            return None
+        is_rating = batch.actions == RATING_CODE
+        ratings = np.where(is_rating, batch.values, np.nan)
+        positive = np.where(is_rating, batch.values >= self.cfg.eval.positive_rating,
+                            self.positive_action[batch.actions])
+
+        def evaluate(part: slice) -> None:
+            figures.append(quality.evaluate(self.model, batch.users[part], batch.items[part], ratings[part],
+                                            positive[part]))
+        return evaluate
 
     # ------------------------------------------------------------------------------------------------ publish
 

@@ -17,17 +17,19 @@ def _lines(ratings: list[float]) -> list[str]:
 
 def test_half_stars_reach_the_model_and_the_evaluator_unrounded() -> None:
     ratings = [HALF_STARS[k % len(HALF_STARS)] for k in range(64)]
-    stage = TrainStage(JobConfig.load(overrides=["batch.size=32", "model.rating_min=0.5", "eval.user_sample=1.0"]))
+    # One sub-step per batch (budget 0), so that the whole first batch is scored by the untrained model
+    stage = TrainStage(JobConfig.load(overrides=["batch.size=32", "model.rating_min=0.5", "eval.user_sample=1.0",
+                                                 "model.optimizer.sub_step_budget=0"]))
     out = stage.on_chunk(_lines(ratings), now_ms=1_700_000_000_000 + 10**6)
     assert out.trained == 64 and out.dead_letters == []
     last = orjson.loads(out.stats[-1])
     assert last["rating_mean"] == pytest.approx(sum(ratings) / 64, abs=1e-12)  # the exact half stars were learned
     assert last["prequential"]["rated"] == 64 and last["prequential"]["positives"] == sum(r >= 4 for r in ratings)
     # the evaluator's error is against the half stars: the first batch is scored by an untrained model, which
-    # predicts the middle of the scale for every event
+    # predicts about the middle of the scale for every event (its new rows start near zero, at model.init_std)
     first = orjson.loads(out.stats[0])["quality"]
     mid = (0.5 + 5.0) / 2
-    assert first["sq_err"] == pytest.approx(sum((r - mid) ** 2 for r in ratings[:32]), rel=1e-4)
+    assert first["sq_err"] == pytest.approx(sum((r - mid) ** 2 for r in ratings[:32]), rel=5e-3)
 
 
 def test_the_default_scale_dead_letters_a_half_star_below_one() -> None:

@@ -7,8 +7,10 @@ import orjson
 import pytest
 
 from flink_job.config import JobConfig
+from flink_job.schema import RATING_CODE
 from flink_job.stages.publish import SNAPSHOT_FILE, DirtyRows
 from flink_job.stages.train import TrainStage
+from model.mf import OnlineBiasedMF
 from tests.model_seams import poison_next_batch
 
 
@@ -117,13 +119,19 @@ def _rated(n: int, users: int = 4, items: int = 6, start: int = 0, ts0: int = 0)
 
 
 def test_each_batch_is_evaluated_before_it_trains() -> None:
-    stage = TrainStage(JobConfig.load(overrides=["batch.size=12", "eval.user_sample=1.0", "publish.interval_ms=0"]))
+    # One sub-step per batch (no sub-step budget), so that the whole first batch meets the untrained model.
+    stage = TrainStage(JobConfig.load(overrides=["batch.size=12", "eval.user_sample=1.0", "publish.interval_ms=0",
+                                                 "model.optimizer.sub_step_budget=0"]))
     out = stage.on_chunk(_rated(24), now_ms=1_000)
     batches = [orjson.loads(r) for r in out.stats if orjson.loads(r)["kind"] == "batch"]
     assert [b["quality"]["events"] for b in batches] == [12, 12]
     first, second = batches[0]["quality"], batches[1]["quality"]
-    # Before any training every prediction is the prior mean (3): the first batch's error is exactly that.
-    expected = np.sqrt(np.mean((np.array([1 + k % 5 for k in range(12)]) - 3.0) ** 2))
+    # The first batch is scored by the untrained model (its ids admitted, nothing learned): exactly its error.
+    untrained = OnlineBiasedMF(stage.cfg.model, RATING_CODE)
+    users, items = [f"u{k % 4}" for k in range(12)], [f"i{k % 6}" for k in range(12)]
+    untrained.admit(users, items, None)
+    pred = untrained.predict_ratings(users, items)
+    expected = np.sqrt(np.mean((np.array([1 + k % 5 for k in range(12)]) - pred) ** 2))
     assert first["rmse"] == pytest.approx(expected, abs=1e-4)
     assert second["positives"] == sum(1 + k % 5 >= 4 for k in range(12, 24))
     running = batches[-1]["prequential"]
