@@ -314,7 +314,7 @@ PROFILES: dict[str, dict[str, Any]] = {
 def model_config(seed: int, profile: str, settings: Sequence[str]) -> ModelConfig:
     """The model settings: defaults, ``seed``, the profile, then ``model.key=value`` strings as the job's
     ``--set`` reads them (dotted into sections, or the older flat keys)."""
-    items = [f"model.seed={seed}", *_dotted("model", PROFILES.get(profile, {}))]
+    items = [f"model.seed={seed}", *dotted("model", PROFILES.get(profile, {}))]
     items += [s if s.startswith("model.") else f"model.{s}" for s in settings]
     try:
         return JobConfig.load(overrides=items).model
@@ -322,10 +322,10 @@ def model_config(seed: int, profile: str, settings: Sequence[str]) -> ModelConfi
         raise SystemExit(f"ml100k: --set: {ex}") from None
 
 
-def _dotted(prefix: str, tree: dict[str, Any]) -> Iterator[str]:
+def dotted(prefix: str, tree: dict[str, Any]) -> Iterator[str]:
     for key, value in tree.items():
         if isinstance(value, dict):
-            yield from _dotted(f"{prefix}.{key}", value)
+            yield from dotted(f"{prefix}.{key}", value)
         else:
             yield f"{prefix}.{key}={value}"
 
