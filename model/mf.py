@@ -121,7 +121,8 @@ class OnlineBiasedMF:
         self, users: Sequence[str], items: Sequence[str], actions: Array, values: Array,
         weights: Array | None = None, ts: Array | None = None, evaluate: Evaluate | None = None,
     ) -> BatchStats:
-        """Learns a micro-batch in event order, in sub-steps of ``optimizer.sub_batch`` events (``model.sequential``).
+        """Learns a micro-batch in event order, in about ``optimizer.sub_step_budget / n`` sub-steps of an ``n``-event
+        batch, each at most ``optimizer.sub_batch`` events (``model.sequential``).
         ``actions`` are codes (4 = rating); ``weights`` scale implicit events; ``ts`` (B,) event times in ms drive
         expiry (without them nothing ages). ``evaluate(part)``, when given, is called with each sub-step's slice of
         the batch just before the model trains on it (test, then train)."""
