@@ -147,10 +147,10 @@ class _Tester:
         self.ev, self.scorer, self.batch, self.positive = ev, scorer, batch, positive
         self.seconds = 0.0
 
-    def __call__(self, part: slice) -> None:
+    def __call__(self, part: slice, rating_offset: Array) -> None:
         t0 = time.perf_counter()
         b = self.batch
-        self.ev.evaluate(self.scorer, b.users[part], b.items[part], b.ratings[part], self.positive[part])
+        self.ev.evaluate(self.scorer, b.users[part], b.items[part], b.ratings[part], self.positive[part], rating_offset)
         self.seconds += time.perf_counter() - t0
 
 

@@ -43,9 +43,12 @@ def run(stream: EventBatch, cfg: JobConfig, batch_size: int) -> dict[str, float]
     for s in tqdm(range(0, len(stream), batch_size), desc="model", disable=None, mininterval=1.0):
         b = stream.slice(s, s + batch_size)
         is_rating = b.actions == RATING_CODE
-        ev.evaluate(model, b.users, b.items, np.where(is_rating, b.values, np.nan),
-                    np.where(is_rating, b.values >= cfg.eval.positive_rating, positive_action[b.actions]))
-        model.learn_many(b.users, b.items, b.actions, b.values, weight[b.actions] * b.values, b.ts)
+        ratings = np.where(is_rating, b.values, np.nan)
+        positive = np.where(is_rating, b.values >= cfg.eval.positive_rating, positive_action[b.actions])
+
+        def test(part: slice, offset: np.ndarray, b: EventBatch = b) -> None:  # each sub-step, as the job tests it
+            ev.evaluate(model, b.users[part], b.items[part], ratings[part], positive[part], offset)
+        model.learn_many(b.users, b.items, b.actions, b.values, weight[b.actions] * b.values, b.ts, evaluate=test)
     return ev.summary()
 
 

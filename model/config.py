@@ -52,7 +52,14 @@ class OptimizerConfig:
     name: str = field(default="adagrad", metadata={"flat": "optimizer"})
     lr: float = 0.05  # step size of the row-wise optimiser
     rank_bias_lr: float = 1.0  # step size multiplier of the ranking bias
-    rating_bias_lr: float = 4.0  # step size multiplier of the rating biases (few rows, many events each)
+    rating_bias_lr: float = 4.0  # step size multiplier of the rating biases under rating_bias_prior 0
+    # > 0: a rating bias is the running mean of its row's rating residuals, shrunk toward 0 by this many pseudo-ratings
+    # (a Newton step on the bias, model.rating_offsets): it needs no step size and is as exact after one large batch
+    # as after many small ones. The ratio of a rating's noise variance to the spread of users' and items' biases, about
+    # 1 to 0.2 on star scales, makes the prior about 5 ratings. 0: Adagrad at lr * rating_bias_lr like the vectors.
+    rating_bias_prior: float = 5.0
+    # The residual count stops growing here, so a bias goes on following its row's latest ~window ratings (drift).
+    rating_bias_window: float = 200.0
     l2: float = 1e-4  # L2 on the vectors of the rows a batch touches (once per row and step)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -71,8 +78,9 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         _check("model.optimizer", self, {"name": OPTIMIZERS, "lr_schedule": LR_SCHEDULES},
-               positive=("lr", "rank_bias_lr", "rating_bias_lr", "warmup_steps", "inner_steps"),
-               non_negative=("l2", "clip_norm", "sub_batch", "sub_step_budget"), unit=("adam_beta1", "adam_beta2"))
+               positive=("lr", "rank_bias_lr", "rating_bias_lr", "rating_bias_window", "warmup_steps", "inner_steps"),
+               non_negative=("l2", "clip_norm", "sub_batch", "sub_step_budget", "rating_bias_prior"),
+               unit=("adam_beta1", "adam_beta2"))
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,8 @@ class OnlineBiasedMF:
         cfg = self.config
         opt = cfg.optimizer
         how = Step(self._lr(), opt.name, opt.l2, opt.clip_norm, cfg.stability.proximal, opt.adam_beta1, opt.adam_beta2,
-                   group_lr=(1.0, opt.rank_bias_lr, opt.rating_bias_lr), row_mean=opt.row_mean)
+                   group_lr=(1.0, opt.rank_bias_lr, opt.rating_bias_lr), row_mean=opt.row_mean,
+                   rating_prior=opt.rating_bias_prior, rating_window=opt.rating_bias_window)
         return how
 
     def train_part(self, b: TrainBatch, how: Step, saved: tuple[list[Saved], list[Saved]],
@@ -200,9 +201,11 @@ class OnlineBiasedMF:
             return None
         rows_u = rows_i = torch.zeros(0, dtype=torch.int64, device=self.device)
         if gu:
-            rows_u = ut.step(torch.cat([r for r, _ in gu]), torch.cat([g for _, g in gu]), how, saved_u)
+            idx = torch.cat([r for r, _ in gu])
+            rows_u = ut.step(idx, torch.cat([g for _, g in gu]), how, saved_u, _curvature(b, len(idx)))
         if gi:
-            rows_i = it.step(torch.cat([r for r, _ in gi]), torch.cat([g for _, g in gi]), how, saved_i)
+            idx = torch.cat([r for r, _ in gi])
+            rows_i = it.step(idx, torch.cat([g for _, g in gi]), how, saved_i, _curvature(b, len(idx)))
         if not (ut.finite(rows_u) and it.finite(rows_i)):
             return None
         return rating_loss, implicit_loss, rows_u, rows_i
@@ -348,3 +351,11 @@ class OnlineBiasedMF:
         m.rating_code = rating_code
         return m
 
+
+def _curvature(b: TrainBatch, entries: int) -> torch.Tensor:
+    """(E,) each gradient entry's second derivative in its rating bias: the rating weight for the ratings, which
+    ``_gradients`` lists first, 0 for the ranking side's entries after them."""
+    out = torch.zeros(entries, device=b.u.device)
+    r = len(b.rating_idx)
+    out[:r] = 1.0 if b.rating_w is None else b.rating_w
+    return out

@@ -124,11 +124,13 @@ class Prequential:
 
     def evaluate(
         self, scorer: Scorer, users: Sequence[str], items: Sequence[str], ratings: npt.NDArray[Any],
-        positive: npt.NDArray[Any],
+        positive: npt.NDArray[Any], rating_offset: npt.NDArray[Any] | None = None,
     ) -> dict[str, float]:
         """Test one batch against ``scorer`` as it is; returns the batch's figures and adds them to the totals.
 
-        ``ratings`` (B,) is NaN for events without a rating; ``positive`` (B,) marks the events to rank.
+        ``ratings`` (B,) is NaN for events without a rating; ``positive`` (B,) marks the events to rank;
+        ``rating_offset`` (B,), when given, is added to the predicted ratings before they are clipped (what the
+        batch's earlier ratings teach the model's biases, ``model.rating_offsets``).
         """
         n = len(users)
         if not len(items) == len(ratings) == len(positive) == n:
@@ -139,7 +141,8 @@ class Prequential:
         ratings = np.asarray(ratings, np.float64)  # (B,)
         positive = np.asarray(positive, bool)  # (B,)
         rated = np.flatnonzero(np.isfinite(ratings))  # (R,)
-        sq_err, abs_err = self._rating_error(scorer, users, items, ratings, rated)
+        sq_err, abs_err = self._rating_error(scorer, users, items, ratings, rated,
+                                             None if rating_offset is None else np.asarray(rating_offset)[rated])
         item_idx, avail, item_prior = self._add_candidates(items)
         sampled = [self._is_sampled(u) for u in users]
         ranked_users, scores = self._scores(scorer, users, positive, sampled)
@@ -158,13 +161,16 @@ class Prequential:
                            "hits": hits, "ndcg_sum": ndcg})
 
     def _rating_error(self, scorer: Scorer, users: Sequence[str], items: Sequence[str],
-                      ratings: npt.NDArray[np.float64], rated: npt.NDArray[np.int64]) -> tuple[float, float]:
+                      ratings: npt.NDArray[np.float64], rated: npt.NDArray[np.int64],
+                      offset: npt.NDArray[Any] | None) -> tuple[float, float]:
         """Summed squared and absolute error of the rated events, one predict_ratings call for them."""
         if not len(rated):
             return 0.0, 0.0
         pred = np.asarray(scorer.predict_ratings([users[j] for j in rated], [items[j] for j in rated]), np.float64)
         if pred.shape != (len(rated),):
             raise ValueError(f"prequential: predict_ratings returned shape {pred.shape}, expected ({len(rated)},)")
+        if offset is not None:
+            pred = pred + offset
         err: npt.NDArray[np.float64] = ratings[rated] - np.clip(pred, self.rating_min, self.rating_max)  # (R,)
         return float(np.dot(err, err)), float(np.abs(err).sum())
 

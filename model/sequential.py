@@ -4,8 +4,9 @@ The transport batch (the job's ``batch.size``) is what makes the job fast; it ne
 in. A batch is split into consecutive sub-steps (``step_size``: about ``optimizer.sub_step_budget / n`` of them for
 an ``n``-event batch, each at most ``optimizer.sub_batch`` events), and for each, in order:
 
-1. ``evaluate(part)`` (the caller's prequential test, given the sub-step's slice of the batch) against the model as
-   it is: trained on every earlier sub-step, on nothing of this one or later;
+1. ``evaluate(part, offsets)`` (the caller's prequential test, given the sub-step's slice of the batch) against the
+   model as it is: trained on every earlier sub-step, on nothing of this one or later; ``offsets`` move each event's
+   predicted rating by what the sub-step's earlier ratings teach the closed-form biases (``model.rating_offsets``);
 2. one gradient step on the sub-step's events and its share of the replayed ones;
 3. its events count in the rating mean and the ranking extras (the history and popularity terms), so the next
    sub-step is scored with them.
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from model import replay
+from model import rating_offsets, replay
 from model.arrays import Array, Rows
 from model.batch import BatchStats, to_device
 from model.idmap import FALLBACK_ROW
@@ -36,7 +37,9 @@ from model.tables import Saved
 if TYPE_CHECKING:
     from model.mf import OnlineBiasedMF
 
-Evaluate = Callable[[slice], None]  # tests the batch's events in the slice against the model as it is
+# Tests the batch's events in the slice against the model as it is, each event's predicted rating moved by the
+# offset (slice length,) that the slice's earlier ratings give it (model.rating_offsets).
+Evaluate = Callable[[slice, np.ndarray[Any, Any]], None]
 Columns = dict[str, np.ndarray[Any, Any]]
 
 
@@ -118,7 +121,7 @@ def _steps(model: OnlineBiasedMF, train: Columns, bounds: list[int], replayed: i
     sums = np.zeros(4)  # rating loss x ratings, ratings, implicit loss x entries, entries
     for a, b in zip(bounds[:-1], bounds[1:], strict=False):
         if evaluate is not None:
-            evaluate(slice(a, b))
+            _test(model, train, a, b, evaluate)
         ra, rb = replayed * a // n, replayed * b // n  # the sub-step's share of the replayed events
         part = {k: np.concatenate([col[a:b], col[n + ra:n + rb]]) if replayed else col[a:b] for k, col in train.items()}
         batch = to_device(part, b - a, model.config, model.device, model.rating_code)
@@ -129,7 +132,7 @@ def _steps(model: OnlineBiasedMF, train: Columns, bounds: list[int], replayed: i
             model.rating_sum, model.rating_count = before[0], before[1]
             model.extras.restore(before[2])
             if evaluate is not None and b < n:
-                evaluate(slice(b, n))
+                _test(model, train, b, n, evaluate)
             return None
         (rating_loss, implicit_loss), moved_u, moved_i = done
         sums += (rating_loss * len(batch.rating_idx), len(batch.rating_idx),
@@ -141,6 +144,13 @@ def _steps(model: OnlineBiasedMF, train: Columns, bounds: list[int], replayed: i
             model.count_part(part["user"][: b - a], part["item"][: b - a], part["value"][: b - a][rated])
     losses = (sums[0] / sums[1] if sums[1] else 0.0, sums[2] / sums[3] if sums[3] else 0.0)
     return (float(losses[0]), float(losses[1])), user_rows, item_rows
+
+
+def _test(model: OnlineBiasedMF, train: Columns, a: int, b: int, evaluate: Evaluate) -> None:
+    """Tests the real events ``[a, b)`` as one sub-step."""
+    rated = train["action"][a:b] == model.rating_code
+    evaluate(slice(a, b), rating_offsets.in_step(model, train["user"][a:b], train["item"][a:b],
+                                                 train["value"][a:b], rated))
 
 
 def _distinct(rows: list[torch.Tensor]) -> np.ndarray[Any, Any]:

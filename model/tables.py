@@ -42,6 +42,11 @@ class Step:
     eps: float = 1e-8
     group_lr: tuple[float, float, float] = (1.0, 1.0, 1.0)  # step size multipliers: vector, ranking bias, rating bias
     row_mean: bool = False  # a row's gradient is the mean over its entries, not their sum
+    # > 0: the rating bias takes a Newton step instead, ``-gradient / (rating_prior + count)``, the count (of rating
+    # entries, weighted, at most ``rating_window``) kept in the rating bias group's accumulator: the bias is the
+    # running mean of its row's residuals shrunk by ``rating_prior`` pseudo-ratings.
+    rating_prior: float = 0.0
+    rating_window: float = float("inf")
 
 
 # One saved copy of some rows, to undo a step: (rows, {attribute: saved rows}).
@@ -123,8 +128,11 @@ class EmbeddingTable:
         self.last_seen[rows] = NEVER
         self.generation[rows] += 1
 
-    def step(self, idx: torch.Tensor, grad: torch.Tensor, how: Step, saved: list[Saved] | None = None) -> torch.Tensor:
-        """One optimiser step on the rows ``idx`` (B,) (may repeat), ``grad`` (B, D + 2) per entry.
+    def step(self, idx: torch.Tensor, grad: torch.Tensor, how: Step, saved: list[Saved] | None = None,
+             curv: torch.Tensor | None = None) -> torch.Tensor:
+        """One optimiser step on the rows ``idx`` (B,) (may repeat), ``grad`` (B, D + 2) per entry; ``curv`` (B,) the
+        second derivative of each entry's loss in its rating bias (its rating weight; 0 for other entries), which
+        counts the ratings under ``how.rating_prior`` (None: none).
 
         The rows' state before the step is appended to ``saved`` (for ``restore``). Returns the distinct rows.
         """
@@ -148,6 +156,12 @@ class EmbeddingTable:
         lr: float | torch.Tensor = how.lr
         if how.group_lr != (1.0, 1.0, 1.0):
             lr = how.lr * torch.tensor(how.group_lr, device=p.device)[self._group]  # (D + 2,)
+        count = None
+        if how.rating_prior:  # the Newton step's count replaces the group's accumulated squares
+            h = torch.zeros(len(rows), device=p.device) if curv is None else \
+                torch.zeros(len(rows), device=p.device).index_add_(0, inv, curv)
+            count = self.acc[rows, 2] + h  # (U,) kept at most rating_window; the step counts all of h (no overshoot)
+            sq[:, 2] = 0.0
         if how.optimizer == "adam":
             t = self.steps[rows].to(p.dtype).unsqueeze(1)  # (U, 1)
             m = self.moment[rows].mul_(how.beta1).add_(g, alpha=1 - how.beta1)  # (U, D + 2)
@@ -163,6 +177,13 @@ class EmbeddingTable:
             acc = self.acc[rows] + sq  # (U, 3)
             self.acc[rows] = acc
             self.params[rows] = p - lr * g / (acc.sqrt() + how.eps)[:, self._group]
+        if count is not None:
+            self.acc[rows, 2] = count.clamp(max=how.rating_window)
+            # The Adam and Adagrad branches stepped the column with the group's state; redo it as a Newton step.
+            curvature = how.rating_prior + count  # (U,) the proximal penalty's adds to it: a Newton step counts all
+            if how.proximal and self.anchor.shape[1]:
+                curvature = curvature + how.proximal * self.anchored[rows]
+            self.params[rows, self.dim + 1] = p[:, self.dim + 1] - g[:, self.dim + 1] / curvature
         self.updates[rows] += torch.bincount(inv, minlength=len(rows))
         return rows
 

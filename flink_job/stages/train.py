@@ -243,9 +243,9 @@ class TrainStage:
         positive = np.where(is_rating, batch.values >= self.cfg.eval.positive_rating,
                             self.positive_action[batch.actions])
 
-        def evaluate(part: slice) -> None:
+        def evaluate(part: slice, rating_offset: np.ndarray[Any, Any]) -> None:
             figures.append(quality.evaluate(self.model, batch.users[part], batch.items[part], ratings[part],
-                                            positive[part]))
+                                            positive[part], rating_offset))
         return evaluate
 
     # ------------------------------------------------------------------------------------------------ publish

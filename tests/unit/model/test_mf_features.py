@@ -194,7 +194,8 @@ def test_every_objective_learns_a_planted_structure(loss: str, negatives: str) -
 
 def test_clip_norm_bounds_each_row_step() -> None:
     # One summed step for the 50 events (no sub-steps), the rating biases at the vectors' step.
-    sgd = OptimizerConfig(name="sgd", lr=1.0, clip_norm=0.1, l2=0.0, rating_bias_lr=1.0, sub_step_budget=0)
+    sgd = OptimizerConfig(name="sgd", lr=1.0, clip_norm=0.1, l2=0.0, rating_bias_lr=1.0, sub_step_budget=0,
+                          rating_bias_prior=0)
     m = OnlineBiasedMF(ModelConfig(dim=4, optimizer=sgd,
                                    objective=ObjectiveConfig(rating_implicit_weight=0)))
     _learn(m, ["a"], ["x"], value=5.0)
@@ -406,7 +407,7 @@ def test_a_state_written_before_the_model_was_split_restores_every_part() -> Non
     written, was = load_pickle(m.state_bytes()), load_pickle(old)
     assert was["config"].pop("inject_nan_every") == 0  # model.config.RETIRED
     added = set(written["config"]) - set(was["config"])  # settings added since take their defaults
-    assert added <= {"sub_batch", "sub_step_budget", "user_once", "row_mean"}
+    assert added <= {"sub_batch", "sub_step_budget", "user_once", "row_mean", "rating_bias_prior", "rating_bias_window"}
     written["config"] = {k: v for k, v in written["config"].items() if k not in added}
     assert _same(written, was)
     stats = m.learn_many(["u1", "new"], ["i1", "i2"], np.array([R, V]), np.array([4.0, 1.0]), ts=np.array([1_200] * 2))

@@ -27,7 +27,7 @@ def test_a_users_second_event_is_scored_after_the_sub_step_holding_the_first_tra
     users, items = ["a", "b", "a", "c"], ["x", "y", "z", "x"]
     seen: list[tuple[slice, np.ndarray, int]] = []
 
-    def evaluate(part: slice) -> None:  # what the model knows of user a when this part is scored
+    def evaluate(part: slice, offset: np.ndarray) -> None:  # what the model knows of user a when this part is scored
         row = m.users.lookup(["a"])
         seen.append((part, m.user_table.params[row].clone().numpy(), int(m.extras.history_next[row[0]])))
 
@@ -48,7 +48,7 @@ def test_no_event_is_scored_after_its_own_update_nor_by_a_model_that_saw_a_later
     items = [f"i{k}" for k in rng.integers(0, 6, 20)]
     trained_before: list[tuple[int, int]] = []  # (events of the batch trained, first event of the part scored)
 
-    def evaluate(part: slice) -> None:
+    def evaluate(part: slice, offset: np.ndarray) -> None:
         trained_before.append((m.extras.events_counted, part.start))
 
     m.learn_many(users, items, np.full(20, R), _ratings(20), evaluate=evaluate)
@@ -77,7 +77,7 @@ def test_a_non_finite_sub_step_rolls_the_whole_batch_back_and_every_event_is_sti
     before = (m.user_table.params.clone(), m.item_table.params.clone(), m.extras.history.copy(), m.global_mean)
     parts: list[slice] = []
     ratings = np.array([5.0, 1.0, np.nan, 3.0])  # the second sub-step's loss is not finite
-    stats = m.learn_many(["a", "b", "a", "b"], ["y", "x", "x", "y"], np.full(4, R), ratings, evaluate=parts.append)
+    stats = m.learn_many(["a", "b", "a", "b"], ["y", "x", "x", "y"], np.full(4, R), ratings, evaluate=lambda part, offset: parts.append(part))
     assert stats.skipped and m.skipped_batches == 1
     assert parts == [slice(0, 2), slice(2, 4)]
     assert torch.equal(m.user_table.params, before[0]) and torch.equal(m.item_table.params, before[1])
@@ -90,7 +90,7 @@ def test_small_batches_learn_in_smaller_sub_steps_than_full_ones() -> None:
     m = OnlineBiasedMF(ModelConfig(dim=4, seed=3))  # the defaults: a 256-event batch in 32 sub-steps
     parts: list[slice] = []
     m.learn_many([f"u{k % 7}" for k in range(256)], [f"i{k % 11}" for k in range(256)], np.full(256, R),
-                 _ratings(256), evaluate=parts.append)
+                 _ratings(256), evaluate=lambda part, offset: parts.append(part))
     assert len(parts) == 32 and parts[0] == slice(0, 8) and parts[-1] == slice(248, 256)
 
 

@@ -1,11 +1,15 @@
 """A rating scale other than 1-5 by configuration: half stars pass parse, clean, batch, model and evaluation whole."""
 from __future__ import annotations
 
+import numpy as np
 import orjson
 import pytest
 
 from flink_job.config import JobConfig
+from flink_job.schema import RATING_CODE
 from flink_job.stages.train import TrainStage
+from model import rating_offsets
+from model.mf import OnlineBiasedMF
 
 HALF_STARS = (0.5, 1.5, 2.5, 3.5, 4.5, 5.0, 3.0)
 
@@ -25,11 +29,18 @@ def test_half_stars_reach_the_model_and_the_evaluator_unrounded() -> None:
     last = orjson.loads(out.stats[-1])
     assert last["rating_mean"] == pytest.approx(sum(ratings) / 64, abs=1e-12)  # the exact half stars were learned
     assert last["prequential"]["rated"] == 64 and last["prequential"]["positives"] == sum(r >= 4 for r in ratings)
-    # the evaluator's error is against the half stars: the first batch is scored by an untrained model, which
-    # predicts about the middle of the scale for every event (its new rows start near zero, at model.init_std)
+    # the evaluator's error is against the half stars: the first batch is scored by an untrained model (its new rows
+    # start near zero, at model.init_std), the middle of the scale moved by what the batch's earlier half stars teach
+    # the mean and the biases (model.rating_offsets)
     first = orjson.loads(out.stats[0])["quality"]
-    mid = (0.5 + 5.0) / 2
-    assert first["sq_err"] == pytest.approx(sum((r - mid) ** 2 for r in ratings[:32]), rel=5e-3)
+    untrained = OnlineBiasedMF(stage.cfg.model, RATING_CODE)
+    users, items = [f"u{k % 5}" for k in range(32)], [f"i{k % 7}" for k in range(32)]
+    u, i = untrained.admit(users, items, None)
+    half = np.array(ratings[:32])
+    offset = rating_offsets.in_step(untrained, u, i, half, np.ones(32, bool))
+    pred = np.clip(untrained.predict_ratings(users, items) + offset, 0.5, 5.0)
+    assert offset[0] == 0.0 and pred[0] == pytest.approx((0.5 + 5.0) / 2, abs=0.2)
+    assert first["sq_err"] == pytest.approx(float(((half - pred) ** 2).sum()), rel=1e-4)
 
 
 def test_the_default_scale_dead_letters_a_half_star_below_one() -> None:

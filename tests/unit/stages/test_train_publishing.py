@@ -10,6 +10,7 @@ from flink_job.config import JobConfig
 from flink_job.schema import RATING_CODE
 from flink_job.stages.publish import SNAPSHOT_FILE, DirtyRows
 from flink_job.stages.train import TrainStage
+from model import rating_offsets
 from model.mf import OnlineBiasedMF
 from tests.model_seams import poison_next_batch
 
@@ -130,8 +131,11 @@ def test_each_batch_is_evaluated_before_it_trains() -> None:
     untrained = OnlineBiasedMF(stage.cfg.model, RATING_CODE)
     users, items = [f"u{k % 4}" for k in range(12)], [f"i{k % 6}" for k in range(12)]
     untrained.admit(users, items, None)
-    pred = untrained.predict_ratings(users, items)
-    expected = np.sqrt(np.mean((np.array([1 + k % 5 for k in range(12)]) - pred) ** 2))
+    u, i = untrained.users.lookup(users), untrained.items.lookup(items)
+    ratings = np.array([1.0 + k % 5 for k in range(12)])
+    offset = rating_offsets.in_step(untrained, u, i, ratings, np.ones(12, bool))  # the batch's earlier ratings
+    pred = np.clip(untrained.predict_ratings(users, items) + offset, 1.0, 5.0)
+    expected = np.sqrt(np.mean((ratings - pred) ** 2))
     assert first["rmse"] == pytest.approx(expected, abs=1e-4)
     assert second["positives"] == sum(1 + k % 5 >= 4 for k in range(12, 24))
     running = batches[-1]["prequential"]
