@@ -15,23 +15,30 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-import flink_job.stages.train as train
+import flink_job.stages.admission as admission
+import flink_job.stages.publisher as publisher
 from flink_job.config import JobConfig
+from flink_job.stages.clean import Cleaner
+from flink_job.stages.lateness import Watermarks
+from flink_job.stages.near_dups import NearDuplicates
 from flink_job.stages.train import TrainStage
 from flink_job.tools.generate import SyntheticConfig, generate
 from model.mf import OnlineBiasedMF
+from model.prequential import Prequential
 
 WARM_UP = 20_000
-STEPS: list[tuple[Any, str, str]] = [  # (owner, attribute, label) in the order the stage runs them
-    (train, "parse_lines", "parse"),
-    (train.Watermarks, "split", "lateness"),
-    (train.NearDuplicates, "filter", "near-duplicates"),
-    (train.Cleaner, "apply", "clean"),
-    (TrainStage, "_evaluate", "evaluation"),
-    (OnlineBiasedMF, "learn_many", "model learn_many"),
+# (owner, attribute, label) in the order the stage runs them; a label starting with a space is part of the step above
+# (the prequential test of each sub-step runs inside learn_many).
+STEPS: list[tuple[Any, str, str]] = [
+    (admission, "parse_lines", "parse"),
+    (Watermarks, "split", "lateness"),
+    (NearDuplicates, "filter", "near-duplicates"),
+    (Cleaner, "apply", "clean"),
+    (OnlineBiasedMF, "learn_many", "model learn_many, evaluation included"),
+    (Prequential, "evaluate", "  of which evaluation"),
     (TrainStage, "_touch", "touch dirty rows"),
-    (TrainStage, "_maybe_publish", "publish (all)"),
-    (train, "encode_records", "  of which encode_records"),
+    (TrainStage, "_publish", "publish (all)"),
+    (publisher, "encode_records", "  of which encode_records"),
     (TrainStage, "_stats", "stats records"),
 ]
 

@@ -8,7 +8,7 @@ An event is one JSON object per Kafka record::
      "value": 4.0, "ts": 1700000000000, "dwell_ms": 5300, "price": 9.99, "category": "c3"}
 
 ``event_id``, ``user_id``, ``item_id``, ``action`` and ``ts`` (event time, epoch ms) are required; ``value`` is the
-rating for ``action == "rating"`` and an optional weight otherwise; the context features are optional.
+rating for ``action == "rating"`` and an optional weight otherwise; the context fields are optional.
 
 >>> Event("e-1", "u1", "i2", "click", 1.0, 1700000000000).to_json()
 b'{"event_id":"e-1","user_id":"u1","item_id":"i2","action":"click","value":1.0,"ts":1700000000000}'
@@ -34,9 +34,6 @@ MISSING_POLICIES: dict[str, tuple[str, ...]] = {
     "category": ("default", "drop"),
 }
 OUTLIER_POLICIES: tuple[str, ...] = ("clip", "drop", "off")
-# The columns of an event batch's feature matrix, in order (written by the cleaning stage).
-FEATURE_NAMES: tuple[str, ...] = ("dwell_z", "price_z", "hour_sin", "hour_cos", "dow_sin", "dow_cos", "recency_log_s")
-N_FEATURES = len(FEATURE_NAMES)
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,16 @@
-"""Cleaning: fill missing context values, tame outliers and derive per-event features, before micro-batching.
+"""Cleaning: fill missing context values and tame outliers, before micro-batching.
 
 Runs on the events that survived parsing, lateness and near-duplicate filtering. Every rule is declared in
 ``CleanConfig``; an event a rule rejects becomes a dead letter (stage ``clean``), never silently lost, and every
 outcome is counted in ``Cleaner.counts``.
 
 When things move: statistics move once per batch, per-user state once per event. Outlier bounds come from the values
-accepted *before* the batch (a burst of outliers cannot widen its own bound); global means and the normalisation
-statistics include the batch's own kept values; a user's state (previous event time, running means, recent items)
-is updated event by event in input order, so events of one user in one batch see each other.
+accepted *before* the batch (a burst of outliers cannot widen its own bound); global means include the batch's own
+kept values; a user's state (newest event time, running means, recent items) is updated event by event in input
+order, so events of one user in one batch see each other.
+
+The cleaned columns are the context the batch carries on; the model does not read them (context terms were measured
+and did not help: BENCHMARKS.md, "Cold start and side features"), so no features are derived from them.
 
 Per-user state expires by event time: a user whose newest event is more than ``user_ttl_ms`` older than the newest
 event seen starts afresh (counted in ``users_expired``); expired users are removed from memory by an amortised sweep.
@@ -23,8 +26,6 @@ first evicts the users with the oldest newest event (counted in ``users_evicted`
 >>> kept, dead = cleaner.apply(batch)
 >>> kept.dwell_ms.tolist(), kept.price.tolist(), kept.categories, dead
 ([1000.0, 1000.0], [9.5, 9.5], ['books', 'unknown'], [])
->>> round(float(kept.features[1, FEATURE_NAMES.index("recency_log_s")]), 3)  # log1p(60 s)
-4.111
 >>> cleaner.recent_items("u"), cleaner.counts["missing_dwell_ms_user_mean"], cleaner.counts["missing_category_default"]
 (['i0', 'i1'], 1, 1)
 """
@@ -37,10 +38,10 @@ import numpy as np
 
 from model.arrays import Array
 
-from flink_job.schema import ACTIONS, FEATURE_NAMES, N_FEATURES, NUMERIC_FIELDS  # noqa: F401 (FEATURE_NAMES: doctest)
+from flink_job.schema import ACTIONS, NUMERIC_FIELDS
 from flink_job.stages.clean_stats import Moments, Ring, outlier_bounds
 from flink_job.stages.events import DeadLetter, EventBatch
-from flink_job.stages.users import UserTable, group_ranks, shifted_group_max, table_from_lists
+from flink_job.stages.users import UserTable, group_ranks, table_from_lists
 from model.idmap import least_recently_used
 
 if TYPE_CHECKING:
@@ -55,15 +56,12 @@ COUNTERS: tuple[str, ...] = (
     *(f"outlier_{f}_{how}" for f in NUMERIC_FIELDS for how in ("clipped", "dropped")),
     "users_expired", "users_evicted",
 )
-Z_LIMIT = 5.0
-MS_PER_DAY = 86_400_000
-EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday; Monday is day 0
 SWEEP_MIN_EVENTS = 1024
 EVICT_SHARE = 64  # at the user cap, one eviction scan frees room for at least 1/64 of the cap
 
 
 class Cleaner:
-    """Missing values, outliers, normalisation, time features and per-user state; see the module docstring."""
+    """Missing values, outliers and per-user state; see the module docstring."""
 
     def __init__(self, cfg: CleanConfig, max_users: int = 0) -> None:
         self.cfg = cfg
@@ -76,11 +74,11 @@ class Cleaner:
         self.since_sweep = 0  # events since the last sweep of expired users
         self.rings = {f: Ring(cfg.outlier_window) for f in NUMERIC_FIELDS}  # log1p of accepted values
         self.raw = {f: Moments() for f in NUMERIC_FIELDS}  # of accepted observed values: the global means
-        self.logs = {f: Moments() for f in NUMERIC_FIELDS}  # of log1p(accepted observed values): the z-scores
         self.counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
 
     # The job keeps this in Flink state. The config is left out: a restored job runs with the config it was
-    # started with, and a changed window or recent-items cap is applied to the restored state.
+    # started with, and a changed window or recent-items cap is applied to the restored state. A state written by an
+    # older version may hold more (``logs``, the moments of the z-score features): what is not read here is dropped.
     def state_dict(self) -> dict[str, Any]:
         """The state to pickle; it shares the per-user states with the cleaner, so pickle it before the next apply."""
         return {
@@ -88,7 +86,6 @@ class Cleaner:
             "newest_ts": self.newest_ts, "since_sweep": self.since_sweep,
             "rings": {f: r.ordered() for f, r in self.rings.items()},
             "raw": {f: dataclasses.astuple(m) for f, m in self.raw.items()},
-            "logs": {f: dataclasses.astuple(m) for f, m in self.logs.items()},
             "counts": dict(self.counts),
         }
 
@@ -102,7 +99,6 @@ class Cleaner:
             self.rings[f] = Ring(self.cfg.outlier_window)
             self.rings[f].add(state["rings"][f])
             self.raw[f] = Moments(*state["raw"][f])
-            self.logs[f] = Moments(*state["logs"][f])
         self.counts = {**dict.fromkeys(COUNTERS, 0), **state["counts"]}
 
     def recent_items(self, user: str) -> list[str]:
@@ -114,9 +110,9 @@ class Cleaner:
         return self.users.recent_items(users, since_ts=self.newest_ts - self.cfg.user_ttl_ms)
 
     def apply(self, batch: EventBatch) -> tuple[EventBatch, list[DeadLetter]]:
-        """``(events kept, in input order, with context filled and features, dead letters)``."""
-        # One function, about 90 lines: the rules run column-wise over the whole batch in a fixed order (missing,
-        # outliers, statistics, features), and every step reads the masks the ones before it left.
+        """``(events kept, in input order, with context filled, dead letters)``."""
+        # One function, about 75 lines: the rules run column-wise over the whole batch in a fixed order (missing,
+        # outliers, statistics, fills), and every step reads the masks the ones before it left.
         n = len(batch)
         if not n:
             return batch, []
@@ -147,7 +143,6 @@ class Cleaner:
             batch = batch.select(np.flatnonzero(reason == 0))
             if not len(batch):
                 return batch, dead
-        m = len(batch)
 
         # Numeric fields: clip, then learn the statistics from the observed (not filled) kept values.
         cols: dict[str, Array] = {}
@@ -162,12 +157,10 @@ class Cleaner:
                     np.clip(x, lo, hi, out=x)  # NaN stays NaN
             seen = x[observed]
             self.raw[name].add(seen)
-            logs = np.log1p(seen)
-            self.logs[name].add(logs)
-            self.rings[name].add(logs)
+            self.rings[name].add(np.log1p(seen))
             cols[name] = x
 
-        gaps = self._users(batch, cols)
+        self._users(batch, cols)
 
         # Fill what is still missing: the user_mean fills happened in _users, in input order.
         for name in NUMERIC_FIELDS:
@@ -188,29 +181,14 @@ class Cleaner:
             categories = [fill if c is None else c for c in categories]
             counts["missing_category_default"] += k
 
-        features = np.zeros((m, N_FEATURES), np.float32)  # (M, F) in FEATURE_NAMES order
-        for col, name in enumerate(NUMERIC_FIELDS):
-            mom = self.logs[name]
-            std = mom.std
-            if mom.n >= 2 and std > 0:
-                features[:, col] = np.clip((np.log1p(cols[name]) - mom.mean) / std, -Z_LIMIT, Z_LIMIT)
-        ts = batch.ts
-        day_angle = (2 * np.pi / MS_PER_DAY) * (ts % MS_PER_DAY)  # (M,) fractional hour of day, as an angle
-        week_angle = (2 * np.pi / 7) * ((ts // MS_PER_DAY + EPOCH_WEEKDAY) % 7)  # (M,) day of week, Monday 0
-        features[:, 2] = np.sin(day_angle)
-        features[:, 3] = np.cos(day_angle)
-        features[:, 4] = np.sin(week_angle)
-        features[:, 5] = np.cos(week_angle)
-        features[:, 6] = np.log1p(gaps / 1000.0)
         return (
-            dataclasses.replace(batch, dwell_ms=cols["dwell_ms"], price=cols["price"], categories=categories,
-                                features=features),
+            dataclasses.replace(batch, dwell_ms=cols["dwell_ms"], price=cols["price"], categories=categories),
             dead,
         )
 
-    def _users(self, batch: EventBatch, cols: dict[str, Array]) -> Array:
+    def _users(self, batch: EventBatch, cols: dict[str, Array]) -> None:
         """Per-user state and user_mean fills, as if event by event in input order (vectorised per user: events of
-        one user in the batch see each other); returns (M,) ms since each event's user's previous newest event."""
+        one user in the batch see each other)."""
         cfg, table = self.cfg, self.users
         ts = batch.ts  # (M,)
         newest = max(self.newest_ts, int(ts.max()))
@@ -223,26 +201,17 @@ class Cleaner:
         self._make_room(batch.users, rows)
         rows = table.add_missing(batch.users, rows)
 
-        order, rank, _ = group_ranks(rows)  # (M,) events grouped by user, input order within a user
-        srows, sts = rows[order], ts[order]
-        first = rank == 0  # (M,) each user's first event of the batch
-        group = np.cumsum(first) - 1  # (M,) group number of each sorted event
-        starts = np.flatnonzero(first)  # (G,)
-        fresh = table.events[srows[starts]] == 0  # (G,) new, reset or never trained: no previous event
-        base = np.where(fresh, sts[starts], table.last_ts[srows[starts]])  # (G,) newest event time before the batch
-        # Newest event time before each event: the user's base, then the running maximum within the batch.
-        newest_before = np.maximum(base[group], shifted_group_max(sts, group, first))  # (M,)
-        gaps = np.zeros(len(ts), np.int64)
-        gaps[order] = np.where(sts > newest_before, sts - newest_before, 0)
-
-        table.last_ts[srows[starts]] = base
-        np.maximum.at(table.last_ts, srows, sts)
-        np.add.at(table.events, rows, 1)
+        np.maximum.at(table.last_ts, rows, ts)  # a new or reset row holds 0, and event times are >= 0
         np.add.at(table.action_counts, (rows, batch.actions.astype(np.int64)), 1)
         table.push_items(rows, batch.items)
-        for name in NUMERIC_FIELDS:  # only the fields with a user_mean policy pay for it
-            if self.missing[name] == "user_mean":
-                self._user_mean(name, cols[name], order, srows, starts, group)
+        means = [name for name in NUMERIC_FIELDS if self.missing[name] == "user_mean"]
+        if means:  # only the fields with a user_mean policy pay for grouping the events by user
+            order, rank, _ = group_ranks(rows)  # (M,) events grouped by user, input order within a user
+            first = rank == 0  # (M,) each user's first event of the batch
+            group = np.cumsum(first) - 1  # (M,) group number of each sorted event
+            starts = np.flatnonzero(first)  # (G,)
+            for name in means:
+                self._user_mean(name, cols[name], order, rows[order], starts, group)
         self.newest_ts = newest
         # Expired users are swept out now and then, not per event: once at least max(1024, users held) events have
         # passed, so a sweep looks at no more than one user per event, and the users held at most double between
@@ -260,7 +229,6 @@ class Cleaner:
             gone = least_recently_used(table.last_ts, np.sort(table.live_rows()), len(table) - self.max_users)
             table.release(gone)
             self.counts["users_evicted"] += len(gone)
-        return gaps
 
     def _make_room(self, users: list[str], rows: Array) -> None:
         """Evicts the users with the oldest newest event (ties: the lower row) when the batch's new users (``rows``

@@ -3,14 +3,12 @@ could not use."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import orjson
 
 from model.arrays import Array
-
-from flink_job.schema import N_FEATURES
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ class EventBatch:
     """Events in columns. Ids stay strings; the model maps them to rows.
 
     The optional context fields are NaN (numbers) or None (category) where the event did not carry them;
-    ``flink_job.stages.clean`` fills them and adds ``features``, which stays empty, (0, F), until then.
+    ``flink_job.stages.clean`` fills them.
     """
 
     event_ids: list[str] = field(default_factory=list)
@@ -65,22 +63,20 @@ class EventBatch:
     dwell_ms: Array = field(default_factory=lambda: np.zeros(0, np.float64))  # (N,) NaN: absent
     price: Array = field(default_factory=lambda: np.zeros(0, np.float64))  # (N,) NaN: absent
     categories: list[str | None] = field(default_factory=list)  # None: absent
-    features: Array = field(default_factory=lambda: np.zeros((0, N_FEATURES), np.float32))  # (N, F) or (0, F)
 
     def __len__(self) -> int:
         return len(self.users)
 
-    @property
-    def has_features(self) -> bool:
-        return len(self.features) == len(self.users) and len(self.users) > 0
+    def __setstate__(self, state: dict[str, object]) -> None:
+        """Unpickling a batch a checkpoint holds: columns an older version had and this one does not (the cleaner's
+        ``features``) are dropped."""
+        names = {f.name for f in fields(self)}
+        self.__dict__.update({k: v for k, v in state.items() if k in names})
 
     @staticmethod
     def concat(parts: list[EventBatch]) -> EventBatch:
         if len(parts) == 1:
             return parts[0]
-        with_features = [p.has_features for p in parts if len(p)]
-        if any(with_features) and not all(with_features):
-            raise ValueError("EventBatch.concat: some parts have features (cleaned) and some do not")
         return EventBatch(
             [e for p in parts for e in p.event_ids],
             [u for p in parts for u in p.users],
@@ -94,7 +90,6 @@ class EventBatch:
             dwell_ms=np.concatenate([p.dwell_ms for p in parts]),
             price=np.concatenate([p.price for p in parts]),
             categories=[c for p in parts for c in p.categories],
-            features=np.concatenate([p.features for p in parts]),
         )
 
     def slice(self, start: int, stop: int) -> EventBatch:
@@ -103,7 +98,6 @@ class EventBatch:
             self.actions[start:stop], self.values[start:stop], self.ts[start:stop],
             self.partitions[start:stop], self.offsets[start:stop], self.payloads[start:stop],
             dwell_ms=self.dwell_ms[start:stop], price=self.price[start:stop], categories=self.categories[start:stop],
-            features=self.features[start:stop],
         )
 
     def select(self, idx: Array) -> EventBatch:
@@ -114,6 +108,5 @@ class EventBatch:
             self.actions[idx], self.values[idx], self.ts[idx], self.partitions[idx], self.offsets[idx],
             [self.payloads[i] for i in ix] if self.payloads else [],
             dwell_ms=self.dwell_ms[idx], price=self.price[idx], categories=[self.categories[i] for i in ix],
-            features=self.features[idx] if self.has_features else self.features,
         )
 

@@ -4,9 +4,9 @@ The stage serialises its whole state at every bundle, so the state's shape is a 
 a user as a Python list pickles in about 0.7 µs, a row of arrays in about 0.05 µs. Columns also let a batch update
 every user it touches with a few vectorised operations instead of a Python loop per event.
 
-A user's row holds its newest event time, its event count and counts per action, running sums and counts of its
-observed context values (for ``user_mean`` fills) and a ring of its last ``recent`` items, stored as codes into an
-item table that is compacted when the items no user holds anymore outnumber the ones held.
+A user's row holds its newest event time (for the TTL and eviction), its counts per action, running sums and counts
+of its observed context values (for ``user_mean`` fills) and a ring of its last ``recent`` items, stored as codes
+into an item table that is compacted when the items no user holds anymore outnumber the ones held.
 
 >>> t = UserTable(n_actions=5, recent=2)
 >>> rows = t.rows(["a", "b", "a"])
@@ -27,7 +27,7 @@ from model.arrays import Array
 
 # Column name -> (dtype, fill of a new or reset row). ``action_counts`` and ``recent`` have a second axis.
 _COLUMNS: dict[str, tuple[type, int | float]] = {
-    "last_ts": (np.int64, 0), "events": (np.int64, 0), "recent_written": (np.int64, 0),
+    "last_ts": (np.int64, 0), "recent_written": (np.int64, 0),
     "dwell_sum": (np.float64, 0.0), "dwell_n": (np.int64, 0), "price_sum": (np.float64, 0.0), "price_n": (np.int64, 0),
 }
 EMPTY = -1  # an empty slot of the item ring
@@ -55,7 +55,7 @@ class UserTable:
     def __iter__(self) -> Iterator[str]:
         return iter(self.index)
 
-    def __getattr__(self, name: str) -> Array:  # the columns as attributes: t.last_ts, t.events, ...
+    def __getattr__(self, name: str) -> Array:  # the columns as attributes: t.last_ts, t.dwell_sum, ...
         cols = self.__dict__.get("cols")
         if cols is not None and name in cols:
             return cols[name]  # type: ignore[no-any-return]
@@ -215,6 +215,8 @@ class UserTable:
 
     @classmethod
     def from_state(cls, state: dict[str, Any], n_actions: int, recent: int) -> UserTable:
+        """The table ``state()`` wrote; columns an older version kept and this one does not (``events``, the event
+        count the recency feature read) are dropped."""
         t = cls(n_actions, state["recent"])
         t.ids = list(state["ids"])
         t.index = {u: r for r, u in enumerate(t.ids) if u is not None}
@@ -222,7 +224,8 @@ class UserTable:
         t._grow(len(t.ids))
         n = len(t.ids)
         for name, col in state["cols"].items():
-            t.cols[name][:n] = col
+            if name in t.cols:
+                t.cols[name][:n] = col
         t.action_counts[:n] = state["action_counts"]
         t.ring[:n] = state["ring"]
         t.item_ids = list(state["item_ids"])
@@ -256,40 +259,15 @@ def _resized(a: Array, cap: int, fill: int = 0) -> Array:
     return out
 
 
-def shifted_group_max(values: Array, group: Array, first: Array) -> Array:
-    """(M,) the maximum of the earlier ``values`` of the same group (grouped, in order), the minimum int64 for the
-    first of each group.
-
-    >>> shifted_group_max(np.array([5, 3, 9, 2, 1]), np.array([0, 0, 0, 1, 1]), np.array([1, 0, 0, 1, 0], bool)).tolist()[1:]
-    [5, 5, -9223372036854775808, 2]
-    """
-    lowest = np.iinfo(np.int64).min
-    out = np.full(len(values), lowest, np.int64)
-    if not len(values):
-        return out
-    lo = int(values.min())
-    span = int(values.max()) - lo + 1
-    if int(group[-1]) * span < 2**62:  # groups stacked on one axis, each above the last: one running maximum
-        key = (values - lo) + group * span
-        run = np.maximum.accumulate(key) - group * span + lo  # (M,) running maximum within each group
-    else:  # event times too far apart to stack: a plain loop
-        run = values.copy()
-        for k in range(1, len(values)):
-            if not first[k] and run[k - 1] > run[k]:
-                run[k] = run[k - 1]
-    out[1:] = np.where(first[1:], lowest, run[:-1])
-    return out
-
-
 def table_from_lists(users: dict[str, list[Any]], n_actions: int, recent: int) -> dict[str, Any]:
     """Per-user state written as ``{user: [last_ts, events, action_counts, recent_items, dwell_sum, dwell_n,
-    price_sum, price_n]}`` (before the columns), as ``UserTable.state()``."""
+    price_sum, price_n]}`` (before the columns), as ``UserTable.state()`` (the event count is dropped)."""
     table = UserTable(n_actions, recent)
-    for user, (last_ts, events, actions, items, dwell_sum, dwell_n, price_sum, price_n) in users.items():
+    for user, (last_ts, _events, actions, items, dwell_sum, dwell_n, price_sum, price_n) in users.items():
         row = table.rows([user])
         table.push_items(np.repeat(row, len(items)), items)
         r = int(row[0])
-        for name, value in (("last_ts", last_ts), ("events", events), ("dwell_sum", dwell_sum),
+        for name, value in (("last_ts", last_ts), ("dwell_sum", dwell_sum),
                             ("dwell_n", dwell_n), ("price_sum", price_sum), ("price_n", price_n)):
             table.cols[name][r] = value
         table.action_counts[r] = actions

@@ -1,10 +1,9 @@
-"""The cleaning stage: missing values, outliers, normalisation, time features, per-user state and its pickling."""
+"""The cleaning stage: missing values, outliers, per-user state and its pickling."""
 from __future__ import annotations
 
 import json
 import math
 import pickle
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -13,16 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
-from flink_job.schema import FEATURE_NAMES
 from flink_job.stages.clean import COUNTERS, Cleaner
 from flink_job.config import CleanConfig, JobConfig
 from flink_job.stages.events import EventBatch
 from flink_job.stages.parse import parse_lines
 
 NOW = 2_000_000_000_000
-T0 = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC, a Tuesday
+T0 = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC
 ABSENT = object()
-F = {name: n for n, name in enumerate(FEATURE_NAMES)}
 
 
 def ev(n: int, user: str = "u", item: str = "i", ts: int | None = None, **ctx: Any) -> str:
@@ -150,52 +147,6 @@ def test_no_outliers_while_all_values_are_equal() -> None:
     assert kept.price.tolist() == [500.0]
 
 
-# Normalisation and time features
-
-
-def test_normalised_features_converge_to_mean_zero_and_unit_variance() -> None:
-    rng = np.random.default_rng(1)
-    c = cleaner(outliers={"dwell_ms": "off", "price": "off"})
-    first, _ = c.apply(batch_of(ev(0, dwell_ms=100.0, price=1.0)))
-    assert first.features[0, F["dwell_z"]] == 0.0  # one value: no spread yet
-    z: list[np.ndarray] = []
-    for b in range(20):
-        dwell, price = rng.lognormal(8.5, 1.0, 500), rng.lognormal(3.0, 0.8, 500)
-        kept, _ = c.apply(batch_of(*(ev(1 + b * 500 + k, user=f"u{k % 50}", dwell_ms=float(d), price=float(p))
-                                     for k, (d, p) in enumerate(zip(dwell, price)))))
-        if b >= 10:
-            z.append(kept.features[:, [F["dwell_z"], F["price_z"]]])
-    zs = np.concatenate(z)  # (5000, 2)
-    assert np.abs(zs.mean(axis=0)).max() < 0.05
-    assert np.abs(zs.std(axis=0) - 1.0).max() < 0.05
-    assert np.abs(zs).max() <= 5.0
-
-
-def test_hour_and_day_of_week_of_a_known_timestamp() -> None:
-    monday_midnight = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp() * 1000)
-    kept, _ = cleaner().apply(batch_of(ev(0, ts=T0), ev(1, ts=monday_midnight)))
-    when = datetime.fromtimestamp(T0 / 1000, UTC)
-    assert (when.hour, when.minute, when.weekday()) == (22, 13, 1)
-    hour = 22 + 13 / 60 + 20 / 3600
-    expected = [math.sin(2 * math.pi * hour / 24), math.cos(2 * math.pi * hour / 24),
-                math.sin(2 * math.pi / 7), math.cos(2 * math.pi / 7)]
-    cols = [F["hour_sin"], F["hour_cos"], F["dow_sin"], F["dow_cos"]]
-    assert kept.features[0, cols].tolist() == pytest.approx(expected, abs=1e-6)
-    assert kept.features[1, cols].tolist() == pytest.approx([0.0, 1.0, 0.0, 1.0], abs=1e-6)
-
-
-def test_recency_within_and_across_batches_out_of_order_clamped() -> None:
-    c = cleaner()
-    kept, _ = c.apply(batch_of(ev(0, user="u", ts=T0), ev(1, user="v", ts=T0 + 5_000),
-                               ev(2, user="u", ts=T0 + 10_000)))
-    assert kept.features[:, F["recency_log_s"]].tolist() == pytest.approx([0.0, 0.0, math.log1p(10)])
-    kept, _ = c.apply(batch_of(ev(3, user="u", ts=T0 + 70_000), ev(4, user="u", ts=T0 + 65_000),
-                               ev(5, user="u", ts=T0 + 71_000), ev(6, user="v", ts=T0 + 3_605_000)))
-    assert kept.features[:, F["recency_log_s"]].tolist() == pytest.approx(
-        [math.log1p(60), 0.0, math.log1p(1), math.log1p(3600)]
-    )
-
-
 # Per-user state
 
 
@@ -207,8 +158,16 @@ def test_recent_items_are_capped_most_recent_last_and_repeats_kept() -> None:
     c.apply(batch_of(ev(7, item="i2")))
     assert c.recent_items("u") == ["i4", "i2", "i2"]
     assert c.recent_items("nobody") == []
-    row = c.users.row("u")
-    assert (c.users.events[row], c.users.action_counts[row, 0]) == (7, 7)
+    assert c.users.action_counts[c.users.row("u"), 0] == 7
+
+
+def test_a_users_newest_event_time_is_the_latest_seen_also_out_of_order() -> None:
+    """The time the TTL and the eviction at the user cap count from."""
+    c = cleaner()
+    c.apply(batch_of(ev(0, user="u", ts=T0 + 10_000), ev(1, user="v", ts=T0 + 5_000), ev(2, user="u", ts=T0)))
+    c.apply(batch_of(ev(3, user="u", ts=T0 + 70_000), ev(4, user="u", ts=T0 + 65_000), ev(5, user="v", ts=T0)))
+    newest = {u: int(c.users.last_ts[c.users.row(u)]) for u in ("u", "v")}
+    assert newest == {"u": T0 + 70_000, "v": T0 + 5_000} and c.newest_ts == T0 + 70_000
 
 
 def test_idle_users_expire_by_event_time_and_are_counted_once() -> None:
@@ -217,8 +176,8 @@ def test_idle_users_expire_by_event_time_and_are_counted_once() -> None:
     c.apply(batch_of(ev(1, user="busy", ts=T0 + 120_000)))
     assert c.recent_items("idle") == []  # expired, though not swept yet
     kept, _ = c.apply(batch_of(ev(2, user="idle", item="b", ts=T0 + 121_000)))
-    assert kept.features[0, F["recency_log_s"]] == 0.0  # starts afresh
-    assert kept.dwell_ms.tolist() == [50.0]  # its own mean is gone; the global mean fills
+    assert kept.dwell_ms.tolist() == [50.0]  # starts afresh: its own mean is gone; the global mean fills
+    assert c.users.dwell_n[c.users.row("idle")] == 0
     assert c.recent_items("idle") == ["b"] and c.counts["users_expired"] == 1
     # The sweep: once max(1024, users held) events have passed, users idle for longer than the TTL are forgotten.
     c.apply(batch_of(*(ev(10 + k, user=f"x{k}", ts=T0 + 121_000 + k) for k in range(1100))))
@@ -234,7 +193,7 @@ def test_idle_users_expire_by_event_time_and_are_counted_once() -> None:
 
 
 def _outputs(kept: EventBatch, dead: list) -> tuple:
-    return (kept.event_ids, kept.dwell_ms.tolist(), kept.price.tolist(), kept.categories, kept.features.tolist(),
+    return (kept.event_ids, kept.dwell_ms.tolist(), kept.price.tolist(), kept.categories,
             [(d.reason, d.offset, d.detail) for d in dead])
 
 
@@ -268,29 +227,41 @@ def test_pickled_cleaner_and_state_dict_continue_identically() -> None:
     assert all(copy.recent_items(u) == c.recent_items(u) == restored.recent_items(u) for u in c.users)
 
 
-def test_an_uncleaned_batch_has_room_for_exactly_the_named_features() -> None:
-    assert EventBatch().features.shape == batch_of(ev(0)).features.shape == (0, len(FEATURE_NAMES))
-
-
 def test_input_batch_is_left_untouched() -> None:
     batch = batch_of(ev(0), ev(1, dwell_ms=10, price=2.0))
-    before = (batch.dwell_ms.copy(), batch.price.copy(), list(batch.categories), batch.features.shape)
+    before = (batch.dwell_ms.copy(), batch.price.copy(), list(batch.categories))
     cleaner().apply(batch)
     assert np.array_equal(batch.dwell_ms, before[0], equal_nan=True)
     assert np.array_equal(batch.price, before[1], equal_nan=True)
-    assert (batch.categories, batch.features.shape) == (before[2], before[3]) == ([None, None], (0, 7))
+    assert batch.categories == before[2] == [None, None]
 
 
-def test_cleaned_batches_concatenate_slice_and_select_with_their_features() -> None:
+def test_cleaned_batches_concatenate_slice_and_select_with_their_filled_columns() -> None:
     c = cleaner()
-    a, _ = c.apply(batch_of(ev(0, dwell_ms=1), ev(1, dwell_ms=2)))
-    b, _ = c.apply(batch_of(ev(2, dwell_ms=3)))
+    a, _ = c.apply(batch_of(ev(0, dwell_ms=1, category="x"), ev(1, dwell_ms=2)))
+    b, _ = c.apply(batch_of(ev(2, dwell_ms=3, price=4.0)))
     both = EventBatch.concat([a, b])
-    assert both.features.shape == (3, len(FEATURE_NAMES)) and both.features[2].tolist() == b.features[0].tolist()
+    assert both.dwell_ms.tolist() == [1.0, 2.0, 3.0] and both.categories == ["x", "unknown", "unknown"]
     assert both.slice(1, 3).dwell_ms.tolist() == [2.0, 3.0]
-    assert both.select(np.array([2, 0])).features.tolist() == [b.features[0].tolist(), a.features[0].tolist()]
-    with pytest.raises(ValueError, match="features"):
-        EventBatch.concat([a, batch_of(ev(3))])
+    assert both.select(np.array([2, 0])).price.tolist() == [4.0, 0.0]
+
+
+def test_a_state_written_with_the_feature_statistics_restores_without_them() -> None:
+    """States written while the cleaner derived features hold the z-score moments (``logs``) and a per-user event
+    count (``events``); they restore, dropping both, and the cleaner goes on as if they had never been written."""
+    cfg = CleanConfig(outlier_warmup=20, outlier_window=64, recent_items=5)
+    c = Cleaner(cfg)
+    for b in range(2):
+        c.apply(_stream(b, b * 100, 100))
+    old = pickle.loads(pickle.dumps(c.state_dict()))
+    old["logs"] = {f: (100, 5.0, 80.0) for f in ("dwell_ms", "price")}
+    old["users"]["cols"]["events"] = np.arange(len(old["users"]["ids"]), dtype=np.int64)
+    restored = Cleaner(cfg)
+    restored.load_state_dict(old)
+    assert "logs" not in restored.state_dict() and "events" not in restored.state_dict()["users"]["cols"]
+    batch = _stream(2, 200, 100)
+    assert _outputs(*restored.apply(batch)) == _outputs(*c.apply(batch))
+    assert restored.counts == c.counts
 
 
 # Properties
@@ -330,7 +301,7 @@ def test_every_event_is_kept_in_order_or_dead_lettered(cfg: CleanConfig, first: 
         assert kept.event_ids == [batch.event_ids[k] for k in survivors]
         assert all(d.stage == "clean" and d.reason.startswith(("missing_", "outlier_")) for d in dead)
         assert not np.isnan(kept.dwell_ms).any() and not np.isnan(kept.price).any() and None not in kept.categories
-        assert kept.features.shape == (len(kept), len(FEATURE_NAMES)) and np.isfinite(kept.features).all()
+        assert np.isfinite(kept.dwell_ms).all() and np.isfinite(kept.price).all()
     assert set(c.counts) == set(COUNTERS) and all(v >= 0 for v in c.counts.values())
 
 
@@ -394,5 +365,5 @@ def test_no_context_number_becomes_inf_or_nan_after_cleaning(name: str) -> None:
     assert [d.reason for d in late_dead] == [f"bad_{name}"] * 4
     for out in kept[1:]:
         assert len(out) == 4
-        assert np.isfinite(out.dwell_ms).all() and np.isfinite(out.price).all() and np.isfinite(out.features).all()
+        assert np.isfinite(out.dwell_ms).all() and np.isfinite(out.price).all()
     assert math.isfinite(c.raw[name].mean) and math.isfinite(c.raw[name].std)

@@ -25,7 +25,7 @@ def test_concat_slice_and_select_carry_the_context_columns() -> None:
     picked = both.select(np.array([2, 0]))
     assert picked.price.tolist()[0] == 4.0 and picked.categories == ["y", "x"] and picked.offsets.tolist() == [2, 0]
     part = both.slice(1, 3)
-    assert part.categories == [None, "y"] and part.price.tolist()[1] == 4.0 and len(part.features) == 0
+    assert part.categories == [None, "y"] and part.price.tolist()[1] == 4.0 and part.offsets.tolist() == [1, 2]
 
 
 def test_dead_letters_with_lone_surrogates_still_serialise() -> None:
@@ -40,3 +40,14 @@ def test_a_batch_pickled_when_it_lived_in_the_parse_module_still_loads() -> None
     assert b"flink_job.stages.parse\nEventBatch" in old
     restored = pickle.loads(old)
     assert restored.offsets.tolist() == [3] and restored.price.tolist() == [2.5] and restored.categories == ["c"]
+
+
+def test_a_batch_pickled_with_the_cleaners_features_loads_without_them() -> None:
+    """A checkpoint's pending batch written while the cleaner still derived a feature matrix carries ``features``;
+    it is dropped on load, and the batch concatenates with today's batches."""
+    batch, _ = parse_lines([f"0,4,{line(dwell_ms=7)}"], now_ms=NOW)
+    old = pickle.loads(pickle.dumps(batch))
+    old.__dict__["features"] = np.zeros((1, 7), np.float32)
+    restored = pickle.loads(pickle.dumps(old))
+    assert "features" not in vars(restored) and restored.dwell_ms.tolist() == [7.0]
+    assert EventBatch.concat([restored, batch]).offsets.tolist() == [4, 4]
