@@ -136,9 +136,7 @@ class EmbeddingTable:
 
         The rows' state before the step is appended to ``saved`` (for ``restore``). Returns the distinct rows.
         """
-        rows: torch.Tensor
-        inv: torch.Tensor
-        rows, inv = torch.unique(idx, return_inverse=True)  # (U,), (B,)
+        rows, inv = unique_rows(idx)  # (U,), (B,)
         if saved is not None:
             saved.append(self.save(rows))
         p = self.params[rows]  # (U, D + 2)
@@ -242,6 +240,23 @@ class EmbeddingTable:
 
 _TENSORS = ("params", "acc", "moment", "steps", "updates", "events", "anchor", "anchored")
 _MOVED = ("params", "acc", "moment", "steps", "updates")
+
+
+def unique_rows(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(idx, return_inverse=True)`` of a 1-D tensor: its sorted distinct values and where each entry
+    is among them. On the CPU by numpy, whose sort takes 0.6x the time of torch's for the ~10^4 entries of a
+    sub-step (the sort was a third of a table's step); the results are the same.
+
+    >>> [t.tolist() for t in unique_rows(torch.tensor([5, 2, 5, 7]))]
+    [[2, 5, 7], [1, 0, 1, 2]]
+    """
+    if idx.device.type != "cpu":
+        rows: torch.Tensor
+        inv: torch.Tensor
+        rows, inv = torch.unique(idx, return_inverse=True)
+        return rows, inv
+    values, where = np.unique(idx.numpy(), return_inverse=True)
+    return torch.from_numpy(values), torch.from_numpy(np.asarray(where, np.int64).reshape(-1))
 
 
 def _grow(t: torch.Tensor, cap: int) -> torch.Tensor:
