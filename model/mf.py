@@ -255,9 +255,12 @@ class OnlineBiasedMF:
         """(B,) rating predictions clipped to the rating range; ids not admitted use the fallback rows."""
         u = torch.from_numpy(self.users.lookup(users)).to(self.device)
         i = torch.from_numpy(self.items.lookup(items)).to(self.device)
+        return self.rating_scores(u, i).clamp(self.config.rating_min, self.config.rating_max).cpu().numpy()
+
+    def rating_scores(self, u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """(B,) unclipped rating predictions ``mean + b_u + b_i + p_u . q_i`` of user rows ``u`` and item rows ``i``."""
         ut, it = self.user_table, self.item_table
-        pred = self.global_mean + ut.rating_bias[u] + it.rating_bias[i] + (ut.weight[u] * it.weight[i]).sum(1)
-        return pred.clamp(self.config.rating_min, self.config.rating_max).cpu().numpy()
+        return self.global_mean + ut.rating_bias[u] + it.rating_bias[i] + (ut.weight[u] * it.weight[i]).sum(1)
 
     def score_items(self, users: Sequence[str], items: Sequence[str]) -> np.ndarray[Any, Any]:
         """(U, I) ranking scores of each candidate item for each user; unknown items use the fallback row, unknown

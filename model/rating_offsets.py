@@ -63,12 +63,11 @@ def in_step(model: OnlineBiasedMF, users: np.ndarray[Any, Any], items: np.ndarra
         return moved.numpy()
     u = torch.from_numpy(np.asarray(users, np.int64)).to(model.device)
     i = torch.from_numpy(np.asarray(items, np.int64)).to(model.device)
-    ut, it = model.user_table, model.item_table
-    predicted = mean + ut.rating_bias[u] + it.rating_bias[i] + (ut.weight[u] * it.weight[i]).sum(1)  # (B,)
+    predicted = model.rating_scores(u, i)  # (B,)
     residual = (r.to(predicted) - predicted) * rated.to(predicted)  # (B,) 0 for events without a rating
     both = torch.stack([residual, rated.to(predicted)], 1)  # (B, 2)
     shift = torch.zeros(n, dtype=predicted.dtype, device=predicted.device)
-    for rows, table in ((u, ut), (i, it)):
+    for rows, table in ((u, model.user_table), (i, model.item_table)):
         sums = exclusive_sums(rows, both)  # (B, 2) residual sum and rating count of the row's earlier events
         count = table.acc[rows, 2] + sums[:, 1]  # as the step counts them (model.tables)
         shift += torch.where(rows == FALLBACK_ROW, 0.0, sums[:, 0] / (opt.rating_bias_prior + count))

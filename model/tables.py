@@ -156,8 +156,9 @@ class EmbeddingTable:
             lr = how.lr * torch.tensor(how.group_lr, device=p.device)[self._group]  # (D + 2,)
         count = None
         if how.rating_prior:  # the Newton step's count replaces the group's accumulated squares
-            h = torch.zeros(len(rows), device=p.device) if curv is None else \
-                torch.zeros(len(rows), device=p.device).index_add_(0, inv, curv)
+            h = torch.zeros(len(rows), device=p.device)  # (U,) the rows' ratings in this step, weighted
+            if curv is not None:
+                h.index_add_(0, inv, curv)
             count = self.acc[rows, 2] + h  # (U,) kept at most rating_window; the step counts all of h (no overshoot)
             sq[:, 2] = 0.0
         if how.optimizer == "adam":
@@ -178,7 +179,7 @@ class EmbeddingTable:
         if count is not None:
             self.acc[rows, 2] = count.clamp(max=how.rating_window)
             # The Adam and Adagrad branches stepped the column with the group's state; redo it as a Newton step.
-            curvature = how.rating_prior + count  # (U,) the proximal penalty's adds to it: a Newton step counts all
+            curvature = how.rating_prior + count  # (U,) plus the proximal penalty's: a Newton step counts all
             if how.proximal and self.anchor.shape[1]:
                 curvature = curvature + how.proximal * self.anchored[rows]
             self.params[rows, self.dim + 1] = p[:, self.dim + 1] - g[:, self.dim + 1] / curvature
