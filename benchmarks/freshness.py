@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 from deploy.jars import export_job_jars
 from deploy.kafka import Broker, create_topics, job_topics
 from flink_job.config import PROJECT_ROOT, JobConfig
+from flink_job.stages.publish import decode
 from flink_job.tools.generate import SyntheticConfig
 from flink_job.kafka.produce import Pacing, send
 from flink_job.tools.produce import synthetic_timed
@@ -60,7 +60,7 @@ class Reflections:
             for m in msgs:
                 if m.error() or m.value() is None:
                     continue
-                rec = orjson.loads(m.value())
+                rec = decode(m.value())  # JSON or binary (publish.format)
                 self.records += 1
                 if rec.get("kind") != "user" or rec.get("offset", -1) < 0:
                     continue

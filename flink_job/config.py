@@ -102,17 +102,27 @@ class BatchConfig:
 
 
 DELIVERY_MODES = ("at_least_once", "exactly_once")
+RECORD_FORMATS = ("json", "binary")
 
 
 @dataclass(frozen=True)
 class PublishConfig:
     interval_ms: int = 250  # touched users are coalesced and published at most this often (0: after every batch)
-    # Touched items likewise, less often: every batch moves nearly every item (its sampled negatives), so an item
-    # publish sends most of the item table, while freshness is measured on users' records.
+    # Touched items likewise, less often: freshness is measured on users' records. (Items moved only as sampled
+    # negatives wait for negative_tolerance besides.)
     item_interval_ms: int = 1000
     # A touched id whose vector moved by more than this (relative L2 change since its last publish) is published
     # after the batch that moved it instead of waiting for the interval; 0: off (the interval alone decides).
     tolerance: float = 0.0
+    # A row moved without an event of its own id in the batch (a sampled negative, a replayed event's user or item)
+    # waits for publishing only once its (bias, vector) moved by more than this since its last publish (relative L2
+    # change), so that the records published follow the events, not the number of ids. 0.05 keeps every served
+    # score within 5% of |(1, p)| |(b, q)| of the model's (Cauchy-Schwarz) while a negative's many tiny moves
+    # accumulate before it goes out; 0: every moved row is published (before issue 18).
+    negative_tolerance: float = 0.05
+    # Value format of embedding records: json, or binary (flink_job.stages.binary_records: float32 vectors, a third
+    # of the bytes); serving reads both, told apart by the value's first byte.
+    format: str = "json"
     max_records: int = 100_000  # cap per publish; ids beyond it stay pending for the next one (0: no cap)
     # at_least_once: records are readable as soon as the sink flushes them; consumers keep the highest version.
     # exactly_once: Kafka transactions committed with each checkpoint; consumers read committed.
@@ -130,8 +140,11 @@ class PublishConfig:
                 f" publish.snapshot_interval_ms > 0, got {self.interval_ms}, {self.item_interval_ms},"
                 f" {self.max_records} and {self.snapshot_interval_ms}"
             )
-        if not 0 <= self.tolerance < float("inf"):
-            raise ValueError(f"config: publish.tolerance must be a finite number >= 0, got {self.tolerance}")
+        for name in ("tolerance", "negative_tolerance"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"config: publish.{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.format not in RECORD_FORMATS:
+            raise ValueError(f"config: publish.format must be one of {RECORD_FORMATS}, got {self.format!r}")
         if self.delivery not in DELIVERY_MODES:
             raise ValueError(f"config: publish.delivery must be one of {DELIVERY_MODES}, got {self.delivery!r}")
         if self.transaction_timeout_ms <= 0:

@@ -26,6 +26,7 @@ from deploy.kafka import Broker
 from flink_job.config import JobConfig
 from flink_job.kafka.produce import Record
 from flink_job.secrets import write_private
+from flink_job.stages.publish import decode
 from flink_job.kafka.topics import Follower, read_all
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -121,7 +122,7 @@ def latest_by_id(records: list[tuple[bytes | None, bytes | None, int, int]]) -> 
         if value is None:
             out.pop(k, None)
         else:
-            out[k] = orjson.loads(value)
+            out[k] = decode(value)
     return out
 
 
@@ -155,7 +156,7 @@ def assert_reconciled(cfg: JobConfig, truth: Truth) -> dict[str, dict[str, Any]]
     versions: dict[str, list[int]] = defaultdict(list)
     for key, value, _p, _o in sorted(records, key=lambda r: (r[2], r[3])):
         assert value is not None, f"unexpected tombstone for {key!r}"
-        rec = orjson.loads(value)
+        rec = decode(value)
         assert key == f"{rec['kind']}:{rec['id']}".encode()
         assert all(finite(x) for x in rec["vector"]) and finite(rec["bias"]), f"non-finite {key!r}: {rec}"
         versions[key.decode()].append(rec["version"])

@@ -114,8 +114,9 @@ GROUP BY window_start, window_end, MOD(ABS(HASH_CODE(COALESCE(user_id, ''))), {c
     return [keyed, deduped, chunks]
 
 
-def sink_ddl(cfg: JobConfig, table: str, topic: str) -> str:
-    """A Kafka table taking ``(k, v)`` strings as the record key and value, as they are.
+def sink_ddl(cfg: JobConfig, table: str, topic: str, value_type: str = "STRING") -> str:
+    """A Kafka table taking ``(k, v)`` as the record key and value, as they are: ``v`` a string, or ``BYTES`` for the
+    embeddings (JSON or binary records, ``publish.format``).
 
     With ``publish.delivery: exactly_once`` the sink writes in Kafka transactions that commit when a checkpoint
     completes, so a consumer reading committed sees each record once, a checkpoint interval late.
@@ -137,7 +138,7 @@ def sink_ddl(cfg: JobConfig, table: str, topic: str) -> str:
         opts["properties.transaction.timeout.ms"] = str(cfg.publish.transaction_timeout_ms)
     return f"""CREATE TEMPORARY TABLE {table} (
   k STRING,
-  v STRING
+  v {value_type}
 ) WITH (
   {_with(opts)}
 )"""

@@ -116,7 +116,7 @@ def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnviron
         .name(TRAIN)
         .uid(TRAIN)
         .set_parallelism(1)  # one model; the JVM stages before it scale out
-    )  # (embeddings: {key: json}, dead_letters: [json], stats: [json])
+    )  # (embeddings: {key: bytes}, dead_letters: [json], stats: [json])
 
     t_env.create_temporary_view("stage_output", t_env.from_data_stream(trained))
     sinks = {
@@ -125,7 +125,7 @@ def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnviron
         "stats_sink": cfg.kafka.stats_topic,
     }
     for table, topic in sinks.items():
-        t_env.execute_sql(sql.sink_ddl(cfg, table, topic))
+        t_env.execute_sql(sql.sink_ddl(cfg, table, topic, "BYTES" if table == "embeddings_sink" else "STRING"))
 
     statements = t_env.create_statement_set()
     statements.add_insert_sql(

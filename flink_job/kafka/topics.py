@@ -6,8 +6,9 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from flink_job.stages.publish import decode
 
 
 def consumer(bootstrap: str, read_committed: bool = False, security: dict[str, str] | None = None,
@@ -86,7 +87,8 @@ def read_all(bootstrap: str, topic: str, read_committed: bool = False, settle_s:
 
 
 def json_values(records: list[tuple[bytes | None, bytes, int, int]]) -> Iterator[dict[str, Any]]:
-    """The records' values as JSON, tombstones (null values: ids the job expired) left out."""
+    """The records' values decoded (JSON, or an embedding record in the binary format of ``publish.format``),
+    tombstones (null values: ids the job expired) left out."""
     for _k, v, _p, _o in records:
         if v is not None:
-            yield orjson.loads(v)
+            yield decode(v)

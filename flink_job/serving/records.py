@@ -1,11 +1,15 @@
 """The embedding records the serving index reads: validated in full before the index changes, each fault a
-``Malformed`` with a short reason (the metric label) and what is wrong."""
+``Malformed`` with a short reason (the metric label) and what is wrong. A value is JSON or binary
+(``flink_job.stages.binary_records``), told apart by its first byte, so a topic may hold both; a binary value that
+cannot be read is ``Malformed("binary", ...)``, skipped and counted like any other."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import orjson
+
+from flink_job.stages.binary_records import decode_binary, is_binary
 
 if TYPE_CHECKING:
     from flink_job.serving.config import ServingConfig
@@ -64,12 +68,7 @@ def parse_record(key: bytes | None, value: bytes, config: ServingConfig, dim: in
     """The record validated in full, or ``Malformed`` naming what is wrong; ``dim``: the index's vector length, once
     it has one."""
     key_kind, key_id = parse_key(key, False, config.max_id_length)
-    try:
-        rec = orjson.loads(value)
-    except orjson.JSONDecodeError as ex:
-        raise Malformed("json", str(ex)[:200]) from None
-    if not isinstance(rec, dict):
-        raise Malformed("json", f"the value is a {type(rec).__name__}, not an object")
+    rec = _fields(value)
     kind, ident = rec.get("kind"), rec.get("id")
     if not isinstance(kind, str) or kind not in ("user", "item"):
         raise Malformed("kind", f"kind must be 'user' or 'item', got {repr(kind)[:100]}")
@@ -91,14 +90,30 @@ def parse_record(key: bytes | None, value: bytes, config: ServingConfig, dim: in
         offset=_integer(rec, "offset", -1, -1, INT64_MAX),
     )
 
+def _fields(value: bytes) -> dict[str, Any]:
+    """The value's fields, of either format."""
+    if is_binary(value):
+        try:
+            return decode_binary(value)
+        except ValueError as ex:
+            raise Malformed("binary", str(ex)[:200]) from None
+    try:
+        rec = orjson.loads(value)
+    except orjson.JSONDecodeError as ex:
+        raise Malformed("json", str(ex)[:200]) from None
+    if not isinstance(rec, dict):
+        raise Malformed("json", f"the value is a {type(rec).__name__}, not an object")
+    return rec
+
 def _vector(values: object, config: ServingConfig, dim: int | None) -> np.ndarray:
-    if not isinstance(values, list) or not 0 < len(values) <= config.max_dim:
+    """A JSON list of numbers, or a binary record's float32 array."""
+    if not isinstance(values, list | np.ndarray) or not 0 < len(values) <= config.max_dim:
         raise Malformed("vector", f"must be a list of 1..{config.max_dim} numbers, got {repr(values)[:100]}")
     if dim is not None and len(values) != dim:
         raise Malformed("vector", f"has {len(values)} values, expected {dim}")
-    if not all(type(v) is float or type(v) is int for v in values):
+    if isinstance(values, list) and not all(type(v) is float or type(v) is int for v in values):
         raise Malformed("vector", "holds a value that is not a number")
-    vec = np.array(values, np.float64)
+    vec = np.asarray(values, np.float64)
     if not np.isfinite(vec).all() or float(np.abs(vec).max()) > config.max_abs_value:
         raise Malformed("vector", f"holds a value that is not finite or beyond +-{config.max_abs_value:g}")
     return vec.astype(np.float32)

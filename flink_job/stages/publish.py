@@ -3,7 +3,8 @@
 The version of a record is the model step it was published at, so it only grows per id, also across an expiry
 (a tombstone) and a re-admission; ``updates`` counts the moves of the id's row. A user
 record also carries the input position of the newest event of that user it reflects (``partition``, ``offset``),
-which is what freshness is measured against.
+which is what freshness is measured against. A value is JSON or, with ``publish.format: binary``, the layout of
+``flink_job.stages.binary_records``; ``decode`` reads both.
 
 >>> rec = decode(encode_records("user", ["u1"], np.ones((1, 2), np.float32), np.zeros(1, np.float32),
 ...                             np.array([3]), 9, np.array([5]), np.array([0]), np.array([41]))[0][1])
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from flink_job.stages.binary_records import decode_binary, encode_binary, is_binary
 from model.arrays import Array
 
 
@@ -35,11 +37,14 @@ def encode_records(
     offsets: Array | None = None,  # (N,) users only
     events: Array | None = None,  # (N,) events each id was trained on
     seen: list[list[str]] | None = None,  # (N,) users only: the user's recent items, for serving to exclude
-) -> list[tuple[str, str]]:
-    """``(key, json value)`` pairs for the embeddings topic."""
+    fmt: str = "json",  # or "binary" (publish.format)
+) -> list[tuple[str, bytes]]:
+    """``(key, value)`` pairs for the embeddings topic, the values in format ``fmt``."""
     now = int(time.time() * 1000)
-    out = []
     vecs = np.ascontiguousarray(vectors, np.float32)  # float32 serialises in its shortest form: half the bytes
+    if fmt == "binary":
+        return _encode_binary(kind, ids, vecs, biases, updates, step, event_ts, now, partitions, offsets, events, seen)
+    out = []
     for n, key in enumerate(ids):
         rec: dict[str, Any] = {
             "kind": kind,
@@ -59,8 +64,25 @@ def encode_records(
             rec["offset"] = int(offsets[n])
         if seen is not None:
             rec["seen"] = seen[n]
-        out.append((f"{kind}:{key}", orjson.dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY).decode()))
+        out.append((f"{kind}:{key}", orjson.dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY)))
     return out
+
+
+def _encode_binary(kind: str, ids: list[str], vecs: Array, biases: Array, updates: Array, step: int,
+                   event_ts: Array, now: int, partitions: Array | None, offsets: Array | None, events: Array | None,
+                   seen: list[list[str]] | None) -> list[tuple[str, bytes]]:
+    position = partitions is not None and offsets is not None
+    bias, upd, ts = biases.tolist(), updates.tolist(), event_ts.tolist()  # Python numbers: packed fastest
+    parts = partitions.tolist() if position else None  # type: ignore[union-attr]
+    offs = offsets.tolist() if position else None  # type: ignore[union-attr]
+    evs = events.tolist() if events is not None else None
+    return [
+        (f"{kind}:{key}", encode_binary(
+            kind, key, vecs[n], bias[n], upd[n], step, step, ts[n], now,
+            parts[n] if parts is not None else -1, offs[n] if offs is not None else -1,
+            evs[n] if evs is not None else None, seen[n] if seen is not None else None))
+        for n, key in enumerate(ids)
+    ]
 
 
 class DirtyRows:
@@ -234,5 +256,10 @@ def write_snapshot(folder: Path, model: Any) -> Path:
 
 
 def decode(value: str | bytes) -> dict[str, Any]:
-    rec: dict[str, Any] = orjson.loads(value)
-    return rec
+    """A record value of either format as a dict (a binary one's vector as a list, as JSON has it)."""
+    if isinstance(value, bytes) and is_binary(value):
+        rec = decode_binary(value)
+        rec["vector"] = rec["vector"].tolist()
+        return rec
+    loaded: dict[str, Any] = orjson.loads(value)
+    return loaded

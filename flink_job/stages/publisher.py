@@ -2,7 +2,10 @@
 
 ``Publisher`` keeps the rows a batch moved until their interval passes (users and items apart), publishes at once a
 row that moved by more than ``publish.tolerance``, sends tombstones for ids the model expired or evicted, and writes
-the file snapshot. It owns the dirty rows and the publish clocks and their part of the training stage's snapshot;
+the file snapshot. A row moved without an event of its own id (a sampled negative, a replayed event's user or item)
+waits for publishing only once its ``(bias, vector)`` moved by more than ``publish.negative_tolerance`` since its
+last publish: otherwise every item publish would send nearly the whole item table (four negatives per event move
+nearly every item every batch), and the records published would grow with the ids rather than with the events. It owns the dirty rows and the publish clocks and their part of the training stage's snapshot;
 the model is passed in, as the stage holds it.
 """
 from __future__ import annotations
@@ -32,9 +35,9 @@ class Publisher:
         self.recent_items_of = recent_items_of
         self.dirty_users = DirtyRows()
         self.dirty_items = DirtyRows()
-        # Not checkpointed: after a restore every touched row counts as moved once, which only publishes it early.
-        self.drift_users = Drift()
-        self.drift_items = Drift()
+        # (bias, vector) of each row as last published: bounded by the model's rows. Not checkpointed: after a
+        # restore every row a batch moves counts as moved once, so each is republished once (early, not lost).
+        self.drift = {"user": Drift(), "item": Drift()}
         self.last_publish_ms = 0  # of users
         self.last_item_publish_ms = 0
         self.last_snapshot_ms = 0
@@ -60,17 +63,28 @@ class Publisher:
         return (self.last_publish_ms + self.cfg.interval_ms if len(self.dirty_users) else None,
                 self.last_item_publish_ms + self.cfg.item_interval_ms if len(self.dirty_items) else None)
 
-    def touch(self, stats: BatchStats, batch: EventBatch, now_ms: int) -> None:
-        """Marks the rows a batch moved for publishing; row 0, the shared vector of ids not admitted yet, is no id's
-        own and is not published."""
+    def touch(self, stats: BatchStats, batch: EventBatch, now_ms: int, model: OnlineBiasedMF) -> None:
+        """Marks the rows a batch moved for publishing: the rows of its events' users and items, and the other
+        rows it moved (negatives, replay) that drifted past ``publish.negative_tolerance``. Row 0, the shared
+        vector of ids not admitted yet, is no id's own and is not published."""
         if not self.unpublished:
             self.dirty_since_ms = now_ms
         own = stats.event_user_rows > 0
         self.dirty_users.touch(stats.event_user_rows[own], batch.ts[own], batch.partitions[own], batch.offsets[own])
-        self.dirty_users.touch(stats.user_rows[stats.user_rows > 0])  # users of replayed events moved too
+        self.dirty_users.touch(self._drifted("user", model, stats.user_rows, stats.event_user_rows))
         own = stats.event_item_rows > 0
         self.dirty_items.touch(stats.event_item_rows[own], batch.ts[own])
-        self.dirty_items.touch(stats.item_rows[stats.item_rows > 0])  # sampled negatives moved too
+        self.dirty_items.touch(self._drifted("item", model, stats.item_rows, stats.event_item_rows))
+
+    def _drifted(self, kind: str, model: OnlineBiasedMF, moved: Array, own: Array) -> Array:
+        """The rows of ``moved`` without an event of their own in the batch (``own``) whose published form moved
+        by more than ``publish.negative_tolerance`` since their last publish (all of them at 0)."""
+        rows = np.setdiff1d(moved[moved > 0], own)
+        tolerance = self.cfg.negative_tolerance
+        if tolerance <= 0 or not len(rows):
+            return rows
+        vectors, biases, _ = model.vectors(kind, rows)
+        return rows[self.drift[kind].moved(rows, _published_form(vectors, biases), tolerance)]
 
     def tombstones(self, out: Output, model: OnlineBiasedMF) -> dict[str, int]:
         """Tombstones for the ids the model evicted or expired since the last call: how many of each."""
@@ -105,8 +119,10 @@ class Publisher:
             return 0
         users = np.unique(stats.event_user_rows[stats.event_user_rows > 0])
         items = np.unique(stats.item_rows[stats.item_rows > 0])
-        moved_users = users[self.drift_users.moved(users, model.vectors("user", users)[0], tolerance)]
-        moved_items = items[self.drift_items.moved(items, model.vectors("item", items)[0], tolerance)]
+        moved_users = users[self.drift["user"].moved(users, _published_form(*model.vectors("user", users)[:2]),
+                                                     tolerance)]
+        moved_items = items[self.drift["item"].moved(items, _published_form(*model.vectors("item", items)[:2]),
+                                                     tolerance)]
         if len(moved_users) or len(moved_items):
             return sum(self.publish(out, model, moved_users, moved_items))
         return 0
@@ -140,11 +156,11 @@ class Publisher:
         seen = self.recent_items_of(ids) if kind == "user" else None
         out.embeddings.extend(
             encode_records(kind, ids, vectors, biases, updates, model.step, ts, parts, offs,
-                           model.event_counts(kind, rows), seen)
+                           model.event_counts(kind, rows), seen, self.cfg.format)
         )
         model.mark_published(kind, rows)
-        if self.cfg.tolerance > 0:
-            (self.drift_users if kind == "user" else self.drift_items).published(rows, vectors)
+        if self.cfg.tolerance > 0 or self.cfg.negative_tolerance > 0:
+            self.drift[kind].published(rows, _published_form(vectors, biases))
         return len(rows)
 
     def maybe_snapshot(self, now_ms: int, model: OnlineBiasedMF) -> None:
@@ -153,3 +169,9 @@ class Publisher:
         if cfg.snapshot_dir and now_ms - self.last_snapshot_ms >= cfg.snapshot_interval_ms:
             write_snapshot(Path(cfg.snapshot_dir), model)
             self.last_snapshot_ms = now_ms
+
+
+def _published_form(vectors: Array, biases: Array) -> Array:
+    """(N, 1 + D): what a score is made of, ``b + p . q = (1, p) . (b, q)``, so that a relative change of it bounds
+    the change of every score (Cauchy-Schwarz)."""
+    return np.column_stack([biases.astype(np.float32), vectors.astype(np.float32)])

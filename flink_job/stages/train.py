@@ -253,7 +253,7 @@ class TrainStage:
     def _touch(self, stats: BatchStats, batch: EventBatch, out: Output) -> None:
         """The rows a trained batch moved wait for publishing, those past ``publish.tolerance`` go out now, and
         the ids the model expired or evicted go out as tombstones."""
-        self.publisher.touch(stats, batch, self.now_ms)
+        self.publisher.touch(stats, batch, self.now_ms, self.model)
         for counter, n in self.publisher.tombstones(out, self.model).items():
             setattr(self.counters, counter, getattr(self.counters, counter) + n)
         self.counters.published += self.publisher.publish_moved(out, self.model, stats)

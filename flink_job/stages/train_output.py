@@ -42,7 +42,7 @@ class Counters:
 class Output:
     """What one call produced: embedding records, dead letters and one stats record per batch trained."""
 
-    embeddings: list[tuple[str, str | None]] = field(default_factory=list)  # a None value is a tombstone
+    embeddings: list[tuple[str, bytes | None]] = field(default_factory=list)  # a None value is a tombstone
     dead_letters: list[DeadLetter] = field(default_factory=list)
     stats: list[str] = field(default_factory=list)
     trained: int = 0

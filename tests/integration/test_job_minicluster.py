@@ -12,6 +12,8 @@ from flink_job.kafka.produce import send
 from flink_job.tools.produce import synthetic_timed
 from flink_job.flink.runner import LocalJob
 from flink_job.kafka.topics import json_values, read_all
+from flink_job.stages.binary_records import is_binary
+from flink_job.stages.publish import decode
 
 pytestmark = pytest.mark.integration
 
@@ -22,8 +24,9 @@ def _truth(records: list[Record]) -> tuple[list[dict], Counter]:
     return valid, malformed
 
 
-def test_job_trains_and_publishes_every_user_and_item(topics) -> None:
-    cfg = topics("job", overrides=["batch.size=512"])
+@pytest.mark.parametrize("fmt", ["json", "binary"])
+def test_job_trains_and_publishes_every_user_and_item(topics, fmt: str) -> None:
+    cfg = topics(f"job-{fmt}", overrides=["batch.size=512", f"publish.format={fmt}"])
     syn = SyntheticConfig(n_users=300, n_items=150, n_events=4_000, duplicate_rate=0.05, malformed_rate=0.02, seed=11)
     records = list(generate(syn))
     valid, malformed = _truth(records)
@@ -45,7 +48,8 @@ def test_job_trains_and_publishes_every_user_and_item(topics) -> None:
     embeddings = read_all(cfg.kafka.bootstrap, cfg.kafka.embeddings_topic)
     versions: dict[bytes, list[int]] = {}
     for key, value, _p, _o in embeddings:
-        rec = orjson.loads(value)
+        assert is_binary(value) == (fmt == "binary")
+        rec = decode(value)
         assert key == f"{rec['kind']}:{rec['id']}".encode()
         assert len(rec["vector"]) == cfg.model.dim
         versions.setdefault(key, []).append(rec["version"])
