@@ -8,6 +8,7 @@ import torch
 
 from flink_job.stages.parse import parse_lines
 from flink_job.tools.generate import SyntheticConfig, generate
+from benchmarks.sharded_quality import shard_of
 from model.config import IdsConfig, ModelConfig, OptimizerConfig
 from model.item_delta import ItemDelta, decode, encode
 from model.item_sync import ItemSync
@@ -75,7 +76,7 @@ def test_exchanged_counts_add_up_over_replicas() -> None:
     for s in range(0, len(batch), 400):
         part = batch.slice(s, s + 400)
         for p, m in enumerate(shards):
-            keep = np.flatnonzero(np.array([hash(u) % 3 == p for u in part.users]))
+            keep = np.flatnonzero(shard_of(part.users, 3) == p)
             if len(keep):
                 m.learn_many([part.users[j] for j in keep], [part.items[j] for j in keep], part.actions[keep],
                              part.values[keep])
