@@ -63,6 +63,12 @@ class IdLifecycle:
         event_i = self.items.rows(items, self.item_sightings, cfg.ids.admit_after, cfg.ids.max_rows)  # (B,)
         return event_u, event_i
 
+    def admit_items(self, ids: Sequence[str]) -> Rows:
+        """Rows of item ``ids`` admitted now, whatever ``admit_after`` (another replica admitted them already), after
+        making room at the row cap; the fallback row for those the cap leaves out."""
+        self._make_room(1, ids)
+        return self.items.rows(ids, max_ids=self.config.ids.max_rows)
+
     def touch(self, event_u: Rows, event_i: Rows, times: np.ndarray[Any, Any] | None, batch: int) -> None:
         """Marks the batch's rows as seen at their event times and used at batch number ``batch`` (the tables must
         hold the rows already)."""

@@ -147,6 +147,8 @@ class RankingExtras:
     def remember(self, event_u: Rows, event_i: Rows) -> None:
         """Adds a trained batch to the users' recent items and the items' decayed counts, in event order."""
         cfg = self.config
+        if cfg.extras.popularity_weight:
+            self.item_table.notify(torch.from_numpy(event_i))
         if cfg.extras.history_size and not self.cooccurrence.shape[0]:
             self._push_history(event_u, event_i)
         elif cfg.extras.history_size:

@@ -17,7 +17,7 @@ their moments do not decay). Rows are allocated on demand (capacity doubles) and
 from __future__ import annotations
 
 import math
-
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from typing import Any
@@ -83,6 +83,9 @@ class EmbeddingTable:
         self.last_used = np.zeros(0, np.int64)
         # Parameter group of each column: 0 the vector, 1 the ranking bias, 2 the rating bias.
         self._group = torch.tensor([0] * dim + [1, 2], device=device)
+        # Called with the rows about to change (a step, event counts, the ranking extras), before they change: how
+        # a replica's item journal (``model.item_sync``) keeps a base copy of only the rows it moves. None: off.
+        self.watch: Callable[[torch.Tensor], None] | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -137,6 +140,7 @@ class EmbeddingTable:
         The rows' state before the step is appended to ``saved`` (for ``restore``). Returns the distinct rows.
         """
         rows, inv = unique_rows(idx)  # (U,), (B,)
+        self.notify(rows)
         if saved is not None:
             saved.append(self.save(rows))
         p = self.params[rows]  # (U, D + 2)
@@ -205,8 +209,14 @@ class EmbeddingTable:
             self.anchor[rows] = self.params[rows]
             self.anchored[rows] = True
 
+    def notify(self, rows: torch.Tensor) -> None:
+        """Tells ``watch`` (if any) that ``rows`` (may repeat) are about to change."""
+        if self.watch is not None:
+            self.watch(rows)
+
     def count_events(self, rows: torch.Tensor) -> None:
         """One more trained event for each entry of ``rows`` (B,), which may repeat."""
+        self.notify(rows)
         self.events.index_add_(0, rows, torch.ones_like(rows))
 
     def bytes_per_row(self) -> int:
