@@ -35,6 +35,10 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _free_port_pair() -> int:
     """A port whose pair (broker, controller) is free, away from the test broker's and the benchmarks' defaults."""
     for port in range(19702, 19992, 10):
@@ -56,8 +60,10 @@ class Command:
     def start(self, module: str, *args: str) -> None:
         env = {**os.environ, MARKER: self.tag}
         with self.log.open("wb") as out:
+            # Ctrl-C comes from a terminal, whose commands start with SIGINT at its default; a test run started in
+            # the background (``cmd &`` in a script) would otherwise pass on an ignored SIGINT, which Python keeps.
             self.proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(self.port), *args], cwd=PROJECT,
-                                         env=env, stdout=out, stderr=subprocess.STDOUT)
+                                         env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_sigint_default)
 
     def wait(self, timeout_s: float) -> int:
         assert self.proc is not None
