@@ -119,13 +119,13 @@ def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnviron
     )  # (embeddings: {key: bytes}, dead_letters: [json], stats: [json])
 
     t_env.create_temporary_view("stage_output", t_env.from_data_stream(trained))
-    sinks = {
-        "embeddings_sink": cfg.kafka.embeddings_topic,
-        "dead_letter_sink": cfg.kafka.dead_letter_topic,
-        "stats_sink": cfg.kafka.stats_topic,
+    sinks = {  # table: (topic, value type); embeddings may be binary records (publish.format)
+        "embeddings_sink": (cfg.kafka.embeddings_topic, "BYTES"),
+        "dead_letter_sink": (cfg.kafka.dead_letter_topic, "STRING"),
+        "stats_sink": (cfg.kafka.stats_topic, "STRING"),
     }
-    for table, topic in sinks.items():
-        t_env.execute_sql(sql.sink_ddl(cfg, table, topic, "BYTES" if table == "embeddings_sink" else "STRING"))
+    for table, (topic, value_type) in sinks.items():
+        t_env.execute_sql(sql.sink_ddl(cfg, table, topic, value_type))
 
     statements = t_env.create_statement_set()
     statements.add_insert_sql(

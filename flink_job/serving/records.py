@@ -90,6 +90,7 @@ def parse_record(key: bytes | None, value: bytes, config: ServingConfig, dim: in
         offset=_integer(rec, "offset", -1, -1, INT64_MAX),
     )
 
+
 def _fields(value: bytes) -> dict[str, Any]:
     """The value's fields, of either format."""
     if is_binary(value):
@@ -104,6 +105,7 @@ def _fields(value: bytes) -> dict[str, Any]:
     if not isinstance(rec, dict):
         raise Malformed("json", f"the value is a {type(rec).__name__}, not an object")
     return rec
+
 
 def _vector(values: object, config: ServingConfig, dim: int | None) -> np.ndarray:
     """A JSON list of numbers, or a binary record's float32 array."""

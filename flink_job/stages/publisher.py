@@ -81,7 +81,13 @@ class Publisher:
         by more than ``publish.negative_tolerance`` since their last publish (all of them at 0)."""
         rows = np.setdiff1d(moved[moved > 0], own)
         tolerance = self.cfg.negative_tolerance
-        if tolerance <= 0 or not len(rows):
+        if tolerance <= 0:
+            return rows
+        return self._moved_past(kind, model, rows, tolerance)
+
+    def _moved_past(self, kind: str, model: OnlineBiasedMF, rows: Array, tolerance: float) -> Array:
+        """The rows of ``rows`` whose published form moved by more than ``tolerance`` since their last publish."""
+        if not len(rows):
             return rows
         vectors, biases, _ = model.vectors(kind, rows)
         return rows[self.drift[kind].moved(rows, _published_form(vectors, biases), tolerance)]
@@ -119,10 +125,8 @@ class Publisher:
             return 0
         users = np.unique(stats.event_user_rows[stats.event_user_rows > 0])
         items = np.unique(stats.item_rows[stats.item_rows > 0])
-        moved_users = users[self.drift["user"].moved(users, _published_form(*model.vectors("user", users)[:2]),
-                                                     tolerance)]
-        moved_items = items[self.drift["item"].moved(items, _published_form(*model.vectors("item", items)[:2]),
-                                                     tolerance)]
+        moved_users = self._moved_past("user", model, users, tolerance)
+        moved_items = self._moved_past("item", model, items, tolerance)
         if len(moved_users) or len(moved_items):
             return sum(self.publish(out, model, moved_users, moved_items))
         return 0
