@@ -72,6 +72,10 @@ CLUSTER_SETTINGS = {
     # At least 1.5 s between a checkpoint's completion and the next one's start, so that the transaction test can
     # kill the TaskManager after a commit and before the next checkpoint.
     "execution.checkpointing.min-pause": "1500 ms",
+    # A task that does not finish cancelling within 30 s (rather than Flink's 180 s) makes Flink's watchdog end
+    # the TaskManager, which a supervisor (Kubernetes, or ``wait_recovered`` here) replaces. One CI run had the
+    # job stuck for over 150 s after a Python worker kill and its cancel stuck in CANCELLING.
+    "task.cancellation.timeout": "30 s",
 }
 
 
@@ -168,9 +172,17 @@ def wait_recovered(cluster: SessionCluster, job_id: str, cfg: JobConfig, since: 
         state = cluster.job_status(job_id)
         if state in ("FAILED", "CANCELED", "FINISHED"):
             pytest.fail(f"job {job_id} ended as {state}: {cluster.exception(job_id)}")
+        if not cluster.taskmanager_pids():  # the cancellation watchdog ended it: replace it, as a supervisor does
+            log.warning("the TaskManager exited (task.cancellation.timeout); starting a new one")
+            cluster.start_taskmanager()
         time.sleep(0.2)
-    pytest.fail(f"job {job_id} not recovered within {timeout_s}s: {cluster.exception(job_id)}; "
-                f"logs in {cluster.log_dir}")
+    pytest.fail(f"job {job_id} not recovered within {timeout_s}s; tasks {task_states(cluster, job_id)}; "
+                f"{cluster.exception(job_id)}; logs in {cluster.log_dir}")
+
+
+def task_states(cluster: SessionCluster, job_id: str) -> dict[str, str]:
+    """Each vertex of the job (name shortened) and its state: which task a stuck recovery waits for."""
+    return {v["name"][:40]: v["status"] for v in cluster.rest("GET", f"/jobs/{job_id}")["vertices"]}
 
 
 def failures(cluster: SessionCluster, job_id: str) -> list[str]:
