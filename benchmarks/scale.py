@@ -15,7 +15,7 @@ it is idle, throughput.summary's figures. Added per size:
   figure earlier measurements quoted;
 - peak resident memory, sampled every second from /proc over the run's process tree: this process (the Kafka
   follower and PyFlink's loopback worker) and its descendants (the mini-cluster's JVM, which embeds the Python
-  trainer in thread mode, and Python workers in process mode). Sums of RSS count shared pages once per process.
+  trainer in thread mode, and Python workers in process mode). A sum of RSS counts a page shared by two processes twice.
 
 Items: a catalogue of ``--items`` (50,000) with each event's item drawn from ``--candidates`` random items (the
 generator's item_candidates; the exact softmax over 50,000 items would take ~40 min a million events to produce).

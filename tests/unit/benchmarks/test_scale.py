@@ -12,7 +12,7 @@ from benchmarks.scale import checkpoint_figures, expected_distinct, table
 
 def test_tree_rss_counts_a_child_holding_memory() -> None:
     # A child that holds 64 MB resident: its pid shows under this process with at least that much.
-    child = subprocess.Popen([sys.executable, "-c", "import sys; b = bytearray(64 << 20); sys.stdout.write('x\\n');"
+    child = subprocess.Popen([sys.executable, "-c", "import sys; b = b'x' * (64 << 20); sys.stdout.write('x\\n');"
                               "sys.stdout.flush(); sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert child.stdout is not None and child.stdout.readline() == b"x\n"
