@@ -53,24 +53,12 @@ def main(argv: list[str] | None = None) -> None:
 
     export_job_jars()
     broker = Broker(args.port, args.port + 1, PROJECT_ROOT / ".run" / "bench-kafka")
-    run = time.strftime("%H%M%S")
     syn = SyntheticConfig(n_events=args.events, seed=args.seed, duplicate_rate=args.duplicates,
                           malformed_rate=args.malformed)
     input_topic = f"bench.input.{syn.n_events}.{syn.seed}.{args.partitions}"
-    cfg = JobConfig.load(overrides=[
-        f"kafka.bootstrap={broker.bootstrap}", f"kafka.input_topic={input_topic}",
-        f"kafka.embeddings_topic=bench.{run}.embeddings", f"kafka.dead_letter_topic=bench.{run}.dead-letters",
-        f"kafka.stats_topic=bench.{run}.stats", f"kafka.group_id=bench-{run}", *args.overrides,
-    ])
+    cfg = bench_config(broker, input_topic, args.overrides)
     with broker.running(keep=args.keep):  # stopped however this ends, unless --keep
-        topics = job_topics(cfg)
-        create_topics(broker.bootstrap, {input_topic: topics.pop(input_topic)}, args.partitions)
-        create_topics(broker.bootstrap, topics)
-        if sum(end_offsets(broker.bootstrap, input_topic).values()) < syn.n_events:
-            log.info("pre-filling %s with %d events (seed %d)", input_topic, syn.n_events, syn.seed)
-            send(synthetic_timed(syn), broker.bootstrap, input_topic, total=syn.n_events)
-        n_input = sum(end_offsets(broker.bootstrap, input_topic).values())
-
+        n_input = prefill(broker, cfg, syn, args.partitions)
         with LocalJob(cfg, scratch_checkpoints=True) as job:
             result = job.wait_idle(idle_s=5.0, timeout_s=1800, min_received=int(n_input * (1 - 2 * args.duplicates)))
         row = summary(result, n_input, cfg, args)
@@ -78,6 +66,29 @@ def main(argv: list[str] | None = None) -> None:
         if args.out:
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+def bench_config(broker: Broker, input_topic: str, overrides: list[str]) -> JobConfig:
+    """The default configuration reading ``input_topic``, with output topics and group of this run's own."""
+    run = time.strftime("%H%M%S")
+    return JobConfig.load(overrides=[
+        f"kafka.bootstrap={broker.bootstrap}", f"kafka.input_topic={input_topic}",
+        f"kafka.embeddings_topic=bench.{run}.embeddings", f"kafka.dead_letter_topic=bench.{run}.dead-letters",
+        f"kafka.stats_topic=bench.{run}.stats", f"kafka.group_id=bench-{run}", *overrides,
+    ])
+
+
+def prefill(broker: Broker, cfg: JobConfig, syn: SyntheticConfig, partitions: int) -> int:
+    """Creates the job's topics and fills the input topic with ``syn``'s stream unless a run before did; returns
+    the number of records in the input topic."""
+    topics = job_topics(cfg)
+    input_topic = cfg.kafka.input_topic
+    create_topics(broker.bootstrap, {input_topic: topics.pop(input_topic)}, partitions)
+    create_topics(broker.bootstrap, topics)
+    if sum(end_offsets(broker.bootstrap, input_topic).values()) < syn.n_events:
+        log.info("pre-filling %s with %d events (seed %d)", input_topic, syn.n_events, syn.seed)
+        send(synthetic_timed(syn), broker.bootstrap, input_topic, total=syn.n_events)
+    return sum(end_offsets(broker.bootstrap, input_topic).values())
 
 
 def summary(result: RunResult, n_input: int, cfg: JobConfig, args: argparse.Namespace) -> dict[str, Any]:

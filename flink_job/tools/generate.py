@@ -1,7 +1,9 @@
 """Synthetic user-behaviour streams with a planted structure, drift, duplicates and malformed records.
 
-Users and items get latent vectors (and each item a category near its vector); each event picks a user, then an item by sampling from the softmax of the
-user's affinities (Gumbel-max, vectorised per block). Preference drift moves every user's vector from its first
+Users and items get latent vectors (and each item a category near its vector); each event picks a user (Zipf-like
+activity, or uniformly with ``user_activity="uniform"``), then an item by sampling from the softmax of the user's
+affinities (Gumbel-max, vectorised per block; over ``item_candidates`` items drawn at random when set, which keeps
+large catalogues fast). Preference drift moves every user's vector from its first
 planted vector toward a second one as the stream advances. A seeded ``numpy`` generator makes every stream
 reproducible: the same config yields the same bytes.
 
@@ -48,6 +50,12 @@ class SyntheticConfig:
     events_per_second: float = 1_000.0  # event-time spacing, not the producing rate
     id_prefix: str = "s"
     block: int = 8_192
+    # "zipf": a few users produce many events (float64 planted vectors, the streams of existing seeds); "uniform":
+    # every user equally likely, vectors in float32 (and no second set without drift), for millions of users.
+    user_activity: str = "zipf"
+    # 0: each event's item is drawn from the softmax over the whole catalogue (cost per event grows with n_items);
+    # k > 0: over k items drawn uniformly for that event, an approximation for large catalogues.
+    item_candidates: int = 0
 
     def __post_init__(self) -> None:
         for name in ("n_users", "n_items", "n_events", "dim", "block"):
@@ -56,6 +64,10 @@ class SyntheticConfig:
         for name in ("duplicate_rate", "malformed_rate", "late_rate", "drift"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"synthetic config: {name} must be in [0, 1], got {getattr(self, name)}")
+        if self.user_activity not in ("zipf", "uniform"):
+            raise ValueError(f"synthetic config: user_activity is zipf or uniform, got {self.user_activity!r}")
+        if self.item_candidates < 0:
+            raise ValueError(f"synthetic config: item_candidates must be >= 0, got {self.item_candidates}")
 
 
 class PlantedWorld:
@@ -64,17 +76,42 @@ class PlantedWorld:
     def __init__(self, cfg: SyntheticConfig) -> None:
         rng = np.random.default_rng(cfg.seed)
         scale = 1.0 / np.sqrt(cfg.dim)
-        self.users_before = rng.normal(0.0, 1.0, (cfg.n_users, cfg.dim)) * np.sqrt(scale)  # (U, D)
-        self.users_after = rng.normal(0.0, 1.0, (cfg.n_users, cfg.dim)) * np.sqrt(scale)  # (U, D)
+        self.user_p: np.ndarray | None = None  # None: uniform
+        if cfg.user_activity == "uniform":
+            # float32 and only the sets that are used: two float64 sets of 10M users would take 2.6 GB.
+            self.users_before = _normal32(rng, (cfg.n_users, cfg.dim), np.sqrt(scale))  # (U, D)
+            self.users_after = _normal32(rng, (cfg.n_users, cfg.dim), np.sqrt(scale)) if cfg.drift else self.users_before
+        else:
+            self.users_before = rng.normal(0.0, 1.0, (cfg.n_users, cfg.dim)) * np.sqrt(scale)  # (U, D)
+            self.users_after = rng.normal(0.0, 1.0, (cfg.n_users, cfg.dim)) * np.sqrt(scale)  # (U, D)
         self.items = rng.normal(0.0, 1.0, (cfg.n_items, cfg.dim)) * np.sqrt(scale)  # (I, D)
         self.item_bias = rng.normal(0.0, 0.5, cfg.n_items)  # (I,)
         # Categories that say something about an item: the nearest of N_CATEGORIES random directions to its
         # planted vector (drawn last, so the draws above are those of streams made before categories).
         self.item_category = np.argmax(self.items @ rng.normal(0.0, 1.0, (cfg.dim, N_CATEGORIES)), 1)  # (I,)
-        # Zipf-like activity: a few users produce many events.
-        activity = 1.0 / np.arange(1, cfg.n_users + 1) ** 0.8
-        self.user_p = activity / activity.sum()
+        if cfg.user_activity == "zipf":
+            # Zipf-like activity: a few users produce many events.
+            activity = 1.0 / np.arange(1, cfg.n_users + 1) ** 0.8
+            self.user_p = activity / activity.sum()
         self.cfg = cfg
+
+    def draw_users(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        if self.user_p is None:
+            return rng.integers(self.cfg.n_users, size=n)  # (B,)
+        return rng.choice(self.cfg.n_users, size=n, p=self.user_p)  # (B,)
+
+    def draw_items(self, rng: np.random.Generator, users: np.ndarray, progress: float) -> tuple[np.ndarray, np.ndarray]:
+        """Each user's item, Gumbel-max over the softmax of its affinities / temperature, and that affinity."""
+        n, t = len(users), self.cfg.temperature
+        if not self.cfg.item_candidates:
+            scores = self.affinity(users, progress) / t  # (B, I)
+            items = np.argmax(scores + rng.gumbel(size=scores.shape), axis=1)  # (B,)
+            return items, scores[np.arange(n), items] * t
+        candidates = rng.integers(self.cfg.n_items, size=(n, self.cfg.item_candidates))  # (B, K)
+        vectors = self.user_vectors(users, progress)  # (B, D)
+        scores = np.einsum("bd,bkd->bk", vectors, self.items[candidates]) + self.item_bias[candidates]  # (B, K)
+        best = np.argmax(scores / t + rng.gumbel(size=scores.shape), axis=1)  # (B,)
+        return candidates[np.arange(n), best], scores[np.arange(n), best]
 
     def user_vectors(self, users: np.ndarray, progress: float) -> np.ndarray:
         a = self.cfg.drift * progress
@@ -94,10 +131,8 @@ def generate(cfg: SyntheticConfig) -> Iterator[Record]:
     while emitted < cfg.n_events:
         n = min(cfg.block, cfg.n_events - emitted)
         progress = emitted / cfg.n_events
-        users = rng.choice(cfg.n_users, size=n, p=world.user_p)  # (B,)
-        scores = world.affinity(users, progress) / cfg.temperature  # (B, I)
-        items = np.argmax(scores + rng.gumbel(size=scores.shape), axis=1)  # (B,)
-        chosen = scores[np.arange(n), items] * cfg.temperature  # (B,)
+        users = world.draw_users(rng, n)  # (B,)
+        items, chosen = world.draw_items(rng, users, progress)  # (B,), (B,)
         actions = rng.choice(len(ACTIONS), size=n, p=ACTION_PROBS)
         ratings = np.clip(np.rint(3.0 + 1.5 * chosen + rng.normal(0.0, 0.5, n)), 1, 5)
         dwell = rng.lognormal(8.5, 1.0, n).astype(np.int64)
@@ -137,6 +172,12 @@ def generate(cfg: SyntheticConfig) -> Iterator[Record]:
                 recent[int(rng.integers(256))] = rec
             yield rec
         emitted += n
+
+
+def _normal32(rng: np.random.Generator, shape: tuple[int, int], std: float) -> np.ndarray:
+    out = rng.standard_normal(shape, dtype=np.float32)
+    out *= np.float32(std)
+    return out
 
 
 def _malformed(kind: str, eid: str, user: str, item: str, ts: int) -> bytes:
