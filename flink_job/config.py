@@ -20,7 +20,7 @@ from typing import Any, get_type_hints
 from flink_job import secrets
 from flink_job.config_tree import build_section, config_tree, replace_known
 from flink_job.schema import ACTIONS, FLOAT32_MAX, MISSING_POLICIES, NUMERIC_FIELDS, OUTLIER_POLICIES
-from model.config import ModelConfig, nest
+from model.config import ModelConfig, nest, subtask_device
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -332,6 +332,7 @@ class FlinkConfig:
 # What the training stage's behaviour depends on (flink_job.stages.train): a restore replays logged calls under the
 # settings they first ran with, which the stage's snapshot records.
 STAGE_SECTIONS = ("batch", "clean", "publish", "model", "eval")
+PLACEMENT = ("device", "threads")  # model settings of the machine, not of what the stage learns
 
 
 @dataclass(frozen=True)
@@ -367,6 +368,16 @@ class JobConfig:
         """The sections that decide what the training stage does with a call (no secrets among them)."""
         return {name: dataclasses.asdict(getattr(self, name)) for name in STAGE_SECTIONS}
 
+    def on_subtask(self, subtask: int, gpus: int) -> JobConfig:
+        """This configuration for parallel trainer ``subtask`` on a machine with ``gpus`` GPUs: its model's device
+        is ``model.config.subtask_device``'s choice.
+
+        >>> JobConfig().on_subtask(3, 2).model.device, JobConfig().on_subtask(3, 0).model.device
+        ('cuda:1', 'auto')
+        """
+        device = subtask_device(self.model.device, subtask, gpus)
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, device=device))
+
     def with_stage_settings(self, settings: dict[str, dict[str, Any]]) -> JobConfig:
         """This configuration with the stage's sections as ``stage_settings`` returned them, perhaps in an older
         version: keys this version does not know are left out, keys it added keep this configuration's values, and
@@ -382,4 +393,8 @@ class JobConfig:
         for name in STAGE_SECTIONS:
             recorded = settings.get(name, {})
             sections[name] = replace_known(getattr(self, name), nest(recorded) if name == "model" else recorded)
+        # Where the stage runs is this run's choice, not the recording's: a checkpoint written on a GPU (or by
+        # another subtask's GPU) is restored on whatever this machine has.
+        here = {key: getattr(self.model, key) for key in PLACEMENT}
+        sections["model"] = dataclasses.replace(sections["model"], **here)
         return dataclasses.replace(self, **sections)

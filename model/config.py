@@ -17,6 +17,7 @@ ValueError: config: model.optimizer.name must be one of adagrad, adam, sgd, got 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,13 +176,26 @@ class ColdConfig:
         _check("model.cold", self, {"unknown_users": ("popularity", "fallback_row")})
 
 
+def subtask_device(setting: str, subtask: int, gpus: int) -> str:
+    """The device setting of parallel trainer ``subtask`` on a machine with ``gpus`` GPUs: ``auto`` and ``cuda``
+    spread the subtasks over the GPUs round-robin (``cuda:<subtask mod gpus>``), so that trainers sharing a
+    TaskManager do not share one GPU; any other setting, or no GPU, stays as it is.
+
+    >>> subtask_device("auto", 5, 4), subtask_device("cuda", 1, 1), subtask_device("auto", 3, 0)
+    ('cuda:1', 'cuda:0', 'auto')
+    """
+    if setting in ("auto", "cuda") and gpus > 0:
+        return f"cuda:{subtask % gpus}"
+    return setting
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     dim: int = 32
     init_std: float = 0.05
     rating_min: float = 1.0
     rating_max: float = 5.0
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; a parallel trainer's auto/cuda is cuda:<subtask mod GPUs>
     seed: int = 0
     threads: int = 1  # torch intra-op threads; the JVM and Kafka need the other core
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -192,7 +206,9 @@ class ModelConfig:
     cold: ColdConfig = field(default_factory=ColdConfig)
 
     def __post_init__(self) -> None:
-        _check("model", self, {"device": DEVICES}, positive=("dim", "threads", "init_std"))
+        _check("model", self, positive=("dim", "threads", "init_std"))
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ValueError(f"config: model.device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
         if not self.rating_min < self.rating_max:
             raise ValueError(
                 f"config: model.rating_min must be below model.rating_max, got {self.rating_min} and {self.rating_max}"

@@ -48,12 +48,21 @@ STATE_VERSION = serialise.STATE_VERSION
 
 
 def pick_device(setting: str) -> torch.device:
-    """``auto`` is CUDA when a GPU is visible, else the CPU; ``cuda`` without a GPU is a configuration error."""
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ValueError("model: device 'cuda' requested but no CUDA device is available")
+    """``auto`` is CUDA when a GPU is visible, else the CPU; ``cuda`` (or ``cuda:N``) without that GPU is a
+    configuration error."""
+    if setting.startswith("cuda"):
+        index = int(setting.partition(":")[2] or 0)
+        gpus = torch.cuda.device_count()
+        if index >= gpus:
+            raise ValueError(f"model: device {setting!r} requested but "
+                             f"{'no CUDA device is' if not gpus else f'only {gpus} CUDA devices are'} available")
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(setting)
+
+
+def gpu_count() -> int:
+    return torch.cuda.device_count()
 
 
 class OnlineBiasedMF:

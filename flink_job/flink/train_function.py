@@ -29,6 +29,7 @@ from flink_job.flink.stage_log import BundleSnapshots, StageLog  # noqa: E402
 from flink_job.stages.calls import CHUNK, TIMER, Call  # noqa: E402
 from flink_job.stages.clean import COUNTERS  # noqa: E402
 from flink_job.stages.train import STAGE, Output, TrainStage  # noqa: E402
+from model.mf import gpu_count  # noqa: E402
 
 log = logging.getLogger(__name__)
 TIMER_TICK_MS = 50
@@ -51,6 +52,15 @@ def make_train_function(cfg: JobConfig) -> TrainFunction:
     return TrainFunction(cfg)
 
 
+def subtask_index(runtime_context: RuntimeContext) -> int:
+    """This subtask's index. In thread mode PyFlink 2.x's ``get_index_of_this_subtask`` calls a Java method that
+    Flink 2.0 removed (``getIndexOfThisSubtask``; an AttributeError), so there it is read from the task's info."""
+    try:
+        return int(runtime_context.get_index_of_this_subtask())
+    except AttributeError:
+        return int(runtime_context._runtime_context.getTaskInfo().getIndexOfThisSubtask())
+
+
 class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
@@ -64,6 +74,9 @@ class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
         # In thread mode the stage runs on a thread of its own, where torch works (flink_job.flink.torch_thread).
         thread_mode = cfg.flink.python_execution_mode == "thread"
         self.torch: Direct | TorchThread = TorchThread() if thread_mode else Direct()
+        # Parallel trainers spread over the machine's GPUs (model.config.subtask_device); one GPU or none: unchanged.
+        gpus = self.torch.call(gpu_count)
+        self.cfg = cfg = cfg.on_subtask(subtask_index(runtime_context), gpus)
         # The whole stage lives in keyed state (one key: one model), restored on the first call after a restart; how
         # it is written depends on the mode (flink_job.flink.stage_log).
         snapshot = runtime_context.get_state(ValueStateDescriptor("stage", Types.PICKLED_BYTE_ARRAY()))

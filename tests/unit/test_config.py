@@ -82,6 +82,14 @@ def test_stage_settings_are_nested_and_old_flat_records_map_into_them() -> None:
     assert restored.ids.max_rows == cfg.model.ids.max_rows
 
 
+def test_a_replay_runs_where_this_run_is_not_where_the_recording_ran() -> None:
+    """A checkpoint written on a GPU (``cuda:1`` of a parallel trainer, 8 threads) restores on a CPU machine: the
+    recorded learning settings apply to the replay, the device and threads stay this run's."""
+    recorded = JobConfig.load(overrides=["model.device=cuda:1", "model.threads=8", "model.optimizer.lr=0.3"])
+    here = JobConfig.load(overrides=["model.device=cpu"]).with_stage_settings(recorded.stage_settings()).model
+    assert (here.device, here.threads, here.optimizer.lr) == ("cpu", 1, 0.3)
+
+
 def test_a_written_configuration_loads_back_the_same(tmp_path) -> None:
     """The runner hands its child process ``to_dict()`` as YAML: the nested model sections must load back."""
     import yaml

@@ -19,7 +19,8 @@ from model.config import (FLAT_KEYS, SECTIONS, ExtrasConfig, IdsConfig, ModelCon
     (lambda: ExtrasConfig(cooccurrence_capacity=0), "config: model.extras.cooccurrence_capacity must be positive"),
     (lambda: IdsConfig(max_rows=0), "config: model.ids.max_rows must be positive, got 0"),
     (lambda: StabilityConfig(replay_weight=-1.0), "config: model.stability.replay_weight must be >= 0, got -1.0"),
-    (lambda: ModelConfig(device="tpu"), "config: model.device must be one of auto, cpu, cuda, got 'tpu'"),
+    (lambda: ModelConfig(device="tpu"), "config: model.device must be one of auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (lambda: ModelConfig(device="cuda:x"), "config: model.device must be one of auto, cpu, cuda or cuda:N, got 'cuda:x'"),
     (lambda: ModelConfig(rating_min=5.0, rating_max=1.0), "config: model.rating_min must be below model.rating_max"),
 ])
 def test_each_section_names_the_key_and_the_value_it_rejects(build, message) -> None:

@@ -1,15 +1,18 @@
 """The online biased MF: learns a planted structure, touches only the rows it trains, round-trips its state."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import orjson
 import pytest
 import torch
 
+from flink_job.config import JobConfig
 from flink_job.tools.generate import SyntheticConfig, generate
 from flink_job.stages.parse import parse_lines
-from model.config import ModelConfig, ObjectiveConfig, OptimizerConfig
-from model.mf import OnlineBiasedMF, pick_device
+from model.config import ModelConfig, ObjectiveConfig, OptimizerConfig, subtask_device
+from model.mf import OnlineBiasedMF, gpu_count, pick_device
 
 
 def _stream(n: int, seed: int = 5):
@@ -88,8 +91,24 @@ def test_cpu_fallback_and_clear_error_for_missing_gpu() -> None:
     assert pick_device("cpu").type == "cpu"
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA device"):
-            pick_device("cuda")
+        for setting in ("cuda", "cuda:0"):
+            with pytest.raises(ValueError, match="no CUDA device"):
+                pick_device(setting)
+    with pytest.raises(ValueError, match="'cuda:64' requested"):  # no machine here has 65 GPUs
+        pick_device("cuda:64")
+
+
+def test_parallel_trainers_spread_over_the_gpus_and_keep_a_cpu_fallback() -> None:
+    assert [subtask_device("auto", i, 2) for i in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert subtask_device("cuda", 7, 4) == "cuda:3"
+    assert [subtask_device(s, 3, 0) for s in ("auto", "cpu")] == ["auto", "cpu"]  # no GPU: the setting as it is
+    assert subtask_device("cpu", 1, 8) == "cpu" and subtask_device("cuda:2", 0, 8) == "cuda:2"  # chosen by the user
+    # The model takes the subtask's setting: on this machine's GPUs, or on the CPU where it has none.
+    placed = JobConfig().on_subtask(5, gpu_count()).model
+    assert OnlineBiasedMF(replace(placed, dim=4)).device == pick_device(placed.device)
+    assert ModelConfig(device="cuda:3").device == "cuda:3"
+    with pytest.raises(ValueError, match="model.device must be one of auto, cpu, cuda or cuda:N, got 'gpu'"):
+        ModelConfig(device="gpu")
 
 
 def test_predictions_are_clipped_to_the_rating_range_and_unknown_ids_get_the_mean() -> None:
