@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -177,7 +178,19 @@ def wait_recovered(cluster: SessionCluster, job_id: str, cfg: JobConfig, since: 
             cluster.start_taskmanager()
         time.sleep(0.2)
     pytest.fail(f"job {job_id} not recovered within {timeout_s}s; tasks {task_states(cluster, job_id)}; "
-                f"{cluster.exception(job_id)}; logs in {cluster.log_dir}")
+                f"task threads:\n{task_threads(cluster)}\n{cluster.exception(job_id)}; logs in {cluster.log_dir}")
+
+
+def task_threads(cluster: SessionCluster) -> str:
+    """The stacks of the TaskManagers' task threads (named "<task> (i/n)#attempt"), from Flink's thread dump: where a
+    recovery that timed out is stuck, in the failure message since CI keeps no cluster logs."""
+    try:
+        dumps = [cluster.rest("GET", f"/taskmanagers/{tm}/thread-dump")["threadInfos"]
+                 for tm in cluster.taskmanager_ids()]
+    except Exception as e:  # a diagnosis must not hide the failure it explains
+        return f"(no thread dump: {e!r})"
+    return "\n".join(t["stringifiedThreadInfo"][:2000] for dump in dumps for t in dump
+                     if re.search(r"\(\d+/\d+\)#\d+", t["threadName"]))
 
 
 def task_states(cluster: SessionCluster, job_id: str) -> dict[str, str]:
