@@ -11,20 +11,16 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from deploy.processes import parent_map
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def tree_rss(root: int) -> dict[int, int]:
     """Resident bytes of ``root`` and each of its descendants, by pid (processes that end meanwhile are skipped)."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                # The command name in parentheses may hold spaces: the parent pid is the second field after it.
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
+    for pid, ppid in parent_map().items():
+        children.setdefault(ppid, []).append(pid)
     rss: dict[int, int] = {}
     todo = [root]
     while todo:

@@ -91,7 +91,14 @@ def cluster() -> Iterator[SessionCluster]:
 def taskmanager_after(cluster: SessionCluster) -> Iterator[None]:
     """A test that fails between killing the TaskManager and starting a new one leaves none: start one."""
     yield
+    supervise(cluster)
+
+
+def supervise(cluster: SessionCluster) -> None:
+    """Starts a TaskManager when none is alive, as a supervisor (Kubernetes) would: after a kill, or after Flink's
+    task-cancellation watchdog ended it."""
     if not cluster.taskmanager_pids():
+        log.warning("no TaskManager alive; starting a new one")
         cluster.start_taskmanager()
 
 
@@ -173,9 +180,7 @@ def wait_recovered(cluster: SessionCluster, job_id: str, cfg: JobConfig, since: 
         state = cluster.job_status(job_id)
         if state in ("FAILED", "CANCELED", "FINISHED"):
             pytest.fail(f"job {job_id} ended as {state}: {cluster.exception(job_id)}")
-        if not cluster.taskmanager_pids():  # the cancellation watchdog ended it: replace it, as a supervisor does
-            log.warning("the TaskManager exited (task.cancellation.timeout); starting a new one")
-            cluster.start_taskmanager()
+        supervise(cluster)  # the cancellation watchdog (task.cancellation.timeout) may have ended it
         time.sleep(0.2)
     pytest.fail(f"job {job_id} not recovered within {timeout_s}s; tasks {task_states(cluster, job_id)}; "
                 f"task threads:\n{task_threads(cluster)}\n{cluster.exception(job_id)}; logs in {cluster.log_dir}")
