@@ -115,9 +115,9 @@ class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
         return self.stage
 
     def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterator[object]:
-        lines = list(value[1])
+        shard, lines = int(value[0]), list(value[1])
         self.count["received"].inc(len(lines))
-        yield from self._call((CHUNK, ctx.timer_service().current_processing_time(), lines), ctx)
+        yield from self._call((CHUNK, ctx.timer_service().current_processing_time(), (shard, lines)), ctx)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> Iterator[object]:
         yield from self._call((TIMER, ctx.timer_service().current_processing_time(), None), ctx)

@@ -40,14 +40,14 @@ class Admission:
         self.near_duplicates.load_state(state["near_duplicates"])
         self.cleaner.load_state_dict(state["cleaner"])
 
-    def admit(self, lines: list[str], now_ms: int) -> tuple[EventBatch, list[DeadLetter], int]:
+    def admit(self, lines: list[str], now_ms: int, shard: int = 0) -> tuple[EventBatch, list[DeadLetter], int]:
         """``(events to train, dead letters, near-duplicates)``, and no record can fail the call: the parser
         dead-letters what it cannot judge, and if a later stage raises anyway (a bug the data found) the chunk is
         admitted again line by line, each line that still raises becoming an ``internal_error`` dead letter, so the
         rest of the chunk is kept and every line is accounted for once. The stages' state may hold the part of a
         failed pass that ran before the exception."""
         try:
-            return self._admit(lines, now_ms)
+            return self._admit(lines, now_ms, shard)
         except Exception:
             log.exception("train: a chunk of %d lines raised; admitting it line by line", len(lines))
         batches: list[EventBatch] = []
@@ -55,7 +55,7 @@ class Admission:
         near = 0
         for line in lines:
             try:
-                batch, letters, n = self._admit([line], now_ms)
+                batch, letters, n = self._admit([line], now_ms, shard)
             except Exception as ex:
                 part, off, payload = line_position(line)
                 dead.append(DeadLetter("internal_error", STAGE, payload, part, off, f"{type(ex).__name__}: {ex}"[:200]))
@@ -66,10 +66,10 @@ class Admission:
         kept = [b for b in batches if len(b)]
         return (EventBatch.concat(kept) if kept else parse_lines([])[0]), dead, near
 
-    def _admit(self, lines: list[str], now_ms: int) -> tuple[EventBatch, list[DeadLetter], int]:
+    def _admit(self, lines: list[str], now_ms: int, shard: int) -> tuple[EventBatch, list[DeadLetter], int]:
         """Parse, lateness, near-duplicates and cleaning: ``(events to train, dead letters, near-duplicates)``."""
         batch, dead = parse_lines(lines, self.rules, now_ms)
-        batch, late = self.watermarks.split(batch, now_ms)
+        batch, late = self.watermarks.split(batch, now_ms, shard)
         dead.extend(late)
         batch, near = self.near_duplicates.filter(batch)
         batch, rejected = self.cleaner.apply(batch)

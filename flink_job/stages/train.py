@@ -132,20 +132,22 @@ class TrainStage:
 
     def call(self, call: Call) -> Output:
         """``on_chunk`` or ``on_time``, as ``call`` (a ``flink_job.stages.calls`` record) says."""
-        kind, now_ms, lines = call
+        kind, now_ms, chunk = call
         if kind == CHUNK:
-            return self.on_chunk(lines or [], now_ms)
+            shard, lines = chunk if isinstance(chunk, tuple) else (0, chunk)
+            return self.on_chunk(lines or [], now_ms, shard)
         if kind == TIMER:
             return self.on_time(now_ms)
         raise ValueError(f"train: unknown call {kind!r}")
 
-    def on_chunk(self, lines: list[str], now_ms: int | None = None) -> Output:
-        """Admit a chunk, train on every full batch it completes, publish if the publish interval has passed."""
+    def on_chunk(self, lines: list[str], now_ms: int | None = None, shard: int = 0) -> Output:
+        """Admit a chunk of ``shard`` (its user shard in the SQL part), train on every full batch it completes,
+        publish if the publish interval has passed."""
         now_ms = self.now_ms = _now_ms() if now_ms is None else now_ms
         out = Output()
         if not self.first_chunk_ms:
             self.first_chunk_ms = now_ms
-        batch, dead, out.near_duplicates = self.admission.admit(lines, now_ms)
+        batch, dead, out.near_duplicates = self.admission.admit(lines, now_ms, shard)
         self.counters.near_duplicates += out.near_duplicates
         batch.payloads = []  # no stage after cleaning rejects by payload: the pending batch (in state) is lighter
         self.counters.received += len(lines)
