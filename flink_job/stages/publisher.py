@@ -20,6 +20,7 @@ from flink_job.config import PublishConfig
 from flink_job.stages.parse import EventBatch
 from flink_job.stages.publish import DirtyRows, Drift, encode_records, write_snapshot
 from flink_job.stages.train_output import Output
+from flink_job.stages.trainers import Trainer
 from model.arrays import Array
 from model.batch import BatchStats
 from model.mf import OnlineBiasedMF
@@ -29,10 +30,14 @@ _NO_ROWS = np.zeros(0, np.int64)
 
 
 class Publisher:
-    def __init__(self, cfg: PublishConfig, recent_items_of: Callable[[list[str]], list[list[str]]]) -> None:
-        """``recent_items_of``: each user's recent items, which a user record carries (the cleaner keeps them)."""
+    def __init__(self, cfg: PublishConfig, recent_items_of: Callable[[list[str]], list[list[str]]],
+                 trainer: Trainer | None = None) -> None:
+        """``recent_items_of``: each user's recent items, which a user record carries (the cleaner keeps them).
+        ``trainer``: of user-sharded trainers, this one publishes the items it owns only, and writes its snapshot
+        to ``trainer-<index>`` under ``publish.snapshot_dir``."""
         self.cfg = cfg
         self.recent_items_of = recent_items_of
+        self.trainer = trainer or Trainer()
         self.dirty_users = DirtyRows()
         self.dirty_items = DirtyRows()
         # (bias, vector) of each row as last published: bounded by the model's rows. Not checkpointed: after a
@@ -76,6 +81,14 @@ class Publisher:
         self.dirty_items.touch(stats.event_item_rows[own], batch.ts[own])
         self.dirty_items.touch(self._drifted("item", model, stats.item_rows, stats.event_item_rows))
 
+    def touch_items(self, rows: Array, now_ms: int) -> None:
+        """Marks item rows that another trainer's delta moved for publishing."""
+        if not len(rows):
+            return
+        if not self.unpublished:
+            self.dirty_since_ms = now_ms
+        self.dirty_items.touch(rows)
+
     def _drifted(self, kind: str, model: OnlineBiasedMF, moved: Array, own: Array) -> Array:
         """The rows of ``moved`` without an event of their own in the batch (``own``) whose published form moved
         by more than ``publish.negative_tolerance`` since their last publish (all of them at 0)."""
@@ -97,6 +110,7 @@ class Publisher:
         gone: dict[str, int] = {}
         for counter, (users, items) in (("evicted", model.drain_evicted()), ("expired", model.drain_expired())):
             out.embeddings.extend((f"user:{u}", None) for u in users)
+            items = [i for i, own in zip(items, self.trainer.owns_items(list(items))) if own]
             out.embeddings.extend((f"item:{i}", None) for i in items)
             gone[counter] = len(users) + len(items)
         return gone
@@ -151,8 +165,14 @@ class Publisher:
                 parts: Array | None = None, offs: Array | None = None) -> int:
         ids = (model.users if kind == "user" else model.items).ids(rows)
         live = np.array([bool(k) for k in ids], bool)  # a row freed by expiry since it was touched has no id
+        if kind == "item" and self.trainer.count > 1:
+            # Another trainer publishes the items it owns; their rows here count as published (the proximal
+            # anchor marks what the job published).
+            owned = self.trainer.owns_items(list(ids))
+            model.mark_published(kind, rows[live & ~owned])
+            live &= owned
         if not live.all():
-            rows, ts, ids = rows[live], ts[live], [k for k in ids if k]
+            rows, ts, ids = rows[live], ts[live], [k for k, keep in zip(ids, live) if keep]
             parts, offs = (None, None) if parts is None or offs is None else (parts[live], offs[live])
         if not len(rows):
             return 0
@@ -171,7 +191,8 @@ class Publisher:
         """The file sink: every table as NumPy arrays with an id index, replaced atomically."""
         cfg = self.cfg
         if cfg.snapshot_dir and now_ms - self.last_snapshot_ms >= cfg.snapshot_interval_ms:
-            write_snapshot(Path(cfg.snapshot_dir), model)
+            folder = Path(cfg.snapshot_dir)
+            write_snapshot(folder / f"trainer-{self.trainer.index}" if self.trainer.count > 1 else folder, model)
             self.last_snapshot_ms = now_ms
 
 

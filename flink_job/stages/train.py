@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -19,12 +19,13 @@ from flink_job.config import JobConfig
 from flink_job.schema import ACTIONS, RATING_CODE
 from flink_job.stages.admission import Admission
 from flink_job.stages.batch import MicroBatcher
-from flink_job.stages.calls import CHUNK, TIMER, Call
+from flink_job.stages.calls import CHUNK, DELTA, TIMER, Call
 from flink_job.stages.clean import Cleaner
 from flink_job.stages.parse import EventBatch
 from flink_job.stages.publisher import Publisher
 from flink_job.stages.train_output import STAGE, Counters, Output, skipped_dead_letters, stats_record
 from flink_job.stages.train_state import STATE_VERSION, dump_state, load_state
+from flink_job.stages.trainers import ItemExchange, Trainer
 from model.batch import BatchStats
 from model.mf import OnlineBiasedMF
 from model.prequential import Prequential, combine
@@ -35,8 +36,10 @@ log = logging.getLogger(__name__)
 
 
 class TrainStage:
-    def __init__(self, cfg: JobConfig) -> None:
+    def __init__(self, cfg: JobConfig, trainer: Trainer | None = None) -> None:
+        """``trainer``: which of ``flink.parallelism`` user-sharded trainers this stage is (the only one if None)."""
         self.cfg = cfg
+        self.trainer = trainer or Trainer()
         self.settings = cfg.stage_settings()  # written with every snapshot (restore); cfg is frozen, so once
         self.admission = Admission(cfg)
         self.batcher = MicroBatcher(cfg.batch.size)
@@ -57,7 +60,8 @@ class TrainStage:
         )
         # (A,) whether each action code is a positive for ranking; ratings are judged by value instead.
         self.positive_action = np.array([a in cfg.eval.positive_action_list for a in ACTIONS], bool)
-        self.publisher = Publisher(cfg.publish, self.cleaner.recent_items_of)
+        self.publisher = Publisher(cfg.publish, self.cleaner.recent_items_of, self.trainer)
+        self.exchange = ItemExchange(self.trainer, self.model) if self.trainer.count > 1 else None
         self.counters = Counters()
         self.pending_since_ms = 0
         self.first_chunk_ms = 0
@@ -82,19 +86,30 @@ class TrainStage:
             "admission": self.admission.state(),
             "publisher": self.publisher.state(),
             "quality": self.quality.state_dict() if self.quality else None,
+            "trainers": self.trainer.count,
+            "exchange": self.exchange.state() if self.exchange else None,
         })
 
     @classmethod
-    def from_bytes(cls, cfg: JobConfig, data: bytes) -> TrainStage:
+    def from_bytes(cls, cfg: JobConfig, data: bytes, trainer: Trainer | None = None) -> TrainStage:
         """The stage as ``state_bytes`` saw it, under configuration ``cfg`` (which may differ from the old one)."""
-        return cls._from_state(cfg, load_state(data))
+        return cls._from_state(cfg, load_state(data), trainer)
 
     @classmethod
-    def _from_state(cls, cfg: JobConfig, state: dict[str, Any]) -> TrainStage:
+    def _from_state(cls, cfg: JobConfig, state: dict[str, Any], trainer: Trainer | None = None) -> TrainStage:
         """A checkpoint holds state, not configuration: a job restarted with a new configuration keeps what it
-        learned and applies the new settings from then on."""
-        stage = cls(cfg)
+        learned and applies the new settings from then on. Not the number of trainers, though: each holds its own
+        users' rows, so a state of one of N trainers is refused by a job of another number (the job refuses
+        before this: the trainers' max parallelism is their number, docs/sharding.md)."""
+        stage = cls(cfg, trainer)
+        written_by = state.get("trainers", 1)
+        if written_by != stage.trainer.count:
+            raise ValueError(f"train: this state is one of {written_by} user-sharded trainers; it cannot be restored "
+                             f"by {stage.trainer.count} (flink.parallelism must stay as it was)")
         stage.model = OnlineBiasedMF.from_bytes(state["model"], cfg.model, RATING_CODE)
+        if stage.exchange is not None:
+            stage.exchange = ItemExchange(stage.trainer, stage.model)
+            stage.exchange.load_state(state["exchange"])
         for name, value in state["stage"].items():
             setattr(stage, name, value)
         stage.counters.load_state(state["counters"])
@@ -109,7 +124,8 @@ class TrainStage:
         return stage
 
     @classmethod
-    def restore(cls, cfg: JobConfig, saved: bytes | None, calls: list[Call]) -> TrainStage:
+    def restore(cls, cfg: JobConfig, saved: bytes | None, calls: list[Call],
+                trainer: Trainer | None = None) -> TrainStage:
         """The stage from its last snapshot (a new one if there is none) with the calls made since replayed; their
         outputs went out before the checkpoint and are dropped.
 
@@ -118,26 +134,29 @@ class TrainStage:
         new settings apply from the next call, as they do when a snapshot alone is restored."""
         state = load_state(saved) if saved is not None else None
         ran = cfg.with_stage_settings(state["settings"]) if state and calls and "settings" in state else cfg
-        stage = cls._from_state(ran, state) if state else cls(cfg)
+        stage = cls._from_state(ran, state, trainer) if state else cls(cfg, trainer)
         for call in calls:
             stage.call(call)
         if ran != cfg:
             log.info("train: %d logged calls replayed under the settings they ran with, the new ones apply now",
                      len(calls))
-            stage = cls.from_bytes(cfg, stage.state_bytes())
+            stage = cls.from_bytes(cfg, stage.state_bytes(), trainer)
         stage.replayed_calls = len(calls)
         return stage
 
     # ------------------------------------------------------------------------------------------------- calls
 
     def call(self, call: Call) -> Output:
-        """``on_chunk`` or ``on_time``, as ``call`` (a ``flink_job.stages.calls`` record) says."""
-        kind, now_ms, chunk = call
+        """``on_chunk``, ``on_time`` or ``on_delta``, as ``call`` (a ``flink_job.stages.calls`` record) says."""
+        kind, now_ms, arg = call
         if kind == CHUNK:
-            shard, lines = chunk if isinstance(chunk, tuple) else (0, chunk)
-            return self.on_chunk(lines or [], now_ms, shard)
+            shard, lines = cast(tuple[int, list[str]], arg) if isinstance(arg, tuple) else (0, arg or [])
+            return self.on_chunk(lines, now_ms, shard)
         if kind == TIMER:
             return self.on_time(now_ms)
+        if kind == DELTA:
+            key, payload = cast(tuple[str, bytes], arg)
+            return self.on_delta(key, payload, now_ms)
         raise ValueError(f"train: unknown call {kind!r}")
 
     def on_chunk(self, lines: list[str], now_ms: int | None = None, shard: int = 0) -> Output:
@@ -159,6 +178,7 @@ class TrainStage:
         for full in self.batcher.take_full():
             self._train(full, out)
             self.pending_since_ms = now_ms
+        self._send_items(out)
         self._publish(out, now_ms)
         return out
 
@@ -169,8 +189,32 @@ class TrainStage:
         if self.batcher.pending and now_ms - self.pending_since_ms >= self.cfg.batch.max_wait_ms:
             for rest in self.batcher.take_rest():
                 self._train(rest, out)
+        self._send_items(out)
         self._publish(out, now_ms)
         return out
+
+    def on_delta(self, key: str, payload: bytes, now_ms: int | None = None) -> Output:
+        """Applies another trainer's item delta record (``flink_job.stages.trainers``); the items it moved that
+        this trainer owns wait for publishing."""
+        now_ms = self.now_ms = _now_ms() if now_ms is None else now_ms
+        out = Output()
+        if self.exchange is None:
+            raise ValueError("train: an item delta reached the only trainer")
+        rows, dead = self.exchange.apply(key, payload)
+        if dead is not None:
+            log.warning("train: item delta record %r is not a delta: %s", key, dead.detail)
+            out.dead_letters.append(dead)
+        if rows is not None:
+            self.publisher.touch_items(rows, now_ms)
+        self._publish(out, now_ms)
+        return out
+
+    def _send_items(self, out: Output) -> None:
+        """After a call that trained, what it changed on item rows goes to the other trainers."""
+        if self.exchange is not None and out.batches:
+            record = self.exchange.take()
+            if record is not None:
+                out.deltas.append(record)
 
     def next_deadline_ms(self) -> int | None:
         """When ``on_time`` next has work to do, or None while nothing is pending or unpublished."""
@@ -271,6 +315,7 @@ class TrainStage:
         self.publisher.maybe_snapshot(now_ms, self.model)
 
     def _stats(self, kind: str, **fields: Any) -> str:
+        fields["trainer"] = self.trainer.index
         return stats_record(kind, fields, self.counters, self.model, self.cleaner.counts,
                             self.quality.summary() if self.quality else None, self.first_chunk_ms, self.replayed_calls)
 

@@ -3,6 +3,7 @@ the dead letters of a batch the model refused."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,7 @@ class Output:
     train_ms: list[float] = field(default_factory=list)
     losses: list[tuple[float, float]] = field(default_factory=list)  # (rating MSE, implicit loss) per batch
     publish_lag_ms: int | None = None  # from the first change waiting for a publish to that publish
+    deltas: list[tuple[str, bytes]] = field(default_factory=list)  # item delta records for the other trainers
 
 
 def stats_record(kind: str, fields: dict[str, Any], c: Counters, model: OnlineBiasedMF, clean: dict[str, int],
@@ -96,3 +98,56 @@ def skipped_dead_letters(batch: EventBatch, batch_no: int) -> list[DeadLetter]:
             int(batch.offsets[n]), f"batch {batch_no} skipped by the model's guard",
         ))
     return letters
+
+
+# Cumulative counters of a stats record that are one trainer's share of the job's (user-sharded trainers).
+SUMMED = ("batch", "received", "dead_lettered", "near_duplicates", "trained", "published", "skipped_batches",
+          "expired", "evicted", "known_users", "replayed_calls")
+
+
+def combine_latest(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The job's cumulative figures from its stats records: each trainer's latest record (``trainer``, 0 when
+    absent), its counters summed, the prequential figures pooled, the rest from the latest record of all.
+
+    >>> combine_latest([{"trainer": 0, "received": 5, "at_ms": 1}, {"trainer": 1, "received": 2, "at_ms": 2},
+    ...                 {"trainer": 0, "received": 7, "at_ms": 3}])["received"]
+    9
+    """
+    if not records:
+        return {}
+    latest = {r.get("trainer", 0): r for r in records}
+    if len(latest) == 1:
+        return records[-1]
+    parts = list(latest.values())
+    out = dict(records[-1])
+    for key in SUMMED:
+        if key in out:
+            out[key] = sum(r.get(key, 0) for r in parts)
+    if "clean" in out:
+        out["clean"] = {k: sum(r["clean"].get(k, 0) for r in parts) for k in out["clean"]}
+    for key, combine in (("step", max), ("known_items", max), ("at_ms", max)):
+        if key in out:
+            out[key] = combine(r[key] for r in parts)
+    started = [r["first_chunk_ms"] for r in parts if r.get("first_chunk_ms")]
+    out["first_chunk_ms"] = min(started) if started else 0
+    out["prequential"] = pooled_quality([r["prequential"] for r in parts if r.get("prequential")])
+    return out
+
+
+def pooled_quality(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Prequential summaries of disjoint sets of users as one: rates weighted by what each was measured over."""
+    if not parts:
+        return None
+    pooled: dict[str, Any] = {k: sum(p.get(k, 0) for p in parts) for k in ("rated", "positives", "events")}
+    weights = {"rmse": "rated", "mae": "rated", "hr": "positives", "ndcg": "positives",
+               "hr_cold_users": "positives_cold_users", "hr_cold_items": "positives_cold_items"}
+    for rate, weight in weights.items():
+        total = sum(p.get(weight, 0) for p in parts)
+        if rate == "rmse":
+            value = math.sqrt(sum(p[rate] ** 2 * p[weight] for p in parts if p.get(weight)) / total) if total else None
+        else:
+            value = sum(p[rate] * p[weight] for p in parts if p.get(weight)) / total if total else None
+        pooled[rate] = value
+        if weight not in pooled:
+            pooled[weight] = total
+    return pooled

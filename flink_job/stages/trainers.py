@@ -1,0 +1,108 @@
+"""User-sharded trainers: which trainer this stage is, which items it publishes, and the exchange of item deltas that
+keeps every trainer's item replica in step (``model.item_sync``, docs/sharding.md).
+
+With ``flink.parallelism`` P > 1 the job runs P trainers, each owning the users of its chunk shards and a replica of
+every item. After every call that trained, a trainer takes what its own training changed on item rows and sends it
+as one delta record, keyed ``"<trainer>:<sequence>"``; every trainer applies the deltas of the others, each
+sequence number of a sender once (a record read twice, as an at-least-once topic may deliver it, is skipped). One
+trainer owns each item (``crc32(id) mod P``) and is the only one that publishes it, so serving never sees competing
+versions of an item; the owner republishes the items that other trainers' deltas moved.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flink_job.stages.events import DeadLetter
+from model.arrays import Array
+from model.idmap import FALLBACK_ROW
+from model.item_delta import decode, encode
+from model.item_sync import ItemSync
+from model.mf import OnlineBiasedMF
+
+STAGE = "item_sync"
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """Trainer ``index`` of ``count`` (the trainer operator's subtask and parallelism)."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"train: trainer {self.index} of {self.count} does not exist")
+
+    def owns_items(self, ids: list[str]) -> Array:
+        """(N,) whether this trainer publishes each item: ``crc32(id) mod count == index``.
+
+        >>> Trainer(0, 2).owns_items(["c", "d"]).tolist(), Trainer(1, 2).owns_items(["c", "d"]).tolist()
+        ([False, True], [True, False])
+        """
+        if self.count == 1:
+            return np.ones(len(ids), bool)
+        return np.array([zlib.crc32(i.encode()) % self.count == self.index for i in ids], bool)
+
+
+def delta_key(sender: int, sequence: int) -> str:
+    return f"{sender}:{sequence}"
+
+
+def parse_delta_key(key: str) -> tuple[int, int]:
+    """``(sender, sequence)`` of a delta record's key; ValueError if it is not one.
+
+    >>> parse_delta_key("3:17")
+    (3, 17)
+    """
+    sender, _, sequence = key.partition(":")
+    return int(sender), int(sequence)
+
+
+class ItemExchange:
+    """One trainer's side of the exchange: its journal (``ItemSync``), the sequence of the deltas it sent and the last
+    sequence it applied per sender. The journal is empty between calls (the stage takes after every call that
+    trained), so the state is two counters, never rows."""
+
+    def __init__(self, trainer: Trainer, model: OnlineBiasedMF) -> None:
+        self.trainer = trainer
+        self.sync = ItemSync(model)
+        self.sent = 0  # deltas sent
+        self.applied: dict[int, int] = {}  # sender -> the last sequence applied
+
+    def state(self) -> dict[str, Any]:
+        return {"sent": self.sent, "applied": dict(self.applied)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.sent = int(state["sent"])
+        self.applied = {int(k): int(v) for k, v in state["applied"].items()}
+
+    def take(self) -> tuple[str, bytes] | None:
+        """This trainer's item changes since the last take as one keyed record, None if there were none."""
+        delta = self.sync.take()
+        if not len(delta) and not (delta.rating_count or delta.events_counted):
+            return None
+        record = delta_key(self.trainer.index, self.sent), encode(delta)
+        self.sent += 1
+        return record
+
+    def apply(self, key: str, payload: bytes) -> tuple[Array | None, DeadLetter | None]:
+        """Applies another trainer's delta record: ``(rows it moved that this trainer owns, None)``; ``(None, None)``
+        for this trainer's own records and repeats; ``(None, dead letter)`` for a record that is not a delta."""
+        try:
+            sender, sequence = parse_delta_key(key)
+            if sender == self.trainer.index or sequence <= self.applied.get(sender, -1):
+                return None, None
+            delta = decode(payload)
+            self.sync.apply(delta)
+        except ValueError as ex:
+            return None, DeadLetter("bad_item_delta", STAGE, f"key {key!r}, {len(payload)} bytes", -1, -1,
+                                    str(ex)[:200])
+        self.applied[sender] = sequence
+        rows = self.sync.model.items.lookup(delta.ids)
+        known = rows != FALLBACK_ROW
+        owned = self.trainer.owns_items([i for i, k in zip(delta.ids, known) if k])
+        return rows[known][owned], None

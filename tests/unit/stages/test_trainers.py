@@ -1,0 +1,138 @@
+"""User-sharded trainers as plain Python: two stages, each fed its own users, exchanging item deltas as the job's
+delta topic carries them (``flink_job.stages.trainers``)."""
+from __future__ import annotations
+
+import json
+import zlib
+
+import numpy as np
+import orjson
+import pytest
+
+from flink_job.config import JobConfig
+from flink_job.stages.train import TrainStage
+from flink_job.stages.train_output import Output, combine_latest
+from flink_job.stages.trainers import Trainer
+
+NOW = 1_800_000_000_000
+CFG = JobConfig.load(overrides=["batch.size=32", "publish.interval_ms=0", "publish.item_interval_ms=0",
+                                "publish.negative_tolerance=0"])
+
+
+def line(n: int) -> str:
+    rng = np.random.default_rng(n)
+    d = {"event_id": f"e{n}", "user_id": f"u{n % 23}", "item_id": f"i{int(rng.integers(40))}", "action": "rating",
+         "value": float(rng.integers(1, 6)), "ts": NOW - 100_000 + n}
+    return f"0,{n},{json.dumps(d)}"
+
+
+def user_trainer(text: str, count: int = 2) -> int:
+    return zlib.crc32(json.loads(text.split(",", 2)[2])["user_id"].encode()) % count
+
+
+def published_items(out: Output) -> set[str]:
+    return {k.split(":", 1)[1] for k, v in out.embeddings if k.startswith("item:") and v is not None}
+
+
+def run_pair(n_events: int = 400) -> tuple[list[TrainStage], list[set[str]]]:
+    """Two trainers, each fed its users' events a chunk at a time, each delta handed to the other at once."""
+    stages = [TrainStage(CFG, Trainer(i, 2)) for i in range(2)]
+    published: list[set[str]] = [set(), set()]
+    lines = [line(n) for n in range(n_events)]
+    for start in range(0, n_events, 40):
+        for i, stage in enumerate(stages):
+            chunk = [t for t in lines[start:start + 40] if user_trainer(t) == i]
+            out = stage.call(("chunk", NOW + start, (i, chunk)))
+            published[i] |= published_items(out)
+            for key, payload in out.deltas:
+                received = stages[1 - i].call(("delta", NOW + start, (key, payload)))
+                published[1 - i] |= published_items(received)
+    for i, stage in enumerate(stages):  # the partial batches
+        out = stage.on_time(NOW + 10**9)
+        published[i] |= published_items(out)
+        for key, payload in out.deltas:
+            published[1 - i] |= published_items(stages[1 - i].on_delta(key, payload, NOW + 10**9))
+    return stages, published
+
+
+def test_the_replicas_agree_and_each_item_is_published_by_its_owner_only() -> None:
+    stages, published = run_pair()
+    a, b = (s.model for s in stages)
+    assert set(a.items.ids(np.arange(1, len(a.items) + 1))) == set(b.items.ids(np.arange(1, len(b.items) + 1)))
+    ids = [i for i in a.items.ids(np.arange(1, len(a.items) + 1)) if i]
+    va = a.vectors("item", a.items.lookup(ids))
+    vb = b.vectors("item", b.items.lookup(ids))
+    assert np.allclose(va[0], vb[0], atol=1e-5) and np.allclose(va[1], vb[1], atol=1e-5)
+    assert a.global_mean == pytest.approx(b.global_mean)
+    for i in range(2):
+        assert published[i] and all(Trainer(i, 2).owns_items(sorted(published[i])))
+    # Every item trained on is published, by one trainer, also those only the other trainer's users rated.
+    assert published[0] | published[1] == set(ids) and not published[0] & published[1]
+    # The users are split: each trainer holds only its own.
+    for i, stage in enumerate(stages):
+        users = [u for u in stage.model.users.ids(np.arange(1, len(stage.model.users) + 1)) if u]
+        assert users and all(zlib.crc32(u.encode()) % 2 == i for u in users)
+
+
+def test_own_and_repeated_deltas_are_skipped_and_a_bad_one_is_a_dead_letter() -> None:
+    stages = [TrainStage(CFG, Trainer(i, 2)) for i in range(2)]
+    out = stages[0].on_chunk([line(n) for n in range(64) if user_trainer(line(n)) == 0], NOW)
+    assert out.batches and len(out.deltas) == 1
+    key, payload = out.deltas[0]
+    assert key == "0:0"
+    before = stages[0].state_bytes()
+    assert stages[0].on_delta(key, payload, NOW).dead_letters == []  # its own: nothing happens
+    assert stages[1].on_delta(key, payload, NOW).dead_letters == []
+    moved = stages[1].model.item_table.params.clone()
+    stages[1].on_delta(key, payload, NOW)  # read twice: applied once
+    assert bool((stages[1].model.item_table.params == moved).all())
+    assert stages[1].exchange is not None and stages[1].exchange.applied == {0: 0}
+    bad = stages[1].on_delta("0:1", b"not a delta", NOW)
+    assert [(d.reason, d.stage) for d in bad.dead_letters] == [("bad_item_delta", "item_sync")]
+    assert stages[1].exchange.applied == {0: 0}
+    sender = TrainStage.from_bytes(CFG, before, Trainer(0, 2)).exchange
+    assert sender is not None and sender.state() == {"sent": 1, "applied": {}}
+
+
+def test_the_exchange_survives_a_snapshot_and_another_number_of_trainers_is_refused() -> None:
+    stages, _ = run_pair(200)
+    restored = TrainStage.from_bytes(CFG, stages[1].state_bytes(), Trainer(1, 2))
+    assert restored.exchange is not None and stages[1].exchange is not None
+    assert restored.exchange.state() == stages[1].exchange.state() and restored.exchange.applied
+    for other in (Trainer(), Trainer(1, 4)):
+        with pytest.raises(ValueError, match="2 user-sharded trainers"):
+            TrainStage.from_bytes(CFG, stages[1].state_bytes(), other)
+    with pytest.raises(ValueError, match="1 user-sharded trainers"):
+        TrainStage.from_bytes(CFG, TrainStage(CFG).state_bytes(), Trainer(0, 2))
+
+
+def test_a_replayed_call_log_rebuilds_the_replica() -> None:
+    """A restore replays the logged calls, deltas among them, and rebuilds the same replica."""
+    stages = [TrainStage(CFG, Trainer(i, 2)) for i in range(2)]
+    calls = []
+    for start in range(0, 200, 40):
+        out = stages[0].call(("chunk", NOW + start, (0, [line(n) for n in range(start, start + 40)
+                                                         if user_trainer(line(n)) == 0])))
+        for key, payload in out.deltas:
+            call = ("delta", NOW + start, (key, payload))
+            calls.append(call)
+            stages[1].call(call)
+    replayed = TrainStage.restore(CFG, None, calls, Trainer(1, 2))
+    assert bool((replayed.model.item_table.params == stages[1].model.item_table.params).all())
+
+
+def test_stats_records_of_several_trainers_combine() -> None:
+    stages, _ = run_pair()
+    records = []
+    for stage in stages:
+        out = stage.on_chunk([], NOW + 10**9 + 1)
+        records += [orjson.loads(s) for s in out.stats] or [orjson.loads(stage._stats("probe"))]
+    assert {r["trainer"] for r in records} == {0, 1}
+    whole = combine_latest(records)
+    assert whole["received"] == 400 == sum(s.counters.received for s in stages)
+    assert whole["trained"] == sum(s.counters.trained for s in stages)
+    q = [s.quality.summary() for s in stages if s.quality]
+    rated = sum(x["rated"] for x in q)
+    assert whole["prequential"]["rated"] == rated
+    assert whole["prequential"]["rmse"] == pytest.approx(np.sqrt(sum(x["rmse"] ** 2 * x["rated"] for x in q) / rated))
+
