@@ -263,14 +263,18 @@ def create_topics(bootstrap: str, topics: dict[str, dict[str, str]], partitions:
 
 
 def job_topics(cfg: object) -> dict[str, dict[str, str]]:
-    """The job's topics and their configs: the embeddings topic is compacted (a changelog of the latest vectors)."""
+    """The job's topics and their configs: the embeddings topic is compacted (a changelog of the latest vectors);
+    user-sharded trainers (``flink.parallelism`` > 1) add the item-delta topic."""
     k = cfg.kafka  # type: ignore[attr-defined]
-    return {
+    topics: dict[str, dict[str, str]] = {
         k.input_topic: {},
         k.embeddings_topic: {"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.1", "segment.ms": "600000"},
         k.dead_letter_topic: {},
         k.stats_topic: {},
     }
+    if cfg.flink.parallelism > 1:  # type: ignore[attr-defined]
+        topics[k.item_delta_topic] = {}
+    return topics
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,6 +48,8 @@ class KafkaConfig:
     embeddings_topic: str = "streamrec.embeddings"
     dead_letter_topic: str = "streamrec.dead-letters"
     stats_topic: str = "streamrec.job-stats"
+    # User-sharded trainers (flink.parallelism > 1) exchange their item changes through this topic (docs/sharding.md).
+    item_delta_topic: str = "streamrec.item-deltas"
     group_id: str = "streamrec-job"
     start_from: str = "earliest"  # earliest | latest | committed
     # Extra Kafka client settings for every source and sink (security.protocol, sasl.*, ssl.*); secrets only as
@@ -344,6 +346,12 @@ class JobConfig:
     flink: FlinkConfig = field(default_factory=FlinkConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.flink.parallelism < 1 or self.batch.shards < self.flink.parallelism:
+            raise ValueError(f"config: flink.parallelism (the number of trainers) must be >= 1 and at most "
+                             f"batch.shards (each trainer owns whole user shards), got {self.flink.parallelism} "
+                             f"and {self.batch.shards}")
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:

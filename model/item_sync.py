@@ -25,6 +25,7 @@ True
 """
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -69,6 +70,7 @@ class ItemSync:
         r = r[r != FALLBACK_ROW]
         if not len(r):
             return
+        self._seed_unmoved(r)
         s = self._slots(r)
         gen = self.table.generation[r]
         stale = s >= 0
@@ -85,6 +87,20 @@ class ItemSync:
         for name in _COLUMNS:
             self.base[name][at] = getattr(self.table, name)[idx]
         self.base_pop[where] = self.model.extras.pop_log[take]
+
+    def _seed_unmoved(self, rows: Array) -> None:
+        """Rows never moved (no step, update or event: new, or recycled for a new id) start from a vector drawn from
+        their id (``seeded_vectors``), not from the table's order of admission. Two replicas that admit the same
+        item in the same exchange period then start it alike: with each one's own random start they differed by
+        that noise for good."""
+        t = self.table
+        idx = torch.from_numpy(rows).to(t.device)
+        unmoved = ((t.steps[idx] == 0) & (t.updates[idx] == 0) & (t.events[idx] == 0)).cpu().numpy()
+        if not unmoved.any():
+            return
+        r = rows[unmoved]
+        vectors = seeded_vectors(self.model.items.ids(r), t.dim, t.init_std, self.model.config.seed)
+        t.params[torch.from_numpy(r).to(t.device), : t.dim] = torch.from_numpy(vectors).to(t.device, t.params.dtype)
 
     def _slots(self, rows: Array) -> Array:
         """(N,) the slots of ``rows`` (N,); -1 for rows without a base copy."""
@@ -144,6 +160,7 @@ class ItemSync:
                              f"a table of dim {t.dim} (moments {t.moment.shape[1]})")
         rows, new = self._rows(delta.ids)
         own = rows != FALLBACK_ROW
+        self._seed_unmoved(rows[own & new])
         fresh = np.zeros(len(rows), bool)
         fresh[delta.origin_index] = True
         start = own & new & fresh
@@ -194,6 +211,20 @@ class ItemSync:
         m.lifecycle.clock_ms = max(m.lifecycle.clock_ms, delta.clock_ms)
         s = self._scalars
         self._scalars = (s[0] + delta.rating_sum, s[1] + delta.rating_count, s[2] + delta.events_counted)
+
+
+def seeded_vectors(ids: list[str], dim: int, std: float, seed: int) -> Array:
+    """(N, dim) float32: a normal vector of standard deviation ``std`` per id, a function of the id and ``seed``.
+
+    >>> a, b = seeded_vectors(["x", "y"], 4, 0.1, 0), seeded_vectors(["y"], 4, 0.1, 0)
+    >>> bool(np.array_equal(a[1], b[0])), bool(np.array_equal(a[0], a[1]))
+    (True, False)
+    """
+    out = np.empty((len(ids), dim), np.float32)
+    for n, ident in enumerate(ids):
+        key = int.from_bytes(hashlib.blake2b(ident.encode(), digest_size=8).digest(), "little")
+        out[n] = np.random.default_rng([seed, key]).standard_normal(dim) * std
+    return out
 
 
 def _log_added(old: Array, new: Array) -> Array:

@@ -27,6 +27,7 @@ from flink_job.config import JobConfig
 from flink_job.kafka.produce import Record
 from flink_job.secrets import write_private
 from flink_job.stages.publish import decode
+from flink_job.stages.train_output import combine_latest
 from flink_job.kafka.topics import Follower, read_all
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -141,7 +142,7 @@ def assert_reconciled(cfg: JobConfig, truth: Truth) -> dict[str, dict[str, Any]]
     stats = [orjson.loads(v) for _k, v, _p, _o in sorted(read_all(bootstrap, cfg.kafka.stats_topic, True),
                                                          key=lambda r: (r[2], r[3]))]
     assert stats, "no committed stats record"
-    last = stats[-1]
+    last = combine_latest(stats)  # of user-sharded trainers, each one's last record
     counts = {k: last[k] for k in ("received", "trained", "dead_lettered", "near_duplicates")}
     assert counts == {"received": truth.received, "trained": truth.valid, "dead_lettered": truth.malformed,
                       "near_duplicates": 0}, f"stats {counts} for {truth.total} records"
@@ -187,6 +188,7 @@ def fresh_topics(bootstrap: str, prefix: str, tmp_path: Path, overrides: list[st
         f"kafka.embeddings_topic={run}.embeddings",
         f"kafka.dead_letter_topic={run}.dead-letters",
         f"kafka.stats_topic={run}.stats",
+        f"kafka.item_delta_topic={run}.item-deltas",
         f"kafka.group_id={run}",
         f"flink.checkpoint_dir={(tmp_path / 'checkpoints').as_uri()}",
         *(overrides or []),

@@ -25,6 +25,7 @@ import yaml
 from flink_job.config import PROJECT_ROOT, JobConfig
 from flink_job.secrets import open_private_log, write_private
 from flink_job.kafka.topics import Follower
+from flink_job.stages.train_output import combine_latest
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ class RunResult:
 
     @property
     def last(self) -> dict[str, Any]:
-        return self.stats[-1] if self.stats else {}
+        """The job's cumulative figures: the last record, or of user-sharded trainers each one's last, combined."""
+        return combine_latest(self.stats)
 
     @property
     def first_chunk_s(self) -> float:

@@ -20,6 +20,8 @@ from flink_job.config import JobConfig
 
 SOURCE_TABLE = "raw_events"
 CHUNK_VIEW = "event_chunks"
+DELTA_TABLE = "item_deltas"
+DELTA_VIEW = "routed_item_deltas"
 EVENT_KEY = "streamrec.EventKey"  # in the jar deploy.jars.udf_jar builds from flink_job/flink/jvm
 
 
@@ -79,8 +81,11 @@ def source_ddl(cfg: JobConfig, bounded: bool = False) -> str:
 )"""
 
 
-def chunk_views(cfg: JobConfig) -> list[str]:
-    """Views: ids extracted -> de-duplicated by (user, event id) -> chunked per processing-time window and shard."""
+def chunk_views(cfg: JobConfig, route_keys: list[int] | None = None) -> list[str]:
+    """Views: ids extracted -> de-duplicated by (user, event id) -> chunked per processing-time window and shard.
+
+    ``route_keys``: of user-sharded trainers, the key that reaches each trainer (``topology.route_keys``); a chunk
+    of shard ``s`` goes to trainer ``s mod len(route_keys)``. None: one trainer, key 0."""
     line = "CONCAT_WS(',', CAST(`partition` AS STRING), CAST(`offset` AS STRING), payload)"
     # The de-duplication key is one string, user and event id joined by a unit separator (ids with control
     # characters are dead-lettered by the parser). A record without both ids, or not well-formed, gets its input
@@ -103,15 +108,54 @@ SELECT user_id, line, proc FROM (
   FROM keyed_events
 ) WHERE rn = 1"""
     seconds = cfg.batch.chunk_ms / 1000.0
-    # k: the trainer's key. One model, so one key; the row is shaped (key, value) so that the JVM can key the
-    # stream itself (see topology.key_by_first_field) instead of a Python key selector copying every chunk.
+    shard = f"MOD(ABS(HASH_CODE(COALESCE(user_id, ''))), {cfg.batch.shards})"
+    # k: the trainer's key, one per trainer; the row is shaped (key, value) so that the JVM can key the stream
+    # itself (see topology.key_by_first_field) instead of a Python key selector copying every chunk.
+    key = "0" if not route_keys else (
+        f"CASE MOD({shard}, {len(route_keys)}) "
+        + " ".join(f"WHEN {i} THEN {k}" for i, k in enumerate(route_keys)) + " END")
     chunks = f"""CREATE TEMPORARY VIEW {CHUNK_VIEW} AS
-SELECT 0 AS k,
-       CAST(ROW(MOD(ABS(HASH_CODE(COALESCE(user_id, ''))), {cfg.batch.shards}), ARRAY_AGG(line))
-            AS ROW<shard INT, lines ARRAY<STRING>>) AS chunk
+SELECT {key} AS k,
+       CAST(ROW({shard}, ARRAY_AGG(line)) AS ROW<shard INT, lines ARRAY<STRING>>) AS chunk
 FROM TABLE(TUMBLE(TABLE deduped_events, DESCRIPTOR(proc), INTERVAL '{seconds:.3f}' SECOND))
-GROUP BY window_start, window_end, MOD(ABS(HASH_CODE(COALESCE(user_id, ''))), {cfg.batch.shards})"""
+GROUP BY window_start, window_end, {shard}"""
     return [keyed, deduped, chunks]
+
+
+def delta_source_ddl(cfg: JobConfig, start_ms: int) -> str:
+    """The item-delta topic read back by user-sharded trainers: ``(sender, payload)``, the record key (the sending
+    trainer and its sequence) and the encoded delta. Read committed: with ``publish.delivery: exactly_once`` a
+    trainer sees another's delta once that one's checkpoint has completed. A new job starts at ``start_ms`` (its
+    build time), so the deltas of an earlier job on the same topic are not applied; a restored one where its
+    checkpoint was."""
+    opts = kafka_options(cfg, cfg.kafka.item_delta_topic)
+    opts.update(
+        {
+            "properties.group.id": f"{cfg.kafka.group_id}-item-deltas",
+            "properties.isolation.level": "read_committed",
+            "scan.startup.mode": "timestamp",
+            "scan.startup.timestamp-millis": str(start_ms),
+            "key.format": "raw",
+            "key.fields": "sender",
+            "value.format": "raw",
+            "value.fields-include": "EXCEPT_KEY",
+        }
+    )
+    return f"""CREATE TEMPORARY TABLE {DELTA_TABLE} (
+  sender STRING,
+  payload BYTES
+) WITH (
+  {_with(opts)}
+)"""
+
+
+def delta_view(route_keys: list[int]) -> str:
+    """Every delta record once per trainer, keyed by that trainer's route key: one projection per key, unioned.
+    (A CROSS JOIN UNNEST over an array of the keys was planned as a regular join against a bounded VALUES input,
+    whose state kept every record and whose finished task blocked checkpoints.)"""
+    selects = [f"SELECT {k} AS k, CAST(ROW(sender, payload) AS ROW<sender STRING, payload BYTES>) AS delta "
+               f"FROM {DELTA_TABLE}" for k in route_keys]
+    return f"CREATE TEMPORARY VIEW {DELTA_VIEW} AS\n" + "\nUNION ALL\n".join(selects)
 
 
 def sink_ddl(cfg: JobConfig, table: str, topic: str, value_type: str = "STRING") -> str:

@@ -3,19 +3,27 @@
     raw_events (Kafka, raw)          # (payload, partition, offset, proc)
     -> keyed_events                  # (user_id, dedup_key, line)        EVENT_KEY in the JVM
     -> deduped_events                # first of each dedup_key only      Flink's de-duplication operator
-    -> event_chunks                  # (0, (shard, [line]))              processing-time window, ARRAY_AGG
+    -> event_chunks                  # (k, (shard, [line]))              processing-time window, ARRAY_AGG
     -> keyed in the JVM -> train      # Python, one call per chunk: parse, validate, batch, learn
-       -> stage output               # (embeddings {k: v}, dead_letters [v], stats [v]), one row per call
+       -> stage output               # (embeddings {k: v}, dead_letters [v], stats [v], deltas {k: v}), a row a call
           -> UNNEST(embeddings)      # (k, v)                            -> embeddings topic
           -> UNNEST(dead_letters)    # (partition-offset, v)             -> dead-letter topic
           -> UNNEST(stats)           # ("stats", v)                      -> job-stats topic
+          -> UNNEST(deltas)          # (trainer:sequence, delta)         -> item-delta topic (P > 1)
+
+With ``flink.parallelism`` P > 1 the trainer runs as P subtasks, each owning whole user shards (``k`` routes shard
+``s`` to trainer ``s mod P``), and reads the item-delta topic back as its second input, every record once per
+trainer (docs/sharding.md). The SQL part stays one subtask whatever P is: at P it de-duplicated in parallel and
+merged the subtasks' outputs per window, which reordered a user's events inside a chunk.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from pyflink.common import Configuration, Types
 from pyflink.datastream import DataStream, KeyedStream, StreamExecutionEnvironment
@@ -23,12 +31,13 @@ from pyflink.table import StreamTableEnvironment
 
 from flink_job.flink import sql
 from flink_job.config import PROJECT_ROOT, JobConfig
-from flink_job.flink.outputs import CHUNK, STAGE_OUTPUT
+from flink_job.flink.outputs import CHUNK, DELTA, STAGE_OUTPUT
 from flink_job.flink.train_function import make_train_function
 from flink_job.flink.worker import embedded_python_path
 
 log = logging.getLogger(__name__)
 TRAIN = "train"
+ONE_TRAINER_MAX_PARALLELISM = 128  # what Flink chose by default for one subtask, which older checkpoints hold
 
 
 def flink_configuration(cfg: JobConfig, jars: list[Path]) -> Configuration:
@@ -39,7 +48,7 @@ def flink_configuration(cfg: JobConfig, jars: list[Path]) -> Configuration:
         "pipeline.jars": ";".join(jar.resolve().as_uri() for jar in jars),
         "pipeline.object-reuse": "true",
         "table.exec.uid.generation": "ALWAYS",  # SQL operators get stable uids from the plan
-        "parallelism.default": str(cfg.flink.parallelism),
+        "parallelism.default": "1",  # the JVM stages; the trainers run at flink.parallelism (build)
         "python.execution-mode": cfg.flink.python_execution_mode,
         "execution.checkpointing.interval": f"{cfg.flink.checkpoint_interval_ms} ms",
         "execution.checkpointing.storage": "filesystem",
@@ -107,16 +116,24 @@ def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnviron
     t_env = StreamTableEnvironment.create(env)
     sql.register_functions(t_env)
     t_env.execute_sql(sql.source_ddl(cfg))
-    for view in sql.chunk_views(cfg):
+    trainers = cfg.flink.parallelism
+    keys = route_keys(trainers) if trainers > 1 else None
+    for view in sql.chunk_views(cfg, keys):
         t_env.execute_sql(view)
 
-    chunks = key_by_first_field(t_env.to_data_stream(t_env.from_path(sql.CHUNK_VIEW)))  # (shard, [line])
-    trained = (
-        chunks.process(make_train_function(cfg), output_type=STAGE_OUTPUT)
-        .name(TRAIN)
-        .uid(TRAIN)
-        .set_parallelism(1)  # one model; the JVM stages before it scale out
-    )  # (embeddings: {key: bytes}, dead_letters: [json], stats: [json])
+    chunks = key_by_first_field(t_env.to_data_stream(t_env.from_path(sql.CHUNK_VIEW)), CHUNK)  # (shard, [line])
+    if keys is None:
+        trained = chunks.process(make_train_function(cfg), output_type=STAGE_OUTPUT)
+    else:
+        t_env.execute_sql(sql.delta_source_ddl(cfg, int(time.time() * 1000)))
+        t_env.execute_sql(sql.delta_view(keys))
+        deltas = key_by_first_field(t_env.to_data_stream(t_env.from_path(sql.DELTA_VIEW)), DELTA)
+        trained = chunks.connect(deltas).process(make_train_function(cfg), output_type=STAGE_OUTPUT)
+    # The trainers' max parallelism is their number: a key group per trainer, and Flink refuses to restore their
+    # state at another number (each holds its own users' rows). One trainer keeps Flink's default for one, 128.
+    trained = (trained.name(TRAIN).uid(TRAIN).set_parallelism(trainers)
+               .set_max_parallelism(trainers if trainers > 1 else ONE_TRAINER_MAX_PARALLELISM))
+    # (embeddings: {key: bytes}, dead_letters: [json], stats: [json], deltas: {key: bytes})
 
     t_env.create_temporary_view("stage_output", t_env.from_data_stream(trained))
     sinks = {  # table: (topic, value type); embeddings may be binary records (publish.format)
@@ -124,6 +141,8 @@ def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnviron
         "dead_letter_sink": (cfg.kafka.dead_letter_topic, "STRING"),
         "stats_sink": (cfg.kafka.stats_topic, "STRING"),
     }
+    if keys is not None:
+        sinks["item_delta_sink"] = (cfg.kafka.item_delta_topic, "BYTES")
     for table, (topic, value_type) in sinks.items():
         t_env.execute_sql(sql.sink_ddl(cfg, table, topic, value_type))
 
@@ -136,12 +155,35 @@ def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnviron
         " FROM stage_output CROSS JOIN UNNEST(dead_letters) AS d(v)"
     )
     statements.add_insert_sql("INSERT INTO stats_sink SELECT 'stats', s FROM stage_output CROSS JOIN UNNEST(stats) AS t(s)")
+    if keys is not None:
+        statements.add_insert_sql(
+            "INSERT INTO item_delta_sink SELECT d.k, d.v FROM stage_output CROSS JOIN UNNEST(deltas) AS d(k, v)"
+        )
     statements.attach_as_datastream()
     return t_env
 
 
-def key_by_first_field(stream: DataStream) -> KeyedStream:
-    """Keys a ``(k INT, chunk ROW)`` stream from SQL by ``k`` inside the JVM.
+def route_keys(trainers: int) -> list[int]:
+    """For each trainer subtask, the smallest key ``k`` that Flink sends to it when the trainers' max parallelism
+    is their number (``KeyGroupRangeAssignment``, on the key ``KeyByKeySelector`` makes of ``k``), so that user
+    shards spread evenly over the trainers rather than as their hashes fall."""
+    from pyflink.java_gateway import get_gateway
+
+    jvm = get_gateway().jvm
+    selector = jvm.KeyByKeySelector()
+    assignment = jvm.org.apache.flink.runtime.state.KeyGroupRangeAssignment
+    keys: dict[int, int] = {}
+    k = 0
+    while len(keys) < trainers:
+        row = jvm.org.apache.flink.types.Row(2)
+        row.setField(0, k)
+        keys.setdefault(assignment.assignKeyToParallelOperator(selector.getKey(row), trainers, trainers), k)
+        k += 1
+    return [keys[i] for i in range(trainers)]
+
+
+def key_by_first_field(stream: DataStream, value_type: Any) -> KeyedStream:
+    """Keys a ``(k INT, value ROW)`` stream from SQL by ``k`` inside the JVM.
 
     ``DataStream.key_by`` would run a Python key selector that receives and returns every chunk, a second trip
     of all the data through a Python worker. Instead the stream gets the row type PyFlink's keyed operators
@@ -150,6 +192,6 @@ def key_by_first_field(stream: DataStream) -> KeyedStream:
     from pyflink.java_gateway import get_gateway
 
     gateway = get_gateway()
-    stream._j_data_stream.getTransformation().setOutputType(Types.ROW([Types.INT(), CHUNK]).get_java_type_info())
+    stream._j_data_stream.getTransformation().setOutputType(Types.ROW([Types.INT(), value_type]).get_java_type_info())
     j_keyed = stream._j_data_stream.keyBy(gateway.jvm.KeyByKeySelector(), Types.ROW([Types.INT()]).get_java_type_info())
-    return KeyedStream(j_keyed, CHUNK, stream)
+    return KeyedStream(j_keyed, value_type, stream)

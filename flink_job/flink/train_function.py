@@ -1,6 +1,7 @@
 """The Flink shell of the training stage: a ``KeyedProcessFunction`` that owns one ``TrainStage``, keeps it in keyed
 state (``flink_job.flink.stage_log``), registers the flush timer, reports metrics and hands the stage's outputs on
-as one row per call (``flink_job.flink.outputs.STAGE_OUTPUT``).
+as one row per call (``flink_job.flink.outputs.STAGE_OUTPUT``). User-sharded trainers (``flink.parallelism`` > 1)
+are a ``KeyedCoProcessFunction`` of the same shell, whose second input is the other trainers' item deltas.
 
 ``TrainFunction`` is a module-level class, so a TaskManager unpickles it by importing this module, which imports
 torch off the task thread before anything imports the stage (see below).
@@ -20,15 +21,16 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 from pyflink.common import Row, Types  # noqa: E402
-from pyflink.datastream import KeyedProcessFunction, RuntimeContext  # noqa: E402
+from pyflink.datastream import KeyedCoProcessFunction, KeyedProcessFunction, RuntimeContext  # noqa: E402
 from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor  # noqa: E402
 
 from flink_job.config import JobConfig  # noqa: E402
 from flink_job.flink.gauges import SetGauge  # noqa: E402
 from flink_job.flink.stage_log import BundleSnapshots, StageLog  # noqa: E402
-from flink_job.stages.calls import CHUNK, TIMER, Call  # noqa: E402
+from flink_job.stages.calls import CHUNK, DELTA, TIMER, Call  # noqa: E402
 from flink_job.stages.clean import COUNTERS  # noqa: E402
 from flink_job.stages.train import STAGE, Output, TrainStage  # noqa: E402
+from flink_job.stages.trainers import Trainer  # noqa: E402
 from model.mf import gpu_count  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ QUALITY_GAUGES = (("rmseMicro", "rmse", 1e6), ("maeMicro", "mae", 1e6), ("hitRat
 
 
 def make_train_function(cfg: JobConfig) -> TrainFunction:
-    return TrainFunction(cfg)
+    return TrainFunction(cfg) if cfg.flink.parallelism == 1 else ShardedTrainFunction(cfg)
 
 
 def subtask_index(runtime_context: RuntimeContext) -> int:
@@ -65,6 +67,7 @@ class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
         self.stage: TrainStage | None = None
+        self.trainer = Trainer()
 
     def open(self, runtime_context: RuntimeContext) -> None:
         cfg = self.cfg
@@ -76,7 +79,9 @@ class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
         self.torch: Direct | TorchThread = TorchThread() if thread_mode else Direct()
         # Parallel trainers spread over the machine's GPUs (model.config.subtask_device); one GPU or none: unchanged.
         gpus = self.torch.call(gpu_count)
-        self.cfg = cfg = cfg.on_subtask(subtask_index(runtime_context), gpus)
+        index = subtask_index(runtime_context)
+        self.trainer = Trainer(index, cfg.flink.parallelism)  # the operator runs at flink.parallelism (topology)
+        self.cfg = cfg = cfg.on_subtask(index, gpus)
         # The whole stage lives in keyed state (one key: one model), restored on the first call after a restart; how
         # it is written depends on the mode (flink_job.flink.stage_log).
         snapshot = runtime_context.get_state(ValueStateDescriptor("stage", Types.PICKLED_BYTE_ARRAY()))
@@ -105,11 +110,11 @@ class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
     def _stage(self) -> TrainStage:
         if self.stage is None:
             saved, calls = self.log.load()
-            self.stage = self.torch.call(TrainStage.restore, self.cfg, saved, calls)
+            self.stage = self.torch.call(TrainStage.restore, self.cfg, saved, calls, self.trainer)
             self.clean_reported = dict(self.stage.cleaner.counts)  # metrics count from this run's start
             m = self.stage.model
-            log.info("train: %s; model on %s with %d users, %d items, step %d; batch size %d",
-                     "new" if saved is None and not calls else
+            log.info("train: trainer %d of %d %s; model on %s with %d users, %d items, step %d; batch size %d",
+                     self.trainer.index, self.trainer.count, "new" if saved is None and not calls else
                      f"restored ({'a snapshot' if saved is not None else 'no snapshot'} and {len(calls)} calls)",
                      m.device, len(m.users), len(m.items), m.step, self.cfg.batch.size)
         return self.stage
@@ -149,8 +154,8 @@ class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
             if counter is None:
                 counter = self.reason_counters[d.reason] = self.m_reasons.counter(d.reason)
             counter.inc()
-        if out.embeddings or out.dead_letters or out.stats:
-            yield Row(dict(out.embeddings), [d.to_json() for d in out.dead_letters], out.stats)
+        if out.embeddings or out.dead_letters or out.stats or out.deltas:
+            yield Row(dict(out.embeddings), [d.to_json() for d in out.dead_letters], out.stats, dict(out.deltas))
         self._report_counts(out)
         if out.batches:
             self._report_quality()
@@ -193,3 +198,15 @@ class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
             if delta:
                 self.m_clean[name].inc(delta)
                 self.clean_reported[name] = n
+
+
+class ShardedTrainFunction(TrainFunction, KeyedCoProcessFunction):  # type: ignore[misc]
+    """One of several user-sharded trainers: input 1 its users' chunks, input 2 every trainer's item deltas (its
+    own are skipped by the stage)."""
+
+    def process_element1(self, value: Row, ctx: KeyedCoProcessFunction.Context) -> Iterator[object]:
+        yield from self.process_element(value, ctx)
+
+    def process_element2(self, value: Row, ctx: KeyedCoProcessFunction.Context) -> Iterator[object]:
+        call = (DELTA, ctx.timer_service().current_processing_time(), (str(value[0]), bytes(value[1])))
+        yield from self._call(call, ctx)

@@ -38,6 +38,7 @@ class Publisher:
         self.cfg = cfg
         self.recent_items_of = recent_items_of
         self.trainer = trainer or Trainer()
+        self.deltas_applied = 0  # other trainers' deltas applied so far: set by the stage, part of the version
         self.dirty_users = DirtyRows()
         self.dirty_items = DirtyRows()
         # (bias, vector) of each row as last published: bounded by the model's rows. Not checkpointed: after a
@@ -151,7 +152,8 @@ class Publisher:
         at most ``publish.max_records`` of them: users first, the rest stay pending for the next publish.
         Returns how many users and items it published.
 
-        A record's ``version`` is the model step it was published at, so it grows per id even across an expiry
+        A record's ``version`` is the model step it was published at (of user-sharded trainers plus the other
+        trainers' deltas applied, which also move items), so it grows per id even across an expiry
         and a re-admission (which restart the row's update count)."""
         cap = self.cfg.max_records
         rows, ts, parts, offs = self.dirty_users.drain(cap, users)
@@ -179,7 +181,7 @@ class Publisher:
         vectors, biases, updates = model.vectors(kind, rows)
         seen = self.recent_items_of(ids) if kind == "user" else None
         out.embeddings.extend(
-            encode_records(kind, ids, vectors, biases, updates, model.step, ts, parts, offs,
+            encode_records(kind, ids, vectors, biases, updates, model.step + self.deltas_applied, ts, parts, offs,
                            model.event_counts(kind, rows), seen, self.cfg.format)
         )
         model.mark_published(kind, rows)

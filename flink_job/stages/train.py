@@ -110,6 +110,7 @@ class TrainStage:
         if stage.exchange is not None:
             stage.exchange = ItemExchange(stage.trainer, stage.model)
             stage.exchange.load_state(state["exchange"])
+            stage.publisher.deltas_applied = stage.exchange.applied_count
         for name, value in state["stage"].items():
             setattr(stage, name, value)
         stage.counters.load_state(state["counters"])
@@ -201,6 +202,7 @@ class TrainStage:
         if self.exchange is None:
             raise ValueError("train: an item delta reached the only trainer")
         rows, dead = self.exchange.apply(key, payload)
+        self.publisher.deltas_applied = self.exchange.applied_count
         if dead is not None:
             log.warning("train: item delta record %r is not a delta: %s", key, dead.detail)
             out.dead_letters.append(dead)

@@ -72,13 +72,15 @@ class ItemExchange:
         self.sync = ItemSync(model)
         self.sent = 0  # deltas sent
         self.applied: dict[int, int] = {}  # sender -> the last sequence applied
+        self.applied_count = 0  # deltas applied
 
     def state(self) -> dict[str, Any]:
-        return {"sent": self.sent, "applied": dict(self.applied)}
+        return {"sent": self.sent, "applied": dict(self.applied), "applied_count": self.applied_count}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.sent = int(state["sent"])
         self.applied = {int(k): int(v) for k, v in state["applied"].items()}
+        self.applied_count = int(state["applied_count"])
 
     def take(self) -> tuple[str, bytes] | None:
         """This trainer's item changes since the last take as one keyed record, None if there were none."""
@@ -102,6 +104,7 @@ class ItemExchange:
             return None, DeadLetter("bad_item_delta", STAGE, f"key {key!r}, {len(payload)} bytes", -1, -1,
                                     str(ex)[:200])
         self.applied[sender] = sequence
+        self.applied_count += 1
         rows = self.sync.model.items.lookup(delta.ids)
         known = rows != FALLBACK_ROW
         owned = self.trainer.owns_items([i for i, k in zip(delta.ids, known) if k])

@@ -34,19 +34,23 @@ def published_items(out: Output) -> set[str]:
     return {k.split(":", 1)[1] for k, v in out.embeddings if k.startswith("item:") and v is not None}
 
 
-def run_pair(n_events: int = 400) -> tuple[list[TrainStage], list[set[str]]]:
-    """Two trainers, each fed its users' events a chunk at a time, each delta handed to the other at once."""
+def run_pair(n_events: int = 400, concurrent: bool = False) -> tuple[list[TrainStage], list[set[str]]]:
+    """Two trainers, each fed its users' events a chunk at a time, each delta handed to the other at once, or
+    (``concurrent``) once both have trained on the chunk, so that both admit the same new items."""
     stages = [TrainStage(CFG, Trainer(i, 2)) for i in range(2)]
     published: list[set[str]] = [set(), set()]
     lines = [line(n) for n in range(n_events)]
     for start in range(0, n_events, 40):
+        sent: list[tuple[int, Output]] = []
         for i, stage in enumerate(stages):
             chunk = [t for t in lines[start:start + 40] if user_trainer(t) == i]
             out = stage.call(("chunk", NOW + start, (i, chunk)))
             published[i] |= published_items(out)
-            for key, payload in out.deltas:
-                received = stages[1 - i].call(("delta", NOW + start, (key, payload)))
-                published[1 - i] |= published_items(received)
+            sent.append((i, out))
+            if not concurrent:
+                deliver(stages, published, sent.pop(), NOW + start)
+        for each in sent:
+            deliver(stages, published, each, NOW + start)
     for i, stage in enumerate(stages):  # the partial batches
         out = stage.on_time(NOW + 10**9)
         published[i] |= published_items(out)
@@ -55,8 +59,15 @@ def run_pair(n_events: int = 400) -> tuple[list[TrainStage], list[set[str]]]:
     return stages, published
 
 
-def test_the_replicas_agree_and_each_item_is_published_by_its_owner_only() -> None:
-    stages, published = run_pair()
+def deliver(stages: list[TrainStage], published: list[set[str]], sent: tuple[int, Output], now: int) -> None:
+    i, out = sent
+    for key, payload in out.deltas:
+        published[1 - i] |= published_items(stages[1 - i].call(("delta", now, (key, payload))))
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_the_replicas_agree_and_each_item_is_published_by_its_owner_only(concurrent: bool) -> None:
+    stages, published = run_pair(concurrent=concurrent)
     a, b = (s.model for s in stages)
     assert set(a.items.ids(np.arange(1, len(a.items) + 1))) == set(b.items.ids(np.arange(1, len(b.items) + 1)))
     ids = [i for i in a.items.ids(np.arange(1, len(a.items) + 1)) if i]
@@ -91,7 +102,7 @@ def test_own_and_repeated_deltas_are_skipped_and_a_bad_one_is_a_dead_letter() ->
     assert [(d.reason, d.stage) for d in bad.dead_letters] == [("bad_item_delta", "item_sync")]
     assert stages[1].exchange.applied == {0: 0}
     sender = TrainStage.from_bytes(CFG, before, Trainer(0, 2)).exchange
-    assert sender is not None and sender.state() == {"sent": 1, "applied": {}}
+    assert sender is not None and sender.state() == {"sent": 1, "applied": {}, "applied_count": 0}
 
 
 def test_the_exchange_survives_a_snapshot_and_another_number_of_trainers_is_refused() -> None:
