@@ -46,10 +46,14 @@ def _run_job(broker: Broker, data: Path, batch_size: int, profile: str, extra: l
              ) -> tuple[dict[str, Any], float]:
     run = f"ml100k.{time.strftime('%H%M%S')}"
     model = list(dotted("model", PROFILES.get(profile, {})))
+    # One chunk per window and trainer keeps the stream's order inside each trainer (user-sharded trainers need
+    # a shard each at least).
+    shards = JobConfig.load(overrides=extra).flink.parallelism
     cfg = JobConfig.load(overrides=[
         f"kafka.bootstrap={broker.bootstrap}", f"kafka.input_topic={run}.events", f"kafka.group_id={run}",
         f"kafka.embeddings_topic={run}.embeddings", f"kafka.dead_letter_topic={run}.dead-letters",
-        f"kafka.stats_topic={run}.stats", f"batch.size={batch_size}", "batch.shards=1", "eval.user_sample=1.0",
+        f"kafka.stats_topic={run}.stats", f"kafka.item_delta_topic={run}.item-deltas", f"batch.size={batch_size}",
+        f"batch.shards={shards}", "eval.user_sample=1.0",
         "eval.log_every_batches=500", *model, *extra,
     ])
     create_topics(broker.bootstrap, job_topics(cfg), 1)

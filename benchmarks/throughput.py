@@ -26,6 +26,7 @@ from flink_job.tools.generate import SyntheticConfig
 from flink_job.kafka.produce import send
 from flink_job.tools.produce import synthetic_timed
 from flink_job.flink.runner import LocalJob, RunResult
+from flink_job.stages.train_output import combine_latest
 from flink_job.kafka.topics import end_offsets
 
 log = logging.getLogger("benchmarks.throughput")
@@ -74,7 +75,8 @@ def bench_config(broker: Broker, input_topic: str, overrides: list[str]) -> JobC
     return JobConfig.load(overrides=[
         f"kafka.bootstrap={broker.bootstrap}", f"kafka.input_topic={input_topic}",
         f"kafka.embeddings_topic=bench.{run}.embeddings", f"kafka.dead_letter_topic=bench.{run}.dead-letters",
-        f"kafka.stats_topic=bench.{run}.stats", f"kafka.group_id=bench-{run}", *overrides,
+        f"kafka.stats_topic=bench.{run}.stats", f"kafka.item_delta_topic=bench.{run}.item-deltas",
+        f"kafka.group_id=bench-{run}", *overrides,
     ])
 
 
@@ -98,7 +100,7 @@ def summary(result: RunResult, n_input: int, cfg: JobConfig, args: argparse.Name
     # Second half of the run, after JIT warm-up: input events per second, scaling the records that reached the
     # trainer by the input/received ratio (duplicates never reach it).
     mid_ms = (result.first_chunk_s + processing_s / 2) * 1000
-    mid = next(s for s in result.stats if s["at_ms"] >= mid_ms)
+    mid = combine_latest([s for s in result.stats if s["at_ms"] <= mid_ms])  # every trainer's count by then
     steady = (last["received"] - mid["received"]) * n_input / last["received"] / ((last["at_ms"] - mid["at_ms"]) / 1000)
     return {
         "date": time.strftime("%Y-%m-%d"),
@@ -120,7 +122,7 @@ def summary(result: RunResult, n_input: int, cfg: JobConfig, args: argparse.Name
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "overrides": args.overrides,
-        "train_ms_total": round(sum(s.get("train_ms", 0) for s in result.stats)),
+        "train_ms_total": round(sum(s.get("train_ms", 0) for s in result.stats)),  # of all trainers together
         "publish_ms_total": round(sum(s.get("publish_ms", 0) for s in result.stats)),
     }
 

@@ -8,6 +8,7 @@ the de-duplication memory.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from flink_job.kafka.produce import send
 from flink_job.tools.produce import synthetic_timed
 from flink_job.stages.publish import SNAPSHOT_FILE
 from flink_job.kafka.topics import Follower, end_offsets, read_all
+from flink_job.stages.train_output import combine_latest
 from tests.integration.conftest import Jobs
 from tests.helpers import PROJECT, Truth, follow_stats, job_args, latest_by_id, session_cluster
 
@@ -121,6 +123,57 @@ def test_upgrade_from_a_savepoint_keeps_what_was_learned(
         users_untouched = sum(1 for k in published if k.startswith("user:") and k not in republished)
         assert users_untouched >= len(truth_a.users) - len(truth_b.users), users_untouched
         assert untouched >= users_untouched
+        assert cluster.cancel(resumed) == "CANCELED"
+    finally:
+        stats.close()
+
+
+def test_two_trainers_resume_from_a_savepoint_and_refuse_another_number(
+    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path, jobs: Jobs
+) -> None:
+    """User-sharded trainers (``flink.parallelism=2``) stop with a savepoint and resume from it with every count,
+    offset and de-duplication entry; a resume with another number of trainers is refused, since each trainer holds
+    its own users' rows (their max parallelism is their number: Flink itself refuses the restore)."""
+    cfg = topics("upgrade-p2", overrides=["flink.parallelism=2", "publish.negative_tolerance=0"])
+    before = SyntheticConfig(n_users=300, n_items=150, n_events=6_000, duplicate_rate=0.02, malformed_rate=0.01,
+                             seed=73, id_prefix="a")
+    after = SyntheticConfig(n_users=40, n_items=150, n_events=1_500, seed=74, id_prefix="b")
+    truth_a, truth_b = Truth.of(list(generate(before))), Truth.of(list(generate(after)))
+    old = list(synthetic_timed(before))
+    send(old, cfg.kafka.bootstrap, cfg.kafka.input_topic, total=len(old))
+    stats = Follower(cfg.kafka.bootstrap, cfg.kafka.stats_topic)
+    for version in ("v1", "v2", "p1"):
+        (tmp_path / version).mkdir()
+    try:
+        job_id = jobs.submit(cluster, job_args(cfg, tmp_path / "v1"))
+        seen = follow_stats(cluster, job_id, stats, lambda s: combine_latest(s)["received"] >= truth_a.received)
+        assert {s["trainer"] for s in seen} == {0, 1}
+        savepoint = cluster.stop_with_savepoint(job_id, tmp_path / "savepoints")
+        send([*synthetic_timed(after), *old[:200]], cfg.kafka.bootstrap, cfg.kafka.input_topic)
+
+        one = dataclasses.replace(cfg, flink=dataclasses.replace(cfg.flink, parallelism=1))
+        refused = None
+        try:
+            refused = cluster.submit(job_args(one, tmp_path / "p1"), savepoint=savepoint)
+        except Exception as ex:  # noqa: BLE001 - refused at submission: the message is what matters
+            message = str(ex)
+        if refused is not None:
+            deadline = time.monotonic() + 120
+            while cluster.job_status(refused) not in ("FAILED", "CANCELED", "FINISHED") and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert cluster.job_status(refused) == "FAILED"
+            message = str(cluster.exception(refused))
+        assert "parallelism" in message.lower(), message[-2000:]
+
+        resumed = jobs.submit(cluster, job_args(cfg, tmp_path / "v2"), savepoint=savepoint)
+        received = truth_a.received + truth_b.received
+        new = follow_stats(cluster, resumed, stats, lambda s: combine_latest(seen + s)["received"] >= received)
+        last = combine_latest(seen + new)
+        # Counters restored and continued; offsets and de-duplication restored: nothing read or trained twice.
+        assert (last["received"], last["trained"]) == (received, truth_a.valid + truth_b.valid)
+        published = latest_by_id(read_all(cfg.kafka.bootstrap, cfg.kafka.embeddings_topic))
+        events = {k.removeprefix("user:"): r["events"] for k, r in published.items() if r["kind"] == "user"}
+        assert events == dict(Counter(truth_a.user_events) + Counter(truth_b.user_events))
         assert cluster.cancel(resumed) == "CANCELED"
     finally:
         stats.close()

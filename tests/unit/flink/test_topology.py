@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from flink_job.config import JobConfig
 from flink_job.flink.topology import flink_configuration
 
@@ -28,6 +30,43 @@ def test_the_plan_has_one_python_operator_and_no_side_output_maps(job_jars: dict
     assert names.count("train") == 1
     assert "Map" not in names, names
     assert sum("_sink" in n and "Writer" in n for n in names) == 3
+
+
+def test_user_sharded_trainers_run_at_the_parallelism_and_the_sql_part_at_one(job_jars: dict[str, str]) -> None:
+    """At P = 2: two trainers with the item-delta topic as their second input and sink, everything before them one
+    subtask (in parallel the SQL part reordered a user's events), and the deltas fanned out by projections, not
+    a join (a join against a bounded VALUES input kept every record in state and blocked checkpoints)."""
+    from flink_job.flink.job import create_env
+    from flink_job.flink.topology import route_keys
+
+    plan = json.loads(create_env(JobConfig.load(overrides=["flink.parallelism=2"])).get_execution_plan())
+    nodes = {n["type"]: n for n in plan["nodes"]}
+    assert nodes["train"]["parallelism"] == 2
+    before = [n for n in plan["nodes"] if n["id"] < nodes["train"]["id"]]
+    assert before and all(n["parallelism"] == 1 for n in before)
+    assert any("item_deltas" in n["type"] for n in before)
+    assert sum("_sink" in n and "Writer" in n for n in nodes) == 4
+    assert not any("Join" in n or "Values" in n for n in nodes), sorted(nodes)
+    # A route key per trainer, each reaching its own subtask when the max parallelism is the number of trainers.
+    from pyflink.java_gateway import get_gateway
+
+    jvm = get_gateway().jvm
+    for trainers in (2, 3, 4):
+        keys = route_keys(trainers)
+        assert len(set(keys)) == trainers
+        subtasks = []
+        for k in keys:
+            row = jvm.org.apache.flink.types.Row(2)
+            row.setField(0, k)
+            key = jvm.KeyByKeySelector().getKey(row)
+            subtasks.append(jvm.org.apache.flink.runtime.state.KeyGroupRangeAssignment.assignKeyToParallelOperator(
+                key, trainers, trainers))
+        assert subtasks == list(range(trainers))
+
+
+def test_more_trainers_than_user_shards_is_refused() -> None:
+    with pytest.raises(ValueError, match="at most batch.shards"):
+        JobConfig.load(overrides=["flink.parallelism=4", "batch.shards=2"])
 
 
 def test_a_process_that_ran_a_local_job_still_starts_local_runs(monkeypatch) -> None:
