@@ -20,7 +20,7 @@ import pytest
 from deploy.cluster import SessionCluster
 from flink_job.config import JobConfig
 from flink_job.tools.generate import SyntheticConfig, generate
-from flink_job.kafka.produce import send
+from flink_job.kafka.produce import Record, send
 from flink_job.tools.produce import synthetic_timed
 from flink_job.stages.publish import SNAPSHOT_FILE
 from flink_job.kafka.topics import Follower, end_offsets, read_all
@@ -43,6 +43,18 @@ def item_events(syn: SyntheticConfig) -> Counter[str]:
     return Counter(orjson.loads(r.payload)["item_id"] for r in generate(syn) if r.kind == "event")
 
 
+def first_stream(cfg: JobConfig, before: SyntheticConfig, after: SyntheticConfig, tmp_path: Path
+                 ) -> tuple[Truth, Truth, list[tuple[Record, int]], Follower]:
+    """Sends the stream before the upgrade; ``(its truth, the truth of the one after, its records, a follower of
+    the stats)``, and folders for the job versions' arguments."""
+    old = list(synthetic_timed(before))
+    send(old, cfg.kafka.bootstrap, cfg.kafka.input_topic, total=len(old))
+    for version in ("v1", "v2", "p1"):
+        (tmp_path / version).mkdir()
+    return (Truth.of(list(generate(before))), Truth.of(list(generate(after))), old,
+            Follower(cfg.kafka.bootstrap, cfg.kafka.stats_topic))
+
+
 @pytest.mark.parametrize("mode", ["process", "thread"])
 def test_upgrade_from_a_savepoint_keeps_what_was_learned(
     cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path, mode: str, jobs: Jobs
@@ -58,12 +70,7 @@ def test_upgrade_from_a_savepoint_keeps_what_was_learned(
                              seed=71, id_prefix="a")
     # After the upgrade only the 30 most active users have events: the other 270 must keep their vectors exactly.
     after = SyntheticConfig(n_users=30, n_items=150, n_events=1_500, seed=72, id_prefix="b")
-    truth_a, truth_b = Truth.of(list(generate(before))), Truth.of(list(generate(after)))
-    old = list(synthetic_timed(before))
-    send(old, cfg.kafka.bootstrap, cfg.kafka.input_topic, total=len(old))
-    stats = Follower(cfg.kafka.bootstrap, cfg.kafka.stats_topic)
-    (tmp_path / "v1").mkdir()
-    (tmp_path / "v2").mkdir()
+    truth_a, truth_b, old, stats = first_stream(cfg, before, after, tmp_path)
     job_id = jobs.submit(cluster, job_args(cfg, tmp_path / "v1"))
     resumed = None
     try:
@@ -138,12 +145,7 @@ def test_two_trainers_resume_from_a_savepoint_and_refuse_another_number(
     before = SyntheticConfig(n_users=300, n_items=150, n_events=6_000, duplicate_rate=0.02, malformed_rate=0.01,
                              seed=73, id_prefix="a")
     after = SyntheticConfig(n_users=40, n_items=150, n_events=1_500, seed=74, id_prefix="b")
-    truth_a, truth_b = Truth.of(list(generate(before))), Truth.of(list(generate(after)))
-    old = list(synthetic_timed(before))
-    send(old, cfg.kafka.bootstrap, cfg.kafka.input_topic, total=len(old))
-    stats = Follower(cfg.kafka.bootstrap, cfg.kafka.stats_topic)
-    for version in ("v1", "v2", "p1"):
-        (tmp_path / version).mkdir()
+    truth_a, truth_b, old, stats = first_stream(cfg, before, after, tmp_path)
     try:
         job_id = jobs.submit(cluster, job_args(cfg, tmp_path / "v1"))
         seen = follow_stats(cluster, job_id, stats, lambda s: combine_latest(s)["received"] >= truth_a.received)
