@@ -93,6 +93,14 @@ def prefill(broker: Broker, cfg: JobConfig, syn: SyntheticConfig, partitions: in
     return sum(end_offsets(broker.bootstrap, input_topic).values())
 
 
+def by_trainer(stats: list[dict[str, Any]], key: str) -> dict[int, int]:
+    """Milliseconds of ``key`` per trainer (user-sharded trainers report theirs apart)."""
+    totals: dict[int, float] = {}
+    for s in stats:
+        totals[s.get("trainer", 0)] = totals.get(s.get("trainer", 0), 0.0) + s.get(key, 0)
+    return {t: round(ms) for t, ms in sorted(totals.items())}
+
+
 def summary(result: RunResult, n_input: int, cfg: JobConfig, args: argparse.Namespace) -> dict[str, Any]:
     """The run's row: ``result`` is what ``LocalJob.wait_idle`` saw."""
     last = result.last
@@ -123,6 +131,8 @@ def summary(result: RunResult, n_input: int, cfg: JobConfig, args: argparse.Name
         "machine": platform.machine(),
         "overrides": args.overrides,
         "train_ms_total": round(sum(s.get("train_ms", 0) for s in result.stats)),  # of all trainers together
+        "train_ms_by_trainer": by_trainer(result.stats, "train_ms"),
+        "publish_ms_by_trainer": by_trainer(result.stats, "publish_ms"),
         "publish_ms_total": round(sum(s.get("publish_ms", 0) for s in result.stats)),
     }
 
