@@ -1,7 +1,7 @@
 """The JVM half of the pipeline, as Flink SQL: Kafka source, de-duplication and chunking.
 
 Per-record work stays in the JVM, several times faster than a Python call per record: the
-Kafka source reads raw payloads, ``EVENT_KEY`` (the job's one Java function, ``flink_job/flink/jvm``) extracts the two
+Kafka source reads raw payloads, ``EVENT_KEY`` (a Java function of the job's, ``flink_job/flink/jvm``) extracts the two
 ids that de-duplication keys on in one pass, a ``ROW_NUMBER`` de-duplication keeps the first record of each
 ``(user_id, event_id)``, and a processing-time tumbling window gathers the survivors into chunks (``ARRAY_AGG``) per user shard. Python
 sees one row per chunk, not one call per record.
@@ -23,11 +23,13 @@ CHUNK_VIEW = "event_chunks"
 DELTA_TABLE = "item_deltas"
 DELTA_VIEW = "routed_item_deltas"
 EVENT_KEY = "streamrec.EventKey"  # in the jar deploy.jars.udf_jar builds from flink_job/flink/jvm
+OTHER_TRAINERS = "streamrec.OtherTrainers"
 
 
 def register_functions(t_env: Any) -> None:
     """The job's Java SQL functions; their jar is in ``pipeline.jars``."""
     t_env.create_java_temporary_function("EVENT_KEY", EVENT_KEY)
+    t_env.create_java_temporary_function("OTHER_TRAINERS", OTHER_TRAINERS)
 
 
 def _quote(value: str) -> str:
@@ -150,12 +152,15 @@ def delta_source_ddl(cfg: JobConfig, start_ms: int) -> str:
 
 
 def delta_view(route_keys: list[int]) -> str:
-    """Every delta record once per trainer, keyed by that trainer's route key: one projection per key, unioned.
-    (A CROSS JOIN UNNEST over an array of the keys was planned as a regular join against a bounded VALUES input,
-    whose state kept every record and whose finished task blocked checkpoints.)"""
-    selects = [f"SELECT {k} AS k, CAST(ROW(sender, payload) AS ROW<sender STRING, payload BYTES>) AS delta "
-               f"FROM {DELTA_TABLE}" for k in route_keys]
-    return f"CREATE TEMPORARY VIEW {DELTA_VIEW} AS\n" + "\nUNION ALL\n".join(selects)
+    """Every delta record once per other trainer, keyed by that trainer's route key (``OTHER_TRAINERS``, the job's
+    Java table function). One correlated call, so the plan has the same operators whatever the number of trainers:
+    one projection per key shifted the generated uids of the sinks after them with the number, and a
+    CROSS JOIN UNNEST of a key array was planned as a join against a bounded VALUES input, whose state kept every
+    record and whose finished task blocked checkpoints."""
+    keys = ",".join(str(k) for k in route_keys)
+    return f"""CREATE TEMPORARY VIEW {DELTA_VIEW} AS
+SELECT r.k AS k, CAST(ROW(sender, payload) AS ROW<sender STRING, payload BYTES>) AS delta
+FROM {DELTA_TABLE}, LATERAL TABLE(OTHER_TRAINERS(sender, '{keys}')) AS r(k)"""
 
 
 def sink_ddl(cfg: JobConfig, table: str, topic: str, value_type: str = "STRING") -> str:

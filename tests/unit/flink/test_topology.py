@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,11 @@ def test_user_sharded_trainers_run_at_the_parallelism_and_the_sql_part_at_one(jo
     assert any("item_deltas" in n["type"] for n in before)
     assert sum("_sink" in n and "Writer" in n for n in nodes) == 4
     assert not any("Join" in n or "Values" in n for n in nodes), sorted(nodes)
+    # The same operators at 4 trainers: a rescale is refused by the trainers' max parallelism, not by operators
+    # that the other plan lacks (the SQL operators' generated uids follow their place in the plan).
+    four = json.loads(create_env(JobConfig.load(overrides=["flink.parallelism=4"])).get_execution_plan())
+    shape = [re.sub(r"\d+", "", n["type"]).split("(")[0] for n in plan["nodes"]]  # numbers: the planner's counter
+    assert [re.sub(r"\d+", "", n["type"]).split("(")[0] for n in four["nodes"]] == shape
     # A route key per trainer, each reaching its own subtask when the max parallelism is the number of trainers.
     from pyflink.java_gateway import get_gateway
 
