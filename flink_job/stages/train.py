@@ -42,9 +42,7 @@ class TrainStage:
         self.trainer = trainer or Trainer()
         self.settings = cfg.stage_settings()  # written with every snapshot (restore); cfg is frozen, so once
         self.admission = Admission(cfg)
-        # batch.size is the job's micro-batch: P user-sharded trainers each close one at a P-th of it, so a replica
-        # misses about as many of the other trainers' item updates as one trainer's batch holds (docs/sharding.md).
-        self.batcher = MicroBatcher(-(-cfg.batch.size // self.trainer.count))
+        self.batcher = MicroBatcher(cfg.batch.size)
         self.model = (
             OnlineBiasedMF.from_file_bytes(Path(cfg.flink.initial_model).read_bytes(), cfg.model,
                                            what=f"flink.initial_model {cfg.flink.initial_model}",
