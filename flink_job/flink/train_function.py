@@ -201,8 +201,7 @@ class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
 
 
 class ShardedTrainFunction(TrainFunction, KeyedCoProcessFunction):  # type: ignore[misc]
-    """One of several user-sharded trainers: input 1 its users' chunks, input 2 every trainer's item deltas (its
-    own are skipped by the stage)."""
+    """One of several user-sharded trainers: input 1 its users' chunks, input 2 the other trainers' item deltas."""
 
     def process_element1(self, value: Row, ctx: KeyedCoProcessFunction.Context) -> Iterator[object]:
         yield from self.process_element(value, ctx)

@@ -19,6 +19,8 @@ from typing import Any, TypeGuard
 import numpy as np
 import numpy.typing as npt
 
+from flink_job.stages.train_output import combine_latest
+
 log = logging.getLogger("flink_job.tools.report")  # the report's logger, as before the split
 
 STAGE = "report"
@@ -35,7 +37,7 @@ class RunStats:
 
     batches: list[dict[str, Any]]
     publishes: list[dict[str, Any]]
-    last: dict[str, Any]  # the record with the highest cumulative counters
+    last: dict[str, Any]  # the cumulative counters: each trainer's record with the highest, combined
     repeats: int  # records dropped as repeats of earlier ones
     source: str
 
@@ -99,10 +101,11 @@ def run_stats(records: Sequence[dict[str, Any]], source: str) -> RunStats:
     publishes: dict[Any, dict[str, Any]] = {}
     for i, rec in enumerate(records):
         kind = rec.get("kind")
+        trainer = rec.get("trainer", 0)  # user-sharded trainers count their batches apart
         if kind == "batch":
-            batches[rec.get("batch", ("at", i))] = rec
+            batches[(trainer, rec.get("batch", ("at", i)))] = rec
         elif kind == "publish":
-            key = (rec["batch"], rec["published"]) if "batch" in rec and "published" in rec else ("at", i)
+            key = (trainer, rec["batch"], rec["published"]) if "batch" in rec and "published" in rec else ("at", i)
             publishes[key] = rec
         else:
             log.warning("%s: %s: record %d has kind %r, left out", STAGE, source, i, kind)
@@ -112,14 +115,22 @@ def run_stats(records: Sequence[dict[str, Any]], source: str) -> RunStats:
         missing = [k for k in ("events", "train_ms", "trained") if k not in rec]
         if missing:
             raise ReportError(f"{STAGE}: {source}: batch record without {', '.join(missing)}: {str(rec)[:200]}")
-    ordered = sorted(batches.values(), key=lambda r: (r.get("batch", 0), r.get("trained", 0)))
+    ordered = sorted(batches.values(), key=lambda r: (r.get("batch", 0), r.get("trainer", 0), r.get("trained", 0)))
     everything = [*ordered, *publishes.values()]
-    last = max(everything, key=lambda r: (r.get("received", 0), r.get("trained", 0), r.get("published", 0),
-                                           r.get("at_ms", 0)))
+    newest: dict[int, dict[str, Any]] = {}  # each trainer's record with the highest counters
+    for r in everything:
+        held = newest.get(r.get("trainer", 0))
+        if held is None or _progress(r) > _progress(held):
+            newest[r.get("trainer", 0)] = r
+    last = combine_latest(list(newest.values()))
     repeats = len(records) - len(everything) - sum(r.get("kind") not in ("batch", "publish") for r in records)
     if repeats:
         log.info("%s: %d repeated stats records dropped (a restart from a checkpoint)", STAGE, repeats)
     return RunStats(ordered, list(publishes.values()), last, repeats, source)
+
+
+def _progress(r: dict[str, Any]) -> tuple[int, int, int, int]:
+    return r.get("received", 0), r.get("trained", 0), r.get("published", 0), r.get("at_ms", 0)
 
 
 def load_freshness(paths: Sequence[Path]) -> list[Freshness]:

@@ -232,3 +232,16 @@ def test_the_records_of_a_real_train_stage_make_a_report(tmp_path: Path) -> None
 
 
 
+
+
+def test_the_records_of_two_trainers_are_kept_apart_and_summed() -> None:
+    """User-sharded trainers number their batches apart: batch 1 of trainer 1 is not a repeat of trainer 0's."""
+    from flink_job.tools.run_stats import run_stats
+
+    records = [{"kind": "batch", "trainer": t, "batch": b, "events": 10, "train_ms": 1.0, "trained": 10 * b,
+                "received": 10 * b, "published": 0, "at_ms": 100 * b + t} for b in (1, 2, 3) for t in (0, 1)]
+    stats = run_stats(records[:-1], "test")  # trainer 1 is at its batch 2
+    assert len(stats.batches) == 5 and stats.repeats == 0
+    assert stats.last["received"] == 30 + 20 and stats.last["trained"] == 50
+    repeated = run_stats([*records, records[0]], "test")  # a restart wrote trainer 0's batch 1 again
+    assert len(repeated.batches) == 6 and repeated.repeats == 1 and repeated.last["received"] == 60
