@@ -12,8 +12,8 @@
           -> UNNEST(deltas)          # (trainer:sequence, delta)         -> item-delta topic (P > 1)
 
 With ``flink.parallelism`` P > 1 the trainer runs as P subtasks, each owning whole user shards (``k`` routes shard
-``s`` to trainer ``s mod P``), and reads the item-delta topic back as its second input, every record once per
-trainer (docs/sharding.md). The SQL part stays one subtask whatever P is: at P it de-duplicated in parallel and
+``s`` to trainer ``s mod P``), and reads the item-delta topic back as its second input, each record once per
+trainer other than its sender (docs/sharding.md). The SQL part stays one subtask whatever P is: at P it de-duplicated in parallel and
 merged the subtasks' outputs per window, which reordered a user's events inside a chunk.
 """
 from __future__ import annotations
