@@ -19,7 +19,7 @@ stamps (each replica stamps a row it applies to at its own batch count).
 >>> a, b = OnlineBiasedMF(ModelConfig(dim=4, device="cpu")), OnlineBiasedMF(ModelConfig(dim=4, device="cpu"))
 >>> sa, sb = ItemSync(a), ItemSync(b)
 >>> _ = a.learn_many(["u1", "u2"], ["i1", "i2"], np.array([4, 4]), np.array([5.0, 3.0]))
->>> sb.apply(sa.take())
+>>> rows = sb.apply(sa.take())
 >>> bool(np.allclose(a.vectors("item", a.items.lookup(["i1"]))[0], b.vectors("item", b.items.lookup(["i1"]))[0]))
 True
 """
@@ -151,9 +151,10 @@ class ItemSync:
 
     # ------------------------------------------------------------------------------------------ apply
 
-    def apply(self, delta: ItemDelta, scale: float = 1.0) -> None:
+    def apply(self, delta: ItemDelta, scale: float = 1.0) -> Array:
         """Adds another replica's ``delta``; ids not held are admitted (from the sender's origin where it sent one).
-        ``scale`` multiplies the parameter changes (1: as sent)."""
+        ``scale`` multiplies the parameter changes (1: as sent). Returns the rows of the delta's ids (the fallback
+        row for those the row cap left out)."""
         m, t = self.model, self.table
         if delta.dim != t.dim or delta.moment.shape[1] != t.moment.shape[1]:
             raise ValueError(f"item sync: delta of dim {delta.dim} (moments {delta.moment.shape[1]}) does not fit "
@@ -191,6 +192,7 @@ class ItemSync:
         self._apply_scalars(delta)
         m.ranking.admit(m.items.size, rows[own & new])
         m.ranking.update(r)
+        return rows
 
     def _rows(self, ids: list[str]) -> tuple[Array, Array]:
         """Rows of ``ids``, admitting those not held (the fallback row where the row cap leaves no room); which

@@ -31,14 +31,15 @@ _NO_ROWS = np.zeros(0, np.int64)
 
 class Publisher:
     def __init__(self, cfg: PublishConfig, recent_items_of: Callable[[list[str]], list[list[str]]],
-                 trainer: Trainer | None = None) -> None:
+                 trainer: Trainer | None = None, deltas_applied: Callable[[], int] = lambda: 0) -> None:
         """``recent_items_of``: each user's recent items, which a user record carries (the cleaner keeps them).
         ``trainer``: of user-sharded trainers, this one publishes the items it owns only, and writes its snapshot
-        to ``trainer-<index>`` under ``publish.snapshot_dir``."""
+        to ``trainer-<index>`` under ``publish.snapshot_dir``. ``deltas_applied``: how many of the other trainers'
+        deltas this one applied, which move items too and so count in a record's version."""
         self.cfg = cfg
         self.recent_items_of = recent_items_of
         self.trainer = trainer or Trainer()
-        self.deltas_applied = 0  # other trainers' deltas applied so far: set by the stage, part of the version
+        self.deltas_applied = deltas_applied
         self.dirty_users = DirtyRows()
         self.dirty_items = DirtyRows()
         # (bias, vector) of each row as last published: bounded by the model's rows. Not checkpointed: after a
@@ -181,7 +182,7 @@ class Publisher:
         vectors, biases, updates = model.vectors(kind, rows)
         seen = self.recent_items_of(ids) if kind == "user" else None
         out.embeddings.extend(
-            encode_records(kind, ids, vectors, biases, updates, model.step + self.deltas_applied, ts, parts, offs,
+            encode_records(kind, ids, vectors, biases, updates, model.step + self.deltas_applied(), ts, parts, offs,
                            model.event_counts(kind, rows), seen, self.cfg.format)
         )
         model.mark_published(kind, rows)

@@ -60,7 +60,8 @@ class TrainStage:
         )
         # (A,) whether each action code is a positive for ranking; ratings are judged by value instead.
         self.positive_action = np.array([a in cfg.eval.positive_action_list for a in ACTIONS], bool)
-        self.publisher = Publisher(cfg.publish, self.cleaner.recent_items_of, self.trainer)
+        self.publisher = Publisher(cfg.publish, self.cleaner.recent_items_of, self.trainer,
+                                   lambda: self.exchange.applied_count if self.exchange else 0)
         self.exchange = ItemExchange(self.trainer, self.model) if self.trainer.count > 1 else None
         self.counters = Counters()
         self.pending_since_ms = 0
@@ -110,7 +111,6 @@ class TrainStage:
         if stage.exchange is not None:
             stage.exchange = ItemExchange(stage.trainer, stage.model)
             stage.exchange.load_state(state["exchange"])
-            stage.publisher.deltas_applied = stage.exchange.applied_count
         for name, value in state["stage"].items():
             setattr(stage, name, value)
         stage.counters.load_state(state["counters"])
@@ -202,7 +202,6 @@ class TrainStage:
         if self.exchange is None:
             raise ValueError("train: an item delta reached the only trainer")
         rows, dead = self.exchange.apply(key, payload)
-        self.publisher.deltas_applied = self.exchange.applied_count
         if dead is not None:
             log.warning("train: item delta record %r is not a delta: %s", key, dead.detail)
             out.dead_letters.append(dead)

@@ -99,13 +99,12 @@ class ItemExchange:
             if sender == self.trainer.index or sequence <= self.applied.get(sender, -1):
                 return None, None
             delta = decode(payload)
-            self.sync.apply(delta)
+            rows = self.sync.apply(delta)
         except ValueError as ex:
             return None, DeadLetter("bad_item_delta", STAGE, f"key {key!r}, {len(payload)} bytes", -1, -1,
                                     str(ex)[:200])
         self.applied[sender] = sequence
         self.applied_count += 1
-        rows = self.sync.model.items.lookup(delta.ids)
         known = rows != FALLBACK_ROW
         owned = self.trainer.owns_items([i for i, k in zip(delta.ids, known) if k])
         return rows[known][owned], None
