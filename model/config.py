@@ -160,10 +160,26 @@ class StabilityConfig:
     replay_size: int = 0
     replay_ratio: float = 0.0  # replayed events per real event of a batch
     replay_weight: float = 1.0  # weight of a replayed event's gradients, relative to a real event's
+    # A batch of n events replays at most replay_budget - n past events (0: no bound), as sub-steps are budgeted
+    # (optimizer.sub_step_budget): a full batch (high traffic) replays none and costs what it did without replay; a
+    # small one (low traffic, when time is spare) replays up to replay_ratio per event.
+    replay_budget: int = 0
     proximal: float = 0.0
 
     def __post_init__(self) -> None:
-        _check("model.stability", self, non_negative=("replay_size", "replay_ratio", "replay_weight", "proximal"))
+        _check("model.stability", self,
+               non_negative=("replay_size", "replay_ratio", "replay_weight", "replay_budget", "proximal"))
+
+    def replay_count(self, n: int) -> int:
+        """Past events replayed into a batch of ``n`` events.
+
+        >>> StabilityConfig(replay_ratio=8.0, replay_budget=4096).replay_count(256)
+        2048
+        >>> [StabilityConfig(replay_ratio=8.0, replay_budget=4096).replay_count(n) for n in (1, 3000, 4096)]
+        [8, 1096, 0]
+        """
+        k = int(round(self.replay_ratio * n))
+        return min(k, max(0, self.replay_budget - n)) if self.replay_budget > 0 else k
 
 
 @dataclass(frozen=True)

@@ -71,11 +71,11 @@ class Reservoir:
         return r
 
 
-def mix_in(reservoir: Reservoir, rng: np.random.Generator, real: dict[str, np.ndarray[Any, Any]], ratio: float,
+def mix_in(reservoir: Reservoir, rng: np.random.Generator, real: dict[str, np.ndarray[Any, Any]], k: int,
            generations: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
-    """``real`` (a batch's columns) followed by ``ratio`` replayed events per real one, and how many were replayed:
-    those whose rows were recycled since (their generation, ``generations`` of users and items, moved) are left out."""
-    k = int(round(ratio * len(real["user"])))
+    """``real`` (a batch's columns) followed by ``k`` replayed events drawn from the reservoir, and how many were
+    replayed: those whose rows were recycled since (their generation, ``generations`` of users and items, moved) are
+    left out."""
     if not k or not len(reservoir):
         return real, 0
     past = reservoir.sample(rng, k)

@@ -85,7 +85,7 @@ def learn(model: OnlineBiasedMF, users: Sequence[str], items: Sequence[str], act
     val = np.asarray(values, np.float32)
     w = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)
     real: Columns = {"user": event_u, "item": event_i, "action": act, "value": val, "weight": w}
-    train, replayed = replay.mix_in(model.reservoir, model.rng, real, model.config.stability.replay_ratio,
+    train, replayed = replay.mix_in(model.reservoir, model.rng, real, model.config.stability.replay_count(n),
                                     model.generations())
     model.batches_seen += 1
     is_rating = act == model.rating_code

@@ -230,6 +230,18 @@ def test_replayed_events_train_but_are_not_counted() -> None:
     assert m.event_counts("user", rows).tolist() == [1, 1, 1]
 
 
+def test_replay_budget_leaves_full_batches_alone_and_fills_small_ones() -> None:
+    """A batch at the budget replays nothing (high traffic costs what it did without replay); a small one replays
+    up to the ratio, and one in between fills the budget."""
+    m = OnlineBiasedMF(ModelConfig(dim=4, seed=3, stability=StabilityConfig(replay_size=64, replay_ratio=2.0,
+                                                                            replay_budget=6)))
+    _learn(m, [f"u{k}" for k in range(8)], [f"i{k}" for k in range(8)])  # 8 >= budget: none replayed
+    assert m.reservoir.seen == 8
+    assert _learn(m, ["a"], ["x"]).replayed == 2  # 1 event: 2 x 1, within 6 - 1
+    assert _learn(m, ["b", "c", "d"], ["x", "y", "z"]).replayed == 3  # 2 x 3 = 6 capped at 6 - 3
+    assert _learn(m, [f"v{k}" for k in range(6)], [f"i{k}" for k in range(6)]).replayed == 0
+
+
 def test_proximal_penalty_pulls_toward_the_published_rows() -> None:
     moved = {}
     for strength in (0.0, 50.0):
@@ -407,7 +419,8 @@ def test_a_state_written_before_the_model_was_split_restores_every_part() -> Non
     written, was = load_pickle(m.state_bytes()), load_pickle(old)
     assert was["config"].pop("inject_nan_every") == 0  # model.config.RETIRED
     added = set(written["config"]) - set(was["config"])  # settings added since take their defaults
-    assert added <= {"sub_batch", "sub_step_budget", "user_once", "row_mean", "rating_bias_prior", "rating_bias_window"}
+    assert added <= {"sub_batch", "sub_step_budget", "user_once", "row_mean", "rating_bias_prior", "rating_bias_window",
+                     "replay_budget"}
     written["config"] = {k: v for k, v in written["config"].items() if k not in added}
     assert _same(written, was)
     stats = m.learn_many(["u1", "new"], ["i1", "i2"], np.array([R, V]), np.array([4.0, 1.0]), ts=np.array([1_200] * 2))
