@@ -109,7 +109,9 @@ RECORD_FORMATS = ("json", "binary")
 
 @dataclass(frozen=True)
 class PublishConfig:
-    interval_ms: int = 250  # touched users are coalesced and published at most this often (0: after every batch)
+    # Touched users are coalesced and published at most this often (0: after every batch) while batches close full;
+    # a batch closed short of batch.size by max_wait_ms (traffic below it) publishes them at once.
+    interval_ms: int = 250
     # Touched items likewise, less often: freshness is measured on users' records. (Items moved only as sampled
     # negatives wait for negative_tolerance besides.)
     item_interval_ms: int = 1000

@@ -117,10 +117,11 @@ class Publisher:
             gone[counter] = len(users) + len(items)
         return gone
 
-    def publish_due(self, out: Output, now_ms: int, model: OnlineBiasedMF) -> int | None:
-        """Publishes the touched users and the touched items whose intervals have passed: how many, None if
-        neither was due."""
+    def publish_due(self, out: Output, now_ms: int, model: OnlineBiasedMF, users_now: bool = False) -> int | None:
+        """Publishes the touched users and the touched items whose intervals have passed (the users at once if
+        ``users_now``): how many, None if neither was due."""
         users, items = (due is not None and now_ms >= due for due in self.deadlines())
+        users = users or (users_now and len(self.dirty_users) > 0)
         if not (users or items):
             return None
         n_users, n_items = self.publish(out, model, None if users else _NO_ROWS, None if items else _NO_ROWS)

@@ -187,11 +187,14 @@ class TrainStage:
         """Time bounds: train a partial batch that waited ``max_wait_ms``; publish when the interval has passed."""
         now_ms = self.now_ms = _now_ms() if now_ms is None else now_ms
         out = Output()
-        if self.batcher.pending and now_ms - self.pending_since_ms >= self.cfg.batch.max_wait_ms:
+        partial = bool(self.batcher.pending) and now_ms - self.pending_since_ms >= self.cfg.batch.max_wait_ms
+        if partial:
             for rest in self.batcher.take_rest():
                 self._train(rest, out)
         self._send_items(out)
-        self._publish(out, now_ms)
+        # A batch that closed short of batch.size means traffic below it: its users go out at once, not after
+        # publish.interval_ms, which only coalesces repeat users when full batches come faster than it.
+        self._publish(out, now_ms, users_now=partial)
         return out
 
     def on_delta(self, key: str, payload: bytes, now_ms: int | None = None) -> Output:
@@ -305,10 +308,11 @@ class TrainStage:
             setattr(self.counters, counter, getattr(self.counters, counter) + n)
         self.counters.published += self.publisher.publish_moved(out, self.model, stats)
 
-    def _publish(self, out: Output, now_ms: int) -> None:
-        """Publishes the touched users and items whose intervals have passed, then writes the file snapshot if due."""
+    def _publish(self, out: Output, now_ms: int, users_now: bool = False) -> None:
+        """Publishes the touched users (all of them if ``users_now``) and items whose intervals have passed, then
+        writes the file snapshot if due."""
         start = time.perf_counter()
-        published = self.publisher.publish_due(out, now_ms, self.model)
+        published = self.publisher.publish_due(out, now_ms, self.model, users_now)
         if published is not None:
             self.counters.published += published
             out.stats.append(self._stats("publish", embeddings=published,

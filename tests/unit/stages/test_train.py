@@ -36,18 +36,20 @@ def test_train_stage_batches_by_size_flushes_by_time_and_coalesces_publishes() -
     assert stage.next_deadline_ms() == 10_200  # the 5 pending events wait at most max_wait_ms
     assert stage.on_time(now_ms=10_100).trained == 0
     late = stage.on_time(now_ms=10_200)
-    assert late.trained == 5 and late.embeddings == [] and stage.unpublished
-    assert stage.next_deadline_ms() == 11_000  # the next publish, one interval after the last
+    # A batch closed short of batch.size: traffic is low, so its users are published at once; items keep their
+    # own interval (publish.item_interval_ms, one second after the first publish).
+    assert late.trained == 5 and sorted(k for k, _ in late.embeddings) == [f"user:u{u}" for u in range(5)]
+    assert stage.next_deadline_ms() == 11_000  # the touched items, one item interval after the last publish
     more = stage.on_chunk(_lines(10, prefix="f"), now_ms=10_500)
-    assert more.trained == 10 and more.embeddings == []  # trained, not yet published
-    due = stage.on_time(now_ms=11_000)
+    assert more.trained == 10 and more.embeddings == []  # a full batch: trained, not yet published
+    due = stage.on_time(now_ms=11_200)  # one user interval after 10,200
     keys = [k for k, _ in due.embeddings]
     assert len(keys) == len(set(keys)) == 5 + 7  # every id touched since the last publish, once
     assert stage.next_deadline_ms() is None
     stats = [orjson.loads(s) for s in out.stats + late.stats + more.stats + due.stats]
-    assert [s["kind"] for s in stats] == ["batch", "batch", "publish", "batch", "batch", "publish"]
-    assert [s["trained"] for s in stats] == [10, 20, 20, 25, 35, 35]
-    assert stats[-1]["received"] == 36 and stats[-1]["dead_lettered"] == 1 and stats[-1]["published"] == 24
+    assert [s["kind"] for s in stats] == ["batch", "batch", "publish", "batch", "publish", "batch", "publish"]
+    assert [s["trained"] for s in stats] == [10, 20, 20, 25, 25, 35, 35]
+    assert stats[-1]["received"] == 36 and stats[-1]["dead_lettered"] == 1 and stats[-1]["published"] == 29
 
 
 def test_published_user_records_carry_the_newest_input_position() -> None:

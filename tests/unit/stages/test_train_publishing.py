@@ -201,3 +201,19 @@ def test_a_warm_started_model_continues_on_the_stream(tmp_path) -> None:
     assert pretrained > 0 and len(stage.model.users) == 6 and len(stage.model.items) == 9
     stage.on_chunk(_rated(12), now_ms=1_000)
     assert stage.model.step == pretrained + 1 and len(stage.model.users) == 6 + 4
+
+
+def test_users_of_a_batch_closed_by_max_wait_are_published_at_once() -> None:
+    """Below batch.size per max_wait_ms the job has time to spare: a partial batch's users go out when it trains;
+    full batches' users still wait for publish.interval_ms, which coalesces repeat users under load."""
+    cfg = JobConfig.load(overrides=["batch.size=10", "batch.max_wait_ms=200", "publish.interval_ms=60000",
+                                    "publish.item_interval_ms=60000"])
+    stage = TrainStage(cfg)
+    stage.publisher.last_publish_ms = stage.publisher.last_item_publish_ms = 1_000  # the intervals have not passed
+    full = stage.on_chunk(_lines(14, users=5), now_ms=1_000)  # one full batch, 4 events pending
+    assert full.batches == 1 and not full.embeddings
+    assert not stage.on_time(now_ms=1_100).embeddings  # the rest has not waited max_wait_ms yet
+    partial = stage.on_time(now_ms=1_200)
+    assert partial.batches == 1
+    assert set(_published(partial)) == {f"user:u{u}" for u in range(5)}  # the full batch's users went out too
+    assert stage.publisher.dirty_items and not any(k.startswith("item:") for k in _published(partial))
