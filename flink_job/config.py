@@ -50,6 +50,9 @@ class KafkaConfig:
     stats_topic: str = "streamrec.job-stats"
     # User-sharded trainers (flink.parallelism > 1) exchange their item changes through this topic (docs/sharding.md).
     item_delta_topic: str = "streamrec.item-deltas"
+    # A trainer's item delta larger than this goes out as several records: it must stay under the producer's
+    # max.request.size and the topic's max.message.bytes (1 MiB by default); a batch over 50,000 items moves ~20,000.
+    item_delta_record_bytes: int = 512 * 1024
     group_id: str = "streamrec-job"
     start_from: str = "earliest"  # earliest | latest | committed
     # Extra Kafka client settings for every source and sink (security.protocol, sasl.*, ssl.*); secrets only as
@@ -72,6 +75,9 @@ class KafkaConfig:
         except ValueError as ex:
             raise ValueError(f"config: {ex}") from None
         object.__setattr__(self, "client_properties", props)
+        if self.item_delta_record_bytes < 1024:
+            raise ValueError(f"config: kafka.item_delta_record_bytes must be at least 1024, got "
+                             f"{self.item_delta_record_bytes}")
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

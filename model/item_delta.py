@@ -76,6 +76,42 @@ def encode(d: ItemDelta) -> bytes:
     return b"".join([head, lengths.tobytes(), *raw, *(c.tobytes() for c in columns)])
 
 
+def split(d: ItemDelta, max_bytes: int) -> list[ItemDelta]:
+    """``d`` cut into consecutive runs of rows whose records each ``encode`` to at most ``max_bytes`` (a single row
+    larger than that alone), so that no record outgrows a Kafka message. Applied in order, the parts add up to
+    ``d``: the scalar deltas travel with the first part, the clock with each (it combines by max).
+
+    >>> d = ItemDelta.empty(dim=2, moment=False)
+    >>> [len(p) for p in split(d, 1000)], len(encode(d))
+    ([0], 49)
+    """
+    n, width = len(d), d.params.shape[1]
+    origin_of = np.zeros(n, bool)
+    origin_of[d.origin_index] = True
+    # Each row's bytes in encode's layout: its id (length-prefixed), its columns, and its origin if it has one.
+    per_row = (4 + np.array([len(k.encode()) for k in d.ids], np.int64) + 4 * width + 12 + 4 * d.moment.shape[1]
+               + 12 + 8 + 8 + origin_of * (4 + 4 * width))
+    bounds, size = [0], _HEAD.size
+    for k, b in enumerate(per_row.tolist()):
+        if size + b > max_bytes and k > bounds[-1]:
+            bounds.append(k)
+            size = _HEAD.size
+        size += b
+    bounds.append(n)
+    if len(bounds) == 2:
+        return [d]
+    parts = []
+    for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=False)):
+        mine = (d.origin_index >= a) & (d.origin_index < b)
+        first = j == 0
+        parts.append(ItemDelta(
+            d.ids[a:b], d.params[a:b], d.acc[a:b], d.moment[a:b], d.steps[a:b], d.updates[a:b], d.events[a:b],
+            d.pop[a:b], d.last_seen[a:b], d.origin_index[mine] - a, d.origin[mine],
+            d.rating_sum if first else 0.0, d.rating_count if first else 0, d.events_counted if first else 0,
+            d.clock_ms))
+    return parts
+
+
 def decode(data: bytes) -> ItemDelta:
     """The delta ``encode`` wrote; ``ValueError`` for anything else (wrong magic, version, sizes or content)."""
     if len(data) < _HEAD.size:

@@ -163,7 +163,8 @@ SELECT r.k AS k, CAST(ROW(sender, payload) AS ROW<sender STRING, payload BYTES>)
 FROM {DELTA_TABLE}, LATERAL TABLE(OTHER_TRAINERS(sender, '{keys}')) AS r(k)"""
 
 
-def sink_ddl(cfg: JobConfig, table: str, topic: str, value_type: str = "STRING") -> str:
+def sink_ddl(cfg: JobConfig, table: str, topic: str, value_type: str = "STRING",
+             partitioner: str | None = None) -> str:
     """A Kafka table taking ``(k, v)`` as the record key and value, as they are: ``v`` a string, or ``BYTES`` for the
     embeddings (JSON or binary records, ``publish.format``).
 
@@ -181,6 +182,8 @@ def sink_ddl(cfg: JobConfig, table: str, topic: str, value_type: str = "STRING")
             "sink.delivery-guarantee": "exactly-once" if exactly_once else "at-least-once",
         }
     )
+    if partitioner:  # fixed: each sink subtask writes to one partition (its index mod the partitions)
+        opts["sink.partitioner"] = partitioner
     if exactly_once:
         # Unique per topic: two jobs sharing a prefix would fence each other's transactions.
         opts["sink.transactional-id-prefix"] = f"{cfg.flink.job_name}-{topic}"

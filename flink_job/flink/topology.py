@@ -144,7 +144,10 @@ def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnviron
     if keys is not None:
         sinks["item_delta_sink"] = (cfg.kafka.item_delta_topic, "BYTES")
     for table, (topic, value_type) in sinks.items():
-        t_env.execute_sql(sql.sink_ddl(cfg, table, topic, value_type))
+        # A receiver applies each sender's deltas in sequence order, so they must keep it: one partition per
+        # sender (the sink's subtask is its trainer's), whatever the topic's partitions.
+        partitioner = "fixed" if table == "item_delta_sink" else None
+        t_env.execute_sql(sql.sink_ddl(cfg, table, topic, value_type, partitioner))
 
     statements = t_env.create_statement_set()
     statements.add_insert_sql(

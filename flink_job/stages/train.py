@@ -62,7 +62,8 @@ class TrainStage:
         self.positive_action = np.array([a in cfg.eval.positive_action_list for a in ACTIONS], bool)
         self.publisher = Publisher(cfg.publish, self.cleaner.recent_items_of, self.trainer,
                                    lambda: self.exchange.applied_count if self.exchange else 0)
-        self.exchange = ItemExchange(self.trainer, self.model) if self.trainer.count > 1 else None
+        self.exchange = (ItemExchange(self.trainer, self.model, cfg.kafka.item_delta_record_bytes)
+                         if self.trainer.count > 1 else None)
         self.counters = Counters()
         self.pending_since_ms = 0
         self.first_chunk_ms = 0
@@ -109,7 +110,7 @@ class TrainStage:
                              f"by {stage.trainer.count} (flink.parallelism must stay as it was)")
         stage.model = OnlineBiasedMF.from_bytes(state["model"], cfg.model, RATING_CODE)
         if stage.exchange is not None:
-            stage.exchange = ItemExchange(stage.trainer, stage.model)
+            stage.exchange = ItemExchange(stage.trainer, stage.model, cfg.kafka.item_delta_record_bytes)
             stage.exchange.load_state(state["exchange"])
         for name, value in state["stage"].items():
             setattr(stage, name, value)
@@ -216,9 +217,7 @@ class TrainStage:
     def _send_items(self, out: Output) -> None:
         """After a call that trained, what it changed on item rows goes to the other trainers."""
         if self.exchange is not None and out.batches:
-            record = self.exchange.take()
-            if record is not None:
-                out.deltas.append(record)
+            out.deltas.extend(self.exchange.take())
 
     def next_deadline_ms(self) -> int | None:
         """When ``on_time`` next has work to do, or None while nothing is pending or unpublished."""

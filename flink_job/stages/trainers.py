@@ -3,7 +3,7 @@ keeps every trainer's item replica in step (``model.item_sync``, docs/sharding.m
 
 With ``flink.parallelism`` P > 1 the job runs P trainers, each owning the users of its chunk shards and a replica of
 every item. After every call that trained, a trainer takes what its own training changed on item rows and sends it
-as one delta record, keyed ``"<trainer>:<sequence>"``; every trainer applies the deltas of the others, each
+as delta records of at most ``kafka.item_delta_record_bytes`` each, keyed ``"<trainer>:<sequence>"``; every trainer applies the deltas of the others, each
 sequence number of a sender once (a record read twice, as an at-least-once topic may deliver it, is skipped). One
 trainer owns each item (``crc32(id) mod P``) and is the only one that publishes it, so serving never sees competing
 versions of an item; the owner republishes the items that other trainers' deltas moved.
@@ -19,7 +19,7 @@ import numpy as np
 from flink_job.stages.events import DeadLetter
 from model.arrays import Array
 from model.idmap import FALLBACK_ROW
-from model.item_delta import decode, encode
+from model.item_delta import decode, encode, split
 from model.item_sync import ItemSync
 from model.mf import OnlineBiasedMF
 
@@ -67,8 +67,9 @@ class ItemExchange:
     sequence it applied per sender. The journal is empty between calls (the stage takes after every call that
     trained), so the state is two counters, never rows."""
 
-    def __init__(self, trainer: Trainer, model: OnlineBiasedMF) -> None:
+    def __init__(self, trainer: Trainer, model: OnlineBiasedMF, max_record_bytes: int = 512 * 1024) -> None:
         self.trainer = trainer
+        self.max_record_bytes = max_record_bytes  # larger deltas go out as several records
         self.sync = ItemSync(model)
         self.sent = 0  # deltas sent
         self.applied: dict[int, int] = {}  # sender -> the last sequence applied
@@ -82,14 +83,18 @@ class ItemExchange:
         self.applied = {int(k): int(v) for k, v in state["applied"].items()}
         self.applied_count = int(state["applied_count"])
 
-    def take(self) -> tuple[str, bytes] | None:
-        """This trainer's item changes since the last take as one keyed record, None if there were none."""
+    def take(self) -> list[tuple[str, bytes]]:
+        """This trainer's item changes since the last take as keyed records, each of at most ``max_record_bytes``
+        (a batch over a large catalogue moves more item rows than one Kafka message holds) and each with its own
+        sequence number; none if nothing changed."""
         delta = self.sync.take()
         if not len(delta) and not (delta.rating_count or delta.events_counted):
-            return None
-        record = delta_key(self.trainer.index, self.sent), encode(delta)
-        self.sent += 1
-        return record
+            return []
+        records = []
+        for part in split(delta, self.max_record_bytes):
+            records.append((delta_key(self.trainer.index, self.sent), encode(part)))
+            self.sent += 1
+        return records
 
     def apply(self, key: str, payload: bytes) -> tuple[Array | None, DeadLetter | None]:
         """Applies another trainer's delta record: ``(rows it moved that this trainer owns, None)``; ``(None, None)``

@@ -16,3 +16,11 @@ def test_delivery_mode_sets_transactions_on_every_sink() -> None:
     with pytest.raises(ValueError, match="publish.delivery"):
         JobConfig.load(overrides=["publish.delivery=maybe"])
 
+
+
+def test_the_item_delta_sink_keeps_each_trainers_records_in_one_partition() -> None:
+    """Receivers apply a sender's deltas in sequence order: the fixed partitioner sends each sink subtask (one per
+    trainer) to one partition, where a key hash would spread them over the topic's partitions."""
+    ddl = sql.sink_ddl(JobConfig.load(), "item_delta_sink", "deltas", "BYTES", "fixed")
+    assert "'sink.partitioner' = 'fixed'" in ddl
+    assert "sink.partitioner" not in sql.sink_ddl(JobConfig.load(), "t", "topic-a")

@@ -10,7 +10,7 @@ from flink_job.stages.parse import parse_lines
 from flink_job.tools.generate import SyntheticConfig, generate
 from benchmarks.sharded_quality import shard_of
 from model.config import IdsConfig, ModelConfig, OptimizerConfig
-from model.item_delta import ItemDelta, decode, encode
+from model.item_delta import ItemDelta, decode, encode, split
 from model.item_sync import ItemSync
 from model.mf import OnlineBiasedMF
 
@@ -154,3 +154,27 @@ def test_a_delta_of_another_shape_is_refused() -> None:
     a.learn_many(["u1"], ["x"], np.array([4]), np.array([5.0]))
     with pytest.raises(ValueError, match="dim 8"):
         sb.apply(sa.take())
+
+
+def test_a_delta_split_into_small_records_applies_as_the_whole() -> None:
+    """A batch over a large catalogue moves more item rows than one Kafka message holds: the delta goes out in parts
+    of bounded size, and a replica applying them in order ends where one applying the whole delta does."""
+    batch = _stream(2000)
+    a, whole, parts = _model(), _model(seed=9), _model(seed=9)
+    sa, s_whole, s_parts = ItemSync(a), ItemSync(whole), ItemSync(parts)
+    a.learn_many(batch.users, batch.items, batch.actions, batch.values, ts=batch.ts)
+    d = sa.take()
+    records = [encode(p) for p in split(d, 2048)]
+    assert len(records) > 3 and max(len(r) for r in records) <= 2048 and len(encode(d)) > 2048
+    assert sum(len(decode(r)) for r in records) == len(d)
+    assert sum(len(decode(r).origin_index) for r in records) == len(d.origin_index) > 0
+    s_whole.apply(decode(encode(d)))
+    for r in records:
+        s_parts.apply(decode(r))
+    ids = list(a.items.ids(a.items.live_rows()))
+    want, got = _item_state(whole, ids), _item_state(parts, ids)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert (parts.rating_sum, parts.rating_count, parts.extras.events_counted) == (
+        whole.rating_sum, whole.rating_count, whole.extras.events_counted)
+    assert [len(p) for p in split(d, 10**9)] == [len(d)]  # within the bound: one record

@@ -147,3 +147,24 @@ def test_stats_records_of_several_trainers_combine() -> None:
     assert whole["prequential"]["rated"] == rated
     assert whole["prequential"]["rmse"] == pytest.approx(np.sqrt(sum(x["rmse"] ** 2 * x["rated"] for x in q) / rated))
 
+
+
+def test_a_large_delta_goes_out_as_several_records_each_applied_once() -> None:
+    """More item rows than one record may hold (kafka.item_delta_record_bytes): several records, each its own
+    sequence, each under the bound; the other trainer applies them all, and a repeat of any is skipped."""
+    cfg = JobConfig.load(overrides=["batch.size=32", "publish.interval_ms=0", "publish.item_interval_ms=0",
+                                    "kafka.item_delta_record_bytes=2048"])
+    stages = [TrainStage(cfg, Trainer(i, 2)) for i in range(2)]
+    out = stages[0].on_chunk([line(n) for n in range(400) if user_trainer(line(n)) == 0], NOW)
+    assert len(out.deltas) > 1 and all(len(v) <= 2048 for _, v in out.deltas)
+    assert [k for k, _ in out.deltas] == [f"0:{s}" for s in range(len(out.deltas))]
+    for key, payload in out.deltas:
+        stages[1].on_delta(key, payload, NOW)
+    assert stages[1].exchange is not None and stages[1].exchange.applied_count == len(out.deltas)
+    key, payload = out.deltas[0]
+    assert not stages[1].on_delta(key, payload, NOW).dead_letters and stages[1].exchange.applied_count == len(out.deltas)
+    a, b = (s.model for s in stages)
+    ids = [i for i in a.items.ids(np.arange(1, len(a.items) + 1)) if i]
+    assert np.allclose(a.vectors("item", a.items.lookup(ids))[0], b.vectors("item", b.items.lookup(ids))[0], atol=1e-6)
+    with pytest.raises(ValueError, match="item_delta_record_bytes"):
+        JobConfig.load(overrides=["kafka.item_delta_record_bytes=10"])
