@@ -3,10 +3,11 @@ keeps every trainer's item replica in step (``model.item_sync``, docs/sharding.m
 
 With ``flink.parallelism`` P > 1 the job runs P trainers, each owning the users of its chunk shards and a replica of
 every item. After every call that trained, a trainer takes what its own training changed on item rows and sends it
-as delta records of at most ``kafka.item_delta_record_bytes`` each, keyed ``"<trainer>:<sequence>"``; every trainer applies the deltas of the others, each
-sequence number of a sender once (a record read twice, as an at-least-once topic may deliver it, is skipped). One
-trainer owns each item (``crc32(id) mod P``) and is the only one that publishes it, so serving never sees competing
-versions of an item; the owner republishes the items that other trainers' deltas moved.
+as delta records of at most ``kafka.item_delta_record_bytes`` each, keyed ``"<trainer>:<sequence>"``; every
+trainer applies the deltas of the others, each sequence number of a sender once (a record read twice, as an
+at-least-once topic may deliver it, is skipped). One trainer owns each item (``crc32(id) mod P``) and is the only
+one that publishes it, so serving never sees competing versions of an item; the owner republishes the items that
+other trainers' deltas moved.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ class ItemExchange:
     sequence it applied per sender. The journal is empty between calls (the stage takes after every call that
     trained), so the state is two counters, never rows."""
 
-    def __init__(self, trainer: Trainer, model: OnlineBiasedMF, max_record_bytes: int = 512 * 1024) -> None:
+    def __init__(self, trainer: Trainer, model: OnlineBiasedMF, max_record_bytes: int) -> None:
         self.trainer = trainer
         self.max_record_bytes = max_record_bytes  # larger deltas go out as several records
         self.sync = ItemSync(model)
