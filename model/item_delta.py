@@ -91,6 +91,8 @@ def split(d: ItemDelta, max_bytes: int) -> list[ItemDelta]:
     # Each row's bytes in encode's layout: its id (length-prefixed), its columns, and its origin if it has one.
     per_row = (4 + np.array([len(k.encode()) for k in d.ids], np.int64) + 4 * width + 12 + 4 * d.moment.shape[1]
                + 12 + 8 + 8 + origin_of * (4 + 4 * width))
+    if _HEAD.size + int(per_row.sum()) <= max_bytes:  # the usual case: no per-row walk after every trained call
+        return [d]
     bounds, size = [0], _HEAD.size
     for k, b in enumerate(per_row.tolist()):
         if size + b > max_bytes and k > bounds[-1]:
@@ -98,8 +100,6 @@ def split(d: ItemDelta, max_bytes: int) -> list[ItemDelta]:
             size = _HEAD.size
         size += b
     bounds.append(n)
-    if len(bounds) == 2:
-        return [d]
     parts = []
     for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=False)):
         mine = (d.origin_index >= a) & (d.origin_index < b)
