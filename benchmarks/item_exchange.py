@@ -1,10 +1,12 @@
 """What the item exchange of user-sharded trainers costs per batch, against the batch's own training, in process.
 
     python -m benchmarks.item_exchange [--items 50000] [--users 1000000] [--batch 4096] [--warmup 30] [--batches 5]
+                                       [--tolerance T]
 
 Two replicas at the default model settings: the sender learns batches of clicks by uniform users over ``--items``
 items (as ``benchmarks.scale`` draws them), takes its item delta, cuts and encodes it as the job's records
-(``kafka.item_delta_record_bytes``); the receiver decodes and applies every record. After ``--warmup`` batches, each
+(``kafka.item_delta_record_bytes``), holding back rows moved only as negatives under ``--tolerance`` (the job's
+``kafka.item_delta_tolerance`` by default); the receiver decodes and applies every record. After ``--warmup`` batches, each
 step of ``--batches`` more is timed (``time.process_time``, ms): what a trainer pays for every batch of its own
 (learn, take, encode) and for every batch of each other trainer (decode and apply).
 """
@@ -28,16 +30,18 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--batches", type=int, default=5)
-    args = p.parse_args()
     cfg = JobConfig.load()
+    p.add_argument("--tolerance", type=float, default=cfg.kafka.item_delta_tolerance,
+                   help="kafka.item_delta_tolerance of the sender (default: the job's)")
+    args = p.parse_args()
     limit = cfg.kafka.item_delta_record_bytes
     sender = OnlineBiasedMF(cfg.model)
     receiver = OnlineBiasedMF(JobConfig.load(overrides=["model.seed=1"]).model)
-    out, into = ItemSync(sender), ItemSync(receiver)
+    out, into = ItemSync(sender, args.tolerance), ItemSync(receiver)
     rng = np.random.default_rng(7)
     n = args.batch
-    print("| rows in the delta | bytes | records | learn ms | take ms | encode ms | decode and apply ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| rows in the delta | rows held | bytes | records | learn ms | take ms | encode ms | decode and apply ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for step in range(args.warmup + args.batches):
         users = [f"u{k}" for k in rng.integers(0, args.users, n)]
         items = [f"i{k}" for k in rng.integers(0, args.items, n)]
@@ -53,7 +57,7 @@ def main() -> None:
         t4 = time.process_time()
         if step >= args.warmup:
             ms = [(b - a) * 1000 for a, b in ((t0, t1), (t1, t2), (t2, t3), (t3, t4))]
-            print(f"| {len(delta):,} | {sum(map(len, records)):,} | {len(records)} | "
+            print(f"| {len(delta):,} | {out.used:,} | {sum(map(len, records)):,} | {len(records)} | "
                   + " | ".join(f"{x:.0f}" for x in ms) + " |")
 
 

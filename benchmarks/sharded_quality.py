@@ -4,11 +4,13 @@ keeping a replica of the item table that it synchronises by exchanging item delt
 Each transport batch is split by a stable hash of the user (CRC-32) into P sub-batches, in event order; each shard's
 model tests and then trains its sub-batch as the job's train stage does (``learn_many(..., evaluate=...)``), all
 tested by one prequential evaluator (the merged figures); every ``--sync-every`` batches each shard's item delta is
-applied to every other shard. A replica therefore sees the other shards' item updates of the batch it is in, and of
+applied to every other shard, a shard holding back rows moved only as negatives under ``--tolerance`` (the job's
+``kafka.item_delta_tolerance`` by default). A replica therefore sees the other shards' item updates of the batch it is in, and of
 the batches since the last exchange, one exchange later. P = 1 is ``benchmarks.ml100k``'s model run exactly (and
 ``benchmarks.synthetic_quality``'s).
 
     python -m benchmarks.sharded_quality --data ML100K_DIR [--shards 1,2,4] [--batch-size 4096] [--sync-every 1]
+                                         [--tolerance T]
     python -m benchmarks.sharded_quality --synthetic [--events 100000] [--batch-size 256]
 """
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Outcome:
     batch_size: int
     sync_every: int
     scale: float
+    tolerance: float
     summary: dict[str, float]
     delta_bytes: int  # bytes of every encoded delta written (each is read by the P - 1 other shards)
 
@@ -77,11 +80,12 @@ def shard_of(users: list[str], shards: int) -> Array:
 
 
 def run(stream: Events, config: ModelConfig, shards: int, batch_size: int, sync_every: int = 1,
-        scale: float = 1.0, k: int = 10) -> Outcome:
+        scale: float = 1.0, k: int = 10, tolerance: float = 0.0) -> Outcome:
     """Test then train each batch on P shards, exchanging item deltas every ``sync_every`` batches (module
-    docstring); ``scale`` multiplies the parameter changes a shard applies from the others."""
+    docstring); ``scale`` multiplies the parameter changes a shard applies from the others; ``tolerance`` is each
+    shard's ``kafka.item_delta_tolerance``."""
     models = [OnlineBiasedMF(config, RATING_CODE) for _ in range(shards)]
-    syncs = [ItemSync(m) for m in models] if shards > 1 else []
+    syncs = [ItemSync(m, tolerance) for m in models] if shards > 1 else []
     ev = Prequential(k, config.rating_min, config.rating_max)
     owner = shard_of(stream.users, shards)
     sent = 0
@@ -95,7 +99,7 @@ def run(stream: Events, config: ModelConfig, shards: int, batch_size: int, sync_
                                  evaluate=_Tester(ev, model, part, part.positive))  # type: ignore[arg-type]
         if syncs and ((n + 1) % sync_every == 0 or n == len(starts) - 1):
             sent += exchange(syncs, scale)
-    return Outcome(shards, batch_size, sync_every, scale, ev.summary(), sent)
+    return Outcome(shards, batch_size, sync_every, scale, tolerance, ev.summary(), sent)
 
 
 def exchange(syncs: list[ItemSync], scale: float = 1.0) -> int:
@@ -127,13 +131,13 @@ def synthetic_events(syn: SyntheticConfig, cfg: JobConfig) -> Events:
 
 def table(outcomes: list[Outcome], events: int) -> str:
     base = {o.batch_size: o.summary for o in outcomes if o.shards == 1}
-    lines = ["| P | batch | sync every | scale | RMSE | ΔRMSE | HR@10 | ΔHR@10 | NDCG@10 | HR@10 cold users | "
-             "HR@10 cold items | delta bytes/event |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| P | batch | sync every | scale | tolerance | RMSE | ΔRMSE | HR@10 | ΔHR@10 | NDCG@10 | HR@10 cold users | "
+             "HR@10 cold items | delta bytes/event |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for o in outcomes:
         s, b = o.summary, base.get(o.batch_size)
         d_rmse = f"{s['rmse'] - b['rmse']:+.4f}" if b else "–"
         d_hr = f"{(s['hr'] / b['hr'] - 1) * 100:+.1f}%" if b else "–"
-        lines.append(f"| {o.shards} | {o.batch_size} | {o.sync_every} | {o.scale:g} | {s['rmse']:.4f} | {d_rmse} "
+        lines.append(f"| {o.shards} | {o.batch_size} | {o.sync_every} | {o.scale:g} | {o.tolerance:g} | {s['rmse']:.4f} | {d_rmse} "
                      f"| {s['hr']:.4f} | {d_hr} | {s['ndcg']:.4f} | {s['hr_cold_users']:.4f} "
                      f"| {s['hr_cold_items']:.4f} | {o.delta_bytes / events:.1f} |")
     return "\n".join(lines)
@@ -149,9 +153,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sync-every", type=int, default=1, help="batches between item delta exchanges")
     p.add_argument("--scale", type=float, default=1.0, help="multiplier of the parameter changes applied")
     p.add_argument("--limit", type=int, default=0, help="only the first N events (0: all)")
+    cfg = JobConfig.load()
+    p.add_argument("--tolerance", type=float, default=cfg.kafka.item_delta_tolerance,
+                   help="kafka.item_delta_tolerance of every shard (default: the job's)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = JobConfig.load()
     if args.synthetic:
         stream = synthetic_events(SyntheticConfig(n_events=args.events, n_users=5_000, n_items=2_000, seed=42), cfg)
         config = cfg.model
@@ -161,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("sharded_quality: --data or --synthetic")
     if args.limit:
         stream = stream.select(np.arange(min(args.limit, len(stream))))
-    outcomes = [run(stream, config, int(p_), int(b), args.sync_every if int(p_) > 1 else 1, args.scale)
+    outcomes = [run(stream, config, int(p_), int(b), args.sync_every if int(p_) > 1 else 1, args.scale,
+                    tolerance=args.tolerance)
                 for b in args.batch_size.split(",") for p_ in args.shards.split(",")]
     print(table(outcomes, len(stream)))
     print(f"\n{'synthetic seed 42' if args.synthetic else args.data}: {len(stream):,} events, ModelConfig defaults"

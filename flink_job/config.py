@@ -53,6 +53,11 @@ class KafkaConfig:
     # A trainer's item delta larger than this goes out as several records: it must stay under the producer's
     # max.request.size and the topic's max.message.bytes (1 MiB by default); a batch over 50,000 items moves ~20,000.
     item_delta_record_bytes: int = 512 * 1024
+    # An item row moved only as a sampled negative goes into a delta once its parameters moved by more than this
+    # (relative L2 change) since it last went out; until then the trainer holds it back (in its checkpointed
+    # journal). A batch over 50,000 items moves ~16,000 rows, most of them a little as negatives: at 0 every trainer
+    # applied every other's moves of the whole table. 0.05 is publish.negative_tolerance's bound for the same rows.
+    item_delta_tolerance: float = 0.05
     group_id: str = "streamrec-job"
     start_from: str = "earliest"  # earliest | latest | committed
     # Extra Kafka client settings for every source and sink (security.protocol, sasl.*, ssl.*); secrets only as
@@ -75,6 +80,9 @@ class KafkaConfig:
         except ValueError as ex:
             raise ValueError(f"config: {ex}") from None
         object.__setattr__(self, "client_properties", props)
+        if not 0 <= self.item_delta_tolerance < float("inf"):
+            raise ValueError(f"config: kafka.item_delta_tolerance must be a finite number >= 0, got "
+                             f"{self.item_delta_tolerance}")
         if self.item_delta_record_bytes < 1024:
             raise ValueError(f"config: kafka.item_delta_record_bytes must be at least 1024, got "
                              f"{self.item_delta_record_bytes}")

@@ -6,6 +6,12 @@ is copied (the base); ``take()`` returns the current state minus the base for th
 cost is in the rows moved, never in the table's size. ``apply(delta)`` adds another replica's delta (admitting ids
 this one does not hold) and adds it to the base of rows copied too, so it is never sent back as this replica's own.
 
+Under a ``tolerance`` > 0, a row moved only as a sampled negative (no event of its own, nothing new about it) stays in
+the journal, its base kept, until its parameters have moved by more than ``tolerance`` times their norm at the base:
+a batch over a large catalogue moves most of the catalogue a little as negatives, and sending all of it made every
+trainer apply every other's whole table. The rows held are state (``state``/``load_state``): a trainer restored
+from a checkpoint still owes the others what it held back.
+
 What is exchanged: the item rows' parameters and optimiser state (additive; the Newton rating count clamped at its
 window again after the sum, which is the global capped count when every replica saw the same count before), the
 event and step counters, the decayed popularity (in log space), the newest event time and, as scalars, the rating
@@ -45,14 +51,16 @@ _COLUMNS = ("params", "acc", "moment", "steps", "updates", "events")
 class ItemSync:
     """One replica's journal of the item rows it moved since its last ``take`` (module docstring)."""
 
-    def __init__(self, model: OnlineBiasedMF) -> None:
+    def __init__(self, model: OnlineBiasedMF, tolerance: float = 0.0) -> None:
         self.model = model
+        self.tolerance = tolerance  # relative move of a negative-only row before it is sent (0: every move)
         self.table = model.item_table
         self.slot = np.full(0, -1, np.int64)  # (table rows,) where each row's base copy is; -1: none
         self.rows = np.zeros(0, np.int64)  # (slots,) the row of each base copy
         self.generation = np.zeros(0, np.int64)  # (slots,) the row's generation when copied
         self.base: dict[str, torch.Tensor] = {}  # column -> (slots, ...) base copies
         self.base_pop = np.zeros(0)  # (slots,)
+        self.touched = np.zeros(0, bool)  # (slots,) the row was about to change since the last take
         self.used = 0  # slots in use
         self._scalars = self._now()
         self._reserve(1)
@@ -83,6 +91,7 @@ class ItemSync:
         where = self.slot[take]
         self.rows[where] = take
         self.generation[where] = self.table.generation[take]
+        self.touched[self.slot[r]] = True
         idx, at = torch.from_numpy(take).to(self.table.device), torch.from_numpy(where).to(self.table.device)
         for name in _COLUMNS:
             self.base[name][at] = getattr(self.table, name)[idx]
@@ -116,6 +125,7 @@ class ItemSync:
         self.rows = np.concatenate([self.rows, np.zeros(grow, np.int64)])
         self.generation = np.concatenate([self.generation, np.zeros(grow, np.int64)])
         self.base_pop = np.concatenate([self.base_pop, np.zeros(grow)])
+        self.touched = np.concatenate([self.touched, np.zeros(grow, bool)])
         for name in _COLUMNS:
             t = getattr(self.table, name)
             old = self.base.get(name, t[:0])
@@ -124,13 +134,15 @@ class ItemSync:
     # ------------------------------------------------------------------------------------------ take
 
     def take(self) -> ItemDelta:
-        """What this replica's own training changed on item rows since the last take; forgets the base copies."""
+        """What this replica's own training changed on item rows since the last take; forgets the base copies of the
+        rows sent and keeps those held back under the tolerance (module docstring). Only the rows about to change
+        since the last take are looked at: one held back and not moved since stays as it was, so the cost is in the
+        rows moved, not in the rows held. At tolerance 0 every row held goes out (``flush``)."""
         m, t = self.model, self.table
-        rows, gen = self.rows[: self.used], self.generation[: self.used]
-        ids = m.items.ids(rows)
-        keep = (t.generation[rows] == gen) & np.array([k != NO_ID for k in ids], bool)
-        at = np.flatnonzero(keep)
-        rows = rows[at]
+        look = self.touched[: self.used] | (self.tolerance <= 0)
+        touched = np.flatnonzero(look)
+        at = touched[t.generation[self.rows[touched]] == self.generation[touched]]  # not recycled since copied
+        rows = self.rows[at]
         idx, sl = torch.from_numpy(rows).to(t.device), torch.from_numpy(at).to(t.device)
         cols = {name: (getattr(t, name)[idx] - self.base[name][sl]).cpu().numpy() for name in _COLUMNS}
         old_pop, new_pop = self.base_pop[at], m.extras.pop_log[rows]
@@ -138,16 +150,74 @@ class ItemSync:
         moved = (np.abs(cols["params"]).sum(1) > 0) | (cols["events"] != 0) | np.isfinite(pop)
         origin_rows = self.base["updates"][sl].cpu().numpy() == 0  # admitted since the last take: never moved before
         origin = self.base["params"][sl].cpu().numpy()
-        self.slot[self.rows[: self.used]] = -1
-        self.used = 0
+        held = moved & self._below_tolerance(cols, pop, origin, origin_rows)
+        still = np.flatnonzero(~look)  # held before, not moved since (unless recycled)
+        still = still[t.generation[self.rows[still]] == self.generation[still]]
+        self._keep(np.concatenate([still, at[held]]))
         scalars, self._scalars = self._scalars, self._now()
-        k = np.flatnonzero(moved)
+        k = np.flatnonzero(moved & ~held)
+        ids = m.items.ids(rows[k])  # looked up for the rows sent only: per id, in Python
+        k, ids = k[[i != NO_ID for i in ids]], [i for i in ids if i != NO_ID]
         return ItemDelta(
-            [ids[j] for j in at[k]], cols["params"][k], cols["acc"][k], cols["moment"][k], cols["steps"][k],
+            ids, cols["params"][k], cols["acc"][k], cols["moment"][k], cols["steps"][k],
             cols["updates"][k], cols["events"][k], pop[k], t.last_seen[rows[k]].copy(),
             np.flatnonzero(origin_rows[k]), origin[k][origin_rows[k]],
             m.rating_sum - scalars[0], m.rating_count - scalars[1], m.extras.events_counted - scalars[2],
             m.lifecycle.clock_ms)
+
+    def flush(self) -> ItemDelta:
+        """``take`` at tolerance 0: every change held back goes out too."""
+        tolerance, self.tolerance = self.tolerance, 0.0
+        try:
+            return self.take()
+        finally:
+            self.tolerance = tolerance
+
+    def _below_tolerance(self, cols: dict[str, Array], pop: Array, base: Array, new: Array) -> Array:
+        """(N,) rows moved only as sampled negatives (no event, no popularity, not new) whose parameters moved by at
+        most ``tolerance`` times their norm at the base (none at tolerance 0)."""
+        if self.tolerance <= 0:
+            return np.zeros(len(new), bool)
+        quiet: Array = (cols["events"] == 0) & ~np.isfinite(pop) & ~new
+        change = np.linalg.norm(cols["params"], axis=1)
+        small: Array = change <= self.tolerance * np.maximum(np.linalg.norm(base, axis=1), 1e-6)
+        held: Array = quiet & small
+        return held
+
+    def _keep(self, slots: Array) -> None:
+        """Empties the journal but for the base copies in ``slots``, which move to its front."""
+        self.slot[self.rows[: self.used]] = -1
+        n = len(slots)
+        self.rows[:n], self.generation[:n], self.base_pop[:n] = self.rows[slots], self.generation[slots], \
+            self.base_pop[slots]
+        self.touched[: self.used] = False
+        at = torch.from_numpy(slots).to(self.table.device)
+        for name in _COLUMNS:
+            self.base[name][:n] = self.base[name][at]
+        self.slot[self.rows[:n]] = np.arange(n)
+        self.used = n
+
+    def state(self) -> dict[str, Any]:
+        """The rows held back and their base copies (empty after a take at tolerance 0)."""
+        n = self.used
+        return {"rows": self.rows[:n].copy(), "generation": self.generation[:n].copy(),
+                "base_pop": self.base_pop[:n].copy(),
+                "base": {name: self.base[name][:n].cpu().numpy() for name in _COLUMNS}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """The journal ``state`` saw, over the model's restored table."""
+        rows = np.asarray(state["rows"], np.int64)
+        n = len(rows)
+        self.slot[self.rows[: self.used]] = -1
+        self._reserve(n)
+        self._slots(rows)
+        self.rows[:n], self.generation[:n] = rows, np.asarray(state["generation"], np.int64)
+        self.base_pop[:n] = state["base_pop"]
+        self.touched[: max(n, self.used)] = False
+        for name in _COLUMNS:
+            self.base[name][:n] = torch.from_numpy(np.asarray(state["base"][name])).to(self.table.device)
+        self.slot[rows] = np.arange(n)
+        self.used = n
 
     # ------------------------------------------------------------------------------------------ apply
 

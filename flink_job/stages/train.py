@@ -62,7 +62,8 @@ class TrainStage:
         self.positive_action = np.array([a in cfg.eval.positive_action_list for a in ACTIONS], bool)
         self.publisher = Publisher(cfg.publish, self.cleaner.recent_items_of, self.trainer,
                                    lambda: self.exchange.applied_count if self.exchange else 0)
-        self.exchange = (ItemExchange(self.trainer, self.model, cfg.kafka.item_delta_record_bytes)
+        self.exchange = (ItemExchange(self.trainer, self.model, cfg.kafka.item_delta_record_bytes,
+                                      cfg.kafka.item_delta_tolerance)
                          if self.trainer.count > 1 else None)
         self.counters = Counters()
         self.pending_since_ms = 0
@@ -110,7 +111,8 @@ class TrainStage:
                              f"by {stage.trainer.count} (flink.parallelism must stay as it was)")
         stage.model = OnlineBiasedMF.from_bytes(state["model"], cfg.model, RATING_CODE)
         if stage.exchange is not None:
-            stage.exchange = ItemExchange(stage.trainer, stage.model, cfg.kafka.item_delta_record_bytes)
+            stage.exchange = ItemExchange(stage.trainer, stage.model, cfg.kafka.item_delta_record_bytes,
+                                          cfg.kafka.item_delta_tolerance)
             stage.exchange.load_state(state["exchange"])
         for name, value in state["stage"].items():
             setattr(stage, name, value)
@@ -192,7 +194,7 @@ class TrainStage:
         if partial:
             for rest in self.batcher.take_rest():
                 self._train(rest, out)
-        self._send_items(out)
+        self._send_items(out, flush=partial)
         # A batch that closed short of batch.size means traffic below it: its users go out at once, not after
         # publish.interval_ms, which only coalesces repeat users when full batches come faster than it.
         self._publish(out, now_ms, users_now=partial)
@@ -214,10 +216,12 @@ class TrainStage:
         self._publish(out, now_ms)
         return out
 
-    def _send_items(self, out: Output) -> None:
-        """After a call that trained, what it changed on item rows goes to the other trainers."""
+    def _send_items(self, out: Output, flush: bool = False) -> None:
+        """After a call that trained, what it changed on item rows goes to the other trainers; after a batch closed
+        short of batch.size (``flush``: traffic below it, time to spare) also what was held back under
+        ``kafka.item_delta_tolerance``, so that replicas agree exactly whenever traffic is low."""
         if self.exchange is not None and out.batches:
-            out.deltas.extend(self.exchange.take())
+            out.deltas.extend(self.exchange.take(flush))
 
     def next_deadline_ms(self) -> int | None:
         """When ``on_time`` next has work to do, or None while nothing is pending or unpublished."""

@@ -65,30 +65,34 @@ def parse_delta_key(key: str) -> tuple[int, int]:
 
 class ItemExchange:
     """One trainer's side of the exchange: its journal (``ItemSync``), the sequence of the deltas it sent and the last
-    sequence it applied per sender. The journal is empty between calls (the stage takes after every call that
-    trained), so the state is two counters, never rows."""
+    sequence it applied per sender. Between calls (the stage takes after every call that trained) the journal holds
+    only the rows held back under ``kafka.item_delta_tolerance``, which are part of the state."""
 
-    def __init__(self, trainer: Trainer, model: OnlineBiasedMF, max_record_bytes: int) -> None:
+    def __init__(self, trainer: Trainer, model: OnlineBiasedMF, max_record_bytes: int,
+                 tolerance: float = 0.0) -> None:
         self.trainer = trainer
         self.max_record_bytes = max_record_bytes  # larger deltas go out as several records
-        self.sync = ItemSync(model)
+        self.sync = ItemSync(model, tolerance)
         self.sent = 0  # deltas sent
         self.applied: dict[int, int] = {}  # sender -> the last sequence applied
         self.applied_count = 0  # deltas applied
 
     def state(self) -> dict[str, Any]:
-        return {"sent": self.sent, "applied": dict(self.applied), "applied_count": self.applied_count}
+        return {"sent": self.sent, "applied": dict(self.applied), "applied_count": self.applied_count,
+                "journal": self.sync.state()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.sent = int(state["sent"])
         self.applied = {int(k): int(v) for k, v in state["applied"].items()}
         self.applied_count = int(state["applied_count"])
+        if "journal" in state:  # states before the tolerance held nothing back
+            self.sync.load_state(state["journal"])
 
-    def take(self) -> list[tuple[str, bytes]]:
+    def take(self, flush: bool = False) -> list[tuple[str, bytes]]:
         """This trainer's item changes since the last take as keyed records, each of at most ``max_record_bytes``
         (a batch over a large catalogue moves more item rows than one Kafka message holds) and each with its own
-        sequence number; none if nothing changed."""
-        delta = self.sync.take()
+        sequence number; none if nothing changed. ``flush``: the rows held back under the tolerance too."""
+        delta = self.sync.flush() if flush else self.sync.take()
         if not len(delta) and not (delta.rating_count or delta.events_counted):
             return []
         records = []

@@ -178,3 +178,49 @@ def test_a_delta_split_into_small_records_applies_as_the_whole() -> None:
     assert (parts.rating_sum, parts.rating_count, parts.extras.events_counted) == (
         whole.rating_sum, whole.rating_count, whole.extras.events_counted)
     assert [len(p) for p in split(d, 10**9)] == [len(d)]  # within the bound: one record
+
+
+def test_rows_moved_only_as_negatives_wait_for_the_tolerance_and_nothing_is_lost() -> None:
+    """Under a tolerance a replica lags by at most that much on rows the sender moved only as negatives; rows with
+    events always go out; and once the sender flushes the replica matches it exactly."""
+    batch = _stream(3000)
+    a, b = _model(), _model(seed=9)
+    sa, sb = ItemSync(a, tolerance=0.05), ItemSync(b)
+    held = 0
+    for s in range(0, len(batch), 250):
+        part = batch.slice(s, s + 250)
+        a.learn_many(part.users, part.items, part.actions, part.values, ts=part.ts)
+        delta = sa.take()
+        assert set(part.items) <= set(delta.ids)  # every item with an event of its own goes out
+        held = max(held, sa.used)
+        sb.apply(decode(encode(delta)))
+        ids = [k for k in a.items.ids(a.items.live_rows())]
+        pa, pb = (m.item_table.params[torch.from_numpy(m.items.lookup(ids))].numpy() for m in (a, b))
+        lag = np.linalg.norm(pa - pb, axis=1)
+        assert (lag <= 0.05 * np.linalg.norm(pb, axis=1) + 1e-5).all()
+    assert held > 0  # the bound above is not met by sending everything
+    sb.apply(decode(encode(sa.flush())))
+    assert sa.used == 0
+    ids = [k for k in a.items.ids(a.items.live_rows())]
+    want, got = _item_state(a, ids), _item_state(b, ids)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_the_rows_held_back_survive_a_restore() -> None:
+    """The journal of held rows is state: a sender restored from a snapshot owes what the original owes."""
+    batch = _stream(1500)
+    a = _model()
+    sa = ItemSync(a, tolerance=0.05)
+    for s in range(0, len(batch), 250):
+        part = batch.slice(s, s + 250)
+        a.learn_many(part.users, part.items, part.actions, part.values, ts=part.ts)
+        sa.take()
+    assert sa.used > 0
+    copy = OnlineBiasedMF.from_bytes(a.state_bytes())
+    sc = ItemSync(copy, tolerance=0.05)
+    sc.load_state(sa.state())
+    want, got = sa.flush(), sc.flush()
+    assert want.ids == got.ids and len(want.ids) > 0
+    np.testing.assert_array_equal(got.params, want.params)
+    np.testing.assert_array_equal(got.acc, want.acc)
