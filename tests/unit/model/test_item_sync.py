@@ -11,7 +11,7 @@ from flink_job.tools.generate import SyntheticConfig, generate
 from benchmarks.sharded_quality import shard_of
 from model.config import IdsConfig, ModelConfig, OptimizerConfig
 from model.item_delta import ItemDelta, decode, encode, split
-from model.item_sync import ItemSync
+from model.item_sync import ItemSync, seeded_vectors
 from model.mf import OnlineBiasedMF
 
 
@@ -224,3 +224,15 @@ def test_the_rows_held_back_survive_a_restore() -> None:
     assert want.ids == got.ids and len(want.ids) > 0
     np.testing.assert_array_equal(got.params, want.params)
     np.testing.assert_array_equal(got.acc, want.acc)
+
+
+def test_seeded_vectors_are_normal_of_the_given_spread_and_depend_on_the_seed() -> None:
+    ids = [f"i{k}" for k in range(4000)]
+    v = seeded_vectors(ids, 16, 0.05, 0)
+    assert v.shape == (4000, 16) and v.dtype == np.float32
+    assert abs(float(v.mean())) < 0.002 and abs(float(v.std()) - 0.05) < 0.002
+    # Gaussian tails, not uniform ones: about 4.55% of draws beyond two standard deviations.
+    assert 0.040 < float((np.abs(v) > 0.1).mean()) < 0.051
+    assert np.abs(np.corrcoef(v.T) - np.eye(16)).max() < 0.06  # coordinates independent
+    assert not np.array_equal(seeded_vectors(ids[:5], 16, 0.05, 1), v[:5])
+    np.testing.assert_array_equal(seeded_vectors(ids[7:9], 16, 0.05, 0), v[7:9])
