@@ -87,7 +87,7 @@ class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
         snapshot = runtime_context.get_state(ValueStateDescriptor("stage", Types.PICKLED_BYTE_ARRAY()))
         calls = runtime_context.get_list_state(ListStateDescriptor("calls", Types.PICKLED_BYTE_ARRAY()))
         self.log: BundleSnapshots | StageLog = (
-            StageLog(snapshot, calls, cfg.flink.state_snapshot_interval_ms) if thread_mode
+            StageLog(snapshot, calls, cfg.flink.state_snapshot_interval_ms, cfg.flink.state_snapshot_share) if thread_mode
             else BundleSnapshots(snapshot, calls)
         )
         self._register_metrics(runtime_context.get_metrics_group(), thread_mode)
