@@ -133,13 +133,14 @@ class ItemSync:
 
     # ------------------------------------------------------------------------------------------ take
 
-    def take(self) -> ItemDelta:
+    def take(self, flush: bool = False) -> ItemDelta:
         """What this replica's own training changed on item rows since the last take; forgets the base copies of the
         rows sent and keeps those held back under the tolerance (module docstring). Only the rows about to change
         since the last take are looked at: one held back and not moved since stays as it was, so the cost is in the
-        rows moved, not in the rows held. At tolerance 0 every row held goes out (``flush``)."""
+        rows moved, not in the rows held. ``flush`` (or tolerance 0): every row held goes out too."""
         m, t = self.model, self.table
-        look = self.touched[: self.used] | (self.tolerance <= 0)
+        tolerance = 0.0 if flush else self.tolerance
+        look = self.touched[: self.used] | (tolerance <= 0)
         touched = np.flatnonzero(look)
         at = touched[t.generation[self.rows[touched]] == self.generation[touched]]  # not recycled since copied
         rows = self.rows[at]
@@ -150,7 +151,7 @@ class ItemSync:
         moved = (np.abs(cols["params"]).sum(1) > 0) | (cols["events"] != 0) | np.isfinite(pop)
         origin_rows = self.base["updates"][sl].cpu().numpy() == 0  # admitted since the last take: never moved before
         origin = self.base["params"][sl].cpu().numpy()
-        held = moved & self._below_tolerance(cols, pop, origin, origin_rows)
+        held = moved & _below_tolerance(tolerance, cols, pop, origin, origin_rows)
         still = np.flatnonzero(~look)  # held before, not moved since (unless recycled)
         still = still[t.generation[self.rows[still]] == self.generation[still]]
         self._keep(np.concatenate([still, at[held]]))
@@ -164,25 +165,6 @@ class ItemSync:
             np.flatnonzero(origin_rows[k]), origin[k][origin_rows[k]],
             m.rating_sum - scalars[0], m.rating_count - scalars[1], m.extras.events_counted - scalars[2],
             m.lifecycle.clock_ms)
-
-    def flush(self) -> ItemDelta:
-        """``take`` at tolerance 0: every change held back goes out too."""
-        tolerance, self.tolerance = self.tolerance, 0.0
-        try:
-            return self.take()
-        finally:
-            self.tolerance = tolerance
-
-    def _below_tolerance(self, cols: dict[str, Array], pop: Array, base: Array, new: Array) -> Array:
-        """(N,) rows moved only as sampled negatives (no event, no popularity, not new) whose parameters moved by at
-        most ``tolerance`` times their norm at the base (none at tolerance 0)."""
-        if self.tolerance <= 0:
-            return np.zeros(len(new), bool)
-        quiet: Array = (cols["events"] == 0) & ~np.isfinite(pop) & ~new
-        change = np.linalg.norm(cols["params"], axis=1)
-        small: Array = change <= self.tolerance * np.maximum(np.linalg.norm(base, axis=1), 1e-6)
-        held: Array = quiet & small
-        return held
 
     def _keep(self, slots: Array) -> None:
         """Empties the journal but for the base copies in ``slots``, which move to its front."""
@@ -313,6 +295,18 @@ def _splitmix64(x: Array) -> Array:
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         out: Array = z ^ (z >> np.uint64(31))
     return out
+
+
+def _below_tolerance(tolerance: float, cols: dict[str, Array], pop: Array, base: Array, new: Array) -> Array:
+    """(N,) rows moved only as sampled negatives (no event, no popularity, not new) whose parameters moved by at most
+    ``tolerance`` times their norm at the base (none at tolerance 0)."""
+    if tolerance <= 0:
+        return np.zeros(len(new), bool)
+    quiet: Array = (cols["events"] == 0) & ~np.isfinite(pop) & ~new
+    change = np.linalg.norm(cols["params"], axis=1)
+    small: Array = change <= tolerance * np.maximum(np.linalg.norm(base, axis=1), 1e-6)
+    held: Array = quiet & small
+    return held
 
 
 def _log_added(old: Array, new: Array) -> Array:

@@ -92,7 +92,7 @@ class ItemExchange:
         """This trainer's item changes since the last take as keyed records, each of at most ``max_record_bytes``
         (a batch over a large catalogue moves more item rows than one Kafka message holds) and each with its own
         sequence number; none if nothing changed. ``flush``: the rows held back under the tolerance too."""
-        delta = self.sync.flush() if flush else self.sync.take()
+        delta = self.sync.take(flush)
         if not len(delta) and not (delta.rating_count or delta.events_counted):
             return []
         records = []

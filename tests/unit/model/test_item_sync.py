@@ -199,7 +199,7 @@ def test_rows_moved_only_as_negatives_wait_for_the_tolerance_and_nothing_is_lost
         lag = np.linalg.norm(pa - pb, axis=1)
         assert (lag <= 0.05 * np.linalg.norm(pb, axis=1) + 1e-5).all()
     assert held > 0  # the bound above is not met by sending everything
-    sb.apply(decode(encode(sa.flush())))
+    sb.apply(decode(encode(sa.take(flush=True))))
     assert sa.used == 0
     ids = [k for k in a.items.ids(a.items.live_rows())]
     want, got = _item_state(a, ids), _item_state(b, ids)
@@ -220,7 +220,7 @@ def test_the_rows_held_back_survive_a_restore() -> None:
     copy = OnlineBiasedMF.from_bytes(a.state_bytes())
     sc = ItemSync(copy, tolerance=0.05)
     sc.load_state(sa.state())
-    want, got = sa.flush(), sc.flush()
+    want, got = sa.take(flush=True), sc.take(flush=True)
     assert want.ids == got.ids and len(want.ids) > 0
     np.testing.assert_array_equal(got.params, want.params)
     np.testing.assert_array_equal(got.acc, want.acc)
