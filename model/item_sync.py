@@ -141,8 +141,8 @@ class ItemSync:
         m, t = self.model, self.table
         tolerance = 0.0 if flush else self.tolerance
         look = self.touched[: self.used] | (tolerance <= 0)
-        touched = np.flatnonzero(look)
-        at = touched[t.generation[self.rows[touched]] == self.generation[touched]]  # not recycled since copied
+        current = t.generation[self.rows[: self.used]] == self.generation[: self.used]  # not recycled since copied
+        at = np.flatnonzero(look & current)
         rows = self.rows[at]
         idx, sl = torch.from_numpy(rows).to(t.device), torch.from_numpy(at).to(t.device)
         cols = {name: (getattr(t, name)[idx] - self.base[name][sl]).cpu().numpy() for name in _COLUMNS}
@@ -152,8 +152,7 @@ class ItemSync:
         origin_rows = self.base["updates"][sl].cpu().numpy() == 0  # admitted since the last take: never moved before
         origin = self.base["params"][sl].cpu().numpy()
         held = moved & _below_tolerance(tolerance, cols, pop, origin, origin_rows)
-        still = np.flatnonzero(~look)  # held before, not moved since (unless recycled)
-        still = still[t.generation[self.rows[still]] == self.generation[still]]
+        still = np.flatnonzero(~look & current)  # held before, not moved since
         self._keep(np.concatenate([still, at[held]]))
         scalars, self._scalars = self._scalars, self._now()
         k = np.flatnonzero(moved & ~held)

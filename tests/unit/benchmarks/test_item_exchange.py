@@ -19,7 +19,7 @@ def test_the_exchange_benchmark_reports_each_timed_batch(monkeypatch: pytest.Mon
     limit = JobConfig.load().kafka.item_delta_record_bytes
     for moved, held, size, records, *ms in rows:
         n, h, total, k = (int(x.replace(",", "")) for x in (moved, held, size, records))
-        assert n + h > 2048  # sampled negatives move more item rows than the batch has events
-        assert n > 0 and h >= 0
+        assert n > 2048  # sampled negatives move more item rows than the batch has events
+        assert h >= 0
         assert k in (-(-total // limit), -(-total // limit) + 1)  # parts filled close to the bound
         assert all(float(x) >= 0 for x in ms)
