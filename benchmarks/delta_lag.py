@@ -19,11 +19,9 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from flink_job.config import JobConfig
 from flink_job.stages.train import TrainStage
-from flink_job.stages.train_output import Output
+from flink_job.stages.train_output import Output, pooled_quality
 from flink_job.stages.trainers import Trainer
 from flink_job.tools.produce import movielens_records
 
@@ -85,14 +83,11 @@ class Replay:
         return now - START_MS
 
     def figures(self) -> dict[str, float]:
-        q = [s.quality.summary() for s in self.stages if s.quality]
-        rated, positives = sum(x["rated"] for x in q), sum(x["positives"] for x in q)
-        return {
-            "rmse": float(np.sqrt(sum(x["rmse"] ** 2 * x["rated"] for x in q) / max(rated, 1))),
-            "hr": sum(x["hr"] * x["positives"] for x in q) / max(positives, 1),
-            "trained": sum(s.counters.trained for s in self.stages),
-            "batches": sum(s.counters.batches for s in self.stages),
-        }
+        """The trainers' prequential figures pooled as the job's stats are (``pooled_quality``), and their counts."""
+        pooled = pooled_quality([s.quality.summary() for s in self.stages if s.quality]) or {}
+        return {"rmse": pooled.get("rmse") or float("nan"), "hr": pooled.get("hr") or float("nan"),
+                "trained": sum(s.counters.trained for s in self.stages),
+                "batches": sum(s.counters.batches for s in self.stages)}
 
 
 def stream(data: Path, events: int | None) -> tuple[list[str], list[str]]:
