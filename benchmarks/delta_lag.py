@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.sharded_quality import shard_of
 from flink_job.config import JobConfig
 from flink_job.stages.train import TrainStage
 from flink_job.stages.train_output import Output, pooled_quality
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--events", type=int, default=None, help="only the first N events")
     args = p.parse_args(argv)
     lines, users = stream(args.data, args.events)
-    owners = [zlib.crc32(u.encode()) % args.trainers for u in users]
+    owners = shard_of(users, args.trainers).tolist()  # users split as the model-level sharding benchmark splits them
     print("| trainers | batch | lag ms | lag in events | RMSE | HR@10 | trained | batches | simulated s |")
     print("|---|---|---|---|---|---|---|---|---|")
     cfg = JobConfig.load(overrides=[f"batch.size={args.batch_size}", "eval.user_sample=1.0"])
