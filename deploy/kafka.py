@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from deploy.jars import kafka_classpath
 from flink_job.secrets import write_private
@@ -260,6 +261,23 @@ def create_topics(bootstrap: str, topics: dict[str, dict[str, str]], partitions:
     for name, fut in admin.create_topics(new, operation_timeout=30).items():
         fut.result()
         log.info("kafka: created topic %s", name)
+    wait_for_leaders(admin, [t.topic for t in new])
+
+
+def wait_for_leaders(admin: Any, topics: list[str], timeout_s: float = 30.0) -> None:
+    """Until every partition of ``topics`` has a leader. A topic is created before its partitions have one, and a
+    reader that looks it up in between sees no partitions: a consumer assigned to them then read nothing, ever."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        meta = admin.list_topics(timeout=10).topics
+        waiting = [name for name in topics
+                   if name not in meta or meta[name].error is not None or not meta[name].partitions
+                   or any(p.leader < 0 for p in meta[name].partitions.values())]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"kafka: topics without a leader after {timeout_s:.0f}s: {waiting}")
+        time.sleep(0.1)
 
 
 def job_topics(cfg: object) -> dict[str, dict[str, str]]:

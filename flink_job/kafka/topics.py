@@ -30,12 +30,23 @@ def consumer(bootstrap: str, read_committed: bool = False, security: dict[str, s
 def end_offsets(bootstrap: str, topic: str, security: dict[str, str] | None = None) -> dict[int, int]:
     c = consumer(bootstrap, security=security)
     try:
-        meta = c.list_topics(topic, timeout=10).topics[topic]
-        if meta.error is not None:
-            raise RuntimeError(f"topics: {topic}: {meta.error}")
+        meta = partitions_of(c, topic)
         return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
     finally:
         c.close()
+
+
+def partitions_of(client: Consumer, topic: str, timeout_s: float = 10.0) -> Any:
+    """``topic``'s metadata once it lists partitions. Just after its creation it may list none (no leader yet),
+    and a consumer assigned to none reads nothing, ever, without an error: a missing topic is one here."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        meta = client.list_topics(topic, timeout=10).topics[topic]
+        if meta.error is None and meta.partitions:
+            return meta
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"topics: {topic} has no partitions to read after {timeout_s:.0f}s ({meta.error})")
+        time.sleep(0.1)
 
 
 class Follower:
@@ -46,7 +57,7 @@ class Follower:
                  security: dict[str, str] | None = None, from_end: bool = False) -> None:
         self.topic = topic
         self.consumer = consumer(bootstrap, read_committed, security)
-        meta = self.consumer.list_topics(topic, timeout=10).topics[topic]
+        meta = partitions_of(self.consumer, topic)
         # The end as of now, not as of the first fetch, which is what OFFSET_END would resolve to.
         starts = {p: self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] if from_end
                   else OFFSET_BEGINNING for p in meta.partitions}

@@ -43,3 +43,32 @@ def test_a_broker_formats_its_storage_when_the_random_cluster_id_starts_with_a_d
         assert "cluster.id=-" in (tmp_path / "broker" / "data" / "meta.properties").read_text()
     finally:
         broker.stop()
+
+
+def test_a_follower_made_just_after_its_topic_reads_what_comes_later_and_a_missing_topic_is_an_error(kafka) -> None:
+    """A topic has no partitions in its metadata until they have a leader. A follower assigned to none then read
+    nothing, ever, without an error: the benchmark that started a job right after creating its topics waited for
+    stats that had been written."""
+    import uuid
+
+    from confluent_kafka import Producer
+
+    from deploy.kafka import create_topics
+    from flink_job.kafka.topics import Follower
+
+    followers = []
+    for n in range(5):  # the race was one in a few
+        topic = f"follow.{uuid.uuid4().hex[:8]}.{n}"
+        create_topics(kafka.bootstrap, {topic: {}}, 1)
+        followers.append(Follower(kafka.bootstrap, topic))
+    producer = Producer({"bootstrap.servers": kafka.bootstrap})
+    for f in followers:
+        producer.produce(f.topic, b"x")
+    producer.flush()
+    try:
+        assert [len(f.poll(5.0)) for f in followers] == [1] * 5
+    finally:
+        for f in followers:
+            f.close()
+    with pytest.raises(RuntimeError, match="no partitions"):
+        Follower(kafka.bootstrap, f"missing.{uuid.uuid4().hex[:8]}")
