@@ -43,11 +43,12 @@ class TrainStage:
         self.settings = cfg.stage_settings()  # written with every snapshot (restore); cfg is frozen, so once
         self.admission = Admission(cfg)
         self.batcher = MicroBatcher(cfg.batch.size)
+        self.model_config = self.trainer.model_config(cfg.model)  # this trainer's share of the stream's budgets
         self.model = (
-            OnlineBiasedMF.from_file_bytes(Path(cfg.flink.initial_model).read_bytes(), cfg.model,
+            OnlineBiasedMF.from_file_bytes(Path(cfg.flink.initial_model).read_bytes(), self.model_config,
                                            what=f"flink.initial_model {cfg.flink.initial_model}",
                                            rating_code=RATING_CODE)
-            if cfg.flink.initial_model else OnlineBiasedMF(cfg.model, RATING_CODE)
+            if cfg.flink.initial_model else OnlineBiasedMF(self.model_config, RATING_CODE)
         )
         # (A,) weight per action code; an implicit action missing from the mapping weighs 1.
         self.action_weight = np.array(
@@ -109,7 +110,7 @@ class TrainStage:
         if written_by != stage.trainer.count:
             raise ValueError(f"train: this state is one of {written_by} user-sharded trainers; it cannot be restored "
                              f"by {stage.trainer.count} (flink.parallelism must stay as it was)")
-        stage.model = OnlineBiasedMF.from_bytes(state["model"], cfg.model, RATING_CODE)
+        stage.model = OnlineBiasedMF.from_bytes(state["model"], stage.model_config, RATING_CODE)
         if stage.exchange is not None:
             stage.exchange = ItemExchange(stage.trainer, stage.model, cfg.kafka.item_delta_record_bytes,
                                           cfg.kafka.item_delta_tolerance)

@@ -12,13 +12,14 @@ other trainers' deltas moved.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from flink_job.stages.events import DeadLetter
 from model.arrays import Array
+from model.config import ModelConfig
 from model.idmap import FALLBACK_ROW
 from model.item_delta import decode, encode, split
 from model.item_sync import ItemSync
@@ -37,6 +38,29 @@ class Trainer:
     def __post_init__(self) -> None:
         if self.count < 1 or not 0 <= self.index < self.count:
             raise ValueError(f"train: trainer {self.index} of {self.count} does not exist")
+
+    def model_config(self, model: ModelConfig) -> ModelConfig:
+        """``model`` for one of ``count`` trainers. A trainer's batch holds 1/P of the stream's events over the same
+        time, so it takes 1/P of the budgets that size a batch's sub-steps and replay (``optimizer.sub_step_budget``,
+        ``stability.replay_budget``): a batch of n/P events then takes about budget / n sub-steps, as one trainer's
+        batch of n does, and each trainer does one trainer's sub-steps per second whatever P. With the whole budget
+        each, P trainers made P times one trainer's sub-steps each, P^2 in all: at 2,000 events/s ML-100K at P = 4
+        cost 6x the CPU of one trainer (docs/sharding.md, "Sub-steps per trainer").
+
+        >>> m = ModelConfig()
+        >>> Trainer(0, 4).model_config(m).optimizer.sub_step_budget * 4 == m.optimizer.sub_step_budget
+        True
+        >>> Trainer().model_config(m) is m
+        True
+        """
+        if self.count == 1:
+            return model
+
+        def share(budget: int) -> int:
+            return max(1, budget // self.count) if budget > 0 else 0  # 0 means "none" (one sub-step, no bound)
+
+        return replace(model, optimizer=replace(model.optimizer, sub_step_budget=share(model.optimizer.sub_step_budget)),
+                       stability=replace(model.stability, replay_budget=share(model.stability.replay_budget)))
 
     def owns_items(self, ids: list[str]) -> Array:
         """(N,) whether this trainer publishes each item: ``crc32(id) mod count == index``.

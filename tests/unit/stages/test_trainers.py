@@ -193,3 +193,27 @@ def test_a_large_delta_goes_out_as_several_records_each_applied_once() -> None:
     assert np.allclose(a.vectors("item", a.items.lookup(ids))[0], b.vectors("item", b.items.lookup(ids))[0], atol=1e-6)
     with pytest.raises(ValueError, match="item_delta_record_bytes"):
         JobConfig.load(overrides=["kafka.item_delta_record_bytes=10"])
+
+
+def test_a_trainer_of_four_learns_its_quarter_of_a_batch_in_as_many_sub_steps_as_one_trainer_learns_it() -> None:
+    """Each of P trainers gets 1/P of the stream's events per batch; with the whole sub-step budget each, P
+    trainers made P^2 times one trainer's sub-steps, and at P = 4 cost 6x one trainer's CPU at 2,000 events/s."""
+    from model.sequential import split, step_size
+
+    cfg = JobConfig()
+    one, four = Trainer().model_config(cfg.model).optimizer, Trainer(2, 4).model_config(cfg.model).optimizer
+    assert four.sub_step_budget * 4 == one.sub_step_budget == cfg.model.optimizer.sub_step_budget
+    for n in (64, 256, 1024):  # (below ~45 events a sub-step is one event, whatever the budget)
+        steps_one = len(split(np.arange(4 * n), step_size(4 * n, one.sub_batch, one.sub_step_budget))) - 1
+        steps_four = len(split(np.arange(n), step_size(n, four.sub_batch, four.sub_step_budget))) - 1
+        assert steps_four == steps_one > 1, n
+    # The stage's model has its trainer's share, also once restored from its bytes; the recorded settings do not.
+    stage = TrainStage(cfg, Trainer(1, 4))
+    assert stage.model.config.optimizer.sub_step_budget == four.sub_step_budget
+    restored = TrainStage.from_bytes(cfg, stage.state_bytes(), Trainer(1, 4))
+    assert restored.model.config.optimizer.sub_step_budget == four.sub_step_budget
+    assert stage.settings == cfg.stage_settings()
+    # A budget of 0 (one sub-step a batch) stays 0, and a small one does not round down to it.
+    none = JobConfig.load(overrides=["model.optimizer.sub_step_budget=0", "model.stability.replay_budget=3"])
+    assert Trainer(0, 4).model_config(none.model).optimizer.sub_step_budget == 0
+    assert Trainer(0, 4).model_config(none.model).stability.replay_budget == 1
