@@ -8,7 +8,7 @@ one quantity those add to the model, the lag, so that the job's quality at P > 1
 (``benchmarks.ml100k_job``; docs/sharding.md, "Delivery lag").
 
     python -m benchmarks.delta_lag --data ML100K_DIR [--trainers 4] [--batch-size 4096] [--lag-ms 0,300,1000]
-                                   [--rate 20000] [--events N]
+                                   [--rate 20000] [--events N] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -110,12 +110,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rate", type=float, default=20_000.0, help="events per second of the replay")
     p.add_argument("--chunk-ms", type=int, default=JobConfig().batch.chunk_ms)
     p.add_argument("--events", type=int, default=None, help="only the first N events")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a setting of the job's configuration (repeatable)")
     args = p.parse_args(argv)
     lines, users = stream(args.data, args.events)
     owners = shard_of(users, args.trainers).tolist()  # users split as the model-level sharding benchmark splits them
     print("| trainers | batch | lag ms | lag in events | RMSE | HR@10 | trained | batches | simulated s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    cfg = JobConfig.load(overrides=[f"batch.size={args.batch_size}", "eval.user_sample=1.0"])
+    cfg = JobConfig.load(overrides=[f"batch.size={args.batch_size}", "eval.user_sample=1.0", *args.overrides])
     for lag in (int(x) for x in args.lag_ms.split(",")):
         replay = Replay(cfg, args.trainers, lag)
         took = replay.run(lines, owners, args.rate, args.chunk_ms)
