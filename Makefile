@@ -6,10 +6,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup run test unit lint bench clean
 
+# torch's CUDA build and its nvidia wheels are ~4 GB downloaded and ~6 GB installed. pip unpacks into TMPDIR, which
+# on some machines is a small tmpfs, and caches every wheel it downloads: keep its temporary files on the venv's disk
+# and cache nothing, so that the install needs the venv's size plus one copy of the downloads.
+PIP_TMP := $(VENV)/.pip-tmp
+
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	mkdir -p $(PIP_TMP)
+	TMPDIR=$(abspath $(PIP_TMP)) $(PY) -m pip install --quiet --no-cache-dir --upgrade pip
+	TMPDIR=$(abspath $(PIP_TMP)) $(PY) -m pip install --quiet --no-cache-dir -e '.[dev]'
+	rm -rf $(PIP_TMP)
 	touch $(STAMP)
 
 setup: $(STAMP)
