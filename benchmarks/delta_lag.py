@@ -9,20 +9,24 @@ one quantity those add to the model, the lag, so that the job's quality at P > 1
 
     python -m benchmarks.delta_lag --data ML100K_DIR [--trainers 4] [--batch-size 4096] [--lag-ms 0,300,1000]
                                    [--rate 20000] [--events N] [--set KEY=VALUE ...]
+    python -m benchmarks.delta_lag --synthetic 100000 ...   # the generator's stream (flink_job.tools.generate)
 """
 from __future__ import annotations
 
 import argparse
 import heapq
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from benchmarks.sharded_quality import shard_of
 from flink_job.config import JobConfig
 from flink_job.stages.train import TrainStage
 from flink_job.stages.train_output import Output, pooled_quality
 from flink_job.stages.trainers import Trainer
+from flink_job.tools.generate import SyntheticConfig, generate
 from flink_job.tools.produce import movielens_records
 
 START_MS = 1_800_000_000_000
@@ -92,8 +96,18 @@ class Replay:
 
 def stream(data: Path, events: int | None) -> tuple[list[str], list[str]]:
     """ML-100K as the job's input lines, in time order, and each line's user."""
+    return _lines((record for record, _ in movielens_records(data)), events)
+
+
+def synthetic_stream(events: int, seed: int = 42) -> tuple[list[str], list[str]]:
+    """The generator's stream at its defaults (5,000 Zipf users, 2,000 items, no duplicates or malformed records):
+    a second stream, with other users, items, actions and context fields than ML-100K's ratings."""
+    return _lines(generate(SyntheticConfig(n_events=events, seed=seed)), events)
+
+
+def _lines(records: Iterable[Any], events: int | None) -> tuple[list[str], list[str]]:
     lines, users = [], []
-    for n, (record, _) in enumerate(movielens_records(data)):
+    for n, record in enumerate(records):
         if events is not None and n >= events:
             break
         lines.append(f"0,{n},{record.payload.decode()}")
@@ -103,7 +117,9 @@ def stream(data: Path, events: int | None) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="the ml-100k folder (or its u.data)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="the ml-100k folder (or its u.data)")
+    source.add_argument("--synthetic", type=int, metavar="EVENTS", help="the generator's stream of EVENTS events")
     p.add_argument("--trainers", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=JobConfig().batch.size, help="per trainer, as in the job")
     p.add_argument("--lag-ms", default="0,300,1000", help="delta delivery lags to run, comma-separated")
@@ -113,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="a setting of the job's configuration (repeatable)")
     args = p.parse_args(argv)
-    lines, users = stream(args.data, args.events)
+    lines, users = stream(args.data, args.events) if args.data else synthetic_stream(args.synthetic)
     owners = shard_of(users, args.trainers).tolist()  # users split as the model-level sharding benchmark splits them
     print("| trainers | batch | lag ms | lag in events | RMSE | HR@10 | trained | batches | simulated s |")
     print("|---|---|---|---|---|---|---|---|---|")
