@@ -122,9 +122,7 @@ def measure(broker: Broker, args: argparse.Namespace) -> tuple[list[tuple[int, i
     reflections.thread.start()
     try:  # the follower's thread ends before the broker stops, also on an error
         with LocalJob(cfg, scratch_checkpoints=True) as job:
-            while not job.status().endswith("RUNNING"):
-                time.sleep(0.5)
-            time.sleep(5)  # operators deployed and the Python worker up before the first event
+            job.wait_running()
             records = list(synthetic_timed(syn))  # generated beforehand: the producer only paces and sends
             began = time.monotonic()
             sent = send(records, broker.bootstrap, cfg.kafka.input_topic, Pacing(rate=args.rate), total=n_events)

@@ -68,9 +68,7 @@ def _run_job(broker: Broker, data: Path, batch_size: int, profile: str, extra: l
         sent = send(records, broker.bootstrap, cfg.kafka.input_topic)
     with LocalJob(cfg, scratch_checkpoints=True) as job:
         if rate is not None:
-            while not job.status().endswith("RUNNING"):
-                time.sleep(0.5)
-            time.sleep(5)  # operators deployed and the Python worker up before the first event
+            job.wait_running()
             sent = send(list(records), broker.bootstrap, cfg.kafka.input_topic, Pacing(rate=rate))
         result = job.wait_idle(idle_s=5.0, timeout_s=1800, min_received=sent)
     last = result.last

@@ -28,6 +28,7 @@ from flink_job.kafka.topics import Follower
 from flink_job.stages.train_output import combine_latest
 
 log = logging.getLogger(__name__)
+ENDED = ("FAILED", "CANCELED", "FINISHED")  # job states after which it reads no more input
 
 
 @dataclass
@@ -107,7 +108,8 @@ class LocalJob:
         return str(self.client.get_job_id()) if self.client else ""
 
     def status(self) -> str:
-        return str(self.client.get_job_status().result()) if self.client else "CANCELED"
+        """The job's state by name (RUNNING, FAILED, ...): ``str`` of PyFlink's ``JobStatus`` is "JobStatus.FAILED"."""
+        return str(self.client.get_job_status().result().name) if self.client else "CANCELED"
 
     def diagnosis(self) -> str:
         """What a timeout message should add about the job itself: here nothing, the job's log is this process's."""
@@ -118,6 +120,16 @@ class LocalJob:
         new = [orjson.loads(v) for _k, v, _p, _o in self.follower.poll(max_wait_s)]
         self.result.stats.extend(new)
         return new
+
+    def wait_running(self, timeout_s: float = 120.0, settle_s: float = 5.0) -> None:
+        """Until the job runs, then ``settle_s`` more (operators deployed, the Python worker up), so that input sent
+        at a rate from then on meets a running job; raises if the job ends or is not running after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while (status := self.status()) != "RUNNING":
+            if status in ENDED or time.monotonic() > deadline:
+                raise RuntimeError(f"runner: job {status} instead of running after {timeout_s:.0f}s{self.diagnosis()}")
+            time.sleep(0.5)
+        time.sleep(settle_s)
 
     def wait_idle(
         self, idle_s: float = 5.0, timeout_s: float = 600.0, min_received: int = 1, progress: Any = None
@@ -135,7 +147,7 @@ class LocalJob:
             if received >= min_received and time.monotonic() - last_new >= idle_s:
                 return self.result
             status = self.status()
-            if status in ("FAILED", "CANCELED", "FINISHED"):
+            if status in ENDED:
                 raise RuntimeError(f"runner: job ended as {status} before its input was consumed")
         raise TimeoutError(
             f"runner: job not idle after {timeout_s}s; last stats: {self.result.last or 'none yet'}{self.diagnosis()}"
