@@ -2,12 +2,15 @@
 default configuration, on generator events like the throughput benchmark's (seed 7, 2% duplicates, 1% malformed).
 
     python -m benchmarks.stage_steps [--events 200000] [--chunk 2000]
+    python -m benchmarks.stage_steps --events 600000 --users 1000000 --items 50000   # issue 18's scale stream
 
 Each step is timed by wrapping it (a few calls per chunk, so the wrappers cost nothing measurable) with
 ``time.process_time``: CPU time, which a shared machine's other processes inflate less than the wall clock. A step
 called inside another (the prequential evaluation inside ``learn_many``) counts in its own line only: the outer line
 is its time without the inner. The first 20,000 events warm the stage up and are not counted; chunks are 100 ms
-apart in processing time.
+apart in processing time. With ``--users`` the users are drawn uniformly and each event's item from 256 random
+items of ``--items``, as ``benchmarks.scale`` feeds the job; without it, the generator's Zipf stream (5,000 users,
+2,000 items).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import argparse
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import flink_job.stages.admission as admission
@@ -62,8 +66,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--events", type=int, default=200_000)
     p.add_argument("--chunk", type=int, default=2000)
+    p.add_argument("--users", type=int, default=0, help="distinct users drawn uniformly (0: the Zipf stream)")
+    p.add_argument("--items", type=int, default=50_000, help="the catalogue, with --users")
     args = p.parse_args()
     syn = SyntheticConfig(n_events=args.events, seed=7, duplicate_rate=0.02, malformed_rate=0.01)
+    if args.users:
+        syn = replace(syn, n_users=args.users, n_items=args.items, user_activity="uniform", item_candidates=256)
     lines = [f"{n % 2},{n},{r.payload.decode()}" for n, r in enumerate(generate(syn))]
     spent: dict[str, float] = defaultdict(float)
     for owner, name, label in STEPS:
