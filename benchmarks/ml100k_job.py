@@ -54,7 +54,7 @@ def _run_job(broker: Broker, data: Path, batch_size: int, profile: str, extra: l
     model = list(dotted("model", PROFILES.get(profile, {})))
     # One chunk per window and trainer keeps the stream's order inside each trainer (user-sharded trainers need
     # a shard each at least).
-    shards = JobConfig.load(overrides=extra).flink.parallelism
+    shards = JobConfig.load(overrides=extra).trainer_count
     cfg = JobConfig.load(overrides=[
         f"kafka.bootstrap={broker.bootstrap}", f"kafka.input_topic={run}.events", f"kafka.group_id={run}",
         f"kafka.embeddings_topic={run}.embeddings", f"kafka.dead_letter_topic={run}.dead-letters",

@@ -124,6 +124,7 @@ def summary(result: RunResult, n_input: int, cfg: JobConfig, args: argparse.Name
         "embeddings_published": last["published"],
         "batch_size": cfg.batch.size,
         "parallelism": cfg.flink.parallelism,
+        "trainers": cfg.trainer_count,
         "python_mode": cfg.flink.python_execution_mode,
         "partitions": args.partitions,
         "device": "cuda" if torch.cuda.is_available() else "cpu",

@@ -92,7 +92,7 @@ def connector_jar() -> Path:
 
 
 def udf_jar() -> Path:
-    """The jar of the job's Java SQL functions, compiled on first use against the jars of the installed Flink (so
+    """The jar of the job's Java SQL functions and Kafka partitioner, compiled on first use against the jars of the installed Flink (so
     it matches the Flink it runs in) into ``deploy/.jars/udf/``, named by a hash of its sources; ``$STREAMREC_UDF_JAR``
     if set (a job client away from the project's files, or an image that built it already)."""
     given = _jar_from_env(UDF_JAR_ENV)
@@ -111,7 +111,9 @@ def udf_jar() -> Path:
     jar.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=jar.parent) as tmp:
         classes = Path(tmp) / "classes"
-        subprocess.run([javac, "--release", "17", "-nowarn", "-cp", str(flink_home() / "lib" / "*"),
+        # The Kafka connector for the item-delta sink's partitioner (streamrec.SenderPartitioner).
+        classpath = os.pathsep.join([str(flink_home() / "lib" / "*"), str(connector_jar())])
+        subprocess.run([javac, "--release", "17", "-nowarn", "-cp", classpath,
                         "-d", str(classes), *map(str, sources)], check=True)
         part = Path(tmp) / jar.name
         with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as z:

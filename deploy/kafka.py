@@ -282,7 +282,7 @@ def wait_for_leaders(admin: Any, topics: list[str], timeout_s: float = 30.0) -> 
 
 def job_topics(cfg: object) -> dict[str, dict[str, str]]:
     """The job's topics and their configs: the embeddings topic is compacted (a changelog of the latest vectors);
-    user-sharded trainers (``flink.parallelism`` > 1) add the item-delta topic."""
+    user-sharded trainers (more than one: ``flink.trainers``, else ``flink.parallelism``) add the item-delta topic."""
     k = cfg.kafka  # type: ignore[attr-defined]
     topics: dict[str, dict[str, str]] = {
         k.input_topic: {},
@@ -290,7 +290,7 @@ def job_topics(cfg: object) -> dict[str, dict[str, str]]:
         k.dead_letter_topic: {},
         k.stats_topic: {},
     }
-    if cfg.flink.parallelism > 1:  # type: ignore[attr-defined]
+    if cfg.trainer_count > 1:  # type: ignore[attr-defined]
         topics[k.item_delta_topic] = {}
     return topics
 

@@ -284,7 +284,12 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class FlinkConfig:
-    parallelism: int = 1
+    parallelism: int = 1  # the trainer operator's subtasks
+    # User-sharded trainers, each a model (its users' rows, a replica of every item) in keyed state of its own; 0:
+    # one per subtask. Fixed for the life of the job's state (the trainers' max parallelism): a job with more than
+    # ``parallelism`` runs several on a subtask and can be restored at any parallelism up to this number
+    # (docs/sharding.md, "Rescaling").
+    trainers: int = 0
     checkpoint_interval_ms: int = 10_000
     state_backend: str = "hashmap"  # hashmap (heap) or rocksdb
     checkpoint_dir: str = ""  # empty: <project>/.run/checkpoints; use a shared file system on a cluster
@@ -370,10 +375,28 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if self.flink.parallelism < 1 or self.batch.shards < self.flink.parallelism:
-            raise ValueError(f"config: flink.parallelism (the number of trainers) must be >= 1 and at most "
-                             f"batch.shards (each trainer owns whole user shards), got {self.flink.parallelism} "
+        p, trainers = self.flink.parallelism, self.flink.trainers
+        if p < 1 or trainers < 0:
+            raise ValueError(f"config: flink.parallelism must be >= 1 and flink.trainers >= 0 (0: one per subtask), "
+                             f"got {p} and {trainers}")
+        if trainers and trainers < p:
+            raise ValueError(f"config: flink.trainers ({trainers}) must be at least flink.parallelism ({p}): a "
+                             f"subtask without a trainer would have nothing to do")
+        if self.batch.shards < self.trainer_count:
+            raise ValueError(f"config: the number of trainers (flink.trainers, else flink.parallelism) must be at "
+                             f"most batch.shards (each trainer owns whole user shards), got {self.trainer_count} "
                              f"and {self.batch.shards}")
+
+    @property
+    def trainer_count(self) -> int:
+        """User-sharded trainers: ``flink.trainers``, or one per subtask of the trainer operator.
+
+        >>> JobConfig().trainer_count, JobConfig.load(overrides=["flink.parallelism=2"]).trainer_count
+        (1, 2)
+        >>> JobConfig.load(overrides=["flink.parallelism=2", "flink.trainers=4"]).trainer_count
+        4
+        """
+        return self.flink.trainers or self.flink.parallelism
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:

@@ -24,6 +24,7 @@ DELTA_TABLE = "item_deltas"
 DELTA_VIEW = "routed_item_deltas"
 EVENT_KEY = "streamrec.EventKey"  # in the jar deploy.jars.udf_jar builds from flink_job/flink/jvm
 OTHER_TRAINERS = "streamrec.OtherTrainers"
+SENDER_PARTITIONER = "streamrec.SenderPartitioner"  # the item-delta sink's: a partition per sending trainer
 
 
 def register_functions(t_env: Any) -> None:
@@ -182,7 +183,7 @@ def sink_ddl(cfg: JobConfig, table: str, topic: str, value_type: str = "STRING",
             "sink.delivery-guarantee": "exactly-once" if exactly_once else "at-least-once",
         }
     )
-    if partitioner:  # fixed: each sink subtask writes to one partition (its index mod the partitions)
+    if partitioner:  # a Flink name (fixed, round-robin, default) or a class of the job's jars
         opts["sink.partitioner"] = partitioner
     if exactly_once:
         # Unique per topic: two jobs sharing a prefix would fence each other's transactions.

@@ -11,9 +11,9 @@
           -> UNNEST(stats)           # ("stats", v)                      -> job-stats topic
           -> UNNEST(deltas)          # (trainer:sequence, delta)         -> item-delta topic (P > 1)
 
-With ``flink.parallelism`` P > 1 the trainer runs as P subtasks, each owning whole user shards (``k`` routes shard
-``s`` to trainer ``s mod P``), and reads the item-delta topic back as its second input, each record once per
-trainer other than its sender (docs/sharding.md). The SQL part stays one subtask whatever P is: at P it de-duplicated in parallel and
+With T > 1 trainers (``flink.trainers``, else ``flink.parallelism``) each trainer owns whole user shards (``k`` routes
+shard ``s`` to trainer ``s mod T``) and reads the item-delta topic back as its second input, each record once per
+trainer other than its sender (docs/sharding.md). The trainers run on ``flink.parallelism`` subtasks, T / P each. The SQL part stays one subtask whatever P is: at P it de-duplicated in parallel and
 merged the subtasks' outputs per window, which reordered a user's events inside a chunk.
 """
 from __future__ import annotations
@@ -116,22 +116,23 @@ def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnviron
     t_env = StreamTableEnvironment.create(env)
     sql.register_functions(t_env)
     t_env.execute_sql(sql.source_ddl(cfg))
-    trainers = cfg.flink.parallelism
+    trainers = cfg.trainer_count
     keys = route_keys(trainers) if trainers > 1 else None
     for view in sql.chunk_views(cfg, keys):
         t_env.execute_sql(view)
 
     chunks = key_by_first_field(t_env.to_data_stream(t_env.from_path(sql.CHUNK_VIEW)), CHUNK)  # (shard, [line])
     if keys is None:
-        trained = chunks.process(make_train_function(cfg), output_type=STAGE_OUTPUT)
+        trained = chunks.process(make_train_function(cfg, keys), output_type=STAGE_OUTPUT)
     else:
         t_env.execute_sql(sql.delta_source_ddl(cfg, int(time.time() * 1000)))
         t_env.execute_sql(sql.delta_view(keys))
         deltas = key_by_first_field(t_env.to_data_stream(t_env.from_path(sql.DELTA_VIEW)), DELTA)
-        trained = chunks.connect(deltas).process(make_train_function(cfg), output_type=STAGE_OUTPUT)
-    # The trainers' max parallelism is their number: a key group per trainer, and Flink refuses to restore their
-    # state at another number (each holds its own users' rows). One trainer keeps Flink's default for one, 128.
-    trained = (trained.name(TRAIN).uid(TRAIN).set_parallelism(trainers)
+        trained = chunks.connect(deltas).process(make_train_function(cfg, keys), output_type=STAGE_OUTPUT)
+    # The trainers' max parallelism is their number: a key group per trainer, which Flink moves whole between
+    # subtasks when the job is restored at another parallelism, and refuses to restore at another number of trainers
+    # (each holds its own users' rows). One trainer keeps Flink's default for one, 128.
+    trained = (trained.name(TRAIN).uid(TRAIN).set_parallelism(cfg.flink.parallelism)
                .set_max_parallelism(trainers if trainers > 1 else ONE_TRAINER_MAX_PARALLELISM))
     # (embeddings: {key: bytes}, dead_letters: [json], stats: [json], deltas: {key: bytes})
 
@@ -145,8 +146,8 @@ def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnviron
         sinks["item_delta_sink"] = (cfg.kafka.item_delta_topic, "BYTES")
     for table, (topic, value_type) in sinks.items():
         # A receiver applies each sender's deltas in sequence order, so they must keep it: one partition per
-        # sender (the sink's subtask is its trainer's), whatever the topic's partitions.
-        partitioner = "fixed" if table == "item_delta_sink" else None
+        # sender, whatever the topic's partitions and whichever subtask runs the sender (SENDER_PARTITIONER).
+        partitioner = sql.SENDER_PARTITIONER if table == "item_delta_sink" else None
         t_env.execute_sql(sql.sink_ddl(cfg, table, topic, value_type, partitioner))
 
     statements = t_env.create_statement_set()
@@ -167,8 +168,8 @@ def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnviron
 
 
 def route_keys(trainers: int) -> list[int]:
-    """For each trainer subtask, the smallest key ``k`` that Flink sends to it when the trainers' max parallelism
-    is their number (``KeyGroupRangeAssignment``, on the key ``KeyByKeySelector`` makes of ``k``), so that user
+    """For each trainer, the smallest key ``k`` in its key group when the trainers' max parallelism is their number
+    (so that it reaches trainer i's subtask, i * P // trainers, at any parallelism P) (``KeyGroupRangeAssignment``, on the key ``KeyByKeySelector`` makes of ``k``), so that user
     shards spread evenly over the trainers rather than as their hashes fall."""
     from pyflink.java_gateway import get_gateway
 

@@ -1,7 +1,9 @@
 """The Flink shell of the training stage: a ``KeyedProcessFunction`` that owns one ``TrainStage``, keeps it in keyed
 state (``flink_job.flink.stage_log``), registers the flush timer, reports metrics and hands the stage's outputs on
-as one row per call (``flink_job.flink.outputs.STAGE_OUTPUT``). User-sharded trainers (``flink.parallelism`` > 1)
-are a ``KeyedCoProcessFunction`` of the same shell, whose second input is the other trainers' item deltas.
+as one row per call (``flink_job.flink.outputs.STAGE_OUTPUT``). User-sharded trainers (more than one) are a
+``KeyedCoProcessFunction`` of the same shell, whose second input is the other trainers' item deltas. Each trainer is
+a key (its route key, ``flink_job.flink.topology.route_keys``) with a stage of its own; a subtask runs the trainers
+whose keys Flink assigns it, one or several (``flink.trainers`` > ``flink.parallelism``).
 
 ``TrainFunction`` is a module-level class, so a TaskManager unpickles it by importing this module, which imports
 torch off the task thread before anything imports the stage (see below).
@@ -50,8 +52,14 @@ QUALITY_GAUGES = (("rmseMicro", "rmse", 1e6), ("maeMicro", "mae", 1e6), ("hitRat
                   ("coldUserHitRateMicro", "hr_cold_users", 1e6), ("coldItemHitRateMicro", "hr_cold_items", 1e6))
 
 
-def make_train_function(cfg: JobConfig) -> TrainFunction:
-    return TrainFunction(cfg) if cfg.flink.parallelism == 1 else ShardedTrainFunction(cfg)
+def make_train_function(cfg: JobConfig, route_keys: list[int] | None = None) -> TrainFunction:
+    """``route_keys``: trainer i's key at index i; None for one trainer (key 0)."""
+    return TrainFunction(cfg) if not route_keys else ShardedTrainFunction(cfg, route_keys)
+
+
+def key_value(key: Any) -> int:
+    """The integer of a current key, which PyFlink gives as a ``Row(k)`` (the trainers are keyed by ``ROW<INT>``)."""
+    return int(key[0]) if isinstance(key, (Row, tuple, list)) else int(key)
 
 
 def subtask_index(runtime_context: RuntimeContext) -> int:
@@ -64,10 +72,12 @@ def subtask_index(runtime_context: RuntimeContext) -> int:
 
 
 class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
-    def __init__(self, cfg: JobConfig) -> None:
+    def __init__(self, cfg: JobConfig, route_keys: list[int] | None = None) -> None:
         self.cfg = cfg
-        self.stage: TrainStage | None = None
-        self.trainer = Trainer()
+        self.trainer_of_key = {k: i for i, k in enumerate(route_keys or [0])}
+        self.stages: dict[int, TrainStage] = {}  # by trainer, made or restored on its first call on this subtask
+        self.logs: dict[int, BundleSnapshots | StageLog] = {}
+        self.clean_reported: dict[int, dict[str, int]] = {}  # by trainer: cleaning counts already in the metrics
 
     def open(self, runtime_context: RuntimeContext) -> None:
         cfg = self.cfg
@@ -79,17 +89,13 @@ class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
         self.torch: Direct | TorchThread = TorchThread() if thread_mode else Direct()
         # Parallel trainers spread over the machine's GPUs (model.config.subtask_device); one GPU or none: unchanged.
         gpus = self.torch.call(gpu_count)
-        index = subtask_index(runtime_context)
-        self.trainer = Trainer(index, cfg.flink.parallelism)  # the operator runs at flink.parallelism (topology)
-        self.cfg = cfg = cfg.on_subtask(index, gpus)
-        # The whole stage lives in keyed state (one key: one model), restored on the first call after a restart; how
-        # it is written depends on the mode (flink_job.flink.stage_log).
-        snapshot = runtime_context.get_state(ValueStateDescriptor("stage", Types.PICKLED_BYTE_ARRAY()))
-        calls = runtime_context.get_list_state(ListStateDescriptor("calls", Types.PICKLED_BYTE_ARRAY()))
-        self.log: BundleSnapshots | StageLog = (
-            StageLog(snapshot, calls, cfg.flink.state_snapshot_interval_ms, cfg.flink.state_snapshot_share) if thread_mode
-            else BundleSnapshots(snapshot, calls)
-        )
+        self.cfg = cfg.on_subtask(subtask_index(runtime_context), gpus)
+        # Each trainer's whole stage lives in keyed state under its key (one key: one model), restored on its first
+        # call after a restart; how it is written depends on the mode (flink_job.flink.stage_log). The state handles
+        # read and write the current key's values, so every trainer of this subtask shares them.
+        self.snapshot = runtime_context.get_state(ValueStateDescriptor("stage", Types.PICKLED_BYTE_ARRAY()))
+        self.calls = runtime_context.get_list_state(ListStateDescriptor("calls", Types.PICKLED_BYTE_ARRAY()))
+        self.thread_mode = thread_mode
         self._register_metrics(runtime_context.get_metrics_group(), thread_mode)
 
     def _register_metrics(self, metrics: Any, thread_mode: bool) -> None:
@@ -104,20 +110,28 @@ class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
         self.m_quality = [(SetGauge(quality, name, thread_mode), key, scale) for name, key, scale in QUALITY_GAUGES]
         clean = metrics.add_group("clean")
         self.m_clean = {name: clean.counter(name) for name in COUNTERS}
-        self.clean_reported: dict[str, int] = {}  # cleaning counts already added to the metrics
         self.reason_counters: dict[str, Any] = {}  # one counter per reason, made when first seen
 
-    def _stage(self) -> TrainStage:
-        if self.stage is None:
-            saved, calls = self.log.load()
-            self.stage = self.torch.call(TrainStage.restore, self.cfg, saved, calls, self.trainer)
-            self.clean_reported = dict(self.stage.cleaner.counts)  # metrics count from this run's start
-            m = self.stage.model
+    def _stage(self, index: int) -> TrainStage:
+        """Trainer ``index``'s stage; the current key must be its key."""
+        stage = self.stages.get(index)
+        if stage is None:
+            cfg = self.cfg
+            self.logs[index] = (
+                StageLog(self.snapshot, self.calls, cfg.flink.state_snapshot_interval_ms,
+                         cfg.flink.state_snapshot_share) if self.thread_mode
+                else BundleSnapshots(self.snapshot, self.calls)
+            )
+            saved, calls = self.logs[index].load()
+            trainer = Trainer(index, len(self.trainer_of_key))
+            stage = self.stages[index] = self.torch.call(TrainStage.restore, cfg, saved, calls, trainer)
+            self.clean_reported[index] = dict(stage.cleaner.counts)  # metrics count from this run's start
+            m = stage.model
             log.info("train: trainer %d of %d %s; model on %s with %d users, %d items, step %d; batch size %d",
-                     self.trainer.index, self.trainer.count, "new" if saved is None and not calls else
+                     trainer.index, trainer.count, "new" if saved is None and not calls else
                      f"restored ({'a snapshot' if saved is not None else 'no snapshot'} and {len(calls)} calls)",
-                     m.device, len(m.users), len(m.items), m.step, self.cfg.batch.size)
-        return self.stage
+                     m.device, len(m.users), len(m.items), m.step, cfg.batch.size)
+        return stage
 
     def process_element(self, value: Row, ctx: KeyedProcessFunction.Context) -> Iterator[object]:
         shard, lines = int(value[0]), list(value[1])
@@ -128,25 +142,25 @@ class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
         yield from self._call((TIMER, ctx.timer_service().current_processing_time(), None), ctx)
 
     def _call(self, call: Call, ctx: KeyedProcessFunction.Context) -> Iterator[object]:
-        stage = self._stage()
+        index = self.trainer_of_key[key_value(ctx.get_current_key())]
+        stage = self._stage(index)
         out = self.torch.call(stage.call, call)
-        self.log.record(call, stage, lambda: self.torch.call(stage.state_bytes))
-        yield from self._emit(out)
-        self._schedule(ctx)
+        self.logs[index].record(call, stage, lambda: self.torch.call(stage.state_bytes))
+        yield from self._emit(out, index)
+        self._schedule(ctx, stage)
 
     def close(self) -> None:
         self.torch.close()
 
-    def _schedule(self, ctx: KeyedProcessFunction.Context) -> None:
+    def _schedule(self, ctx: KeyedProcessFunction.Context, stage: TrainStage) -> None:
         """A timer at the stage's next deadline, rounded up to a tick so that Flink, which keeps one timer per key
         and time, merges the registrations of successive calls. Every call registers: the function keeps no memory
         of its timers, which a restore from a checkpoint would make stale."""
-        assert self.stage is not None
-        due = self.stage.next_deadline_ms()
+        due = stage.next_deadline_ms()
         if due is not None:
             ctx.timer_service().register_processing_time_timer(-(-due // TIMER_TICK_MS) * TIMER_TICK_MS)
 
-    def _emit(self, out: Output) -> Iterator[object]:
+    def _emit(self, out: Output, index: int) -> Iterator[object]:
         self.count["trained"].inc(out.trained)
         self.count["near"].inc(out.near_duplicates)
         for d in out.dead_letters:
@@ -157,9 +171,10 @@ class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
         if out.embeddings or out.dead_letters or out.stats or out.deltas:
             yield Row(dict(out.embeddings), [d.to_json() for d in out.dead_letters], out.stats, dict(out.deltas))
         self._report_counts(out)
+        stage = self.stages[index]
         if out.batches:
-            self._report_quality()
-        self._report_cleaning()
+            self._report_quality(stage)
+        self._report_cleaning(stage, self.clean_reported[index])
 
     def _report_counts(self, out: Output) -> None:
         self.count["dead"].inc(len(out.dead_letters))
@@ -181,23 +196,23 @@ class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
             if finite:
                 self.m_loss[key].set(int(finite[-1] * 1e6))
 
-    def _report_quality(self) -> None:
-        assert self.stage is not None
-        if self.stage.quality is None:
+    def _report_quality(self, stage: TrainStage) -> None:
+        """The gauges of this subtask show the last trainer that trained (with several trainers on a subtask, the
+        job's figures are in the job-stats records: ``train_output.combine_latest``)."""
+        if stage.quality is None:
             return
-        summary = self.stage.quality.summary()
+        summary = stage.quality.summary()
         for gauge, key, scale in self.m_quality:
             gauge.set(int(summary[key] * scale) if np.isfinite(summary[key]) else 0)
 
-    def _report_cleaning(self) -> None:
-        """Adds what the cleaning rules did since the last call to the metrics."""
-        assert self.stage is not None
-        counts = self.stage.cleaner.counts
-        for name, n in counts.items():
-            delta = n - self.clean_reported.get(name, 0)
+    def _report_cleaning(self, stage: TrainStage, reported: dict[str, int]) -> None:
+        """Adds what the cleaning rules did since the last call to the metrics; ``reported``: the trainer's counts
+        already added, updated here."""
+        for name, n in stage.cleaner.counts.items():
+            delta = n - reported.get(name, 0)
             if delta:
                 self.m_clean[name].inc(delta)
-                self.clean_reported[name] = n
+                reported[name] = n
 
 
 class ShardedTrainFunction(TrainFunction, KeyedCoProcessFunction):  # type: ignore[misc]

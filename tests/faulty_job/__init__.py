@@ -20,9 +20,9 @@ class NanTrainFunction(TrainFunction):
     """``TrainFunction`` whose stage's model is poisoned once the stage is built or restored (a restored stage
     replays its logged calls unpoisoned first; the fault test's job never restarts)."""
 
-    def _stage(self) -> TrainStage:
-        fresh = self.stage is None
-        stage = super()._stage()
+    def _stage(self, index: int) -> TrainStage:
+        fresh = index not in self.stages
+        stage = super()._stage(index)
         if fresh:
             poison_every(stage.model, NAN_EVERY)
         return stage

@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from deploy.cluster import SessionCluster
+from deploy.kafka import create_topics
 from flink_job.config import JobConfig
 from flink_job.tools.generate import SyntheticConfig, generate
 from flink_job.kafka.produce import Record, send
@@ -150,42 +151,68 @@ def test_upgrade_from_a_savepoint_keeps_what_was_learned(
         stats.close()
 
 
-def test_two_trainers_resume_from_a_savepoint_and_refuse_another_number(
-    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path, jobs: Jobs
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_four_trainers_rescale_from_two_subtasks_to_four_and_to_one(
+    cluster: SessionCluster, topics: Callable[..., JobConfig], tmp_path: Path, mode: str, jobs: Jobs
 ) -> None:
-    """User-sharded trainers (``flink.parallelism=2``) stop with a savepoint and resume from it with every count,
-    offset and de-duplication entry; a resume with another number of trainers is refused, since each trainer holds
-    its own users' rows (their max parallelism is their number: Flink itself refuses the restore)."""
-    cfg = topics("upgrade-p2", overrides=["flink.parallelism=2", "publish.negative_tolerance=0"])
-    before = SyntheticConfig(n_users=300, n_items=150, n_events=6_000, duplicate_rate=0.02, malformed_rate=0.01,
-                             seed=73, id_prefix="a")
-    after = SyntheticConfig(n_users=40, n_items=150, n_events=1_500, seed=74, id_prefix="b")
-    truth_a, truth_b, old, stats = first_stream(cfg, before, after, tmp_path)
+    """Four user-sharded trainers (``flink.trainers=4``) on two subtasks stop with a savepoint, resume on four
+    subtasks, stop again and resume on one: every count, offset and de-duplication entry survives both rescales, and
+    every user's rows (Flink moves each trainer's key group whole). A resume with another number of trainers is
+    refused, since each trainer holds its own users' rows (their max parallelism is their number: Flink itself
+    refuses the restore)."""
+    cfg = topics(f"rescale-{mode}", overrides=["flink.parallelism=2", "flink.trainers=4", "publish.negative_tolerance=0",
+                                               f"flink.python_execution_mode={mode}"])
+    # An item-delta topic of three partitions: each sender's records must stay in one of them, whichever subtask runs
+    # the sender (streamrec.SenderPartitioner), or a receiver could read a later sequence first and skip the earlier.
+    deltas = f"{cfg.kafka.item_delta_topic}-3"
+    create_topics(cfg.kafka.bootstrap, {deltas: {}}, 3)
+    cfg = dataclasses.replace(cfg, kafka=dataclasses.replace(cfg.kafka, item_delta_topic=deltas))
+    first = SyntheticConfig(n_users=300, n_items=150, n_events=6_000, duplicate_rate=0.02, malformed_rate=0.01,
+                            seed=73, id_prefix="a")
+    second = SyntheticConfig(n_users=40, n_items=150, n_events=1_500, seed=74, id_prefix="b")
+    third = SyntheticConfig(n_users=40, n_items=150, n_events=1_500, seed=75, id_prefix="c")
+    truth_a, truth_b, old, stats = first_stream(cfg, first, second, tmp_path)
+    truth_c = Truth.of(list(generate(third)))
+
+    def at(parallelism: int) -> JobConfig:
+        return dataclasses.replace(cfg, flink=dataclasses.replace(cfg.flink, parallelism=parallelism))
+
     try:
         job_id = jobs.submit(cluster, job_args(cfg, tmp_path / "v1"))
         seen = follow_stats(cluster, job_id, stats, lambda s: combine_latest(s)["received"] >= truth_a.received)
-        assert {s["trainer"] for s in seen} == {0, 1}
+        assert {s["trainer"] for s in seen} == {0, 1, 2, 3}
         savepoint = cluster.stop_with_savepoint(job_id, tmp_path / "savepoints")
+
+        # Two trainers (one per subtask) where the state holds four: refused.
+        two = dataclasses.replace(cfg, flink=dataclasses.replace(cfg.flink, trainers=2))
+        message = refusal(cluster, job_args(two, tmp_path / "p1"), savepoint, False)
+        assert "max parallelism mismatch" in message.lower(), message[-3000:]
+
         # Re-delivered events only: a malformed record without ids is keyed by its new position and counts again.
-        send([*synthetic_timed(after), *[r for r in old[:200] if r[0].kind == "event"]], cfg.kafka.bootstrap,
+        send([*synthetic_timed(second), *[r for r in old[:200] if r[0].kind == "event"]], cfg.kafka.bootstrap,
              cfg.kafka.input_topic)
-
-        # Four trainers; one trainer, told to drop the state of operators it lacks (the item-delta source): the
-        # trainers' state is refused either way.
-        for trainers, drop in ((4, False), (1, True)):
-            other = dataclasses.replace(cfg, flink=dataclasses.replace(cfg.flink, parallelism=trainers))
-            message = refusal(cluster, job_args(other, tmp_path / f"p{trainers}"), savepoint, drop)
-            assert "max parallelism mismatch" in message.lower(), message[-3000:]
-
-        resumed = jobs.submit(cluster, job_args(cfg, tmp_path / "v2"), savepoint=savepoint)
+        resumed = jobs.submit(cluster, job_args(at(4), tmp_path / "p4"), savepoint=savepoint)
         received = truth_a.received + truth_b.received
+        seen += follow_stats(cluster, resumed, stats, lambda s: combine_latest(seen + s)["received"] >= received)
+        savepoint = cluster.stop_with_savepoint(resumed, tmp_path / "savepoints")
+
+        send(list(synthetic_timed(third)), cfg.kafka.bootstrap, cfg.kafka.input_topic)
+        resumed = jobs.submit(cluster, job_args(at(1), tmp_path / "v2"), savepoint=savepoint)
+        received += truth_c.received
         new = follow_stats(cluster, resumed, stats, lambda s: combine_latest(seen + s)["received"] >= received)
         last = combine_latest(seen + new)
         # Counters restored and continued; offsets and de-duplication restored: nothing read or trained twice.
-        assert (last["received"], last["trained"]) == (received, truth_a.valid + truth_b.valid)
+        assert (last["received"], last["trained"]) == (received, truth_a.valid + truth_b.valid + truth_c.valid)
+        assert {s["trainer"] for s in new} == {0, 1, 2, 3}, "one subtask runs all four trainers"
         published = latest_by_id(read_all(cfg.kafka.bootstrap, cfg.kafka.embeddings_topic))
         events = {k.removeprefix("user:"): r["events"] for k, r in published.items() if r["kind"] == "user"}
-        assert events == dict(Counter(truth_a.user_events) + Counter(truth_b.user_events))
+        assert events == dict(Counter(truth_a.user_events) + Counter(truth_b.user_events)
+                              + Counter(truth_c.user_events))
+        # Each sender's deltas went to partition sender mod 3 on every subtask that ran it.
+        partitions: dict[int, set[int]] = {}
+        for key, _v, partition, _o in read_all(cfg.kafka.bootstrap, cfg.kafka.item_delta_topic):
+            partitions.setdefault(int(key.decode().split(":")[0]), set()).add(partition)
+        assert partitions == {s: {s % 3} for s in range(4)}, partitions
         assert cluster.cancel(resumed) == "CANCELED"
     finally:
         stats.close()

@@ -73,6 +73,39 @@ def test_user_sharded_trainers_run_at_the_parallelism_and_the_sql_part_at_one(jo
 def test_more_trainers_than_user_shards_is_refused() -> None:
     with pytest.raises(ValueError, match="at most batch.shards"):
         JobConfig.load(overrides=["flink.parallelism=4", "batch.shards=2"])
+    with pytest.raises(ValueError, match="at most batch.shards"):
+        JobConfig.load(overrides=["flink.parallelism=2", "flink.trainers=16"])
+    with pytest.raises(ValueError, match="must be at least flink.parallelism"):
+        JobConfig.load(overrides=["flink.parallelism=4", "flink.trainers=2"])
+
+
+def test_trainers_keep_their_plan_and_key_groups_at_every_parallelism(job_jars: dict[str, str]) -> None:
+    """Four trainers (``flink.trainers=4``) at P = 1, 2 and 4: the same operators, the trainer operator at P with max
+    parallelism 4, and trainer i's route key in key group i, so on subtask i * P // 4: a savepoint of one plan
+    restores into the others with each trainer's state whole."""
+    from pyflink.java_gateway import get_gateway
+
+    from flink_job.flink.job import create_env
+    from flink_job.flink.topology import route_keys
+
+    shapes = []
+    for p in (1, 2, 4):
+        env = create_env(JobConfig.load(overrides=[f"flink.parallelism={p}", "flink.trainers=4"]))
+        plan = json.loads(env.get_execution_plan())
+        train = [n for n in plan["nodes"] if n["type"] == "train"]
+        assert [n["parallelism"] for n in train] == [p]
+        shapes.append([re.sub(r"\d+", "", n["type"]).split("(")[0] for n in plan["nodes"]])
+        trainers = [t for t in env._j_stream_execution_environment.getTransformations() if t.getName() == "train"]
+        assert [t.getMaxParallelism() for t in trainers] == [4]
+    assert shapes[0] == shapes[1] == shapes[2]
+    jvm = get_gateway().jvm
+    assignment = jvm.org.apache.flink.runtime.state.KeyGroupRangeAssignment
+    for i, k in enumerate(route_keys(4)):
+        row = jvm.org.apache.flink.types.Row(2)
+        row.setField(0, k)
+        key = jvm.KeyByKeySelector().getKey(row)
+        assert assignment.assignToKeyGroup(key, 4) == i
+        assert [assignment.assignKeyToParallelOperator(key, 4, p) for p in (1, 2, 4)] == [0, i * 2 // 4, i]
 
 
 def test_a_process_that_ran_a_local_job_still_starts_local_runs(monkeypatch) -> None:
