@@ -44,27 +44,26 @@ def encode_records(
     vecs = np.ascontiguousarray(vectors, np.float32)  # float32 serialises in its shortest form: half the bytes
     if fmt == "binary":
         return _encode_binary(kind, ids, vecs, biases, updates, step, event_ts, now, partitions, offsets, events, seen)
+    # Columns as Python numbers once (converting a NumPy scalar per field and record cost more than the dumps); the
+    # bias as float64 first, as float() of a float32 gave.
+    upd, bias, ts = updates.tolist(), np.asarray(biases, np.float64).tolist(), event_ts.tolist()
+    evs = events.tolist() if events is not None else None
+    position = partitions is not None and offsets is not None
+    parts = partitions.tolist() if position else None  # type: ignore[union-attr]
+    offs = offsets.tolist() if position else None  # type: ignore[union-attr]
+    dumps, option = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
     out = []
     for n, key in enumerate(ids):
-        rec: dict[str, Any] = {
-            "kind": kind,
-            "id": key,
-            "version": step,
-            "step": step,
-            "updates": int(updates[n]),
-            "bias": float(biases[n]),
-            "vector": vecs[n],
-            "event_ts": int(event_ts[n]),
-            "produced_ms": now,
-        }
-        if events is not None:
-            rec["events"] = int(events[n])
-        if partitions is not None and offsets is not None:
-            rec["partition"] = int(partitions[n])
-            rec["offset"] = int(offsets[n])
+        rec: dict[str, Any] = {"kind": kind, "id": key, "version": step, "step": step, "updates": upd[n],
+                               "bias": bias[n], "vector": vecs[n], "event_ts": ts[n], "produced_ms": now}
+        if evs is not None:
+            rec["events"] = evs[n]
+        if parts is not None and offs is not None:
+            rec["partition"] = parts[n]
+            rec["offset"] = offs[n]
         if seen is not None:
             rec["seen"] = seen[n]
-        out.append((f"{kind}:{key}", orjson.dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY)))
+        out.append((f"{kind}:{key}", dumps(rec, option=option)))
     return out
 
 
