@@ -92,9 +92,10 @@ def connector_jar() -> Path:
 
 
 def udf_jar() -> Path:
-    """The jar of the job's Java SQL functions and Kafka partitioner, compiled on first use against the jars of the installed Flink (so
-    it matches the Flink it runs in) into ``deploy/.jars/udf/``, named by a hash of its sources; ``$STREAMREC_UDF_JAR``
-    if set (a job client away from the project's files, or an image that built it already)."""
+    """The jar of the job's Java SQL functions and Kafka partitioner, compiled on first use against the jars of the
+    installed Flink (so it matches the Flink it runs in) and the Kafka connector into ``deploy/.jars/udf/``, named
+    by a hash of its sources; ``$STREAMREC_UDF_JAR`` if set (a job client away from the project's files, or an image
+    that built it already)."""
     given = _jar_from_env(UDF_JAR_ENV)
     if given:
         return given

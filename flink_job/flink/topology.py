@@ -9,12 +9,13 @@
           -> UNNEST(embeddings)      # (k, v)                            -> embeddings topic
           -> UNNEST(dead_letters)    # (partition-offset, v)             -> dead-letter topic
           -> UNNEST(stats)           # ("stats", v)                      -> job-stats topic
-          -> UNNEST(deltas)          # (trainer:sequence, delta)         -> item-delta topic (P > 1)
+          -> UNNEST(deltas)          # (trainer:sequence, delta)         -> item-delta topic (T > 1)
 
 With T > 1 trainers (``flink.trainers``, else ``flink.parallelism``) each trainer owns whole user shards (``k`` routes
 shard ``s`` to trainer ``s mod T``) and reads the item-delta topic back as its second input, each record once per
-trainer other than its sender (docs/sharding.md). The trainers run on ``flink.parallelism`` subtasks, T / P each. The SQL part stays one subtask whatever P is: at P it de-duplicated in parallel and
-merged the subtasks' outputs per window, which reordered a user's events inside a chunk.
+trainer other than its sender (docs/sharding.md). They run on ``flink.parallelism`` P subtasks, T / P each. The SQL
+part stays one subtask whatever P is: in parallel it de-duplicated and merged the subtasks' outputs per
+window, which reordered a user's events inside a chunk.
 """
 from __future__ import annotations
 
@@ -122,13 +123,14 @@ def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnviron
         t_env.execute_sql(view)
 
     chunks = key_by_first_field(t_env.to_data_stream(t_env.from_path(sql.CHUNK_VIEW)), CHUNK)  # (shard, [line])
+    function = make_train_function(cfg, keys)
     if keys is None:
-        trained = chunks.process(make_train_function(cfg, keys), output_type=STAGE_OUTPUT)
+        trained = chunks.process(function, output_type=STAGE_OUTPUT)
     else:
         t_env.execute_sql(sql.delta_source_ddl(cfg, int(time.time() * 1000)))
         t_env.execute_sql(sql.delta_view(keys))
         deltas = key_by_first_field(t_env.to_data_stream(t_env.from_path(sql.DELTA_VIEW)), DELTA)
-        trained = chunks.connect(deltas).process(make_train_function(cfg, keys), output_type=STAGE_OUTPUT)
+        trained = chunks.connect(deltas).process(function, output_type=STAGE_OUTPUT)
     # The trainers' max parallelism is their number: a key group per trainer, which Flink moves whole between
     # subtasks when the job is restored at another parallelism, and refuses to restore at another number of trainers
     # (each holds its own users' rows). One trainer keeps Flink's default for one, 128.
@@ -168,9 +170,10 @@ def build(env: StreamExecutionEnvironment, cfg: JobConfig) -> StreamTableEnviron
 
 
 def route_keys(trainers: int) -> list[int]:
-    """For each trainer, the smallest key ``k`` in its key group when the trainers' max parallelism is their number
-    (so that it reaches trainer i's subtask, i * P // trainers, at any parallelism P) (``KeyGroupRangeAssignment``, on the key ``KeyByKeySelector`` makes of ``k``), so that user
-    shards spread evenly over the trainers rather than as their hashes fall."""
+    """For each trainer i, the smallest key ``k`` in key group i when the trainers' max parallelism is their number
+    (``KeyGroupRangeAssignment``, on the key ``KeyByKeySelector`` makes of ``k``): user shards spread evenly over the
+    trainers rather than as their hashes fall, and trainer i runs on subtask ``i * P // trainers`` at any
+    parallelism P."""
     from pyflink.java_gateway import get_gateway
 
     jvm = get_gateway().jvm

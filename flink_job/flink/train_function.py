@@ -142,7 +142,8 @@ class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
         yield from self._call((TIMER, ctx.timer_service().current_processing_time(), None), ctx)
 
     def _call(self, call: Call, ctx: KeyedProcessFunction.Context) -> Iterator[object]:
-        index = self.trainer_of_key[key_value(ctx.get_current_key())]
+        # One trainer (the default) needs no key: reading it is a trip into the JVM in thread mode.
+        index = 0 if len(self.trainer_of_key) == 1 else self.trainer_of_key[key_value(ctx.get_current_key())]
         stage = self._stage(index)
         out = self.torch.call(stage.call, call)
         self.logs[index].record(call, stage, lambda: self.torch.call(stage.state_bytes))
