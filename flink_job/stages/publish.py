@@ -42,15 +42,21 @@ def encode_records(
     """``(key, value)`` pairs for the embeddings topic, the values in format ``fmt``."""
     now = int(time.time() * 1000)
     vecs = np.ascontiguousarray(vectors, np.float32)  # float32 serialises in its shortest form: half the bytes
-    if fmt == "binary":
-        return _encode_binary(kind, ids, vecs, biases, updates, step, event_ts, now, partitions, offsets, events, seen)
-    # Columns as Python numbers once (converting a NumPy scalar per field and record cost more than the dumps); the
-    # bias as float64 first, as float() of a float32 gave.
-    upd, bias, ts = updates.tolist(), np.asarray(biases, np.float64).tolist(), event_ts.tolist()
+    # Columns as Python numbers once, for both formats: converting a NumPy scalar per field and record cost more
+    # than the encoding.
+    upd, bias, ts = updates.tolist(), biases.tolist(), event_ts.tolist()
     evs = events.tolist() if events is not None else None
     position = partitions is not None and offsets is not None
     parts = partitions.tolist() if position else None  # type: ignore[union-attr]
     offs = offsets.tolist() if position else None  # type: ignore[union-attr]
+    if fmt == "binary":
+        return [
+            (f"{kind}:{key}", encode_binary(
+                kind, key, vecs[n], bias[n], upd[n], step, step, ts[n], now,
+                parts[n] if parts is not None else -1, offs[n] if offs is not None else -1,
+                evs[n] if evs is not None else None, seen[n] if seen is not None else None))
+            for n, key in enumerate(ids)
+        ]
     dumps, option = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
     out = []
     for n, key in enumerate(ids):
@@ -65,23 +71,6 @@ def encode_records(
             rec["seen"] = seen[n]
         out.append((f"{kind}:{key}", dumps(rec, option=option)))
     return out
-
-
-def _encode_binary(kind: str, ids: list[str], vecs: Array, biases: Array, updates: Array, step: int,
-                   event_ts: Array, now: int, partitions: Array | None, offsets: Array | None, events: Array | None,
-                   seen: list[list[str]] | None) -> list[tuple[str, bytes]]:
-    position = partitions is not None and offsets is not None
-    bias, upd, ts = biases.tolist(), updates.tolist(), event_ts.tolist()  # Python numbers: packed fastest
-    parts = partitions.tolist() if position else None  # type: ignore[union-attr]
-    offs = offsets.tolist() if position else None  # type: ignore[union-attr]
-    evs = events.tolist() if events is not None else None
-    return [
-        (f"{kind}:{key}", encode_binary(
-            kind, key, vecs[n], bias[n], upd[n], step, step, ts[n], now,
-            parts[n] if parts is not None else -1, offs[n] if offs is not None else -1,
-            evs[n] if evs is not None else None, seen[n] if seen is not None else None))
-        for n, key in enumerate(ids)
-    ]
 
 
 class DirtyRows:
