@@ -300,6 +300,9 @@ class FlinkConfig:
     # (flink_job.flink.stage_log.SnapshotSchedule), so that a large state (~200 MB, 0.4 s at a million users) is not
     # written every 2 s; 0: the interval alone.
     state_snapshot_share: float = 0.05
+    # Thread mode: the snapshot is written as map-state entries of at most this many bytes, so that no single state
+    # value grows with the table (a Java byte[] holds at most 2 GiB; flink_job.flink.stage_log.StageChunks).
+    state_chunk_bytes: int = 16 * 1024 * 1024
     restore_from: str = ""  # a checkpoint (chk-N directory) or savepoint to start from; empty: start fresh
     # A model pre-trained in batch (python -m model.warm_start --out FILE): a job without restored state starts from it.
     initial_model: str = ""
@@ -334,6 +337,8 @@ class FlinkConfig:
             raise ValueError(f"config: flink.python_execution_mode is process or thread, got {self.python_execution_mode!r}")
         if self.state_snapshot_interval_ms < 0:
             raise ValueError(f"config: flink.state_snapshot_interval_ms must be >= 0, got {self.state_snapshot_interval_ms}")
+        if self.state_chunk_bytes < 1:
+            raise ValueError(f"config: flink.state_chunk_bytes must be >= 1, got {self.state_chunk_bytes}")
         if not 0 <= self.state_snapshot_share <= 1:
             raise ValueError(f"config: flink.state_snapshot_share must be in [0, 1], got {self.state_snapshot_share}")
         if self.tolerable_failed_checkpoints < -1:

@@ -11,10 +11,15 @@ finds the stage that produced the outputs before it. Two ways, one per PyFlink e
   appended to a list state. A restore loads the snapshot and replays the logged calls, dropping their outputs,
   which went out before the checkpoint. The stage is a deterministic function of its state and a call's
   arguments (the clock comes in as an argument, the random generators are state), so the replay rebuilds the
-  stage that produced those outputs: Flink's changelog state backend in miniature.
+  stage that produced those outputs: Flink's changelog state backend in miniature. The snapshot is written as
+  chunks of at most ``chunk_bytes``, the entries of a ``MapState`` (``StageChunks``), so that no single state value
+  grows with the table: a Java ``byte[]`` holds at most 2 GiB, and RocksDB keeps each map entry as a value of its
+  own (a ``ListState`` is one value there).
 
-A call is a ``flink_job.stages.calls.Call``. ``snapshot`` and ``calls`` are a Flink
-``ValueState`` and ``ListState`` of pickled values; they are only touched from the caller's (task) thread.
+A call is a ``flink_job.stages.calls.Call``. ``snapshot``, ``chunks`` and ``calls`` are a Flink ``ValueState``,
+``MapState`` and ``ListState`` of pickled values; they are only touched from the caller's (task) thread. Either
+mode restores what the other wrote: the snapshot from whichever of ``snapshot`` and ``chunks`` holds it, then the
+logged calls.
 """
 from __future__ import annotations
 
@@ -45,19 +50,66 @@ class PickledOnCommit:
         return bytes, (self.stage.state_bytes(),)
 
 
-class BundleSnapshots:
-    """Process mode. ``calls`` is read at a restore only: a log that thread mode left is replayed, then cleared."""
+class StageChunks:
+    """The stage's bytes as the entries 0..n-1 of a ``MapState`` of at most ``chunk_bytes`` each.
 
-    def __init__(self, snapshot: Any, calls: Any) -> None:
+    >>> state = {}
+    >>> class Map:  # the calls of PyFlink's MapState used here, on a dict
+    ...     items = state.items; put_all = state.update; remove = state.pop; clear = state.clear
+    >>> chunks = StageChunks(Map(), 4)
+    >>> chunks.write(b"0123456789"); sorted(state.items())
+    [(0, b'0123'), (1, b'4567'), (2, b'89')]
+    >>> chunks.write(b"abc"); state, chunks.read()
+    ({0: b'abc'}, b'abc')
+    """
+
+    def __init__(self, chunks: Any, chunk_bytes: int) -> None:
+        self.chunks = chunks
+        self.chunk_bytes = chunk_bytes
+        self.count: int | None = None  # entries in the state now; None: not read since this run started
+
+    def read(self) -> bytes | None:
+        """The bytes last written, or None if there are none."""
+        entries = sorted(self.chunks.items() or [])
+        self.count = len(entries)
+        if not entries:
+            return None
+        if [i for i, _ in entries] != list(range(len(entries))):
+            raise ValueError(f"train: the stage's state chunks are {[i for i, _ in entries]}, not 0..{len(entries) - 1}")
+        return b"".join(chunk for _, chunk in entries)
+
+    def write(self, data: bytes) -> None:
+        if self.count is None:
+            self.read()
+        view = memoryview(data)
+        size = self.chunk_bytes
+        chunks = {n: bytes(view[start:start + size]) for n, start in enumerate(range(0, len(data), size))}
+        self.chunks.put_all(chunks or {0: b""})
+        for n in range(max(len(chunks), 1), self.count or 0):
+            self.chunks.remove(n)
+        self.count = max(len(chunks), 1)
+
+    def clear(self) -> None:
+        self.chunks.clear()
+        self.count = 0
+
+
+class BundleSnapshots:
+    """Process mode: the whole stage as one value (``snapshot``), written at each bundle's commit. ``chunks`` and
+    ``calls`` are read at a restore only: a snapshot and log that thread mode left are replayed, then cleared."""
+
+    def __init__(self, snapshot: Any, chunks: StageChunks, calls: Any) -> None:
         self.snapshot = snapshot
+        self.chunks = chunks
         self.calls = calls
         self.pickled: PickledOnCommit | None = None
         self.logged = False
 
     def load(self) -> tuple[bytes | None, list[Call]]:
         calls = list(self.calls.get() or [])
-        self.logged = bool(calls)
-        return self.snapshot.value(), calls
+        chunked = self.chunks.read()
+        self.logged = bool(calls) or chunked is not None
+        return (chunked if chunked is not None else self.snapshot.value()), calls
 
     def record(self, call: Call, stage: Any, stage_bytes: Callable[[], bytes]) -> None:
         if self.pickled is None or self.pickled.stage is not stage:
@@ -65,6 +117,7 @@ class BundleSnapshots:
         self.snapshot.update(self.pickled)
         if self.logged:
             self.calls.clear()
+            self.chunks.clear()
             self.logged = False
 
 
@@ -96,23 +149,33 @@ class SnapshotSchedule:
 
 
 class StageLog:
-    """Thread mode."""
+    """Thread mode. ``snapshot`` is read at a restore only: a stage that process mode (or a version before the
+    chunks) left is loaded, then cleared at the first snapshot."""
 
-    def __init__(self, snapshot: Any, calls: Any, interval_ms: int, share: float = 0.0) -> None:
+    def __init__(self, snapshot: Any, chunks: StageChunks, calls: Any, interval_ms: int, share: float = 0.0) -> None:
         self.snapshot = snapshot
+        self.chunks = chunks
         self.calls = calls
         self.schedule = SnapshotSchedule(interval_ms, share)
+        self.whole = False  # ``snapshot`` holds a stage
 
     def load(self) -> tuple[bytes | None, list[Call]]:
         """The last snapshot (None if there is none) and the calls made after it, in order."""
-        return self.snapshot.value(), list(self.calls.get() or [])
+        saved = self.chunks.read()
+        if saved is None:
+            saved = self.snapshot.value()
+            self.whole = saved is not None
+        return saved, list(self.calls.get() or [])
 
     def record(self, call: Call, stage: Any, stage_bytes: Callable[[], bytes]) -> None:
         """Makes the state reflect ``call``, made just now on ``stage``."""
         now_ms = call[1]
         if self.schedule.due(now_ms):
             start = time.perf_counter()
-            self.snapshot.update(stage_bytes())
+            self.chunks.write(stage_bytes())
+            if self.whole:
+                self.snapshot.clear()
+                self.whole = False
             self.calls.clear()
             self.schedule.taken(now_ms, (time.perf_counter() - start) * 1000)
         else:

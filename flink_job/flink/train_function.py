@@ -24,11 +24,11 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 from pyflink.common import Row, Types  # noqa: E402
 from pyflink.datastream import KeyedCoProcessFunction, KeyedProcessFunction, RuntimeContext  # noqa: E402
-from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor  # noqa: E402
+from pyflink.datastream.state import ListStateDescriptor, MapStateDescriptor, ValueStateDescriptor  # noqa: E402
 
 from flink_job.config import JobConfig  # noqa: E402
 from flink_job.flink.gauges import SetGauge  # noqa: E402
-from flink_job.flink.stage_log import BundleSnapshots, StageLog  # noqa: E402
+from flink_job.flink.stage_log import BundleSnapshots, StageChunks, StageLog  # noqa: E402
 from flink_job.stages.calls import CHUNK, DELTA, TIMER, Call  # noqa: E402
 from flink_job.stages.clean import COUNTERS  # noqa: E402
 from flink_job.stages.train import STAGE, Output, TrainStage  # noqa: E402
@@ -94,6 +94,8 @@ class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
         # call after a restart; how it is written depends on the mode (flink_job.flink.stage_log). The state handles
         # read and write the current key's values, so every trainer of this subtask shares them.
         self.snapshot = runtime_context.get_state(ValueStateDescriptor("stage", Types.PICKLED_BYTE_ARRAY()))
+        self.chunks = runtime_context.get_map_state(
+            MapStateDescriptor("stage_chunks", Types.INT(), Types.PICKLED_BYTE_ARRAY()))
         self.calls = runtime_context.get_list_state(ListStateDescriptor("calls", Types.PICKLED_BYTE_ARRAY()))
         self.thread_mode = thread_mode
         self._register_metrics(runtime_context.get_metrics_group(), thread_mode)
@@ -117,10 +119,11 @@ class TrainFunction(KeyedProcessFunction):  # type: ignore[misc]
         stage = self.stages.get(index)
         if stage is None:
             cfg = self.cfg
+            chunks = StageChunks(self.chunks, cfg.flink.state_chunk_bytes)
             self.logs[index] = (
-                StageLog(self.snapshot, self.calls, cfg.flink.state_snapshot_interval_ms,
+                StageLog(self.snapshot, chunks, self.calls, cfg.flink.state_snapshot_interval_ms,
                          cfg.flink.state_snapshot_share) if self.thread_mode
-                else BundleSnapshots(self.snapshot, self.calls)
+                else BundleSnapshots(self.snapshot, chunks, self.calls)
             )
             saved, calls = self.logs[index].load()
             trainer = Trainer(index, len(self.trainer_of_key))

@@ -32,6 +32,7 @@ from confluent_kafka import IsolationLevel, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from deploy.cluster import SOURCES, SessionCluster
+from deploy.cluster_rest import ENDED
 from deploy.kafka import Broker
 from flink_job.config import JobConfig
 from flink_job.tools.generate import SyntheticConfig, generate
@@ -183,7 +184,7 @@ def wait_recovered(cluster: SessionCluster, job_id: str, cfg: JobConfig, since: 
         if last_checkpoint(cfg, job_id)[0] > since + 1.0:
             return time.monotonic() - start
         state = cluster.job_status(job_id)
-        if state in ("FAILED", "CANCELED", "FINISHED"):
+        if state in ENDED:
             pytest.fail(f"job {job_id} ended as {state}: {cluster.exception(job_id)}")
         supervise(cluster)  # the cancellation watchdog (task.cancellation.timeout) may have ended it
         time.sleep(0.2)
@@ -304,7 +305,7 @@ def test_broker_down_30_seconds_mid_stream(
         own_broker.stop()
         stopped = time.monotonic()
         while time.monotonic() - stopped < 30:
-            assert cluster.job_status(job_id) not in ("FAILED", "CANCELED", "FINISHED")
+            assert cluster.job_status(job_id) not in ENDED
             time.sleep(1.0)
         own_broker.start()
         took = wait_recovered(cluster, job_id, cfg, time.time())

@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from deploy.cluster import SessionCluster
+from deploy.cluster_rest import ENDED
 from deploy.kafka import create_topics
 from flink_job.config import JobConfig
 from flink_job.tools.generate import SyntheticConfig, generate
@@ -51,7 +52,7 @@ def refusal(cluster: SessionCluster, args: list[str], savepoint: str, allow_non_
     except Exception as ex:  # noqa: BLE001 - refused at submission: the message is what matters
         return str(ex)
     deadline = time.monotonic() + 120
-    while cluster.job_status(job_id) not in ("FAILED", "CANCELED", "FINISHED") and time.monotonic() < deadline:
+    while cluster.job_status(job_id) not in ENDED and time.monotonic() < deadline:
         time.sleep(0.5)
     status = cluster.job_status(job_id)
     if status == "RUNNING":
@@ -160,8 +161,9 @@ def test_four_trainers_rescale_from_two_subtasks_to_four_and_to_one(
     every user's rows (Flink moves each trainer's key group whole). A resume with another number of trainers is
     refused, since each trainer holds its own users' rows (their max parallelism is their number: Flink itself
     refuses the restore)."""
+    # Thread mode writes each stage as 4 KiB entries here, so each trainer's key group moves as many state values.
     cfg = topics(f"rescale-{mode}", overrides=["flink.parallelism=2", "flink.trainers=4", "publish.negative_tolerance=0",
-                                               f"flink.python_execution_mode={mode}"])
+                                               f"flink.python_execution_mode={mode}", "flink.state_chunk_bytes=4096"])
     # An item-delta topic of three partitions: each sender's records must stay in one of them, whichever subtask runs
     # the sender (streamrec.SenderPartitioner), or a receiver could read a later sequence first and skip the earlier.
     deltas = f"{cfg.kafka.item_delta_topic}-3"
