@@ -49,7 +49,8 @@ COLUMNS = (
     ("users", "users", "{:,}"), ("events/s", "events_per_s", "{:,}"),
     ("2nd half events/s", "second_half_events_per_s", "{:,}"), ("published", "embeddings_published", "{:,}"),
     ("published/event", "published_per_event", "{:.3f}"), ("checkpoints", "checkpoints_completed", "{}"),
-    ("max checkpoint MB", "checkpoint_state_max_mb", "{:.1f}"), ("max checkpoint s", "checkpoint_duration_max_s", "{:.2f}"),
+    ("max checkpoint MB", "checkpoint_state_max_mb", "{:.1f}"), ("mean written MB", "checkpoint_written_avg_mb", "{:.1f}"),
+    ("max checkpoint s", "checkpoint_duration_max_s", "{:.2f}"),
     ("mean checkpoint s", "checkpoint_duration_avg_s", "{:.2f}"), ("largest chk dir MB", "peak_checkpoint_dir_mb", "{:.1f}"),
     ("peak RSS MB", "peak_rss_total_mb", "{:,.0f}"),
 )
@@ -137,11 +138,15 @@ def checkpoint_figures(doc: dict[str, Any]) -> dict[str, Any]:
     (sizes in bytes become MB, durations in ms become s)."""
     counts, stats = doc.get("counts", {}), doc.get("summary", {})
     size, duration = stats.get("state_size", {}), stats.get("end_to_end_duration", {})
+    # What each checkpoint wrote: all its state with the heap backend, the files new since the last with RocksDB's
+    # incremental checkpoints.
+    written = stats.get("checkpointed_size", {})
     return {
         "checkpoints_completed": counts.get("completed", 0),
         "checkpoints_failed": counts.get("failed", 0),
         "checkpoint_state_max_mb": round(size.get("max", 0) / 2**20, 1),
         "checkpoint_state_avg_mb": round(size.get("avg", 0) / 2**20, 1),
+        "checkpoint_written_avg_mb": round(written.get("avg", 0) / 2**20, 1),
         "checkpoint_duration_max_s": round(duration.get("max", 0) / 1000, 3),
         "checkpoint_duration_avg_s": round(duration.get("avg", 0) / 1000, 3),
     }

@@ -70,6 +70,9 @@ def flink_configuration(cfg: JobConfig, jars: list[Path]) -> Configuration:
         # A local run: pemja embeds this interpreter's libpython, which needs this venv's packages on its path.
         settings["python.executable"] = sys.executable
         settings["python.pythonpath"] = embedded_python_path()
+    if cfg.flink.state_backend == "rocksdb":
+        # A checkpoint uploads only the files written since the last one (the heap backend writes all state each time).
+        settings["execution.checkpointing.incremental"] = "true"
     if cfg.flink.restart_attempts:
         settings["restart-strategy.exponential-delay.attempts-before-reset-backoff"] = str(cfg.flink.restart_attempts)
     if cfg.flink.restore_from:

@@ -21,6 +21,17 @@ def test_raw_flink_options_are_applied_last() -> None:
     assert conf.get_string("taskmanager.memory.network.max", "") == "256mb"
 
 
+def test_rocksdb_checkpoints_incrementally_unless_told_otherwise() -> None:
+    def incremental(*overrides: str) -> str:
+        conf = flink_configuration(JobConfig.load(overrides=list(overrides)), [Path("connector.jar")])
+        return conf.get_string("execution.checkpointing.incremental", "unset")
+
+    assert incremental() == "unset"  # the heap backend writes whole snapshots
+    assert incremental("flink.state_backend=rocksdb") == "true"
+    assert incremental("flink.state_backend=rocksdb",
+                       "flink.options={execution.checkpointing.incremental: 'false'}") == "false"
+
+
 def test_the_plan_has_one_python_operator_and_no_side_output_maps(job_jars: dict[str, str]) -> None:
     """PyFlink reads every side output through a Python identity map with bundles of its own; the trainer's outputs
     leave in one row that the JVM unnests, so the trainer is the plan's only Python operator."""
