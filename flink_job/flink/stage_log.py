@@ -55,7 +55,7 @@ class StageChunks:
 
     >>> state = {}
     >>> class Map:  # the calls of PyFlink's MapState used here, on a dict
-    ...     items = state.items; put_all = state.update; remove = state.pop; clear = state.clear
+    ...     items = state.items; keys = state.keys; put_all = state.update; remove = state.pop; clear = state.clear
     >>> chunks = StageChunks(Map(), 4)
     >>> chunks.write(b"0123456789"); sorted(state.items())
     [(0, b'0123'), (1, b'4567'), (2, b'89')]
@@ -80,7 +80,7 @@ class StageChunks:
 
     def write(self, data: bytes) -> None:
         if self.count is None:
-            self.read()
+            self.count = sum(1 for _ in self.chunks.keys())
         view = memoryview(data)
         size = self.chunk_bytes
         chunks = {n: bytes(view[start:start + size]) for n, start in enumerate(range(0, len(data), size))}

@@ -87,6 +87,10 @@ def test_thread_mode_writes_the_stage_in_chunks_of_bounded_size_and_reads_it_bac
     # A later run (state just read) shrinks it again, to one entry.
     restarted.record(("chunk", 2, None), Stage(b"y"), lambda: b"y")
     assert chunks == {0: b"y"}
+    # Written without a read first, it still removes what an earlier run left past its end.
+    chunks.update({1: b"old", 2: b"old"})
+    StageChunks(chunks, 1_000).write(b"z")
+    assert chunks == {0: b"z"}
 
 
 def test_chunks_with_a_gap_are_refused_rather_than_joined() -> None:
