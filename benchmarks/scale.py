@@ -147,6 +147,9 @@ def checkpoint_figures(doc: dict[str, Any]) -> dict[str, Any]:
         "checkpoint_state_max_mb": round(size.get("max", 0) / 2**20, 1),
         "checkpoint_state_avg_mb": round(size.get("avg", 0) / 2**20, 1),
         "checkpoint_written_avg_mb": round(written.get("avg", 0) / 2**20, 1),
+        # The last checkpoints (the REST API keeps 10), oldest first: base snapshots of the stage against call logs.
+        "checkpoint_written_mb": [round(c.get("checkpointed_size", 0) / 2**20, 1)
+                                  for c in reversed(doc.get("history", [])) if c.get("status") == "COMPLETED"],
         "checkpoint_duration_max_s": round(duration.get("max", 0) / 1000, 3),
         "checkpoint_duration_avg_s": round(duration.get("avg", 0) / 1000, 3),
     }

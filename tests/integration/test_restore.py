@@ -35,15 +35,17 @@ def _checkpoint_after(job: LocalJob, checkpoint_dir: str, received: int, timeout
     raise TimeoutError(f"no checkpoint after {received} records; last stats {job.result.last}{job.diagnosis()}")
 
 
-@pytest.mark.parametrize("mode", ["process", "thread"])
-def test_every_event_is_accounted_for_once_across_a_restore_from_a_checkpoint(topics, tmp_path, mode) -> None:
+@pytest.mark.parametrize(("mode", "backend"), [("process", "hashmap"), ("thread", "hashmap"), ("thread", "rocksdb")])
+def test_every_event_is_accounted_for_once_across_a_restore_from_a_checkpoint(topics, tmp_path, mode, backend) -> None:
     """Both of PyFlink's execution modes (``flink_job.flink.stage_log``). In thread mode the stage's state is a snapshot
     and the calls made since; here it snapshots only at its first call (as 4 KiB map entries: even an empty stage is
-    13 KB), so the restore must replay every later call the checkpoint logged."""
-    cfg = topics(f"restore-{mode}", overrides=["batch.size=256", "flink.checkpoint_interval_ms=1000",
-                                              f"flink.python_execution_mode={mode}",
-                                              "flink.state_snapshot_interval_ms=3600000",
-                                              "flink.state_chunk_bytes=4096"])
+    13 KB), so the restore must replay every later call the checkpoint logged. RocksDB restores from incremental
+    checkpoints, each holding only the files written since the one before it."""
+    cfg = topics(f"restore-{mode}-{backend}", overrides=["batch.size=256", "flink.checkpoint_interval_ms=1000",
+                                                         f"flink.python_execution_mode={mode}",
+                                                         f"flink.state_backend={backend}",
+                                                         "flink.state_snapshot_interval_ms=3600000",
+                                                         "flink.state_chunk_bytes=4096"])
     syn = SyntheticConfig(n_users=300, n_items=150, n_events=24_000, duplicate_rate=0.10, malformed_rate=0.05,
                           late_rate=0.05, seed=21)
     records = list(generate(syn))

@@ -50,10 +50,14 @@ def test_checkpoint_figures_read_the_rest_summary() -> None:
     doc = {"counts": {"completed": 4, "failed": 1},
            "summary": {"state_size": {"min": 1 << 20, "max": 8 << 20, "avg": 3 << 20},
                        "checkpointed_size": {"min": 1 << 19, "max": 4 << 20, "avg": 1 << 20},
-                       "end_to_end_duration": {"min": 100, "max": 2_500, "avg": 900}}}
+                       "end_to_end_duration": {"min": 100, "max": 2_500, "avg": 900}},
+           "history": [{"status": "IN_PROGRESS", "checkpointed_size": 0},
+                       {"status": "COMPLETED", "checkpointed_size": 2 << 20},
+                       {"status": "COMPLETED", "checkpointed_size": 1 << 19}]}
     assert checkpoint_figures(doc) == {
         "checkpoints_completed": 4, "checkpoints_failed": 1, "checkpoint_state_max_mb": 8.0,
-        "checkpoint_state_avg_mb": 3.0, "checkpoint_written_avg_mb": 1.0, "checkpoint_duration_max_s": 2.5,
+        "checkpoint_state_avg_mb": 3.0, "checkpoint_written_avg_mb": 1.0, "checkpoint_written_mb": [0.5, 2.0],
+        "checkpoint_duration_max_s": 2.5,
         "checkpoint_duration_avg_s": 0.9,
     }
     assert checkpoint_figures({})["checkpoints_completed"] == 0
