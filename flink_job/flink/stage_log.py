@@ -83,11 +83,11 @@ class StageChunks:
             self.count = sum(1 for _ in self.chunks.keys())
         view = memoryview(data)
         size = self.chunk_bytes
-        chunks = {n: bytes(view[start:start + size]) for n, start in enumerate(range(0, len(data), size))}
-        self.chunks.put_all(chunks or {0: b""})
-        for n in range(max(len(chunks), 1), self.count or 0):
+        chunks = {n: bytes(view[start:start + size]) for n, start in enumerate(range(0, len(data), size))} or {0: b""}
+        self.chunks.put_all(chunks)
+        for n in range(len(chunks), self.count):
             self.chunks.remove(n)
-        self.count = max(len(chunks), 1)
+        self.count = len(chunks)
 
     def clear(self) -> None:
         self.chunks.clear()
