@@ -6,16 +6,20 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup run test unit lint bench clean
 
-# torch's CUDA build and its nvidia wheels are ~4 GB downloaded and ~6 GB installed. pip unpacks into TMPDIR, which
-# on some machines is a small tmpfs, and caches every wheel it downloads: keep its temporary files on the venv's disk
-# and cache nothing, so that the install needs the venv's size plus one copy of the downloads.
+# torch's CUDA build and its nvidia wheels are ~3 GB downloaded and ~4.6 GB installed (the venv: ~6 GB). pip unpacks
+# into TMPDIR, which on some machines is a small tmpfs, and keeps every wheel a command downloads until that command
+# ends: keep its temporary files on the venv's disk, cache nothing, and install torch (pinned in setup.py) by itself
+# first, so that its downloads are gone before the rest come.
 PIP_TMP := $(VENV)/.pip-tmp
+PIP := TMPDIR=$(abspath $(PIP_TMP)) $(PY) -m pip install --quiet --no-cache-dir
+TORCH := $(shell sed -n 's/^TORCH = "\(.*\)"$$/\1/p' setup.py)
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	mkdir -p $(PIP_TMP)
-	TMPDIR=$(abspath $(PIP_TMP)) $(PY) -m pip install --quiet --no-cache-dir --upgrade pip
-	TMPDIR=$(abspath $(PIP_TMP)) $(PY) -m pip install --quiet --no-cache-dir -e '.[dev]'
+	$(PIP) --upgrade pip
+	$(PIP) '$(TORCH)'
+	$(PIP) -e '.[dev]'
 	rm -rf $(PIP_TMP)
 	touch $(STAMP)
 
