@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flink_job.config import JobConfig
-from flink_job.flink.topology import flink_configuration
+from flink_job.flink.topology import LOCAL_ROCKSDB_MANAGED_MEMORY, flink_configuration
 
 
 def test_raw_flink_options_are_applied_last() -> None:
@@ -21,15 +21,27 @@ def test_raw_flink_options_are_applied_last() -> None:
     assert conf.get_string("taskmanager.memory.network.max", "") == "256mb"
 
 
-def test_rocksdb_checkpoints_incrementally_unless_told_otherwise() -> None:
-    def incremental(*overrides: str) -> str:
+@pytest.mark.parametrize(("key", "rocksdb", "other"), [
+    ("execution.checkpointing.incremental", "true", "false"),
+    ("taskmanager.memory.managed.size", LOCAL_ROCKSDB_MANAGED_MEMORY, "256 mb"),  # a local run's, as here
+    ("state.backend.rocksdb.use-bloom-filter", "true", "false"),
+])
+def test_rocksdb_settings_unless_told_otherwise(key: str, rocksdb: str, other: str) -> None:
+    def setting(*overrides: str) -> str:
         conf = flink_configuration(JobConfig.load(overrides=list(overrides)), [Path("connector.jar")])
-        return conf.get_string("execution.checkpointing.incremental", "unset")
+        return conf.get_string(key, "unset")
 
-    assert incremental() == "unset"  # the heap backend writes whole snapshots
-    assert incremental("flink.state_backend=rocksdb") == "true"
-    assert incremental("flink.state_backend=rocksdb",
-                       "flink.options={execution.checkpointing.incremental: 'false'}") == "false"
+    assert setting() == "unset"  # the heap backend writes whole snapshots and keeps its state on the heap
+    assert setting("flink.state_backend=rocksdb") == rocksdb
+    assert setting("flink.state_backend=rocksdb", f"flink.options={{{key}: '{other}'}}") == other
+
+
+def test_a_submitted_job_leaves_the_clusters_managed_memory_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYFLINK_GATEWAY_PORT", "1")  # what Flink's client sets: the TaskManagers are sized already
+    conf = flink_configuration(JobConfig.load(overrides=["flink.state_backend=rocksdb"]), [Path("connector.jar")])
+    assert conf.get_string("taskmanager.memory.managed.size", "unset") == "unset"
+    assert conf.get_string("execution.checkpointing.incremental", "unset") == "true"
+    assert conf.get_string("state.backend.rocksdb.use-bloom-filter", "unset") == "true"
 
 
 def test_the_plan_has_one_python_operator_and_no_side_output_maps(job_jars: dict[str, str]) -> None:
