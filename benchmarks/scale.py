@@ -13,6 +13,8 @@ it is idle, throughput.summary's figures. Added per size:
   (``state_size``, what a restore reads) and the largest and mean end-to-end duration;
 - the largest ``chk-N`` directory on disk (sampled every second under the run's scratch checkpoint directory), the
   figure earlier measurements quoted;
+- each operator chain's busy, back-pressured and idle seconds summed over its subtasks, and its records received
+  (``/jobs/<id>``'s vertices), so that a slower size shows which operator took the extra time;
 - peak resident memory, sampled every second from /proc over the run's process tree: this process (the Kafka
   follower and PyFlink's loopback worker) and its descendants (the mini-cluster's JVM, which embeds the Python
   trainer in thread mode, and Python workers in process mode). A sum of RSS counts a page shared by two processes twice.
@@ -30,6 +32,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.extend(json.loads(line) for line in out.read_text().splitlines())
     _append(args.out, rows)
     print(table(rows))
+    for row in rows:
+        print(f"\n{row['users']:,} users, per operator chain:\n" + operator_table(row.get("operators", [])))
 
 
 def run_size(broker: Broker, users: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -108,17 +113,23 @@ def run_size(broker: Broker, users: int, args: argparse.Namespace) -> dict[str, 
     topic = f"scale.input.{syn.n_events}.{users}.{syn.n_items}.{syn.item_candidates}.{syn.seed}.{args.partitions}"
     cfg = bench_config(broker, topic, args.overrides)
     rest_port = args.port + 2
-    options = {**cfg.flink.options, "rest.bind-port": str(rest_port), "rest.port": str(rest_port)}
+    # The REST API serves metrics fetched at most every metrics.fetcher.update-interval (10 s): 1 s, so that the
+    # operators' figures read at the end cover the run.
+    options = {**cfg.flink.options, "rest.bind-port": str(rest_port), "rest.port": str(rest_port),
+               "metrics.fetcher.update-interval": "1000"}
     cfg = replace(cfg, flink=replace(cfg.flink, options=options))
     n_input = prefill(broker, cfg, syn, args.partitions)
     with LocalJob(cfg, scratch_checkpoints=True) as job, Sampler(os.getpid(), job.scratch) as sampler:
         result = job.wait_idle(idle_s=5.0, timeout_s=args.timeout, min_received=int(n_input * (1 - 2 * args.duplicates)))
         checkpoints = rest_get(rest_port, f"/jobs/{job.job_id}/checkpoints")
+        rest_get(rest_port, f"/jobs/{job.job_id}")  # starts a fetch of the metrics; the next answer has them
+        time.sleep(2.0)
+        vertices = rest_get(rest_port, f"/jobs/{job.job_id}")["vertices"]
     row = summary(result, n_input, cfg, args)
     row.update(users=users, items=args.items, item_candidates=args.candidates,
                expected_distinct_users=round(expected_distinct(users, row["trained"])),
                published_per_event=round(row["embeddings_published"] / n_input, 4),
-               **checkpoint_figures(checkpoints), **sampler.figures())
+               **checkpoint_figures(checkpoints), **sampler.figures(), operators=operator_figures(vertices))
     print(json.dumps(row, indent=2))
     return row
 
@@ -155,10 +166,33 @@ def checkpoint_figures(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def operator_figures(vertices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per operator chain of a ``/jobs/<id>`` answer: its name, parallelism, records received, and busy,
+    back-pressured and idle time summed over its subtasks (ms become s), with the busy time per record received."""
+    rows = []
+    for v in vertices:
+        m = v.get("metrics", {})
+        received = int(m.get("read-records", 0))
+        busy = float(m.get("accumulated-busy-time", 0)) / 1000
+        rows.append({"name": v.get("name", "")[:120], "parallelism": v.get("parallelism"), "received": received,
+                     "busy_s": round(busy, 1),
+                     "backpressured_s": round(float(m.get("accumulated-backpressured-time", 0)) / 1000, 1),
+                     "idle_s": round(float(m.get("accumulated-idle-time", 0)) / 1000, 1),
+                     "busy_us_per_record": round(busy * 1e6 / received, 1) if received else None})
+    return rows
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(c for c, _k, _f in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         lines.append("| " + " | ".join(f.format(row[k]) if k in row else "-" for _c, k, f in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def operator_table(operators: list[dict[str, Any]]) -> str:
+    keys = ("name", "parallelism", "received", "busy_s", "backpressured_s", "idle_s", "busy_us_per_record")
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(op.get(k)) for k in keys) + " |" for op in operators]
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.sampling import Sampler, largest_checkpoint, tree_rss
-from benchmarks.scale import checkpoint_figures, expected_distinct, table
+from benchmarks.scale import checkpoint_figures, expected_distinct, operator_figures, operator_table, table
 
 
 def test_tree_rss_counts_a_child_holding_memory() -> None:
@@ -68,3 +68,17 @@ def test_expected_distinct_and_table() -> None:
     assert expected_distinct(5_000, 1_000_000) == 5_000.0
     lines = table([{"users": 5_000, "events_per_s": 12_345}]).splitlines()
     assert lines[2].startswith("| 5,000 | 12,345 | - |")
+
+
+def test_operator_figures_read_each_vertex_of_the_job() -> None:
+    vertices = [{"name": "Source: events -> clean", "parallelism": 2,
+                 "metrics": {"read-records": 0, "accumulated-busy-time": 1_500.0, "accumulated-idle-time": 20_000,
+                             "accumulated-backpressured-time": 7_250}},
+                {"name": "train", "parallelism": 1,
+                 "metrics": {"read-records": 4_000, "accumulated-busy-time": 2_000.0, "accumulated-idle-time": 0,
+                             "accumulated-backpressured-time": 0}}]
+    source, train = operator_figures(vertices)
+    assert source == {"name": "Source: events -> clean", "parallelism": 2, "received": 0, "busy_s": 1.5,
+                      "backpressured_s": 7.2, "idle_s": 20.0, "busy_us_per_record": None}
+    assert (train["received"], train["busy_s"], train["busy_us_per_record"]) == (4_000, 2.0, 500.0)
+    assert operator_table([train]).splitlines()[2] == "| train | 1 | 4000 | 2.0 | 0.0 | 0.0 | 500.0 |"
