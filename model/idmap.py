@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -58,7 +59,11 @@ class IdMap:
         self._row: dict[str, int] = {}
         self._ids: list[str] = [NO_ID]  # row -> id; NO_ID for the fallback row and free rows
         self._free: list[int] = []
+        # row -> holds an id, kept as rows are admitted and released: an eviction scan reads it instead of building
+        # it from the dict's values (~40 ns an id, so ~10 ms a scan at 262,144 ids). Capacity grows by doubling.
+        self._live = np.zeros(1024, bool)
         self.version = 0  # changes whenever an id gains or loses a row
+        self.releases = 0  # changes whenever an id loses a row: rows looked up before may now hold another id
 
     def __len__(self) -> int:
         """Admitted ids (the fallback row is not one)."""
@@ -107,14 +112,16 @@ class IdMap:
         else:
             r = len(self._ids)
             self._ids.append(key)
+            if r >= len(self._live):
+                self._live = np.concatenate([self._live, np.zeros(len(self._live), bool)])
+        self._live[r] = True
         self._row[key] = r
         self.version += 1
         return r
 
     def lookup(self, ids: Iterable[str]) -> Rows:
         """Rows of ``ids`` without admitting anyone: unknown ids get the fallback row."""
-        get = self._row.get
-        return np.fromiter((get(k, FALLBACK_ROW) for k in ids), np.int64)
+        return np.fromiter(map(self._row.get, ids, repeat(FALLBACK_ROW)), np.int64)  # map: no frame per id
 
     def get(self, key: str) -> int | None:
         return self._row.get(key)
@@ -132,25 +139,25 @@ class IdMap:
                 raise ValueError(f"id map: row {r} holds no id and cannot be released")
             del self._row[key]
             self._ids[r] = NO_ID
+            self._live[r] = False
             self._free.append(int(r))
             out.append(key)
         if out:
             self.version += 1
+            self.releases += 1
         return out
 
     def live_mask(self) -> np.ndarray[Any, Any]:
         """(size,) True for rows that hold an id."""
-        mask = np.zeros(self.size, bool)
-        mask[np.fromiter(self._row.values(), np.int64, len(self._row))] = True
-        return mask
+        return self._live[: self.size].copy()
 
     def live_rows(self) -> Rows:
         """Rows that hold an id, ascending."""
-        return np.flatnonzero(self.live_mask())
+        return np.flatnonzero(self._live[: self.size])
 
     def nbytes(self) -> int:
         """Approximate memory of the map: the dict, the row list, the free list and the id strings."""
-        return (sys.getsizeof(self._row) + sys.getsizeof(self._ids) + sys.getsizeof(self._free)
+        return (sys.getsizeof(self._row) + sys.getsizeof(self._ids) + sys.getsizeof(self._free) + self._live.nbytes
                 + sum(sys.getsizeof(k) for k in self._row))
 
     def state(self) -> dict[str, Any]:
@@ -163,6 +170,8 @@ class IdMap:
         m._free = list(state["free"])
         m.version = state["version"]
         m._row = {k: n for n, k in enumerate(m._ids) if k != NO_ID}
+        m._live = np.zeros(max(1024, len(m._ids)), bool)
+        m._live[np.fromiter(m._row.values(), np.int64, len(m._row))] = True
         if len(m._row) + len(m._free) + 1 != len(m._ids):
             raise ValueError("id map: state holds duplicate ids or inconsistent free rows")
         return m

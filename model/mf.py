@@ -96,7 +96,8 @@ class OnlineBiasedMF:
         self.step = 0  # batches trained
         self.batches_seen = 0  # batches offered, skipped ones included
         self.skipped_batches = 0
-        self._candidates: tuple[int, list[str], Rows] = (-1, [], np.zeros(0, np.int64))
+        # (the item map, its version and releases, the candidate ids, their rows) of the last ranking
+        self._candidates: tuple[IdMap | None, int, int, list[str], Rows] = (None, -1, -1, [], np.zeros(0, np.int64))
 
     @property
     def users(self) -> IdMap:
@@ -282,15 +283,19 @@ class OnlineBiasedMF:
         return np.asarray(scores.cpu().numpy())
 
     def _candidate_rows(self, items: Sequence[str]) -> Rows:
-        """Rows of ``items``, cached: a candidate list that only grows is looked up only for its new ids."""
-        version, cached, rows = self._candidates
+        """Rows of ``items``, cached: a candidate list that only grows is looked up only for its new ids, and after
+        admissions only for the ids that had no row (a release, which may give a row to another id, clears it)."""
+        idmap, version, releases, cached, rows = self._candidates
         n = len(cached)
-        if version != self.items.version or len(items) < n or list(items[:n]) != cached:
-            cached, rows, n = [], np.zeros(0, np.int64), 0
+        if idmap is not self.items or releases != idmap.releases or len(items) < n or list(items[:n]) != cached:
+            version, cached, rows, n = -1, [], np.zeros(0, np.int64), 0
+        elif version != self.items.version and (unknown := np.flatnonzero(rows == FALLBACK_ROW)).size:
+            rows = rows.copy()
+            rows[unknown] = self.items.lookup([cached[j] for j in unknown.tolist()])
         if len(items) > n:
             cached = cached + list(items[n:])
             rows = np.concatenate([rows, self.items.lookup(items[n:])])
-        self._candidates = (self.items.version, cached, rows)
+        self._candidates = (self.items, self.items.version, self.items.releases, cached, rows)
         return rows
 
     def _table(self, kind: str) -> EmbeddingTable:

@@ -239,8 +239,7 @@ class Cleaner:
         over = len(table) + len({u for u, r in zip(users, rows.tolist()) if r < 0}) - cap
         if over <= 0:
             return
-        live = np.zeros(len(table.ids), bool)
-        live[table.live_rows()] = True
+        live = table.live_mask()
         live[rows[rows >= 0]] = False
         gone = least_recently_used(table.last_ts, np.flatnonzero(live), max(over, cap // EVICT_SHARE))
         table.release(gone)

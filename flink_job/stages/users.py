@@ -40,6 +40,9 @@ class UserTable:
         self.index: dict[str, int] = {}  # user id -> row
         self.ids: list[str | None] = []  # row -> user id, None for a free row
         self.free: list[int] = []
+        # row -> holds a user, kept as rows are added and released: an eviction scan reads it instead of building
+        # it from the index's values (~10 ms a scan at 262,144 users)
+        self.live = np.zeros(0, bool)
         self.cols: dict[str, Array] = {name: np.zeros(0, dtype) for name, (dtype, _) in _COLUMNS.items()}
         self.action_counts = np.zeros((0, n_actions), np.int64)  # (R, A)
         self.ring = np.zeros((0, recent), np.int32)  # (R, K) item codes, EMPTY where nothing was written
@@ -94,6 +97,7 @@ class UserTable:
             row = len(self.ids)
             self.ids.append(user)
             self._grow(row + 1)
+        self.live[row] = True
         self.index[user] = row
         return row
 
@@ -106,6 +110,7 @@ class UserTable:
             self.cols[name] = _resized(col, cap)
         self.action_counts = _resized(self.action_counts, cap)
         self.ring = _resized(self.ring, cap, EMPTY)
+        self.live = _resized(self.live, cap)
 
     def reset(self, rows: Array) -> None:
         """Rows start afresh: no events, no sums, no items."""
@@ -121,11 +126,17 @@ class UserTable:
             if user is not None:
                 del self.index[user]
                 self.ids[row] = None
+                self.live[row] = False
                 self.free.append(row)
         self.reset(rows)
 
     def live_rows(self) -> Array:
+        """The rows that hold a user, in the order the users were added."""
         return np.fromiter(self.index.values(), np.int64, len(self.index))
+
+    def live_mask(self) -> Array:
+        """(rows,) True for the rows that hold a user."""
+        return self.live[: len(self.ids)].copy()
 
     # ------------------------------------------------------------------------------------------------ items
 
@@ -222,6 +233,7 @@ class UserTable:
         t.index = {u: r for r, u in enumerate(t.ids) if u is not None}
         t.free = [r for r, u in enumerate(t.ids) if u is None]
         t._grow(len(t.ids))
+        t.live[list(t.index.values())] = True
         n = len(t.ids)
         for name, col in state["cols"].items():
             if name in t.cols:
