@@ -1,5 +1,6 @@
-"""The live masks kept beside the id maps (for the eviction scans) agree with the maps through admissions,
-releases, growth past their first capacity and a round trip through their state."""
+"""The id maps' caches: the live masks kept beside the model's and the cleaner's maps (for the eviction scans),
+and the ranking's cached candidate rows agree with the maps through admissions, releases, growth and a round trip
+through their state."""
 from __future__ import annotations
 
 import numpy as np
@@ -61,3 +62,4 @@ def test_cached_candidate_rows_follow_admissions_releases_and_a_new_map() -> Non
         step()
         assert m._candidate_rows(candidates).tolist() == m.items.lookup(candidates).tolist()
     assert m._candidate_rows(candidates)[5] != FALLBACK_ROW
+
