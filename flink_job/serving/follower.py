@@ -19,6 +19,17 @@ log = logging.getLogger("flink_job.serving.index")  # one logger for the index a
 RawRecord = tuple[bytes | None, bytes | None]  # (key, value); value None is a tombstone
 
 
+def watermark_timeout_s(lag_check_s: float) -> float:
+    """How long one end-offset request may take: the check interval, but at least 1 s, since a broker under load
+    answers in more than a frequent check's 0.1 s and an answer that times out dates no lag at all (the index then
+    never reports itself behind), and at most 5 s, since the request blocks the loop that reads the topic.
+
+    >>> watermark_timeout_s(0.1), watermark_timeout_s(2.0), watermark_timeout_s(60.0)
+    (1.0, 2.0, 5.0)
+    """
+    return min(5.0, max(1.0, lag_check_s))
+
+
 class TopicFollower:
     """Follows ``topic`` on a background thread and applies what it reads with ``apply`` (the index's)."""
 
@@ -146,7 +157,7 @@ class TopicFollower:
         for p in self._start_ends:
             try:
                 _low, ends[p] = self._consumer.get_watermark_offsets(
-                    TopicPartition(self.topic, p), timeout=min(5.0, self.config.lag_check_s), cached=False)
+                    TopicPartition(self.topic, p), timeout=watermark_timeout_s(self.config.lag_check_s), cached=False)
             except Exception as ex:  # noqa: BLE001 - the broker may be away for a while: counted, tried again
                 with self._lock:
                     self.counts["watermark_errors"] += 1
