@@ -11,20 +11,17 @@ from model.idmap import FALLBACK_ROW, IdMap
 from model.mf import OnlineBiasedMF
 
 
-def _churn(rng: np.random.Generator, admit, release, held: dict[str, int]) -> None:
-    """Admits 3,000 random ids (past a capacity of 1,024) and releases a random half of them, twice."""
+def _churn(rng: np.random.Generator, admit, release) -> None:
+    """Admits 3,000 random ids (past a capacity of 1,024) and releases a random half of their rows, twice."""
     for _round in range(2):
-        ids = [f"id{n}" for n in rng.integers(0, 5_000, 3_000)]
-        held.update(zip(ids, admit(ids).tolist()))
-        gone = rng.choice(sorted(held.values()), len(held) // 2, replace=False)
-        release(np.sort(gone))
-        held.clear()
+        rows = sorted(set(admit([f"id{n}" for n in rng.integers(0, 5_000, 3_000)]).tolist()))
+        release(np.sort(rng.choice(rows, len(rows) // 2, replace=False)))
 
 
 def test_idmap_live_mask_follows_admissions_and_releases() -> None:
     rng = np.random.default_rng(3)
     m = IdMap()
-    _churn(rng, m.rows, m.release, {})
+    _churn(rng, m.rows, m.release)
     expected = np.zeros(m.size, bool)
     expected[[m.get(k) for k in m._row]] = True
     assert m.live_mask().tolist() == expected.tolist()
@@ -41,7 +38,7 @@ def test_idmap_live_mask_follows_admissions_and_releases() -> None:
 def test_user_table_live_mask_follows_added_and_released_users() -> None:
     rng = np.random.default_rng(4)
     t = UserTable(n_actions=5, recent=2)
-    _churn(rng, t.rows, t.release, {})
+    _churn(rng, t.rows, t.release)
     expected = np.zeros(len(t.ids), bool)
     expected[t.live_rows()] = True
     assert t.live_mask().tolist() == expected.tolist() and expected.sum() == len(t) > 1_024
